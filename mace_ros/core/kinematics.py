@@ -1,0 +1,206 @@
+"""Batched forward kinematics and geometric Jacobians of the Franka Emika Panda in torch.
+
+The kinematic chain (joint origins) is the one of the Panda URDF shipped in the `pybullet`
+wheel (`pybullet_data/franka_panda/panda.urdf`, itself from Franka's `franka_description`),
+so that FK matches PyBullet to machine precision. Joint limits are Franka's published
+limits (Franka Control Interface documentation, "Robot and interface specifications"),
+which are tighter than the URDF's.
+
+Every function takes a leading batch dimension; device and dtype follow the inputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# The URDF writes pi/2 as 1.57079632679; keeping its literal keeps FK bit-compatible with PyBullet.
+HALF_PI_URDF = 1.57079632679
+
+JOINT_NAMES: tuple[str, ...] = tuple(f"panda_joint{i}" for i in range(1, 8))
+
+# Franka's published position limits (rad).
+JOINT_LOWER = (-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973)
+JOINT_UPPER = (2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973)
+
+FINGER_OPENING_M = 0.04  # each finger's prismatic joint; the gripper is modelled open.
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link and the joint that attaches it to its parent."""
+
+    name: str
+    parent: str | None
+    xyz: tuple[float, float, float]
+    rpy: tuple[float, float, float]
+    joint_index: int | None = None  # index into the 7 arm joints if revolute about local z
+    prismatic_axis: tuple[float, float, float] | None = None  # fingers, fixed at FINGER_OPENING_M
+
+
+# Order matters: parents come before children.
+PANDA_LINKS: tuple[LinkSpec, ...] = (
+    LinkSpec("panda_link0", None, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    LinkSpec("panda_link1", "panda_link0", (0.0, 0.0, 0.333), (0.0, 0.0, 0.0), 0),
+    LinkSpec("panda_link2", "panda_link1", (0.0, 0.0, 0.0), (-HALF_PI_URDF, 0.0, 0.0), 1),
+    LinkSpec("panda_link3", "panda_link2", (0.0, -0.316, 0.0), (HALF_PI_URDF, 0.0, 0.0), 2),
+    LinkSpec("panda_link4", "panda_link3", (0.0825, 0.0, 0.0), (HALF_PI_URDF, 0.0, 0.0), 3),
+    LinkSpec("panda_link5", "panda_link4", (-0.0825, 0.384, 0.0), (-HALF_PI_URDF, 0.0, 0.0), 4),
+    LinkSpec("panda_link6", "panda_link5", (0.0, 0.0, 0.0), (HALF_PI_URDF, 0.0, 0.0), 5),
+    LinkSpec("panda_link7", "panda_link6", (0.088, 0.0, 0.0), (HALF_PI_URDF, 0.0, 0.0), 6),
+    LinkSpec("panda_link8", "panda_link7", (0.0, 0.0, 0.107), (0.0, 0.0, 0.0)),
+    LinkSpec("panda_hand", "panda_link8", (0.0, 0.0, 0.0), (0.0, 0.0, -0.785398163397)),
+    LinkSpec("panda_leftfinger", "panda_hand", (0.0, 0.0, 0.0584), (0.0, 0.0, 0.0),
+             prismatic_axis=(0.0, 1.0, 0.0)),
+    LinkSpec("panda_rightfinger", "panda_hand", (0.0, 0.0, 0.0584), (0.0, 0.0, 0.0),
+             prismatic_axis=(0.0, -1.0, 0.0)),
+    LinkSpec("panda_grasptarget", "panda_hand", (0.0, 0.0, 0.105), (0.0, 0.0, 0.0)),
+)
+
+LINK_NAMES: tuple[str, ...] = tuple(link.name for link in PANDA_LINKS)
+LINK_INDEX: dict[str, int] = {name: i for i, name in enumerate(LINK_NAMES)}
+
+
+def rpy_to_matrix(rpy: torch.Tensor) -> torch.Tensor:
+    """URDF fixed-axis roll-pitch-yaw [..., 3] -> rotation matrices [..., 3, 3] (R = Rz Ry Rx)."""
+    roll, pitch, yaw = rpy.unbind(-1)
+    cr, sr, cp, sp, cy, sy = roll.cos(), roll.sin(), pitch.cos(), pitch.sin(), yaw.cos(), yaw.sin()
+    rows = (
+        torch.stack([cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr], -1),
+        torch.stack([sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr], -1),
+        torch.stack([-sp, cp * sr, cp * cr], -1),
+    )
+    return torch.stack(rows, -2)
+
+
+def _origin_transform(link: LinkSpec, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    transform = torch.eye(4, dtype=torch.float64)
+    transform[:3, :3] = rpy_to_matrix(torch.tensor(link.rpy, dtype=torch.float64))
+    transform[:3, 3] = torch.tensor(link.xyz, dtype=torch.float64)
+    if link.prismatic_axis is not None:
+        transform[:3, 3] += FINGER_OPENING_M * torch.tensor(link.prismatic_axis, dtype=torch.float64)
+    return transform.to(device=device, dtype=dtype)
+
+
+class PandaKinematics:
+    """Forward kinematics and Jacobians for batches of Panda arm configurations q [B, 7]."""
+
+    num_joints = 7
+    joint_names = JOINT_NAMES
+    link_names = LINK_NAMES
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.origins = torch.stack([_origin_transform(link, dtype, self.device) for link in PANDA_LINKS])
+        self.parent_index = [LINK_INDEX[link.parent] if link.parent else -1 for link in PANDA_LINKS]
+        self.joint_lower = torch.tensor(JOINT_LOWER, dtype=dtype, device=self.device)
+        self.joint_upper = torch.tensor(JOINT_UPPER, dtype=dtype, device=self.device)
+
+    def link_transforms(self, q: torch.Tensor) -> torch.Tensor:
+        """Poses of every link in the base frame: q [B, 7] -> [B, L, 4, 4] (order of LINK_NAMES)."""
+        q = q.to(device=self.device, dtype=self.dtype)
+        batch = q.shape[0]
+        cos, sin = q.cos(), q.sin()
+        frames: list[torch.Tensor] = []
+        for index, link in enumerate(PANDA_LINKS):
+            origin = self.origins[index].expand(batch, 4, 4)
+            if link.parent is None:
+                frames.append(origin)
+                continue
+            local = origin
+            if link.joint_index is not None:
+                # Rotation about the joint's local z applied after the fixed origin transform.
+                c, s = cos[:, link.joint_index], sin[:, link.joint_index]
+                rot = origin[:, :3, :3]
+                new_x = rot[:, :, 0] * c[:, None] + rot[:, :, 1] * s[:, None]
+                new_y = -rot[:, :, 0] * s[:, None] + rot[:, :, 1] * c[:, None]
+                top = torch.stack([new_x, new_y, rot[:, :, 2], origin[:, :3, 3]], -1)
+                local = torch.cat([top, origin[:, 3:, :]], 1)
+            frames.append(frames[self.parent_index[index]] @ local)
+        return torch.stack(frames, 1)
+
+    def forward(self, q: torch.Tensor, tip_link: str = "panda_hand") -> tuple[torch.Tensor, torch.Tensor]:
+        """Tip position [B, 3] and rotation [B, 3, 3] in the base frame."""
+        frames = self.link_transforms(q)[:, LINK_INDEX[tip_link]]
+        return frames[:, :3, 3], frames[:, :3, :3]
+
+    def jacobian(self, q: torch.Tensor, tip_link: str = "panda_hand") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Geometric Jacobian [B, 6, 7] (linear rows first) of tip_link, with its position and rotation."""
+        frames = self.link_transforms(q)
+        tip = frames[:, LINK_INDEX[tip_link]]
+        tip_position = tip[:, :3, 3]
+        # Joint i rotates about the z axis of the frame of the link it moves (panda_link{i+1}).
+        joint_frames = frames[:, 1:8]
+        axes = joint_frames[:, :, :3, 2]
+        origins = joint_frames[:, :, :3, 3]
+        linear = torch.linalg.cross(axes, tip_position[:, None, :] - origins, dim=-1)
+        jac = torch.cat([linear, axes], -1).transpose(1, 2)
+        # Joints after the tip's chain do not move it (only relevant for tips before panda_link7).
+        tip_index = LINK_INDEX[tip_link]
+        if tip_index < 8:
+            jac[:, :, tip_index:] = 0.0
+        return jac, tip_position, tip[:, :3, :3]
+
+    def within_limits(self, q: torch.Tensor) -> torch.Tensor:
+        """[B] bool: every joint inside Franka's published limits."""
+        return ((q >= self.joint_lower) & (q <= self.joint_upper)).all(-1)
+
+    def clamp_to_limits(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(q, self.joint_upper), self.joint_lower)
+
+    def random_configurations(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n configurations uniform within the joint limits, [n, 7]."""
+        u = torch.rand(n, 7, generator=generator, device=self.device, dtype=self.dtype)
+        return self.joint_lower + u * (self.joint_upper - self.joint_lower)
+
+
+def rotation_angle_between(rot_a: torch.Tensor, rot_b: torch.Tensor) -> torch.Tensor:
+    """Angle (rad) of the relative rotation between [B, 3, 3] matrices, numerically safe near 0 and pi."""
+    relative = rot_a.transpose(-1, -2) @ rot_b
+    rotvec = matrix_to_rotation_vector(relative)
+    return rotvec.norm(dim=-1)
+
+
+def matrix_to_rotation_vector(rot: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices [..., 3, 3] -> axis-angle vectors [..., 3], via quaternions for stability."""
+    quat = matrix_to_quaternion(rot)
+    w = quat[..., 0].clamp(-1.0, 1.0)
+    xyz = quat[..., 1:]
+    sin_half = xyz.norm(dim=-1)
+    angle = 2.0 * torch.atan2(sin_half, w)
+    scale = torch.where(sin_half > 1e-12, angle / sin_half.clamp_min(1e-12), 2.0 / w.clamp_min(1e-12))
+    return xyz * scale[..., None]
+
+
+def matrix_to_quaternion(rot: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices [..., 3, 3] -> unit quaternions [..., 4] as (w, x, y, z) with w >= 0."""
+    m = rot
+    trace = m[..., 0, 0] + m[..., 1, 1] + m[..., 2, 2]
+    candidates = torch.stack(
+        [
+            torch.stack([1 + trace, m[..., 2, 1] - m[..., 1, 2], m[..., 0, 2] - m[..., 2, 0], m[..., 1, 0] - m[..., 0, 1]], -1),
+            torch.stack([m[..., 2, 1] - m[..., 1, 2], 1 + m[..., 0, 0] - m[..., 1, 1] - m[..., 2, 2], m[..., 0, 1] + m[..., 1, 0], m[..., 0, 2] + m[..., 2, 0]], -1),
+            torch.stack([m[..., 0, 2] - m[..., 2, 0], m[..., 0, 1] + m[..., 1, 0], 1 - m[..., 0, 0] + m[..., 1, 1] - m[..., 2, 2], m[..., 1, 2] + m[..., 2, 1]], -1),
+            torch.stack([m[..., 1, 0] - m[..., 0, 1], m[..., 0, 2] + m[..., 2, 0], m[..., 1, 2] + m[..., 2, 1], 1 - m[..., 0, 0] - m[..., 1, 1] + m[..., 2, 2]], -1),
+        ],
+        -2,
+    )
+    # Pick the best-conditioned row (largest diagonal term) per matrix.
+    diag = torch.stack([trace, m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]], -1)
+    best = diag.argmax(-1)
+    quat = torch.gather(candidates, -2, best[..., None, None].expand(*best.shape, 1, 4)).squeeze(-2)
+    quat = quat / quat.norm(dim=-1, keepdim=True)
+    return torch.where(quat[..., :1] < 0, -quat, quat)
+
+
+def quaternion_to_matrix(quat: torch.Tensor) -> torch.Tensor:
+    """Quaternions [..., 4] as (w, x, y, z), normalized here -> rotation matrices [..., 3, 3]."""
+    quat = quat / quat.norm(dim=-1, keepdim=True)
+    w, x, y, z = quat.unbind(-1)
+    rows = (
+        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+        torch.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+        torch.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+    )
+    return torch.stack(rows, -2)
