@@ -66,6 +66,17 @@ class TuneResult:
     stopped_by_deadline: bool = False
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """Stop tuning early once `count` samples scoring at least `min_score` have been seen."""
+
+    min_score: float
+    count: int
+
+    def satisfied(self, best_scores: torch.Tensor) -> bool:
+        return int((best_scores >= self.min_score).sum()) >= self.count
+
+
 class _BestKeeper:
     """Keeps the top-k samples seen over all iterations (the deadline may stop tuning at any time)."""
 
@@ -98,8 +109,9 @@ def _tuning_loop(
     generator: torch.Generator | None,
     keep_best: int,
     on_iteration: Callable[[int, torch.Tensor], None] | None = None,
+    stop_rule: StopRule | None = None,
 ) -> TuneResult:
-    """Sample, score, remember the best, update θ; stop after T iterations or at the deadline."""
+    """Sample, score, remember the best, update θ; stop after T iterations, at the deadline or by the stop rule."""
     start = time.monotonic()
     best = _BestKeeper(keep_best)
     history: list[float] = []
@@ -116,6 +128,8 @@ def _tuning_loop(
         history.append(float(scores.mean()))
         if on_iteration is not None:
             on_iteration(iteration, scores)
+        if stop_rule is not None and stop_rule.satisfied(best.scores):
+            break
         update(samples, scores)
         iterations_done += 1
     if best.samples is None:
@@ -134,6 +148,7 @@ def mace_tune(
     generator: torch.Generator | None = None,
     keep_best: int = 64,
     on_iteration: Callable[[int, torch.Tensor], None] | None = None,
+    stop_rule: StopRule | None = None,
 ) -> TuneResult:
     """Algorithm 1. Fine-tunes `prior` in place; stops after `preset.iterations` or at the deadline.
 
@@ -154,7 +169,7 @@ def mace_tune(
             loss.backward()
             optimizer.step()
 
-    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration)
+    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule)
 
 
 def importance_sampling_tune(
@@ -164,6 +179,7 @@ def importance_sampling_tune(
     deadline_s: float | None = None,
     generator: torch.Generator | None = None,
     keep_best: int = 64,
+    stop_rule: StopRule | None = None,
 ) -> TuneResult:
     """Paper Eq. 2 baseline: maximize Σ w_i log p(x_i; θ) with w_i = p(x_i; θ_0)/p(x_i; θ_{t-1}) · S(o_i, o).
 
@@ -186,4 +202,4 @@ def importance_sampling_tune(
             loss.backward()
             optimizer.step()
 
-    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best)
+    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, stop_rule=stop_rule)
