@@ -1,0 +1,69 @@
+"""The IK domain of MACE: simulate = forward kinematics + collision check; score = goal proximity.
+
+Paper score: S = 0 in collision (self or scene), else exp(−‖p_goal − p_ee‖). Beyond the paper:
+full pose goals add the orientation error, each error divided by a length scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mace_ros.core.collision import TorchCollisionChecker
+from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix, rotation_angle_between
+from mace_ros.core.scene import Scene
+
+
+@dataclass(frozen=True)
+class IKGoal:
+    """A goal for `tip_link` in the base frame; rotation None means position only."""
+
+    position: torch.Tensor  # [3]
+    rotation: torch.Tensor | None  # [3, 3]
+    tip_link: str = "panda_hand"
+
+    @staticmethod
+    def from_quaternion(position: torch.Tensor, quaternion_wxyz: torch.Tensor | None, tip_link: str) -> "IKGoal":
+        rotation = None if quaternion_wxyz is None else quaternion_to_matrix(quaternion_wxyz)
+        return IKGoal(position, rotation, tip_link)
+
+
+def goal_errors(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position error (m) and orientation error (rad, 0 for position-only goals), each [B]."""
+    position, rotation = kinematics.forward(q, goal.tip_link)
+    position_error = (position - goal.position.to(position)).norm(dim=-1)
+    if goal.rotation is None:
+        return position_error, torch.zeros_like(position_error)
+    goal_rotation = goal.rotation.to(rotation).expand_as(rotation)
+    return position_error, rotation_angle_between(rotation, goal_rotation)
+
+
+class IKDomain:
+    """Scores configurations q [B, 7] against a goal in a scene (the `Domain` protocol of `mace.py`)."""
+
+    def __init__(
+        self,
+        kinematics: PandaKinematics,
+        checker: TorchCollisionChecker,
+        scene: Scene,
+        goal: IKGoal,
+        position_length_scale_m: float = 1.0,
+        orientation_length_scale_rad: float = 1.0,
+    ):
+        self.kinematics = kinematics
+        self.checker = checker
+        self.scene = scene
+        self.goal = goal
+        self.position_length_scale_m = position_length_scale_m
+        self.orientation_length_scale_rad = orientation_length_scale_rad
+        self.last_collision_free_rate = float("nan")
+
+    def score(self, q: torch.Tensor) -> torch.Tensor:
+        free = ~self.checker.check(q, self.scene).in_collision
+        self.last_collision_free_rate = float(free.float().mean())
+        return self.score_from_errors(*goal_errors(self.kinematics, q, self.goal)) * free
+
+    def score_from_errors(self, position_error: torch.Tensor, orientation_error: torch.Tensor) -> torch.Tensor:
+        return torch.exp(
+            -position_error / self.position_length_scale_m - orientation_error / self.orientation_length_scale_rad
+        )
