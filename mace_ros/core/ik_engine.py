@@ -12,8 +12,7 @@ import torch
 
 from mace_ros.core.collision import TorchCollisionChecker
 from mace_ros.core.ik_domain import IKDomain, IKGoal
-from mace_ros.core.ik_prior import AutoregressiveIKPrior, GoalConditionedPrior, goal_features
-from mace_ros.core.ik_training import DEFAULT_WEIGHTS, PRIOR_TIP_LINK
+from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
 from mace_ros.core.mace import MacePreset, StopRule, TuneResult, mace_tune
 from mace_ros.core.refinement import RefineResult, refine_candidates
@@ -89,7 +88,7 @@ class IKEngine:
         self._hand_frame_at_zero = zero_frames[LINK_INDEX[PRIOR_TIP_LINK]]
         self._frames_at_zero = zero_frames
 
-    def _prior_goal(self, goal: IKGoal) -> torch.Tensor:
+    def prior_goal_features(self, goal: IKGoal) -> torch.Tensor:
         """Goal features for the prior, which was trained on panda_hand poses.
 
         A pose goal for a link rigidly attached to the hand is converted exactly; otherwise the tip's
@@ -117,7 +116,7 @@ class IKEngine:
             config["position_length_scale_m"], config["orientation_length_scale_rad"],
         )
         # Tune a per-request copy: the shared prior must stay the trained one.
-        prior = GoalConditionedPrior(copy.deepcopy(self.prior), self._prior_goal(goal))
+        prior = GoalConditionedPrior(copy.deepcopy(self.prior), self.prior_goal_features(goal))
         preset = MacePreset(
             num_samples=request.num_samples,
             grad_steps_per_iteration=config["grad_steps_per_iteration"],

@@ -18,6 +18,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from mace_ros.core.weights import DATA_DIR
+
+DEFAULT_WEIGHTS = DATA_DIR / "ik_prior.safetensors"
+PRIOR_TIP_LINK = "panda_hand"  # the prior is trained on this link's poses
 MIN_STD_RAD = 0.0025
 GOAL_FEATURES = 3 + 6 + 1  # position, rotation columns, orientation flag
 

@@ -17,13 +17,10 @@ from pathlib import Path
 import torch
 
 from mace_ros.core.collision import TorchCollisionChecker
-from mace_ros.core.ik_prior import AutoregressiveIKPrior, goal_features
+from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics
 from mace_ros.core.scene import Scene
-from mace_ros.core.weights import DATA_DIR, save_weights
-
-DEFAULT_WEIGHTS = DATA_DIR / "ik_prior.safetensors"
-PRIOR_TIP_LINK = "panda_hand"
+from mace_ros.core.weights import save_weights
 
 
 def generate_configurations(
