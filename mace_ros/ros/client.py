@@ -1,0 +1,97 @@
+"""Run the installed `mace_node` as a child process and call its services from Python.
+
+What `ros2 run mace_ros mace_node` plus `ros2 service call` would do, for the tests and the demo
+(the ros2 CLI and launch are not available from PyPI).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import rclpy
+from ament_index_python.packages import get_package_prefix
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+
+from mace_ros.srv import GetIK, InferShape
+
+NODE_NAME = "mace"
+
+
+def installed_executable(name: str = "mace_node") -> Path:
+    """lib/mace_ros/<name> of the mace_ros install found through AMENT_PREFIX_PATH."""
+    return Path(get_package_prefix("mace_ros")) / "lib" / "mace_ros" / name
+
+
+class NodeProcess:
+    """A node executable started with `--ros-args ...`, stopped with SIGINT like Ctrl-C."""
+
+    def __init__(self, executable: Path, ros_arguments: list[str] | None = None,
+                 env: dict[str, str] | None = None, log: TextIO | None = None) -> None:
+        command = [str(executable)]
+        if ros_arguments:
+            command += ["--ros-args", *ros_arguments]
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGINT, then wait; a node that does not exit in time is killed and gets return code -9."""
+        if self.running():
+            self.process.send_signal(signal.SIGINT)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return -signal.SIGKILL
+
+
+class MaceClient:
+    """A client node for /mace/get_ik and /mace/infer_shape in its own rclpy context."""
+
+    def __init__(self, node_name: str = "mace_client", server_name: str = NODE_NAME) -> None:
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.node = Node(node_name, context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.get_ik_client = self.node.create_client(GetIK, f"/{server_name}/get_ik")
+        self.infer_shape_client = self.node.create_client(InferShape, f"/{server_name}/infer_shape")
+
+    def wait_for_services(self, timeout_s: float, alive: NodeProcess | None = None) -> None:
+        """Wait until both services are up; TimeoutError (or RuntimeError if `alive` exited) otherwise."""
+        deadline = time.monotonic() + timeout_s
+        for client in (self.get_ik_client, self.infer_shape_client):
+            while not client.wait_for_service(timeout_sec=0.25):
+                if alive is not None and not alive.running():
+                    raise RuntimeError(f"the node exited with code {alive.process.returncode} before serving {client.srv_name}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{client.srv_name} not available after {timeout_s:.0f} s")
+
+    def call(self, client: Any, request: Any, timeout_s: float) -> Any:
+        future = client.call_async(request)
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+        if not future.done():
+            client.remove_pending_request(future)
+            raise TimeoutError(f"{client.srv_name} did not answer within {timeout_s:.0f} s")
+        return future.result()
+
+    def get_ik(self, request: GetIK.Request, timeout_s: float = 60.0) -> GetIK.Response:
+        return self.call(self.get_ik_client, request, timeout_s)
+
+    def infer_shape(self, request: InferShape.Request, timeout_s: float = 60.0) -> InferShape.Response:
+        return self.call(self.infer_shape_client, request, timeout_s)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.context.try_shutdown()

@@ -1,0 +1,222 @@
+"""Every conversion between ROS messages and numpy arrays used by the node, in one place.
+
+PointCloud2 is read and written through numpy structured dtypes built from the message's own
+fields (offsets, datatypes, point_step padding, endianness), so any layout a driver publishes
+is accepted without sensor_msgs_py, which the PyPI wheels do not include.
+"""
+from __future__ import annotations
+
+import array
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from geometry_msgs.msg import Point, Pose
+from sensor_msgs.msg import JointState, PointCloud2, PointField
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker
+
+from mace_ros.core.kinematics import JOINT_NAMES
+from mace_ros.ros.frames import RigidTransform
+
+if TYPE_CHECKING:
+    from mace_ros.core.scene import Box, Cylinder, Sphere
+
+# PointField datatype <-> numpy scalar type (byte order applied separately).
+FIELD_TYPES: dict[int, np.dtype] = {
+    PointField.INT8: np.dtype(np.int8),
+    PointField.UINT8: np.dtype(np.uint8),
+    PointField.INT16: np.dtype(np.int16),
+    PointField.UINT16: np.dtype(np.uint16),
+    PointField.INT32: np.dtype(np.int32),
+    PointField.UINT32: np.dtype(np.uint32),
+    PointField.FLOAT32: np.dtype(np.float32),
+    PointField.FLOAT64: np.dtype(np.float64),
+}
+NUMPY_TO_FIELD_TYPE: dict[np.dtype, int] = {dtype: datatype for datatype, dtype in FIELD_TYPES.items()}
+XYZ = ("x", "y", "z")
+
+
+# --- PointCloud2 -----------------------------------------------------------------------------
+
+def cloud_dtype(cloud: PointCloud2) -> np.dtype:
+    """The structured dtype of one point of `cloud`, itemsize = point_step (padding included)."""
+    byte_order = ">" if cloud.is_bigendian else "<"
+    names, formats, offsets = [], [], []
+    for field in cloud.fields:
+        if field.datatype not in FIELD_TYPES:
+            raise ValueError(f"PointCloud2 field '{field.name}' has unknown datatype {field.datatype}")
+        if field.name in names:
+            raise ValueError(f"PointCloud2 field '{field.name}' appears twice")
+        scalar = FIELD_TYPES[field.datatype].newbyteorder(byte_order)
+        names.append(field.name)
+        formats.append(scalar if field.count <= 1 else np.dtype((scalar, (field.count,))))
+        offsets.append(field.offset)
+    end = max((offset + np.dtype(fmt).itemsize for offset, fmt in zip(offsets, formats)), default=0)
+    if end > cloud.point_step:
+        raise ValueError(f"PointCloud2 fields end at byte {end}, past point_step {cloud.point_step}")
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": cloud.point_step})
+
+
+def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
+    """All points of `cloud` as a flat structured array (row_step padding removed), in native byte order."""
+    dtype = cloud_dtype(cloud)
+    num_points = cloud.width * cloud.height
+    if num_points == 0:
+        return np.zeros(0, dtype=dtype.newbyteorder("="))
+    row_bytes = cloud.width * cloud.point_step
+    if cloud.row_step < row_bytes:
+        raise ValueError(f"PointCloud2 row_step {cloud.row_step} < width {cloud.width} x point_step {cloud.point_step}")
+    data = np.frombuffer(cloud.data, dtype=np.uint8)
+    if data.size < cloud.row_step * (cloud.height - 1) + row_bytes:
+        raise ValueError(
+            f"PointCloud2 data has {data.size} bytes; {cloud.height} rows of {cloud.row_step} bytes need "
+            f"{cloud.row_step * cloud.height}")
+    rows = np.lib.stride_tricks.as_strided(data, shape=(cloud.height, row_bytes), strides=(cloud.row_step, 1))
+    points = np.ascontiguousarray(rows).view(dtype).reshape(-1)
+    return points.astype(dtype.newbyteorder("="))
+
+
+def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
+    """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped."""
+    missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
+    if missing:
+        present = ", ".join(field.name for field in cloud.fields) or "none"
+        raise ValueError(f"PointCloud2 lacks field(s) {', '.join(missing)} (fields: {present})")
+    points = pointcloud2_to_array(cloud)
+    xyz = np.stack([points[name].astype(np.float64) for name in XYZ], axis=-1).reshape(-1, 3)
+    return xyz[np.isfinite(xyz).all(axis=1)]
+
+
+def array_to_pointcloud2(points: np.ndarray, header: Header) -> PointCloud2:
+    """An unorganized (height 1) cloud from a flat structured array; one PointField per array field."""
+    if points.dtype.names is None:
+        raise ValueError("array_to_pointcloud2 needs a structured array")
+    points = np.ascontiguousarray(points)
+    fields = []
+    for name in points.dtype.names:
+        field_dtype, offset = points.dtype.fields[name][:2]
+        base = field_dtype.base if field_dtype.subdtype else field_dtype
+        count = int(np.prod(field_dtype.shape)) if field_dtype.subdtype else 1
+        datatype = NUMPY_TO_FIELD_TYPE.get(base.newbyteorder("="))
+        if datatype is None:
+            raise ValueError(f"field '{name}' has dtype {base}, which PointCloud2 cannot carry")
+        fields.append(PointField(name=name, offset=offset, datatype=datatype, count=count))
+    cloud = PointCloud2(header=header, height=1, width=points.shape[0], fields=fields)
+    cloud.is_bigendian = sys.byteorder == "big"
+    cloud.point_step = points.dtype.itemsize
+    cloud.row_step = cloud.point_step * cloud.width
+    cloud.is_dense = bool(all(np.isfinite(points[name]).all() for name in points.dtype.names))
+    # An array.array is stored as is; other sequences are checked element by element (slow).
+    cloud.data = array.array("B", points.tobytes())
+    return cloud
+
+
+def xyz_to_pointcloud2(xyz: np.ndarray, header: Header, **extra_fields: np.ndarray) -> PointCloud2:
+    """A float32 x, y, z cloud, plus one field per keyword array of length N (e.g. sample_index)."""
+    xyz = np.asarray(xyz).reshape(-1, 3)
+    dtype = [(name, np.float32) for name in XYZ] + [(name, np.asarray(v).dtype) for name, v in extra_fields.items()]
+    points = np.zeros(xyz.shape[0], dtype=dtype)
+    for axis, name in enumerate(XYZ):
+        points[name] = xyz[:, axis]
+    for name, values in extra_fields.items():
+        points[name] = values
+    return array_to_pointcloud2(points, header)
+
+
+# --- Poses and points --------------------------------------------------------------------------
+
+def point_to_array(point: Point, what: str = "point") -> np.ndarray:
+    """[3] float64; ValueError naming `what` if a coordinate is NaN or infinite."""
+    xyz = np.array([point.x, point.y, point.z], dtype=np.float64)
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return xyz
+
+
+def points_to_array(points: Sequence[Point], what: str = "points") -> np.ndarray:
+    """[k, 3] float64 from a Point list; ValueError if any coordinate is NaN or infinite."""
+    xyz = np.array([[p.x, p.y, p.z] for p in points], dtype=np.float64).reshape(-1, 3)
+    if not np.isfinite(xyz).all():
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return xyz
+
+
+def quaternion_to_array(orientation, what: str = "orientation") -> np.ndarray:
+    """Unit quaternion [4] as (w, x, y, z) from a geometry_msgs Quaternion; ValueError if NaN or zero."""
+    wxyz = np.array([orientation.w, orientation.x, orientation.y, orientation.z], dtype=np.float64)
+    if not np.isfinite(wxyz).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    norm = np.linalg.norm(wxyz)
+    if norm < 1e-9:
+        raise ValueError(f"{what} is not a valid quaternion (norm {norm:.3g})")
+    return wxyz / norm
+
+
+def pose_to_position_quaternion(pose: Pose, what: str = "pose") -> tuple[np.ndarray, np.ndarray]:
+    """Position [3] and normalized quaternion [4] (w, x, y, z); ValueError if NaN/inf or a zero quaternion."""
+    return point_to_array(pose.position, f"{what} position"), quaternion_to_array(pose.orientation, f"{what} orientation")
+
+
+# --- Joint states ------------------------------------------------------------------------------
+
+def joint_state_from_positions(positions: np.ndarray, header: Header) -> JointState:
+    """A JointState of the 7 arm joints (panda_joint1..7), usable as a MoveIt IK seed."""
+    return JointState(header=header, name=list(JOINT_NAMES), position=[float(v) for v in positions])
+
+
+def joint_state_to_positions(state: JointState) -> np.ndarray | None:
+    """[7] arm joint positions ordered panda_joint1..7, or None when the state has no positions.
+
+    Names select and order the joints (other joints, e.g. the fingers, are ignored); a nameless
+    state must list exactly the 7 arm joints in order.
+    """
+    if len(state.position) == 0:
+        return None
+    positions = np.asarray(state.position, dtype=np.float64)
+    if len(state.name) == 0:
+        if positions.size != len(JOINT_NAMES):
+            raise ValueError(f"a JointState without names needs {len(JOINT_NAMES)} positions, got {positions.size}")
+        ordered = positions
+    else:
+        if len(state.name) != positions.size:
+            raise ValueError(f"JointState has {len(state.name)} names but {positions.size} positions")
+        by_name = dict(zip(state.name, positions))
+        missing = [name for name in JOINT_NAMES if name not in by_name]
+        if missing:
+            raise ValueError(f"JointState lacks joint(s) {', '.join(missing)}")
+        ordered = np.array([by_name[name] for name in JOINT_NAMES])
+    if not np.isfinite(ordered).all():
+        raise ValueError("JointState positions contain NaN or infinite values")
+    return ordered
+
+
+# --- Markers -> scene primitives ---------------------------------------------------------------
+
+def marker_key(marker: Marker) -> str:
+    """The identity of an obstacle marker, as rviz keys markers: namespace and id."""
+    return f"{marker.ns}/{marker.id}"
+
+
+def marker_to_primitive(marker: Marker, to_base: RigidTransform) -> Box | Sphere | Cylinder:
+    """A CUBE, SPHERE or CYLINDER marker as a scene primitive in the base frame.
+
+    rviz scales are full sizes: CUBE edge lengths; SPHERE diameters (an ellipsoid is replaced by
+    its enclosing sphere, which keeps the obstacle conservative); CYLINDER x/y diameters and z height.
+    """
+    from mace_ros.core.scene import Box, Cylinder, Sphere
+
+    name = marker_key(marker)
+    center, quaternion = pose_to_position_quaternion(marker.pose, f"marker {name} pose")
+    center, quaternion = to_base.apply_pose(center, quaternion)
+    scale = np.array([marker.scale.x, marker.scale.y, marker.scale.z], dtype=np.float64)
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError(f"marker {name} has a non-positive or non-finite scale {scale.tolist()}")
+    if marker.type == Marker.CUBE:
+        return Box(name, center, quaternion, scale / 2.0)
+    if marker.type == Marker.SPHERE:
+        return Sphere(name, center, float(scale.max()) / 2.0)
+    if marker.type == Marker.CYLINDER:
+        return Cylinder(name, center, quaternion, float(max(scale[0], scale[1])) / 2.0, float(scale[2]) / 2.0)
+    raise ValueError(f"marker {name} has type {marker.type}; obstacles must be CUBE, SPHERE or CYLINDER")

@@ -1,0 +1,294 @@
+"""The `mace` node: GetIK and InferShape services over the MACE engines, fed by obstacle topics.
+
+Each service has its own callback group and the node spins in a MultiThreadedExecutor, so a long
+GetIK neither blocks InferShape nor the topic callbacks that keep the obstacle model current; a
+request works on a snapshot of that model. Engines are built once, in background threads, so the
+node answers ("engine still loading") from the start.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from geometry_msgs.msg import PoseArray
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from mace_ros.ros import conversions, markers
+from mace_ros.ros.frames import FrameTable, RigidTransform
+from mace_ros.ros.obstacles import ObstacleModel, voxel_downsample
+from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
+from mace_ros.ros.requests import InvalidRequest, RequestDefaults, ik_request_arguments, shape_request_arguments
+from mace_ros.srv import GetIK, InferShape
+
+# Latched: rviz (or a test) that subscribes after a result still receives it.
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+WARNING_PERIOD_S = 5.0
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is still loading or failed to load; the message says which."""
+
+
+class EngineSlot:
+    """An engine built in a background thread at start-up."""
+
+    def __init__(self, name: str, build: Callable[[], Any], on_ready: Callable[[Any], None], logger) -> None:
+        self.name = name
+        self._engine: Any = None
+        self._error: str | None = None
+        self._started = time.monotonic()
+        self._logger = logger
+        threading.Thread(target=self._build, args=(build, on_ready), name=f"{name}-engine-loader", daemon=True).start()
+
+    def _build(self, build: Callable[[], Any], on_ready: Callable[[Any], None]) -> None:
+        try:
+            engine = build()
+            on_ready(engine)
+        except Exception as error:  # any failure must surface as a clear answer, not a dead thread
+            self._error = f"{type(error).__name__}: {error}"
+            self._logger.error(f"{self.name} engine failed to load: {self._error}")
+            return
+        self._engine = engine
+        self._logger.info(f"{self.name} engine ready after {time.monotonic() - self._started:.1f} s")
+
+    def get(self) -> Any:
+        if self._engine is not None:
+            return self._engine
+        if self._error is not None:
+            raise EngineUnavailable(f"{self.name} engine unavailable: {self._error}")
+        raise EngineUnavailable(f"{self.name} engine still loading ({time.monotonic() - self._started:.0f} s since start)")
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got '{name}'")
+    return dtypes[name]
+
+
+class MaceNode(Node):
+    def __init__(self, defaults_file: Path | None = None) -> None:
+        super().__init__(NODE_NAME)
+        for name in declare_parameters(self, defaults_file or default_parameters_file()):
+            self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
+        self.base_frame: str = self.get_parameter("base_frame").value
+        self.frames = FrameTable(
+            self.base_frame, FrameTable.parse_static_transforms(self.get_parameter("static_transforms").value))
+        self.obstacles = ObstacleModel()
+        self._contacts_lock = threading.Lock()
+        self._latest_contacts: np.ndarray | None = None
+
+        topics_group = MutuallyExclusiveCallbackGroup()
+        self.create_subscription(MarkerArray, "~/obstacles", self.on_obstacles, 10, callback_group=topics_group)
+        # Best effort matches both kinds of publisher; cameras publish clouds best effort.
+        self.create_subscription(
+            PointCloud2, "~/obstacle_cloud", self.on_obstacle_cloud, qos_profile_sensor_data, callback_group=topics_group)
+        self.create_subscription(PoseArray, "~/contacts", self.on_contacts, 10, callback_group=topics_group)
+        self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
+        self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
+        self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
+        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_service(
+            InferShape, "~/infer_shape", self.on_infer_shape, callback_group=MutuallyExclusiveCallbackGroup())
+
+        device = self.get_parameter("device").value
+        dtype = self.get_parameter("dtype").value
+        ik_config, shape_config = section(self, "ik"), section(self, "shape")
+        scene_name: str = self.get_parameter("scene").value
+        self.ik_engine = EngineSlot(
+            "IK", lambda: self._build_ik_engine(ik_config, scene_name, device, dtype), self._on_ik_engine_ready,
+            self.get_logger())
+        self.shape_engine = EngineSlot(
+            "shape", lambda: self._build_shape_engine(shape_config, device, dtype), lambda engine: None,
+            self.get_logger())
+        self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
+
+    # --- Engines --------------------------------------------------------------------------------
+
+    def _build_ik_engine(self, config: dict[str, Any], scene_name: str, device: str, dtype: str):
+        # The static scene is loaded with the engine: without its obstacles, answers would be unsafe.
+        from mace_ros.core.ik_engine import IKEngine
+        from mace_ros.core.resources import scene_path
+        from mace_ros.core.scene import Scene
+
+        if scene_name:
+            self.obstacles.set_static_scene(Scene.load_yaml(scene_path(scene_name)))
+        return IKEngine(config, resolve_device(device), resolve_dtype(dtype))
+
+    def _on_ik_engine_ready(self, engine: Any) -> None:
+        self.publish_scene()
+
+    @staticmethod
+    def _build_shape_engine(config: dict[str, Any], device: str, dtype: str):
+        from mace_ros.core.shape_engine import ShapeEngine
+
+        return ShapeEngine(config, resolve_device(device), resolve_dtype(dtype))
+
+    # --- Topics ---------------------------------------------------------------------------------
+
+    def on_obstacles(self, message: MarkerArray) -> None:
+        for marker in message.markers:
+            try:
+                if marker.action == Marker.DELETEALL:
+                    self.obstacles.clear(marker.ns)
+                elif marker.action == Marker.DELETE:
+                    self.obstacles.remove(conversions.marker_key(marker))
+                elif marker.action == Marker.ADD:
+                    to_base = self.frames.to_base(marker.header.frame_id)
+                    self.obstacles.put(conversions.marker_key(marker), conversions.marker_to_primitive(marker, to_base))
+                else:
+                    raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
+            except (ValueError, ImportError) as error:
+                self.get_logger().warning(f"~/obstacles: ignored marker {conversions.marker_key(marker)}: {error}")
+        self.publish_scene()
+
+    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+        try:
+            to_base = self.frames.to_base(cloud.header.frame_id)
+            points = to_base.apply(conversions.pointcloud2_to_xyz(cloud))
+        except ValueError as error:  # UnknownFrameError included
+            self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        voxel_size_m = self.get_parameter("obstacle_cloud.voxel_size_m").value
+        self.obstacles.set_points(voxel_downsample(points, voxel_size_m) if points.shape[0] else None)
+
+    def on_contacts(self, message: PoseArray) -> None:
+        """Fingertip contacts as a PoseArray: positions are the contacts, orientations are ignored."""
+        try:
+            to_base = self.frames.to_base(message.header.frame_id)
+            contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
+        except ValueError as error:
+            self.get_logger().warning(f"~/contacts rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        with self._contacts_lock:
+            self._latest_contacts = contacts if contacts.shape[0] else None
+
+    def publish_scene(self) -> None:
+        try:
+            scene = self.obstacles.snapshot()
+        except ImportError as error:
+            self.get_logger().warning(f"cannot publish ~/scene: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        self.scene_publisher.publish(markers.scene_markers(scene, self._base_header()))
+
+    # --- Services -------------------------------------------------------------------------------
+
+    def on_get_ik(self, request: GetIK.Request, response: GetIK.Response) -> GetIK.Response:
+        started = time.monotonic()
+        defaults = RequestDefaults(
+            num_samples=self.get_parameter("ik.num_samples").value,
+            tuning_iterations=self.get_parameter("ik.tuning_iterations").value,
+            timeout_s=self.get_parameter("ik.timeout_s").value,
+            random_seed=self.get_parameter("random_seed").value,
+            num_solutions=self.get_parameter("ik.num_solutions").value,
+            tip_link=self.get_parameter("ik.tip_link").value,
+        )
+        try:
+            arguments = ik_request_arguments(request, defaults, self.frames)
+            engine = self.ik_engine.get()
+            from mace_ros.core.ik_engine import IKRequest
+
+            result = engine.solve(IKRequest(**arguments), self.obstacles.snapshot())
+            self._fill_ik_response(response, result, arguments)
+        except (InvalidRequest, EngineUnavailable) as error:
+            return self._failed("GetIK", response, str(error), started)
+        except Exception as error:  # an engine bug must cost one request, not the node
+            self.get_logger().error(f"GetIK: engine error\n{traceback.format_exc()}")
+            return self._failed("GetIK", response, f"IK engine error: {type(error).__name__}: {error}", started)
+        response.elapsed_s = time.monotonic() - started
+        self.get_logger().info(
+            f"GetIK: {'success' if response.success else 'failure'}, {len(response.solutions)} solution(s) "
+            f"in {response.elapsed_s:.3f} s: {response.message}")
+        return response
+
+    def _fill_ik_response(self, response: GetIK.Response, result: Any, arguments: dict[str, Any]) -> None:
+        header = self._base_header()
+        solutions = np.asarray(result.solutions, dtype=np.float64).reshape(-1, 7)
+        response.success = bool(result.success)
+        response.message = result.message
+        response.solutions = [conversions.joint_state_from_positions(q, header) for q in solutions]
+        response.scores = [float(v) for v in result.scores]
+        response.position_errors_m = [float(v) for v in result.position_errors_m]
+        response.orientation_errors_rad = [float(v) for v in result.orientation_errors_rad]
+        response.collision_free_rate = float(result.collision_free_rate)
+        response.tuning_iterations_done = int(result.tuning_iterations_done)
+        response.tuning_time_s = float(result.tuning_time_s)
+        self.ik_solutions_publisher.publish(
+            markers.ik_solution_markers(solutions, header, arguments["goal_position"], arguments["tip_link"]))
+
+    def on_infer_shape(self, request: InferShape.Request, response: InferShape.Response) -> InferShape.Response:
+        started = time.monotonic()
+        defaults = RequestDefaults(
+            num_samples=self.get_parameter("shape.num_samples").value,
+            tuning_iterations=self.get_parameter("shape.tuning_iterations").value,
+            timeout_s=self.get_parameter("shape.timeout_s").value,
+            random_seed=self.get_parameter("random_seed").value,
+        )
+        with self._contacts_lock:
+            latest_contacts = self._latest_contacts
+        try:
+            arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts)
+            engine = self.shape_engine.get()
+            from mace_ros.core.shape_engine import ShapeRequest
+
+            result = engine.infer(ShapeRequest(**arguments))
+            self._fill_shape_response(response, result, request.header.frame_id, to_base.inverse())
+        except (InvalidRequest, EngineUnavailable) as error:
+            return self._failed("InferShape", response, str(error), started)
+        except Exception as error:  # an engine bug must cost one request, not the node
+            self.get_logger().error(f"InferShape: engine error\n{traceback.format_exc()}")
+            return self._failed("InferShape", response, f"shape engine error: {type(error).__name__}: {error}", started)
+        response.elapsed_s = time.monotonic() - started
+        self.get_logger().info(
+            f"InferShape: {'success' if response.success else 'failure'}, {len(response.samples)} sample(s) "
+            f"in {response.elapsed_s:.3f} s: {response.message}")
+        return response
+
+    def _fill_shape_response(
+        self, response: InferShape.Response, result: Any, frame_id: str, to_request: RigidTransform,
+    ) -> None:
+        """Samples go back in the request's frame; ~/shape_samples shows them in the base frame."""
+        samples = np.asarray(result.samples, dtype=np.float64)
+        samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
+        request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
+        response.success = bool(result.success)
+        response.message = result.message
+        response.samples = [conversions.xyz_to_pointcloud2(to_request.apply(s), request_header) for s in samples]
+        response.scores = [float(v) for v in result.scores]
+        response.mean_score = float(result.mean_score)
+        response.diversity = float(result.diversity)
+        response.tuning_iterations_done = int(result.tuning_iterations_done)
+        response.tuning_time_s = float(result.tuning_time_s)
+        if samples.shape[0]:
+            self.shape_samples_publisher.publish(markers.shape_samples_cloud(samples, self._base_header()))
+
+    def _failed(self, service: str, response: Any, message: str, started: float) -> Any:
+        response = type(response)()  # drop anything a failing step had filled in
+        response.success = False
+        response.message = message
+        response.elapsed_s = time.monotonic() - started
+        self.get_logger().warning(f"{service} refused: {message}")
+        return response
+
+    def _base_header(self) -> Header:
+        return Header(stamp=self.get_clock().now().to_msg(), frame_id=self.base_frame)

@@ -1,0 +1,131 @@
+"""Every parameter of the `mace` node: descriptions and ranges here, defaults in config/mace.yaml.
+
+The node declares each parameter found in the package's mace.yaml with the descriptor below, so
+`ros2 param describe` explains it and out-of-range values are refused. `ik.*` and `shape.*` are
+passed whole to the engines as their `config`; the request defaults among them may be changed
+at run time, the rest are read once when the engines are built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.node import Node
+
+NODE_NAME = "mace"
+PARAMETERS_FILE = "mace.yaml"
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    description: str
+    min_value: float | None = None  # inclusive; ints become an IntegerRange, floats a FloatingPointRange
+    max_value: float | None = None
+    read_only: bool = True  # False: read at each request, so it may be changed at run time
+
+
+PARAMETERS: dict[str, ParameterSpec] = {
+    "base_frame": ParameterSpec("Robot base frame: requests and topics must be in it (or in a static_transforms frame); '' also means it."),
+    "static_transforms": ParameterSpec(
+        "Extra fixed frames accepted on topics and requests, as 'frame x y z qx qy qz qw; ...': each frame's pose in base_frame."),
+    "device": ParameterSpec("Torch device of the engines: auto (cuda when available), cpu, cuda or cuda:N."),
+    "dtype": ParameterSpec("Torch dtype of the engines: float32 or float64."),
+    "random_seed": ParameterSpec("Random seed used when a request's random_seed is 0.", 1, INT32_MAX, read_only=False),
+    "scene": ParameterSpec("Static obstacles loaded at start: a scene name from config/scenes/ or a YAML path; '' = none."),
+    "obstacle_cloud.voxel_size_m": ParameterSpec(
+        "Voxel edge (m) the obstacle cloud is thinned to, one point per voxel; 0 keeps every point.", 0.0, 1.0, read_only=False),
+    "ik.tip_link": ParameterSpec("Default tip link of GetIK requests (any Panda link).", read_only=False),
+    "ik.num_solutions": ParameterSpec("Default number of ranked GetIK solutions.", 1, 1000, read_only=False),
+    "ik.num_samples": ParameterSpec("Default prior samples per MACE iteration (N) for GetIK.", 1, 100000, read_only=False),
+    "ik.tuning_iterations": ParameterSpec("Default MACE iterations (T) for GetIK; 0 = no tuning.", 0, 100000, read_only=False),
+    "ik.timeout_s": ParameterSpec("Default wall-clock budget (s) of a GetIK request.", 0.001, 600.0, read_only=False),
+    "ik.weights_path": ParameterSpec("IK prior weights (.safetensors); '' = the weights shipped in the package."),
+    "ik.grad_steps_per_iteration": ParameterSpec("Gradient steps per MACE iteration (M).", 1, 10000),
+    "ik.elite_quantile": ParameterSpec("Fraction of samples kept as elites (q).", 1e-6, 1.0),
+    "ik.learning_rate": ParameterSpec("Adam learning rate of MACE tuning.", 0.0, 1.0),
+    "ik.collision_margin_m": ParameterSpec("Extra clearance (m) added to every collision sphere.", 0.0, 0.5),
+    "ik.position_length_scale_m": ParameterSpec("Length scale (m) of the score exp(-position error / scale).", 1e-6, 100.0),
+    "ik.orientation_length_scale_rad": ParameterSpec("Angle scale (rad) of the orientation term of the score.", 1e-6, 100.0),
+    "ik.refine_candidates": ParameterSpec("Best tuned samples polished by Levenberg-Marquardt.", 1, 100000),
+    "ik.refine_max_iterations": ParameterSpec("Levenberg-Marquardt iterations at most.", 0, 100000),
+    "ik.refine_time_fraction": ParameterSpec("Share of the request's timeout kept for refinement.", 0.0, 1.0),
+    "ik.position_tolerance_m": ParameterSpec("Position error (m) under which a solution counts as solved.", 0.0, 1.0),
+    "ik.orientation_tolerance_rad": ParameterSpec("Orientation error (rad) under which a solution counts as solved.", 0.0, 3.1416),
+    "ik.early_stop_position_m": ParameterSpec("Tuning stops early once enough samples are within this position error (m).", 0.0, 10.0),
+    "ik.early_stop_orientation_rad": ParameterSpec("Orientation error (rad) of that early stop rule.", 0.0, 3.1416),
+    "ik.duplicate_tolerance_rad": ParameterSpec("Solutions closer than this in every joint (rad) count as one.", 0.0, 1.0),
+    "shape.num_samples": ParameterSpec("Default number of InferShape samples.", 1, 1000, read_only=False),
+    "shape.tuning_iterations": ParameterSpec("Default MACE iterations for InferShape; 0 = no tuning.", 0, 100000, read_only=False),
+    "shape.timeout_s": ParameterSpec("Default wall-clock budget (s) of an InferShape request.", 0.001, 600.0, read_only=False),
+    "shape.weights_path": ParameterSpec("Shape VAE weights (.safetensors); '' = the weights shipped in the package."),
+}
+
+UNDOCUMENTED = ParameterSpec("(undocumented: add it to mace_ros/ros/parameters.py)")
+
+
+def default_parameters_file() -> Path:
+    """config/mace.yaml of the installed package (share/mace_ros/config) or of the source tree."""
+    from mace_ros.core.resources import config_dir
+
+    return config_dir() / PARAMETERS_FILE
+
+
+def load_defaults(path: Path) -> dict[str, Any]:
+    """Flat {dotted name: value} from a ROS parameters file's `mace` (or `/**`) section."""
+    document = yaml.safe_load(Path(path).read_text()) or {}
+    for key in (NODE_NAME, f"/{NODE_NAME}", "/**"):
+        if key in document:
+            return _flatten(document[key].get("ros__parameters", {}))
+    raise ValueError(f"{path} has no '{NODE_NAME}: ros__parameters:' section")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def descriptor(name: str, default: Any, spec: ParameterSpec) -> ParameterDescriptor:
+    result = ParameterDescriptor(name=name, description=spec.description, read_only=spec.read_only)
+    if spec.min_value is None:
+        return result
+    if isinstance(default, bool):
+        return result
+    if isinstance(default, int):
+        result.integer_range = [IntegerRange(from_value=int(spec.min_value), to_value=int(spec.max_value), step=1)]
+    elif isinstance(default, float):
+        result.floating_point_range = [
+            FloatingPointRange(from_value=float(spec.min_value), to_value=float(spec.max_value), step=0.0)]
+    return result
+
+
+def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
+    """Declare every parameter of `defaults_file` on `node` (overrides from --params-file / -p apply).
+
+    Returns the names that have no spec here (declared all the same, with a placeholder description).
+    A spec without a default in the file is a packaging error and raises.
+    """
+    defaults = load_defaults(defaults_file)
+    missing = sorted(set(PARAMETERS) - set(defaults))
+    if missing:
+        raise ValueError(f"{defaults_file} lacks default(s) for {', '.join(missing)}")
+    undocumented = sorted(set(defaults) - set(PARAMETERS))
+    node.declare_parameters("", [
+        (name, value, descriptor(name, value, PARAMETERS.get(name, UNDOCUMENTED)))
+        for name, value in defaults.items()
+    ])
+    return undocumented
+
+
+def section(node: Node, prefix: str) -> dict[str, Any]:
+    """Current values of `prefix.*` as {key without prefix: value}, e.g. the engine config `ik`."""
+    return {name: parameter.value for name, parameter in node.get_parameters_by_prefix(prefix).items()}

@@ -1,0 +1,58 @@
+"""Fixtures that run the INSTALLED node (install/mace_ros/lib/mace_ros/mace_node) and talk to it.
+
+Run through `make test` (or `pytest test/` with install/setup.bash sourced), so that `mace_ros`
+is the colcon install, which alone holds the generated `mace_ros.srv` types, and the node is the
+one found through the sourced AMENT_PREFIX_PATH.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import pytest
+
+SERVICE_WAIT_S = 120.0  # a cold start imports torch and rclpy on a 2-core machine
+
+
+@pytest.fixture(scope="session")
+def ros_isolation() -> dict[str, str]:
+    """DDS traffic kept on this machine and on a domain of its own, so parallel runs don't meet.
+
+    Set in this process too: the client's rclpy context reads them when it initializes.
+    """
+    isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}
+    os.environ.update(isolation)
+    return isolation
+
+
+@pytest.fixture(scope="session")
+def mace_node_arguments() -> list[str]:
+    """--ros-args of the node under test (override in a conftest to test another configuration)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
+    """A MaceClient connected to a freshly started installed node; at teardown the node must exit cleanly on SIGINT."""
+    try:
+        from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
+
+        executable = installed_executable()
+    except (ImportError, LookupError) as error:
+        pytest.fail(f"{error}: build (make build) and run the tests with install/setup.bash sourced (make test)")
+
+    log_path = tmp_path_factory.mktemp("mace_node") / "mace_node.log"
+    with log_path.open("w") as log:
+        node = NodeProcess(executable, mace_node_arguments, env=ros_isolation, log=log)
+        client = MaceClient()
+        try:
+            client.wait_for_services(SERVICE_WAIT_S, alive=node)
+        except (TimeoutError, RuntimeError) as error:
+            client.close()
+            node.stop()
+            pytest.fail(f"{error}; node log:\n{log_path.read_text()}")
+        yield client
+        client.close()
+        return_code = node.stop()
+    assert return_code == 0, f"mace_node exited with {return_code} on SIGINT; log:\n{log_path.read_text()}"

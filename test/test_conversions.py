@@ -1,0 +1,166 @@
+"""Message <-> numpy conversions against messages built by hand with struct."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
+from sensor_msgs.msg import JointState, PointCloud2, PointField
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker
+
+from mace_ros.core.scene import Box, Cylinder, Sphere
+from mace_ros.ros import conversions
+from mace_ros.ros.frames import FrameTable, RigidTransform, UnknownFrameError
+from mace_ros.ros.obstacles import voxel_downsample
+
+F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
+
+
+def make_cloud(fields: list[tuple[str, int, int]], point_step: int, rows: list[bytes], *,
+               width: int, big_endian: bool = False, row_step: int | None = None) -> PointCloud2:
+    """A PointCloud2 from (name, offset, datatype) fields and raw rows of packed points."""
+    cloud = PointCloud2(header=Header(frame_id="panda_link0"), height=len(rows), width=width)
+    cloud.fields = [PointField(name=n, offset=o, datatype=d, count=1) for n, o, d in fields]
+    cloud.is_bigendian = big_endian
+    cloud.point_step = point_step
+    cloud.row_step = row_step if row_step is not None else width * point_step
+    cloud.data = b"".join(rows)
+    return cloud
+
+
+XYZ_F32 = [("x", 0, F32), ("y", 4, F32), ("z", 8, F32)]
+POINTS = [(0.1, -0.2, 0.3), (1.5, 2.25, -3.0), (0.0, 0.0, 1.0)]
+
+
+def test_float32_xyz_with_point_step_padding():
+    # 12 bytes of x, y, z then 4 bytes of padding, as many drivers align points to 16 bytes.
+    cloud = make_cloud(XYZ_F32, 16, [b"".join(struct.pack("<fff4x", *p) for p in POINTS)], width=3)
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), POINTS, rtol=1e-6)
+
+
+def test_float64_fields_and_an_extra_field():
+    fields = [("x", 0, F64), ("y", 8, F64), ("z", 16, F64), ("intensity", 24, F32)]
+    data = b"".join(struct.pack("<dddf4x", *p, 7.0) for p in POINTS)
+    cloud = make_cloud(fields, 32, [data], width=3)
+    xyz = conversions.pointcloud2_to_xyz(cloud)
+    assert xyz.dtype == np.float64
+    np.testing.assert_array_equal(xyz, POINTS)  # float64 survives exactly
+    np.testing.assert_array_equal(conversions.pointcloud2_to_array(cloud)["intensity"], [7.0, 7.0, 7.0])
+
+
+def test_big_endian_and_fields_out_of_order():
+    fields = [("z", 0, F32), ("x", 4, F32), ("y", 8, F32)]
+    data = b"".join(struct.pack(">fff", p[2], p[0], p[1]) for p in POINTS)
+    cloud = make_cloud(fields, 12, [data], width=3, big_endian=True)
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), POINTS, rtol=1e-6)
+
+
+def test_organized_cloud_with_row_padding():
+    # Two rows of two points; each row padded to 32 bytes (row_step > width * point_step).
+    rows = [struct.pack("<ffffff", *POINTS[0], *POINTS[1]) + bytes(8),
+            struct.pack("<ffffff", *POINTS[2], 4.0, 5.0, 6.0) + bytes(8)]
+    cloud = make_cloud(XYZ_F32, 12, rows, width=2, row_step=32)
+    expected = [*POINTS, (4.0, 5.0, 6.0)]
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), expected, rtol=1e-6)
+
+
+def test_nan_and_infinite_points_are_dropped():
+    points = [(0.1, 0.2, 0.3), (math.nan, 0.0, 0.0), (0.0, math.inf, 0.0), (1.0, 1.0, 1.0)]
+    cloud = make_cloud(XYZ_F32, 12, [b"".join(struct.pack("<fff", *p) for p in points)], width=4)
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), [points[0], points[3]], rtol=1e-6)
+
+
+def test_missing_z_is_a_clear_error():
+    cloud = make_cloud(XYZ_F32[:2], 8, [struct.pack("<ff", 1.0, 2.0)], width=1)
+    with pytest.raises(ValueError, match=r"lacks field\(s\) z \(fields: x, y\)"):
+        conversions.pointcloud2_to_xyz(cloud)
+
+
+def test_truncated_data_and_fields_past_point_step_are_errors():
+    short = make_cloud(XYZ_F32, 12, [struct.pack("<fff", *POINTS[0])], width=2)
+    with pytest.raises(ValueError, match="data has 12 bytes"):
+        conversions.pointcloud2_to_xyz(short)
+    overlong = make_cloud(XYZ_F32, 8, [bytes(8)], width=1)
+    with pytest.raises(ValueError, match="past point_step 8"):
+        conversions.pointcloud2_to_xyz(overlong)
+
+
+def test_empty_cloud_gives_no_points():
+    cloud = make_cloud(XYZ_F32, 12, [], width=0)
+    assert conversions.pointcloud2_to_xyz(cloud).shape == (0, 3)
+
+
+def test_written_cloud_matches_a_hand_packed_layout_and_round_trips():
+    xyz = np.array(POINTS)
+    sample_index = np.array([0, 0, 1], dtype=np.uint32)
+    cloud = conversions.xyz_to_pointcloud2(xyz, Header(frame_id="panda_link0"), sample_index=sample_index)
+    assert [(f.name, f.offset, f.datatype, f.count) for f in cloud.fields] == [
+        ("x", 0, F32, 1), ("y", 4, F32, 1), ("z", 8, F32, 1), ("sample_index", 12, U32, 1)]
+    assert (cloud.height, cloud.width, cloud.point_step, cloud.row_step) == (1, 3, 16, 48)
+    assert bytes(cloud.data) == b"".join(struct.pack("<fffI", *p, i) for p, i in zip(POINTS, sample_index))
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), xyz, rtol=1e-6)
+    np.testing.assert_array_equal(conversions.pointcloud2_to_array(cloud)["sample_index"], sample_index)
+
+
+def test_pose_quaternion_is_normalized_and_invalid_ones_rejected():
+    pose = Pose(position=Point(x=0.5, y=0.0, z=0.2), orientation=Quaternion(x=0.0, y=2.0, z=0.0, w=0.0))
+    position, quaternion = conversions.pose_to_position_quaternion(pose)
+    np.testing.assert_array_equal(position, [0.5, 0.0, 0.2])
+    np.testing.assert_array_equal(quaternion, [0.0, 0.0, 1.0, 0.0])  # (w, x, y, z)
+    with pytest.raises(ValueError, match="not a valid quaternion"):
+        conversions.pose_to_position_quaternion(Pose(orientation=Quaternion(x=0.0, y=0.0, z=0.0, w=0.0)))
+    with pytest.raises(ValueError, match="position contains NaN"):
+        conversions.pose_to_position_quaternion(Pose(position=Point(x=math.nan)))
+
+
+def test_joint_states_use_panda_joint_names_in_order():
+    state = conversions.joint_state_from_positions(np.arange(7.0), Header(frame_id="panda_link0"))
+    assert list(state.name) == [f"panda_joint{i}" for i in range(1, 8)]
+    shuffled = JointState(name=[*reversed(state.name), "panda_finger_joint1"], position=[*reversed(range(7)), 0.04])
+    np.testing.assert_array_equal(conversions.joint_state_to_positions(shuffled), np.arange(7.0))
+    assert conversions.joint_state_to_positions(JointState()) is None
+    with pytest.raises(ValueError, match="lacks joint"):
+        conversions.joint_state_to_positions(JointState(name=["panda_joint1"], position=[0.0]))
+
+
+def marker(marker_type: int, scale: tuple[float, float, float], frame: str = "panda_link0") -> Marker:
+    return Marker(header=Header(frame_id=frame), ns="table", id=3, type=marker_type,
+                  pose=Pose(position=Point(x=0.5, y=0.0, z=0.1), orientation=Quaternion(w=1.0)),
+                  scale=Vector3(x=scale[0], y=scale[1], z=scale[2]))
+
+
+def test_markers_become_primitives_with_rviz_scale_semantics():
+    identity = RigidTransform.identity()
+    box = conversions.marker_to_primitive(marker(Marker.CUBE, (0.4, 0.2, 0.1)), identity)
+    assert isinstance(box, Box) and box.name == "table/3"
+    np.testing.assert_allclose(box.half_extents, [0.2, 0.1, 0.05])
+    sphere = conversions.marker_to_primitive(marker(Marker.SPHERE, (0.1, 0.2, 0.1)), identity)
+    assert isinstance(sphere, Sphere) and sphere.radius == pytest.approx(0.1)  # enclosing sphere
+    cylinder = conversions.marker_to_primitive(marker(Marker.CYLINDER, (0.1, 0.1, 0.3)), identity)
+    assert isinstance(cylinder, Cylinder)
+    assert (cylinder.radius, cylinder.half_height) == pytest.approx((0.05, 0.15))
+    with pytest.raises(ValueError, match="CUBE, SPHERE or CYLINDER"):
+        conversions.marker_to_primitive(marker(Marker.ARROW, (0.1, 0.1, 0.1)), identity)
+    with pytest.raises(ValueError, match="non-positive"):
+        conversions.marker_to_primitive(marker(Marker.CUBE, (0.1, 0.0, 0.1)), identity)
+
+
+def test_static_transforms_move_markers_and_reject_unknown_frames():
+    # camera_link sits 1 m above the base, turned 90 degrees about z.
+    half = math.sqrt(0.5)
+    frames = FrameTable("panda_link0", FrameTable.parse_static_transforms(f"camera_link 0 0 1 0 0 {half} {half}"))
+    box = conversions.marker_to_primitive(marker(Marker.CUBE, (0.4, 0.2, 0.1), "camera_link"), frames.to_base("camera_link"))
+    np.testing.assert_allclose(box.center, [0.0, 0.5, 1.1], atol=1e-12)
+    np.testing.assert_allclose(box.quaternion_wxyz, [half, 0.0, 0.0, half], atol=1e-12)
+    assert frames.to_base("").is_identity and frames.to_base("panda_link0").is_identity
+    with pytest.raises(UnknownFrameError, match="unknown frame 'world'"):
+        frames.to_base("world")
+
+
+def test_voxel_downsample_keeps_one_point_per_voxel():
+    points = np.array([[0.001, 0.001, 0.001], [0.002, 0.002, 0.002], [0.5, 0.5, 0.5]])
+    np.testing.assert_array_equal(voxel_downsample(points, 0.01), points[[0, 2]])
+    np.testing.assert_array_equal(voxel_downsample(points, 0.0), points)
