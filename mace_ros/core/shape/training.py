@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from mace_ros.core.shape.chamfer import chamfer_distance
+from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, DEFAULT_NUM_FINGERS, ContactCVAE, contact_features
 from mace_ros.core.shape.datasets import FAMILIES, HELD_OUT_FAMILY, TRAINING_FAMILIES, ShapeDataset, generate_box_dataset, generate_tabletop_dataset
 from mace_ros.core.shape.vae import DEFAULT_LATENT_DIM, DEFAULT_SCALE_M, DEFAULT_VAE_WEIGHTS, PAPER_PRIOR_STD, PointCloudVAE
+from mace_ros.core.shape.simulators import finger_directions, grasp_contacts
+from mace_ros.core.shape_engine import density_matched_finger_radius
 from mace_ros.core.weights import save_weights
 
 PAPER_CHAMFER_POINTS = 2048
@@ -90,9 +93,33 @@ def load_or_generate(kind: str, num_objects: int, num_points: int, seed: int, fa
     return dataset
 
 
-def reconstruction_loss(reconstructions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Chamfer summed over the paper's 2048 points (see the module docstring) -> [B]."""
-    return chamfer_distance(reconstructions, targets) * PAPER_CHAMFER_POINTS
+def contact_conditions(
+    train_clouds: torch.Tensor, validation_clouds: torch.Tensor, held_out_clouds: torch.Tensor, scale_m: float
+) -> ConditionSet:
+    """The CVAE's conditions: each object's contacts with the default finger set, from the grasp simulator.
+
+    Clouds are in network units; the simulator works in metres, with the finger radius matched to
+    the clouds' point density as the engine does.
+    """
+    num_points = train_clouds.shape[1]
+    directions = finger_directions(DEFAULT_NUM_FINGERS, dtype=train_clouds.dtype, device=train_clouds.device)
+    radius_m = density_matched_finger_radius(num_points)
+
+    def features(clouds: torch.Tensor) -> torch.Tensor:
+        contacts = torch.cat([grasp_contacts(chunk * scale_m, directions, None, radius_m)[0] for chunk in clouds.split(256)])
+        return contact_features(contacts, None, scale_m)
+
+    metadata = {
+        "num_contacts": DEFAULT_NUM_FINGERS,
+        "finger_directions": directions.tolist(),
+        "finger_radius_m": radius_m,
+    }
+    return ConditionSet(
+        {"condition": features(train_clouds)},
+        {"condition": features(validation_clouds)},
+        {"condition": features(held_out_clouds)},
+        metadata,
+    )
 
 
 def random_point_subset(clouds: torch.Tensor, num_points: int, generator: torch.Generator) -> torch.Tensor:
@@ -175,8 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or DEFAULT_VAE_WEIGHTS
     else:
         conditions = contact_conditions(train_clouds, validation_clouds, held_out_clouds, args.scale_m)
-        num_contacts = conditions.train["contacts"].shape[1]
-        model = ContactCVAE(num_points, num_contacts, args.latent_dim, args.prior_std, args.scale_m, encoder_points).to(device)
+        model = ContactCVAE(num_points, DEFAULT_NUM_FINGERS, args.latent_dim, args.prior_std, args.scale_m, encoder_points).to(device)
         out = args.out or DEFAULT_CVAE_WEIGHTS
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
@@ -198,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
             sums["loss"] += float(loss.detach())
-            sums["chamfer_m2"] += float(chamfer.mean()) * args.scale_m**2
-            sums["kl"] += float(kl.mean())
+            sums["chamfer_m2"] += float(chamfer.detach().mean()) * args.scale_m**2
+            sums["kl"] += float(kl.detach().mean())
             batches += 1
         record = {name: value / batches for name, value in sums.items()}
         record["validation_chamfer_m2"] = evaluate_reconstruction(model, validation_clouds, args.scale_m, **conditions.validation)

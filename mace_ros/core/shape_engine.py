@@ -1,0 +1,318 @@
+"""InferShape without ROS: full-shape hypotheses from grasp contacts and/or a partial cloud, by MACE-VAE.
+
+One request: build the observation's domain (contacts -> `GraspDomain`, partial cloud ->
+`PartialCloudDomain`, both -> the product of their scores), copy the trained latent prior θ = {μ_z, σ_z},
+tune the copy with MACE until the iteration budget or the timeout, then return ranked shape samples
+in metres around the request's object origin. The shared VAE is never modified.
+
+Frames and conventions (the request's frame is the robot base frame, z up):
+- shapes are generated the way the training objects were made: the object's bounding-box centre at
+  `object_origin`, resting direction +z, any yaw;
+- the fingers close toward `object_origin` along the configured travel directions
+  (`finger_directions`, default: `simulators.finger_directions(num_fingers, ...)`, the paper's
+  5 horizontal fingers);
+- contacts are matched to fingers (`finger_matching`):
+  "direction" (default): each contact belongs to the finger that starts on its side of the object,
+  i.e. the finger whose start direction (−travel) is closest in angle to (contact − origin);
+  contacts are assigned one-to-one (Hungarian assignment), so the request may list them in any
+  order; a contact more than `max_contact_angle_deg` away from its finger is refused. Fingers with
+  no contact in the request are left out of the score (an unreported finger may simply not have been
+  sensed; it is not taken as having passed the object).
+  "ordered": contact i belongs to finger i (the request may give fewer contacts than fingers).
+
+Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
+  weights_path            safetensors file of the VAE ("" = the shipped mace_ros/core/data/shape_vae.safetensors)
+  num_samples             samples returned when a request says 0
+  tuning_iterations       MACE iterations when a request says -1 (0 = no tuning)
+  timeout_s               wall-clock budget when a request says 0
+  grasp_preset            mace.PAPER_PRESETS name for contact observations (paper: grasp_shape_vae)
+  partial_cloud_preset    preset for partial-cloud-only observations (paper: partial_cloud_vae)
+  result_samples          "posterior": fresh samples of the tuned prior, ranked (diverse; the paper's
+                          posterior) or "best": the highest-scoring samples seen while tuning
+  num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
+                          the default finger set (simulators.finger_directions)
+  finger_directions       explicit travel directions [[x, y, z], ...] (overrides the four keys above)
+  finger_matching         "direction" or "ordered" (see above)
+  max_contact_angle_deg   largest angle between a contact and its finger's side
+  finger_radius_m         finger pad radius; 0 = matched to the model's point density (see
+                          `density_matched_finger_radius`)
+  length_scale_m          grasp score length scale s: max(1 − mean error / s, 0)
+  temperature_per_m2      partial-cloud score temperature τ: exp(−τ CD_k)
+  knn_k                   k of the k-nearest Chamfer distance
+  min_partial_points      fewest points a partial cloud may have
+  max_num_samples         largest num_samples a request may ask for
+  diversity_max_samples   the diversity is measured over the first (best) this many samples (its
+                          cost grows with the square of the count; the paper's Fig. 1 uses 49)
+  tuning_time_fraction    share of the remaining timeout given to tuning; the rest is kept for
+                          the final sampling, scoring and diversity
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from mace_ros.core.mace import PAPER_PRESETS, TuneResult, mace_tune
+from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
+from mace_ros.core.shape.simulators import (
+    DEFAULT_FINGER_RADIUS_M,
+    DEFAULT_LENGTH_SCALE_M,
+    DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
+    GraspDomain,
+    PartialCloudDomain,
+    finger_directions,
+)
+from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, MaceVAEPrior, load_shape_vae
+
+# The simulator's finger radius was chosen for 2048-point clouds (simulators.DEFAULT_FINGER_RADIUS_M).
+REFERENCE_POINTS_FOR_FINGER_RADIUS = 2048
+
+DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
+    "weights_path": "",
+    "num_samples": 16,
+    "tuning_iterations": 100,
+    "timeout_s": 10.0,
+    "grasp_preset": "grasp_shape_vae",
+    "partial_cloud_preset": "partial_cloud_vae",
+    "result_samples": "posterior",
+    "num_fingers": 5,
+    "finger_elevation_rad": 0.0,
+    "finger_azimuth_offset_rad": 0.0,
+    "finger_from_above": False,
+    "finger_directions": [],
+    "finger_matching": "direction",
+    "max_contact_angle_deg": 45.0,
+    "finger_radius_m": 0.0,
+    "length_scale_m": DEFAULT_LENGTH_SCALE_M,
+    "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
+    "knn_k": 5,
+    "min_partial_points": 10,
+    "max_num_samples": 1000,
+    "diversity_max_samples": 49,
+    "tuning_time_fraction": 0.9,
+}
+
+
+def density_matched_finger_radius(num_points: int) -> float:
+    """A finger radius that covers as many cloud points as the simulator's default does at 2048 points.
+
+    Clouds with fewer points have wider gaps; with the 2048-point radius, fingers would slip through
+    a sparse sample's gaps and score a right shape as a miss. Radius ∝ 1/√(point density).
+    """
+    return DEFAULT_FINGER_RADIUS_M * math.sqrt(REFERENCE_POINTS_FOR_FINGER_RADIUS / num_points)
+
+
+@dataclass(frozen=True)
+class ShapeRequest:
+    contacts: np.ndarray | None  # [k, 3] metres, request (base) frame; None = not used
+    partial_cloud: np.ndarray | None  # [P, 3] metres; None = not used
+    object_origin: np.ndarray  # [3] where the fingers close; shapes are returned around it
+    num_samples: int = 0  # 0 = configured default
+    tuning_iterations: int = -1  # 0 = no tuning (prior samples), -1 = configured default
+    timeout_s: float = 0.0  # 0 = configured default
+    random_seed: int = 0
+
+
+@dataclass
+class ShapeResult:
+    success: bool
+    message: str
+    samples: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), dtype=np.float32))  # [n, P, 3] metres, ranked
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [n], descending
+    mean_score: float = 0.0
+    diversity: float = 0.0  # mean pairwise Chamfer distance of the (first diversity_max_samples) samples, m²
+    tuning_iterations_done: int = 0
+    tuning_time_s: float = 0.0
+    elapsed_s: float = 0.0
+
+
+class ProductDomain:
+    """Score = product of the scores of several observations of the same object."""
+
+    def __init__(self, domains: Sequence[Any]):
+        self.domains = list(domains)
+
+    def score(self, samples: torch.Tensor) -> torch.Tensor:
+        scores = self.domains[0].score(samples)
+        for domain in self.domains[1:]:
+            scores = scores * domain.score(samples)
+        return scores
+
+
+def match_contacts_to_fingers(
+    contacts: np.ndarray, origin: np.ndarray, travel_directions: np.ndarray, max_angle_deg: float
+) -> np.ndarray:
+    """Finger index [k] of each contact [k, 3]: one-to-one, by the angle between (contact − origin)
+    and each finger's start direction (−travel). ValueError if a contact sits at the origin or is
+    further than `max_angle_deg` from its finger."""
+    offsets = contacts - origin
+    distances = np.linalg.norm(offsets, axis=1)
+    if np.any(distances < 1e-6):
+        raise ValueError("a contact lies at the object origin, so its finger cannot be told from its direction")
+    start_directions = -travel_directions / np.linalg.norm(travel_directions, axis=1, keepdims=True)
+    cosines = (offsets / distances[:, None]) @ start_directions.T  # [k, fingers]
+    contact_index, finger_index = linear_sum_assignment(-cosines)
+    fingers = np.empty(contacts.shape[0], dtype=np.int64)
+    fingers[contact_index] = finger_index
+    angles_deg = np.degrees(np.arccos(np.clip(cosines[np.arange(contacts.shape[0]), fingers], -1.0, 1.0)))
+    worst = int(np.argmax(angles_deg))
+    if angles_deg[worst] > max_angle_deg:
+        raise ValueError(
+            f"contact {worst} is {angles_deg[worst]:.0f}° away from the side of its best-matching finger "
+            f"{fingers[worst]} (at most {max_angle_deg:.0f}°): it does not fit the configured finger directions"
+        )
+    return fingers
+
+
+class ShapeEngine:
+    """Holds the trained VAE (frozen, shared); `infer` serves one request with its own tuned copy of θ."""
+
+    def __init__(self, config: dict[str, Any] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        unknown = set(config or {}) - set(DEFAULT_SHAPE_CONFIG)
+        if unknown:
+            raise ValueError(f"unknown shape engine config keys {sorted(unknown)}; known: {sorted(DEFAULT_SHAPE_CONFIG)}")
+        self.config = {**DEFAULT_SHAPE_CONFIG, **(config or {})}
+        for key in ("grasp_preset", "partial_cloud_preset"):
+            if self.config[key] not in PAPER_PRESETS:
+                raise ValueError(f"{key} {self.config[key]!r} is not one of {sorted(PAPER_PRESETS)}")
+        if self.config["result_samples"] not in ("posterior", "best"):
+            raise ValueError(f"result_samples must be 'posterior' or 'best', got {self.config['result_samples']!r}")
+        if self.config["finger_matching"] not in ("direction", "ordered"):
+            raise ValueError(f"finger_matching must be 'direction' or 'ordered', got {self.config['finger_matching']!r}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae = load_shape_vae(Path(self.config["weights_path"] or DEFAULT_VAE_WEIGHTS), self.device, dtype)
+        if self.config["finger_directions"]:
+            directions = torch.as_tensor(self.config["finger_directions"], dtype=torch.float64)
+            if directions.dim() != 2 or directions.shape[1] != 3 or not torch.all(directions.norm(dim=1) > 0):
+                raise ValueError(f"finger_directions must be non-zero [x, y, z] rows, got {self.config['finger_directions']}")
+        else:
+            directions = finger_directions(
+                int(self.config["num_fingers"]),
+                from_above=bool(self.config["finger_from_above"]),
+                elevation_rad=float(self.config["finger_elevation_rad"]),
+                azimuth_offset_rad=float(self.config["finger_azimuth_offset_rad"]),
+                dtype=torch.float64,
+            )
+        self.finger_directions = (directions / directions.norm(dim=1, keepdim=True)).numpy()
+        self.finger_radius_m = float(self.config["finger_radius_m"]) or density_matched_finger_radius(self.vae.num_points)
+        # The first torch.optim.Adam of a process imports torch._dynamo (seconds on a small CPU): pay it
+        # here rather than inside the first request's timeout.
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+    @property
+    def num_points(self) -> int:
+        return self.vae.num_points
+
+    def validate(self, request: ShapeRequest) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """Checked (contacts, partial cloud, origin) as float64 arrays; ValueError with the reason otherwise."""
+        origin = np.asarray(request.object_origin, dtype=np.float64)
+        if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+            raise ValueError(f"object_origin must be 3 finite numbers, got {request.object_origin!r}")
+        contacts = None
+        if request.contacts is not None:
+            contacts = np.asarray(request.contacts, dtype=np.float64)
+            if contacts.ndim != 2 or contacts.shape[1] != 3:
+                raise ValueError(f"contacts must be [k, 3], got shape {contacts.shape}")
+            if contacts.shape[0] == 0:
+                contacts = None
+            elif not np.all(np.isfinite(contacts)):
+                raise ValueError("contacts contain NaN or infinite coordinates")
+            elif contacts.shape[0] > self.finger_directions.shape[0]:
+                raise ValueError(f"{contacts.shape[0]} contacts but only {self.finger_directions.shape[0]} fingers are configured")
+        partial = None
+        if request.partial_cloud is not None:
+            partial = np.asarray(request.partial_cloud, dtype=np.float64)
+            if partial.ndim != 2 or partial.shape[1] != 3:
+                raise ValueError(f"partial_cloud must be [P, 3], got shape {partial.shape}")
+            if not np.all(np.isfinite(partial)):
+                raise ValueError("partial_cloud contains NaN or infinite coordinates")
+            if partial.shape[0] < int(self.config["min_partial_points"]):
+                raise ValueError(f"partial_cloud has {partial.shape[0]} points, fewer than {self.config['min_partial_points']}")
+        if contacts is None and partial is None:
+            raise ValueError("no observation: give contacts and/or a partial cloud")
+        if not (request.timeout_s >= 0 and math.isfinite(request.timeout_s)):
+            raise ValueError(f"timeout_s must be a finite number >= 0 (0 = default), got {request.timeout_s}")
+        if request.tuning_iterations < -1:
+            raise ValueError(f"tuning_iterations must be -1 (default), 0 (no tuning) or positive, got {request.tuning_iterations}")
+        if not 0 <= request.num_samples <= int(self.config["max_num_samples"]):
+            raise ValueError(f"num_samples must be in [0, {self.config['max_num_samples']}] (0 = default), got {request.num_samples}")
+        return contacts, partial, origin
+
+    def build_domain(self, contacts: np.ndarray | None, partial: np.ndarray | None, origin: np.ndarray) -> Any:
+        as_tensor = lambda array: torch.as_tensor(array, dtype=self.dtype, device=self.device)  # noqa: E731
+        domains: list[Any] = []
+        if contacts is not None:
+            if self.config["finger_matching"] == "direction":
+                fingers = match_contacts_to_fingers(
+                    contacts, origin, self.finger_directions, float(self.config["max_contact_angle_deg"])
+                )
+            else:
+                fingers = np.arange(contacts.shape[0])
+            domains.append(
+                GraspDomain(
+                    as_tensor(contacts), as_tensor(self.finger_directions[fingers]), as_tensor(origin),
+                    self.finger_radius_m, float(self.config["length_scale_m"]),
+                )
+            )
+        if partial is not None:
+            domains.append(PartialCloudDomain(as_tensor(partial), float(self.config["temperature_per_m2"]), int(self.config["knn_k"])))
+        return domains[0] if len(domains) == 1 else ProductDomain(domains)
+
+    def infer(self, request: ShapeRequest) -> ShapeResult:
+        started = time.monotonic()
+        try:
+            contacts, partial, origin = self.validate(request)
+            domain = self.build_domain(contacts, partial, origin)
+        except ValueError as error:
+            return ShapeResult(False, f"invalid request: {error}", elapsed_s=time.monotonic() - started)
+        config = self.config
+        num_samples = request.num_samples or int(config["num_samples"])
+        iterations = int(config["tuning_iterations"]) if request.tuning_iterations == -1 else request.tuning_iterations
+        timeout_s = request.timeout_s or float(config["timeout_s"])
+        generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
+        # A fresh θ per request over the shared frozen network: requests never see each other's tuning.
+        prior = MaceVAEPrior(self.vae, torch.as_tensor(origin, dtype=self.dtype, device=self.device))
+        preset_name = config["grasp_preset"] if contacts is not None else config["partial_cloud_preset"]
+        tuning: TuneResult | None = None
+        if iterations > 0:
+            preset = dataclasses.replace(PAPER_PRESETS[preset_name], iterations=iterations)
+            deadline_s = float(config["tuning_time_fraction"]) * (timeout_s - (time.monotonic() - started))
+            tuning = mace_tune(prior, domain, preset, deadline_s=deadline_s, generator=generator, keep_best=num_samples)
+        if tuning is not None and config["result_samples"] == "best":
+            samples, scores = tuning.best_samples, tuning.best_scores
+        else:
+            with torch.no_grad():
+                samples = prior.sample(num_samples, generator)
+                scores = domain.score(samples)
+            order = torch.argsort(scores, descending=True)
+            samples, scores = samples[order], scores[order]
+        diversity_samples = samples[: int(config["diversity_max_samples"])]
+        diversity = pairwise_chamfer_diversity(diversity_samples) if diversity_samples.shape[0] > 1 else 0.0
+        mean_score = float(scores.mean())
+        success = bool(scores.max() > 0)
+        what = "prior samples (no tuning)" if tuning is None else (
+            f"{config['result_samples']} samples after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
+            + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
+        )
+        message = f"{what}: mean score {mean_score:.3f}, best {float(scores.max()):.3f}"
+        if not success:
+            message += "; no sample is consistent with the observation"
+        return ShapeResult(
+            success=success,
+            message=message,
+            samples=samples.detach().cpu().numpy().astype(np.float32),
+            scores=scores.detach().cpu().double().numpy(),
+            mean_score=mean_score,
+            diversity=diversity,
+            tuning_iterations_done=0 if tuning is None else tuning.iterations_done,
+            tuning_time_s=0.0 if tuning is None else tuning.elapsed_s,
+            elapsed_s=time.monotonic() - started,
+        )
