@@ -56,9 +56,15 @@ if [[ "$skip_build" == true ]]; then
 fi
 
 # Build against the venv only: a sourced system ROS 2 must not leak its Python packages in.
-unset PYTHONPATH COLCON_PREFIX_PATH
+# An outer `make` must not hand its flags to the build's own make either.
+unset PYTHONPATH COLCON_PREFIX_PATH MAKEFLAGS MAKELEVEL MFLAGS
 export CMAKE_PREFIX_PATH="$venv" AMENT_PREFIX_PATH="$venv"
-"$venv/bin/colcon" build \
-  --base-paths . \
-  --build-base build --install-base install \
-  --cmake-args -DPython3_EXECUTABLE="$venv/bin/python" -DBUILD_TESTING=OFF
+# The build's full output goes to log/latest_build/; it is shown here only if the build fails.
+if ! "$venv/bin/colcon" build \
+    --base-paths . \
+    --build-base build --install-base install \
+    --event-handlers console_direct- \
+    --cmake-args -DPython3_EXECUTABLE="$venv/bin/python" -DBUILD_TESTING=OFF; then
+  tail -n 80 log/latest_build/mace_ros/stdout_stderr.log >&2
+  exit 1
+fi
