@@ -47,6 +47,7 @@ def main() -> int:
     request.goal.pose.position = Point(x=position[0], y=position[1], z=position[2])
     request.goal.pose.orientation = Quaternion(w=quaternion[0], x=quaternion[1], y=quaternion[2], z=quaternion[3])
     request.num_solutions = 4
+    request.tuning_iterations = -1  # the configured MACE budget (0 would mean no tuning)
 
     OUT_DIR.mkdir(exist_ok=True)
     isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}

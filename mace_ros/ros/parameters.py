@@ -63,6 +63,25 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.tuning_iterations": ParameterSpec("Default MACE iterations for InferShape; 0 = no tuning.", 0, 100000, read_only=False),
     "shape.timeout_s": ParameterSpec("Default wall-clock budget (s) of an InferShape request.", 0.001, 600.0, read_only=False),
     "shape.weights_path": ParameterSpec("Shape VAE weights (.safetensors); '' = the weights shipped in the package."),
+    "shape.grasp_preset": ParameterSpec("MACE preset (mace_ros.core.mace.PAPER_PRESETS) for contact observations."),
+    "shape.partial_cloud_preset": ParameterSpec("MACE preset for partial-cloud-only observations."),
+    "shape.result_samples": ParameterSpec(
+        "posterior: fresh samples of the tuned prior, ranked; best: the best samples seen while tuning."),
+    "shape.num_fingers": ParameterSpec("Fingers of the default finger set, closing toward the object origin.", 1, 32),
+    "shape.finger_elevation_rad": ParameterSpec("Elevation of the fingers' travel directions (rad).", -1.5708, 1.5708),
+    "shape.finger_azimuth_offset_rad": ParameterSpec("Azimuth of the first finger (rad).", -3.1416, 3.1416),
+    "shape.finger_from_above": ParameterSpec("Add a finger coming down from above."),
+    "shape.finger_matching": ParameterSpec(
+        "direction: each contact goes to the finger on its side of the object; ordered: contact i to finger i."),
+    "shape.max_contact_angle_deg": ParameterSpec("Largest angle (deg) between a contact and its finger's side.", 0.0, 180.0),
+    "shape.finger_radius_m": ParameterSpec("Finger pad radius (m); 0 = matched to the model's point density.", 0.0, 0.1),
+    "shape.length_scale_m": ParameterSpec("Grasp score length scale s (m): max(1 - mean contact error / s, 0).", 1e-6, 10.0),
+    "shape.temperature_per_m2": ParameterSpec("Partial-cloud score temperature: exp(-temperature * Chamfer).", 0.0, 1e9),
+    "shape.knn_k": ParameterSpec("k of the k-nearest Chamfer distance of the partial-cloud score.", 1, 100),
+    "shape.min_partial_points": ParameterSpec("Fewest points a partial cloud may have.", 1, 1000000),
+    "shape.max_num_samples": ParameterSpec("Largest num_samples an InferShape request may ask for.", 1, 1000),
+    "shape.diversity_max_samples": ParameterSpec("The diversity is measured over this many best samples.", 1, 1000),
+    "shape.tuning_time_fraction": ParameterSpec("Share of the timeout given to tuning; the rest to the final sampling.", 0.0, 1.0),
 }
 
 UNDOCUMENTED = ParameterSpec("(undocumented: add it to mace_ros/ros/parameters.py)")
