@@ -18,6 +18,7 @@ import numpy as np
 from geometry_msgs.msg import PoseArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
+from rclpy.publisher import Publisher
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
@@ -42,18 +43,17 @@ class EngineUnavailable(RuntimeError):
 class EngineSlot:
     """An engine built in a background thread at start-up."""
 
-    def __init__(self, name: str, build: Callable[[], Any], on_ready: Callable[[Any], None], logger) -> None:
+    def __init__(self, name: str, build: Callable[[], Any], logger) -> None:
         self.name = name
         self._engine: Any = None
         self._error: str | None = None
         self._started = time.monotonic()
         self._logger = logger
-        threading.Thread(target=self._build, args=(build, on_ready), name=f"{name}-engine-loader", daemon=True).start()
+        threading.Thread(target=self._build, args=(build,), name=f"{name}-engine-loader", daemon=True).start()
 
-    def _build(self, build: Callable[[], Any], on_ready: Callable[[Any], None]) -> None:
+    def _build(self, build: Callable[[], Any]) -> None:
         try:
             engine = build()
-            on_ready(engine)
         except Exception as error:  # any failure must surface as a clear answer, not a dead thread
             self._error = f"{type(error).__name__}: {error}"
             self._logger.error(f"{self.name} engine failed to load: {self._error}")
@@ -116,11 +116,9 @@ class MaceNode(Node):
         ik_config, shape_config = section(self, "ik"), section(self, "shape")
         scene_name: str = self.get_parameter("scene").value
         self.ik_engine = EngineSlot(
-            "IK", lambda: self._build_ik_engine(ik_config, scene_name, device, dtype), self._on_ik_engine_ready,
-            self.get_logger())
+            "IK", lambda: self._build_ik_engine(ik_config, scene_name, device, dtype), self.get_logger())
         self.shape_engine = EngineSlot(
-            "shape", lambda: self._build_shape_engine(shape_config, device, dtype), lambda engine: None,
-            self.get_logger())
+            "shape", lambda: self._build_shape_engine(shape_config, device, dtype), self.get_logger())
         self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
 
     # --- Engines --------------------------------------------------------------------------------
@@ -133,10 +131,8 @@ class MaceNode(Node):
 
         if scene_name:
             self.obstacles.set_static_scene(Scene.load_yaml(scene_path(scene_name)))
+            self.publish_scene()
         return IKEngine(config, resolve_device(device), resolve_dtype(dtype))
-
-    def _on_ik_engine_ready(self, engine: Any) -> None:
-        self.publish_scene()
 
     @staticmethod
     def _build_shape_engine(config: dict[str, Any], device: str, dtype: str):
@@ -189,7 +185,7 @@ class MaceNode(Node):
         except ImportError as error:
             self.get_logger().warning(f"cannot publish ~/scene: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return
-        self.scene_publisher.publish(markers.scene_markers(scene, self._base_header()))
+        self._publish(self.scene_publisher, markers.scene_markers(scene, self._base_header()))
 
     # --- Services -------------------------------------------------------------------------------
 
@@ -233,8 +229,8 @@ class MaceNode(Node):
         response.collision_free_rate = float(result.collision_free_rate)
         response.tuning_iterations_done = int(result.tuning_iterations_done)
         response.tuning_time_s = float(result.tuning_time_s)
-        self.ik_solutions_publisher.publish(
-            markers.ik_solution_markers(solutions, header, arguments["goal_position"], arguments["tip_link"]))
+        self._publish(self.ik_solutions_publisher,
+                      markers.ik_solution_markers(solutions, header, arguments["goal_position"], arguments["tip_link"]))
 
     def on_infer_shape(self, request: InferShape.Request, response: InferShape.Response) -> InferShape.Response:
         started = time.monotonic()
@@ -280,7 +276,7 @@ class MaceNode(Node):
         response.tuning_iterations_done = int(result.tuning_iterations_done)
         response.tuning_time_s = float(result.tuning_time_s)
         if samples.shape[0]:
-            self.shape_samples_publisher.publish(markers.shape_samples_cloud(samples, self._base_header()))
+            self._publish(self.shape_samples_publisher, markers.shape_samples_cloud(samples, self._base_header()))
 
     def _failed(self, service: str, response: Any, message: str, started: float) -> Any:
         response = type(response)()  # drop anything a failing step had filled in
@@ -289,6 +285,11 @@ class MaceNode(Node):
         response.elapsed_s = time.monotonic() - started
         self.get_logger().warning(f"{service} refused: {message}")
         return response
+
+    def _publish(self, publisher: Publisher, message: Any) -> None:
+        # On Ctrl-C the context shuts down while a request may still be finishing its work.
+        if self.context.ok():
+            publisher.publish(message)
 
     def _base_header(self) -> Header:
         return Header(stamp=self.get_clock().now().to_msg(), frame_id=self.base_frame)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mace_ros.core.kinematics import LINK_NAMES
 from mace_ros.ros import conversions
 from mace_ros.ros.frames import FrameTable, RigidTransform, UnknownFrameError
+
+if TYPE_CHECKING:
+    from mace_ros.srv import GetIK, InferShape
 
 MAX_NUM_SOLUTIONS = 1000
 MAX_IK_SAMPLES = 100_000
@@ -78,7 +81,7 @@ def _to_base(frames: FrameTable, frame_id: str, what: str) -> RigidTransform:
         raise InvalidRequest(f"{what}: {error}") from None
 
 
-def ik_request_arguments(request: Any, defaults: RequestDefaults, frames: FrameTable) -> dict[str, Any]:
+def ik_request_arguments(request: GetIK.Request, defaults: RequestDefaults, frames: FrameTable) -> dict[str, Any]:
     """Keyword arguments of mace_ros.core.ik_engine.IKRequest for a GetIK request, in the base frame."""
     to_base = _to_base(frames, request.goal.header.frame_id, "goal")
     try:
@@ -116,7 +119,7 @@ def ik_request_arguments(request: Any, defaults: RequestDefaults, frames: FrameT
 
 
 def shape_request_arguments(
-    request: Any, defaults: RequestDefaults, frames: FrameTable, latest_contacts: np.ndarray | None,
+    request: InferShape.Request, defaults: RequestDefaults, frames: FrameTable, latest_contacts: np.ndarray | None,
 ) -> tuple[dict[str, Any], RigidTransform]:
     """Keyword arguments of mace_ros.core.shape_engine.ShapeRequest (base frame), and the request frame's
     transform to the base frame (its inverse brings the returned shapes back into the request's frame).
