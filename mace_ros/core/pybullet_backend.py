@@ -1,0 +1,146 @@
+"""Exact-mesh collision checking with PyBullet: the ground truth for the torch sphere model.
+
+The robot is pybullet_data's `franka_panda/panda.urdf` (the kinematics of `kinematics.py`) with its
+collision meshes, which Bullet collides as convex hulls with a 1 mm margin. The fingers are set to
+the same opening as the kinematics (`FINGER_OPENING_M`). A scene becomes one static compound body
+of boxes, spheres and cylinders; a point cloud becomes tiny spheres in that body. Configurations
+are checked one by one (resetJointState + fresh closest-point queries, never cached contact
+manifolds, whose points can go stale after a teleport). Self-collision uses the same link pairs as
+the torch backend (`collision.checked_link_pairs`), scene collision skips the base link likewise.
+
+One DIRECT client per checker instance, so checkers in different threads or processes never share
+Bullet state; call `close()` (or use `with`) to release it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pybullet
+import pybullet_data
+import torch
+
+from mace_ros.core.collision import SCENE_EXCLUDED_LINKS, CollisionResult, checked_link_pairs
+from mace_ros.core.kinematics import FINGER_OPENING_M, JOINT_NAMES
+from mace_ros.core.scene import Scene
+
+PANDA_URDF = Path(pybullet_data.getDataPath()) / "franka_panda" / "panda.urdf"
+FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
+# Bullet has no zero-size shape; a cloud point is a sphere this small (far below any tolerance here).
+POINT_SPHERE_RADIUS_M = 1e-4
+BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
+
+
+def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
+    w, x, y, z = quaternion_wxyz
+    return [x, y, z, w]
+
+
+class PyBulletCollisionChecker:
+    """Mesh collision checks of configurations q [B, 7] against a Scene (CPU, one configuration at a time)."""
+
+    def __init__(self, collision_margin_m: float = 0.0):
+        if collision_margin_m < 0:
+            raise ValueError(f"collision_margin_m must be >= 0, got {collision_margin_m}")
+        self.collision_margin_m = float(collision_margin_m)
+        self.client = pybullet.connect(pybullet.DIRECT)
+        self.robot = pybullet.loadURDF(str(PANDA_URDF), useFixedBase=True, physicsClientId=self.client)
+        joint_index: dict[str, int] = {}
+        self.link_index: dict[str, int] = {pybullet.getBodyInfo(self.robot, physicsClientId=self.client)[0].decode(): BASE_LINK_INDEX}
+        for index in range(pybullet.getNumJoints(self.robot, physicsClientId=self.client)):
+            info = pybullet.getJointInfo(self.robot, index, physicsClientId=self.client)
+            joint_index[info[1].decode()] = index
+            self.link_index[info[12].decode()] = index
+        self.arm_joints = [joint_index[name] for name in JOINT_NAMES]
+        for name in FINGER_JOINTS:
+            pybullet.resetJointState(self.robot, joint_index[name], FINGER_OPENING_M, physicsClientId=self.client)
+        colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
+        self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
+        self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
+        self._scene: tuple[Scene, int | None] | None = None
+
+    def _has_collision_shape(self, link: int) -> bool:
+        return len(pybullet.getCollisionShapeData(self.robot, link, physicsClientId=self.client)) > 0
+
+    def __enter__(self) -> "PyBulletCollisionChecker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None and pybullet.isConnected(self.client):
+            pybullet.disconnect(self.client)
+        self.client = None
+
+    def _scene_body(self, scene: Scene) -> int | None:
+        """The compound body holding the scene's obstacles (rebuilt when a different Scene is passed)."""
+        if self._scene is not None and self._scene[0] is scene:
+            return self._scene[1]
+        if self._scene is not None and self._scene[1] is not None:
+            pybullet.removeBody(self._scene[1], physicsClientId=self.client)
+        shape_types, radii, half_extents, lengths, positions, orientations = [], [], [], [], [], []
+
+        def add(shape_type: int, position: np.ndarray, orientation: list[float], radius: float = 0.0,
+                half_extent: np.ndarray | None = None, length: float = 0.0) -> None:
+            shape_types.append(shape_type)
+            radii.append(radius)
+            half_extents.append([0.0, 0.0, 0.0] if half_extent is None else list(half_extent))
+            lengths.append(length)
+            positions.append(list(position))
+            orientations.append(orientation)
+
+        identity = [0.0, 0.0, 0.0, 1.0]
+        for box in scene.boxes:
+            add(pybullet.GEOM_BOX, box.center, _xyzw(box.quaternion_wxyz), half_extent=box.half_extents)
+        for sphere in scene.spheres:
+            add(pybullet.GEOM_SPHERE, sphere.center, identity, radius=sphere.radius)
+        for cylinder in scene.cylinders:
+            add(pybullet.GEOM_CYLINDER, cylinder.center, _xyzw(cylinder.quaternion_wxyz), radius=cylinder.radius, length=2 * cylinder.half_height)
+        for point in scene.points if scene.points is not None else ():
+            add(pybullet.GEOM_SPHERE, point, identity, radius=POINT_SPHERE_RADIUS_M)
+        body = None
+        if shape_types:
+            shape = pybullet.createCollisionShapeArray(
+                shapeTypes=shape_types, radii=radii, halfExtents=half_extents, lengths=lengths,
+                collisionFramePositions=positions, collisionFrameOrientations=orientations, physicsClientId=self.client,
+            )
+            body = pybullet.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=shape, physicsClientId=self.client)
+        self._scene = (scene, body)
+        return body
+
+    def _set_configuration(self, q: np.ndarray) -> None:
+        for joint, angle in zip(self.arm_joints, q):
+            pybullet.resetJointState(self.robot, joint, float(angle), physicsClientId=self.client)
+
+    def _scene_collision(self, body: int | None) -> bool:
+        if body is None:
+            return False
+        contacts = pybullet.getClosestPoints(self.robot, body, self.collision_margin_m, physicsClientId=self.client)
+        return any(contact[3] in self.scene_links and contact[8] < self.collision_margin_m for contact in contacts)
+
+    def _self_collision(self) -> bool:
+        for link_a, link_b in self.self_pairs:
+            contacts = pybullet.getClosestPoints(
+                self.robot, self.robot, 0.0, linkIndexA=link_a, linkIndexB=link_b, physicsClientId=self.client
+            )
+            if any(contact[8] < 0.0 for contact in contacts):
+                return True
+        return False
+
+    def check(self, q: torch.Tensor | np.ndarray, scene: Scene) -> CollisionResult:
+        """Exact collision flags for configurations q [B, 7]; signed_distance is not computed (None)."""
+        if self.client is None:
+            raise RuntimeError("PyBulletCollisionChecker is closed")
+        configurations = q.detach().cpu().double().numpy() if isinstance(q, torch.Tensor) else np.asarray(q, dtype=np.float64)
+        body = self._scene_body(scene)
+        self_collision = np.zeros(len(configurations), dtype=bool)
+        scene_collision = np.zeros(len(configurations), dtype=bool)
+        for index, configuration in enumerate(configurations):
+            self._set_configuration(configuration)
+            self_collision[index] = self._self_collision()
+            scene_collision[index] = self._scene_collision(body)
+        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        self_flags = torch.as_tensor(self_collision, device=device)
+        scene_flags = torch.as_tensor(scene_collision, device=device)
+        return CollisionResult(in_collision=self_flags | scene_flags, self_collision=self_flags, scene_collision=scene_flags)
