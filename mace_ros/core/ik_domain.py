@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mace_ros.core.collision import TorchCollisionChecker
+from mace_ros.core.collision import TensorScene, TorchCollisionChecker
 from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix, rotation_angle_between
 from mace_ros.core.scene import Scene
 
@@ -45,7 +45,7 @@ class IKDomain:
         self,
         kinematics: PandaKinematics,
         checker: TorchCollisionChecker,
-        scene: Scene,
+        scene: Scene | TensorScene,
         goal: IKGoal,
         position_length_scale_m: float = 1.0,
         orientation_length_scale_rad: float = 1.0,

@@ -111,8 +111,10 @@ class IKEngine:
         if request.goal_quaternion_wxyz is not None:
             quaternion = torch.as_tensor(request.goal_quaternion_wxyz, dtype=self.dtype, device=self.device)
         goal = IKGoal.from_quaternion(position, quaternion, request.tip_link)
+        # Tensorize once per request (a point cloud becomes a distance field here).
+        tensor_scene = self.checker.prepare(scene)
         domain = IKDomain(
-            self.kinematics, self.checker, scene, goal,
+            self.kinematics, self.checker, tensor_scene, goal,
             config["position_length_scale_m"], config["orientation_length_scale_rad"],
         )
         # Tune a per-request copy: the shared prior must stay the trained one.
@@ -156,7 +158,7 @@ class IKEngine:
                 elapsed_s=time.monotonic() - started,
             )
         refined = refine_candidates(
-            candidates, goal, self.checker, scene,
+            candidates, goal, self.checker, tensor_scene,
             max_iterations=config["refine_max_iterations"],
             position_tolerance_m=config["position_tolerance_m"],
             orientation_tolerance_rad=config["orientation_tolerance_rad"],

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running += float(loss)
+            running += loss.item()
             batches += 1
         train_nll = running / batches
         epochs_done = epoch + 1

@@ -155,7 +155,7 @@ def mace_tune(
     The loss averages the elites' log-likelihood (the authors' code kept only the first elite's,
     `get_prob(x)[0]`, which we treat as a bug).
     """
-    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate)
+    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate, foreach=True)
 
     def update(samples: torch.Tensor, scores: torch.Tensor) -> None:
         delta = elite_threshold(scores, preset.num_elites)
@@ -187,7 +187,7 @@ def importance_sampling_tune(
     self-normalized over the batch (a constant factor that only rescales the learning rate).
     """
     reference = copy.deepcopy(prior)
-    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate)
+    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate, foreach=True)
 
     def update(samples: torch.Tensor, scores: torch.Tensor) -> None:
         if float(scores.max()) <= 0:

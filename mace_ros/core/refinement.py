@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mace_ros.core.collision import TorchCollisionChecker
+from mace_ros.core.collision import TensorScene, TorchCollisionChecker
 from mace_ros.core.ik_domain import IKGoal
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector, rotation_angle_between
 from mace_ros.core.scene import Scene
@@ -49,7 +49,7 @@ def refine_candidates(
     q_initial: torch.Tensor,
     goal: IKGoal,
     checker: TorchCollisionChecker,
-    scene: Scene,
+    scene: Scene | TensorScene,
     max_iterations: int = 60,
     position_tolerance_m: float = 1e-6,
     orientation_tolerance_rad: float = 1e-4,
