@@ -15,43 +15,21 @@ from mace_ros.core.ik_domain import IKDomain, IKGoal
 from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
 from mace_ros.core.mace import MacePreset, StopRule, TuneResult, mace_tune
+from mace_ros.core.resources import default_parameters
 from mace_ros.core.refinement import RefineResult, refine_candidates
 from mace_ros.core.scene import Scene
 from mace_ros.core.weights import load_weights
-
-# Defaults of the `ik` section of config/mace.yaml (the node passes that section; keys documented there).
-DEFAULT_IK_CONFIG: dict[str, Any] = {
-    "weights_path": "",
-    "num_solutions": 8,
-    "num_samples": 1024,
-    "tuning_iterations": 30,
-    "timeout_s": 2.0,
-    "grad_steps_per_iteration": 4,
-    "elite_quantile": 1 / 32,
-    "learning_rate": 1e-4,
-    "collision_margin_m": 0.0,
-    "position_length_scale_m": 1.0,
-    "orientation_length_scale_rad": 1.0,
-    "refine_candidates": 32,
-    "refine_max_iterations": 60,
-    "refine_time_fraction": 0.3,
-    "position_tolerance_m": 1e-6,
-    "orientation_tolerance_rad": 1e-4,
-    "early_stop_position_m": 0.05,
-    "early_stop_orientation_rad": 0.3,
-    "duplicate_tolerance_rad": 1e-3,
-}
 
 
 @dataclass(frozen=True)
 class IKRequest:
     goal_position: np.ndarray  # [3], base frame
     goal_quaternion_wxyz: np.ndarray | None  # [4]; None = position only
-    tip_link: str = "panda_hand"
-    num_solutions: int = 8
-    num_samples: int = 1024
-    tuning_iterations: int = 30
-    timeout_s: float = 2.0
+    tip_link: str
+    num_solutions: int
+    num_samples: int
+    tuning_iterations: int  # 0 = straight prior samples
+    timeout_s: float
     seed_state: np.ndarray | None = None  # [7]
     random_seed: int = 0
 
@@ -74,7 +52,8 @@ class IKEngine:
     """Holds the trained prior, kinematics and collision checker; `solve` serves one request."""
 
     def __init__(self, config: dict[str, Any] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        self.config = {**DEFAULT_IK_CONFIG, **(config or {})}
+        # Defaults come from config/mace.yaml (documented in mace_ros/ros/parameters.py).
+        self.config = {**default_parameters("ik"), **(config or {})}
         self.device = torch.device(device)
         self.dtype = dtype
         self.kinematics = PandaKinematics(self.device, dtype)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 PACKAGE_NAME = "mace_ros"
 
@@ -33,3 +36,10 @@ def scene_path(name: str) -> Path:
         available = sorted(p.stem for p in (config_dir() / "scenes").glob("*.yaml"))
         raise FileNotFoundError(f"unknown scene '{name}'; shipped scenes: {', '.join(available)}")
     return path
+
+
+def default_parameters(section: str) -> dict[str, Any]:
+    """Defaults of one section (`ik`, `shape`) of config/mace.yaml, the single source of defaults."""
+    with (config_dir() / "mace.yaml").open() as stream:
+        parameters = yaml.safe_load(stream)["mace"]["ros__parameters"]
+    return dict(parameters[section])
