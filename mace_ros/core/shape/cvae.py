@@ -5,7 +5,8 @@ default finger set (`simulators.finger_directions(DEFAULT_NUM_FINGERS)`), relati
 origin in network units, flattened (k·3), plus a per-finger validity flag (a finger that touched
 nothing has a NaN contact, fed as zeros with flag 0). The encoder sees (cloud, condition): the
 condition joins the pooled PointNet feature. The decoder sees (z, embedded condition). The latent
-prior is the fixed N(0, σ_z² I) of the VAE.
+prior is the VAE's: trained against N(0, σ_z² I), sampled through the same ex-post fit of the
+aggregate posterior (`vae.LatentPriorFit`), so that the baseline gets the same help as MACE-VAE.
 
 Trained on (object, simulated contacts) pairs (`training.py --model cvae`). It only understands the
 finger set it was trained with: that is the baseline's weakness the paper's Fig. 1 shows out of
@@ -14,7 +15,6 @@ distribution.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -25,9 +25,10 @@ from mace_ros.core.shape.vae import (
     DEFAULT_SCALE_M,
     PAPER_PRIOR_STD,
     FullyConnectedDecoder,
+    LatentPriorFit,
     PointNetEncoder,
     encoder_subset,
-    gaussian_kl,
+    training_kl,
 )
 from mace_ros.core.weights import DATA_DIR, WeightsError, load_weights, metadata_path
 
@@ -72,10 +73,11 @@ class ContactCVAE(nn.Module):
             nn.ReLU(),
         )
         self.decoder = FullyConnectedDecoder(latent_dim + CONDITION_EMBEDDING_WIDTH, num_points)
+        self.latent_prior_fit = LatentPriorFit(latent_dim, prior_std)
         self.register_buffer("scale_m", torch.tensor(float(scale_m)))
 
-    def _prior(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return like.new_zeros(self.latent_dim), like.new_full((self.latent_dim,), math.log(self.prior_std))
+    def encode(self, clouds: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(encoder_subset(clouds, self.encoder_points), condition)
 
     def decode(self, latents: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.decoder(torch.cat([latents, self.condition_embedding(condition)], dim=1))
@@ -84,14 +86,13 @@ class ContactCVAE(nn.Module):
         self, clouds: torch.Tensor, condition: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstructions [B, P, 3] and KL(q(z|x, c) || p(z)) [B]; condition from `contact_features`."""
-        mean, log_variance = self.encoder(encoder_subset(clouds, self.encoder_points), condition)
+        mean, log_variance = self.encode(clouds, condition)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = mean + noise * torch.exp(0.5 * log_variance)
-        return self.decode(latents, condition), gaussian_kl(mean, log_variance, *self._prior(mean))
+        return self.decode(latents, condition), training_kl(mean, log_variance, self.prior_std)
 
     def reconstruct(self, clouds: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.encoder(encoder_subset(clouds, self.encoder_points), condition)
-        return self.decode(mean, condition)
+        return self.decode(self.encode(clouds, condition)[0], condition)
 
     def sample(
         self,
@@ -106,10 +107,9 @@ class ContactCVAE(nn.Module):
             raise ValueError(f"the CVAE takes the contacts of its {self.num_contacts} fingers [k, 3], got {tuple(contacts_m.shape)}")
         scale_m = float(self.scale_m)
         condition = contact_features(contacts_m.unsqueeze(0).to(self.scale_m), origin, scale_m).expand(num_samples, -1)
-        mean, log_std = self._prior(self.scale_m)
-        noise = torch.randn(num_samples, self.latent_dim, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = torch.randn(num_samples, self.latent_dim, generator=generator, device=self.scale_m.device, dtype=self.scale_m.dtype)
         with torch.no_grad():
-            clouds = self.decode(mean + noise * log_std.exp(), condition) * scale_m
+            clouds = self.decode(self.latent_prior_fit.to_native(noise * self.prior_std), condition) * scale_m
         return clouds if origin is None else clouds + origin.to(clouds)
 
 

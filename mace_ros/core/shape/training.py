@@ -15,12 +15,17 @@ Reduced preset (DESIGN §5, "Training cost"): 512 points per cloud, the encoder 
 256-point subset of each training cloud (its cost dominates on CPU; max-pooling makes PointNet
 indifferent to the subset), 4000 objects, as many epochs as fit in --max-minutes.
 
+After every epoch the sampling prior is fitted to the aggregate posterior of the first
+--prior-fit-objects training objects (vae.LatentPriorFit explains why).
+
 Datasets are generated with `mace_ros.core.shape.datasets` and cached as npz under data/.
 Weights are rewritten after every epoch, so a stopped run still leaves usable weights.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -143,15 +148,36 @@ def evaluate_reconstruction(model: torch.nn.Module, clouds: torch.Tensor, scale_
     return total / clouds.shape[0] * scale_m**2
 
 
+def fit_latent_prior(model: torch.nn.Module, clouds: torch.Tensor, batch_size: int = 256, **condition: torch.Tensor) -> None:
+    """Fit the model's sampling prior to the aggregate posterior of `clouds` (see vae.LatentPriorFit)."""
+    model.eval()
+    means, log_variances = [], []
+    with torch.no_grad():
+        for start in range(0, clouds.shape[0], batch_size):
+            extra = {name: value[start : start + batch_size] for name, value in condition.items()}
+            mean, log_variance = model.encode(clouds[start : start + batch_size], **extra)
+            means.append(mean)
+            log_variances.append(log_variance)
+    model.latent_prior_fit.fit(torch.cat(means), torch.cat(log_variances))
+    model.train()
+
+
 def git_commit() -> str:
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPOSITORY_ROOT)
     return result.stdout.strip()
 
 
 def device_name(device: torch.device) -> str:
+    """What the run computed on, for metadata and benchmark outputs."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    model = platform.machine()
+    cpu_info = Path("/proc/cpuinfo")
+    for line in cpu_info.read_text().splitlines() if cpu_info.is_file() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return f"cpu: {model}, {torch.get_num_threads()} thread(s) of {os.cpu_count()}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latent-dim", type=int, default=DEFAULT_LATENT_DIM)
     parser.add_argument("--prior-std", type=float, default=PAPER_PRIOR_STD)
     parser.add_argument("--scale-m", type=float, default=DEFAULT_SCALE_M)
+    parser.add_argument("--prior-fit-objects", type=int, default=2048, help="training objects the latent prior is fitted to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     started = time.monotonic()
+    commit = git_commit()  # the code this run started from (others may commit while it trains)
 
     families = TRAINING_FAMILIES if args.dataset == "tabletop" else ("box",)
     dataset = load_or_generate(args.dataset, num_objects + VALIDATION_OBJECTS, num_points, args.seed, families, args.data_dir)
@@ -230,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         record = {name: value / batches for name, value in sums.items()}
         record["validation_chamfer_m2"] = evaluate_reconstruction(model, validation_clouds, args.scale_m, **conditions.validation)
         record["held_out_family_chamfer_m2"] = evaluate_reconstruction(model, held_out_clouds, args.scale_m, **conditions.held_out)
+        fit_index = torch.arange(min(args.prior_fit_objects, train_clouds.shape[0]), device=device)
+        fit_latent_prior(model, train_clouds[fit_index], **conditions.train_batch(fit_index))
         minutes = (time.monotonic() - started) / 60
         history.append(record)
         print(
@@ -254,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             "preset": "reduced" if args.reduced else "paper",
             "seed": args.seed,
             "command": command,
+            # The same run with the epoch count fixed (--max-minutes depends on the machine's speed).
+            "regenerate_command": f"{command} --epochs {epoch + 1} --max-minutes inf",
             "epochs": epoch + 1,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
@@ -263,10 +295,11 @@ def main(argv: list[str] | None = None) -> None:
             "final_train_kl": record["kl"],
             "final_validation_chamfer_m2": record["validation_chamfer_m2"],
             "final_held_out_family_chamfer_m2": record["held_out_family_chamfer_m2"],
+            "latent_prior_fit_objects": int(fit_index.numel()),
             "chamfer_convention": "squared distances, per-point means, both directions summed (m²)",
             "device": device_name(device),
             "wall_time_s": round(time.monotonic() - started, 1),
-            "git_commit": git_commit(),
+            "git_commit": commit,
             **conditions.metadata,
         }
         save_weights(model, out, metadata, storage_dtype=torch.float16)

@@ -5,10 +5,11 @@ Architecture (DESIGN §5; Soft-IntroVAE's 3-D model, which the paper builds on):
   points, linear 512→256 (ReLU), heads 256→latent for μ and log-variance;
 - decoder: fully connected latent→64→128→512→1024→num_points·3 with ReLU between.
 
-Latent prior. p(z; θ) = N(μ_z, diag σ_z²) with θ = {`prior_mean`, `prior_log_std`}. The VAE is trained
-against the fixed prior N(0, σ_z² I) with the paper's σ_z = 0.2 (the authors' config, `prior_std: 0.2`):
-the KL term of training and the distribution sampled at inference are then the same, so the trained
-prior is exactly what `MaceVAEPrior.reset()` returns to. The prior is not learned during training.
+Latent prior. The networks train against the fixed N(0, σ_z² I) with the paper's σ_z = 0.2 (the
+authors' config, `prior_std: 0.2`). The prior MACE tunes is p(u; θ) = N(μ_z, diag σ_z²) with
+θ = {`prior_mean`, `prior_log_std`}, θ_0 = N(0, σ_z² I), over a whitened latent u = B⁻¹(z − m) fitted
+to the aggregate posterior after training (`LatentPriorFit`: with a short CPU training, samples of
+the training prior itself are all the same average shape). `MaceVAEPrior.reset()` returns to θ_0.
 
 Units. The network works in roughly unit coordinates: clouds in metres, relative to the object origin,
 divided by a fixed `scale_m` (a buffer saved with the weights). `MaceVAEPrior` converts back to metres
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -95,6 +96,55 @@ def gaussian_kl(
     return 0.5 * (variance_ratio + mean_term - 1.0 - log_variance_q + 2.0 * log_std_p).sum(-1)
 
 
+class LatentPriorFit(nn.Module):
+    """The shipped latent prior: z = offset + basis · u with u ~ p(u; θ) = N(μ_z, diag σ_z²).
+
+    Why. The VAE trains against the fixed N(0, σ_z² I) over its native latent z. After the few
+    epochs a CPU allows (the authors trained 2000), the aggregate posterior q(z) = E_x q(z|x) is
+    still far from that prior and strongly correlated (principal standard deviations up to ~2 vs
+    σ_z = 0.2), so samples of N(0, σ_z² I) decode to near-identical average shapes. We ship the
+    ex-post Gaussian fit of the aggregate posterior (as in Ghosh et al. 2020, "From Variational to
+    Deterministic Autoencoders"), written as a whitening of the latent space: `fit` chooses offset
+    and basis so that u is ~N(0, σ_z² I) over the training set. θ_0 stays the paper's N(0, σ_z² I),
+    only in the whitened coordinates u, and MACE still tunes a diagonal {μ_z, σ_z}. With the
+    identity basis (an untouched model) u = z.
+
+    MACE's objective in u: q(u|x) = N(B⁻¹(μ_q − offset), B⁻¹ Σ_q B⁻ᵀ) is no longer diagonal, but
+    KL(q(u|x) || p(u; θ)) for a diagonal p depends on θ only through q's mean and the diagonal of
+    its covariance; `posterior` returns those (the dropped log-determinant is constant in θ).
+    """
+
+    def __init__(self, latent_dim: int, prior_std: float):
+        super().__init__()
+        self.prior_std = prior_std
+        self.register_buffer("offset", torch.zeros(latent_dim))
+        self.register_buffer("basis", torch.eye(latent_dim))
+
+    def to_native(self, whitened: torch.Tensor) -> torch.Tensor:
+        return self.offset + whitened @ self.basis.T
+
+    def posterior(self, mean_native: torch.Tensor, log_variance_native: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(u|x): mean and log of the covariance's diagonal, from the native diagonal posterior."""
+        basis_inverse = torch.linalg.inv(self.basis)
+        mean = (mean_native - self.offset) @ basis_inverse.T
+        variance = log_variance_native.exp() @ basis_inverse.square().T
+        return mean, variance.log()
+
+    @torch.no_grad()
+    def fit(self, means: torch.Tensor, log_variances: torch.Tensor) -> None:
+        """Fit to the posteriors (μ_q, log σ_q²) [N, latent] of training objects.
+
+        Covariance of the aggregate posterior (law of total variance): Cov[μ_q] + E[diag σ_q²].
+        Basis: its principal directions scaled so that u has standard deviation σ_z along each.
+        """
+        means64 = means.double()
+        covariance = torch.cov(means64.T) + torch.diag(log_variances.double().exp().mean(0))
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        basis = eigenvectors * (eigenvalues.clamp_min(1e-12).sqrt() / self.prior_std)
+        self.offset.copy_(means64.mean(0).to(self.offset))
+        self.basis.copy_(basis.to(self.basis))
+
+
 class PointCloudVAE(nn.Module):
     """VAE over clouds of `num_points` points, in network units (metres / `scale_m`)."""
 
@@ -109,35 +159,40 @@ class PointCloudVAE(nn.Module):
         super().__init__()
         self.num_points = num_points
         self.latent_dim = latent_dim
+        self.prior_std = prior_std
         self.encoder_points = encoder_points or num_points
         self.encoder = PointNetEncoder(latent_dim)
         self.decoder = FullyConnectedDecoder(latent_dim, num_points)
-        # The trained prior p(z; θ_0). Parameters (not buffers) because θ is what MACE tunes; they stay
-        # frozen while the VAE trains and `MaceVAEPrior` tunes its own copy.
+        self.latent_prior_fit = LatentPriorFit(latent_dim, prior_std)
+        # θ_0 = {μ_z, σ_z} of p(u; θ) (whitened latent, see LatentPriorFit). Parameters, not buffers,
+        # because θ is what MACE tunes; they stay frozen here and `MaceVAEPrior` tunes its own copy.
         self.prior_mean = nn.Parameter(torch.zeros(latent_dim), requires_grad=False)
         self.prior_log_std = nn.Parameter(torch.full((latent_dim,), math.log(prior_std)), requires_grad=False)
         self.register_buffer("scale_m", torch.tensor(float(scale_m)))
 
     def encode(self, clouds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior (μ, log-variance) [B, latent] of clouds [B, P, 3] in network units."""
+        """Native posterior (μ, log-variance) [B, latent] of clouds [B, P, 3] in network units."""
         return self.encoder(encoder_subset(clouds, self.encoder_points))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clouds [B, P, 3] in network units from native latents z [B, latent]."""
         return self.decoder(latents)
 
-    def kl_to_prior(self, mean_q: torch.Tensor, log_variance_q: torch.Tensor) -> torch.Tensor:
-        return gaussian_kl(mean_q, log_variance_q, self.prior_mean, self.prior_log_std)
-
     def forward(self, clouds: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstructions [B, P, 3] (one reparameterized draw) and KL(q(z|x) || p(z)) [B]."""
+        """Reconstructions [B, P, 3] (one reparameterized draw) and KL(q(z|x) || N(0, σ_z² I)) [B]."""
         mean, log_variance = self.encode(clouds)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = mean + noise * torch.exp(0.5 * log_variance)
-        return self.decode(latents), self.kl_to_prior(mean, log_variance)
+        return self.decode(latents), training_kl(mean, log_variance, self.prior_std)
 
     def reconstruct(self, clouds: torch.Tensor) -> torch.Tensor:
         """Decoded posterior means [B, num_points, 3] (the reconstruction metric of training)."""
         return self.decode(self.encode(clouds)[0])
+
+
+def training_kl(mean_q: torch.Tensor, log_variance_q: torch.Tensor, prior_std: float) -> torch.Tensor:
+    """KL(q || N(0, prior_std² I)) [B]: the prior the networks train against."""
+    return gaussian_kl(mean_q, log_variance_q, torch.zeros_like(mean_q[0]), torch.full_like(mean_q[0], math.log(prior_std)))
 
 
 def load_shape_vae(
@@ -166,15 +221,36 @@ def load_shape_vae(
     return vae.eval()
 
 
+class PosteriorCache:
+    """The last encoded tensor and its posterior.
+
+    MACE scores the same elite tensor M times per iteration (and IS evaluates θ and θ_0 on the same
+    samples); the frozen encoder's posterior does not depend on θ, so each tensor is encoded once.
+    Keyed by identity: the loops index their batch once and pass that same tensor every time.
+    """
+
+    def __init__(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._posterior: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, clouds: torch.Tensor, encode: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if clouds is not self._input:
+            with torch.no_grad():
+                self._posterior = encode()
+            self._input = clouds
+        return self._posterior
+
+
 class MaceVAEPrior:
     """The TunablePrior of MACE-VAE: θ = {μ_z, σ_z}; encoder and decoder frozen (eval mode, shared).
 
     Samples are clouds in metres placed around `origin` (the caller's frame). The tuning objective is
-    −KL(q(z|x) || p(z; θ)) in closed form (the paper's MACE-VAE surrogate for log p(x; θ)).
+    −KL(q(u|x) || p(u; θ)) in closed form (the paper's MACE-VAE surrogate for log p(x; θ)), in the
+    whitened latent u of `LatentPriorFit` (up to a constant in θ, see there).
     Cheap to create per request: only θ is copied, the network is shared and never modified.
     """
 
-    def __init__(self, vae: PointCloudVAE, origin: torch.Tensor | None = None):
+    def __init__(self, vae: PointCloudVAE, origin: torch.Tensor | None = None, posterior_cache: PosteriorCache | None = None):
         self.vae = vae.eval()
         for parameter in vae.parameters():
             parameter.requires_grad_(False)
@@ -182,21 +258,19 @@ class MaceVAEPrior:
         self.origin = torch.zeros(3, device=device, dtype=dtype) if origin is None else origin.to(device, dtype)
         self.mean = nn.Parameter(vae.prior_mean.detach().clone())
         self.log_std = nn.Parameter(vae.prior_log_std.detach().clone())
-        # mace_tune scores the same elite tensor M times per iteration; the frozen encoder's posterior
-        # does not depend on θ, so it is computed once per tensor.
-        self._cached_input: torch.Tensor | None = None
-        self._cached_posterior: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.posterior_cache = posterior_cache or PosteriorCache()
 
     def __deepcopy__(self, memo: dict) -> "MaceVAEPrior":
-        # The importance-sampling baseline deep-copies the prior as θ_0: share the frozen network.
-        twin = MaceVAEPrior(self.vae, self.origin)
+        # The importance-sampling baseline deep-copies the prior as θ_0: share the frozen network and
+        # its posterior cache (q(z|x) does not depend on θ), copy θ.
+        twin = MaceVAEPrior(self.vae, self.origin, self.posterior_cache)
         with torch.no_grad():
             twin.mean.copy_(self.mean)
             twin.log_std.copy_(self.log_std)
         return twin
 
     def reset(self) -> None:
-        """Back to the trained prior N(0, σ_z² I)."""
+        """Back to the shipped prior θ_0 (N(0, σ_z² I) over the whitened latent)."""
         with torch.no_grad():
             self.mean.copy_(self.vae.prior_mean)
             self.log_std.copy_(self.vae.prior_log_std)
@@ -211,6 +285,7 @@ class MaceVAEPrior:
         return clouds * self.vae.scale_m + self.origin
 
     def sample_latents(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """u ~ p(u; θ) [n, latent] (whitened latent space, see LatentPriorFit)."""
         noise = torch.randn(
             num_samples, self.vae.latent_dim, generator=generator, device=self.mean.device, dtype=self.mean.dtype
         )
@@ -219,14 +294,16 @@ class MaceVAEPrior:
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Clouds [n, P, 3] in metres around `origin`."""
         with torch.no_grad():
-            return self.to_metres(self.vae.decode(self.sample_latents(num_samples, generator)))
+            native = self.vae.latent_prior_fit.to_native(self.sample_latents(num_samples, generator))
+            return self.to_metres(self.vae.decode(native))
 
     def posterior(self, clouds_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if clouds_m is not self._cached_input:
-            with torch.no_grad():
-                self._cached_posterior = self.vae.encode(self.to_network_units(clouds_m))
-            self._cached_input = clouds_m
-        return self._cached_posterior
+        """q(u|x) (μ, log of the covariance's diagonal) of clouds in metres, from the frozen encoder."""
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor]:
+            return self.vae.latent_prior_fit.posterior(*self.vae.encode(self.to_network_units(clouds_m)))
+
+        return self.posterior_cache.get(clouds_m, encode)
 
     def tuning_log_likelihood(self, clouds_m: torch.Tensor) -> torch.Tensor:
         """−KL(q(z|x) || p(z; θ)) [n]; differentiable in θ only."""

@@ -1,0 +1,237 @@
+"""Paper Fig. 1 on this implementation: shape inference from grasping, prior vs MACE vs IS vs CVAE.
+
+For each observation (an unseen object grasped by simulated fingers), each method draws 49 shapes;
+we report their mean grasp score and diversity (mean pairwise Chamfer distance), averaged over
+observations, in three settings:
+- in distribution: objects of the training families, the default 5 horizontal fingers (the CVAE's);
+- OOD fingers: the same kind of objects grasped by a finger set the CVAE never saw (four fingers
+  from 30° above on the diagonals and one from the top), still 5 fingers so the CVAE can be fed;
+- OOD object: objects of the held-out family (`datasets.HELD_OUT_FAMILY`) with the default fingers.
+MACE and IS tune the VAE's latent prior with the paper's grasp preset (N 256, M 32, q 1/16, lr 2e-4;
+`--learning-rate` overrides the lr for short CPU budgets) for `--iterations` iterations; the CVAE samples given the contacts; the prior ignores them.
+Tuning time to reach a target score: the first iteration whose batch of N samples scores at least
+`--target-score` on average (and the CVAE's in-distribution mean score, the baseline to beat).
+
+    PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 20 --num-ood 10 --iterations 100
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mace_ros.core.mace import PAPER_PRESETS, MacePreset, importance_sampling_tune, mace_tune
+from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
+from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, load_shape_cvae
+from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_dataset
+from mace_ros.core.shape.simulators import DEFAULT_LENGTH_SCALE_M, GraspDomain, finger_directions
+from mace_ros.core.shape.training import device_name
+from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, MaceVAEPrior, load_shape_vae
+from mace_ros.core.shape_engine import density_matched_finger_radius
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("prior", "mace", "is", "cvae")
+GROUND_TRUTH_POINTS = 2048  # observations come from dense clouds, closer to a real surface
+
+
+def ood_finger_directions() -> torch.Tensor:
+    return finger_directions(5, from_above=True, elevation_rad=math.pi / 6, azimuth_offset_rad=math.pi / 4)
+
+
+def tuning_preset(args: argparse.Namespace) -> MacePreset:
+    """The paper's grasp preset, with the iteration budget (and optionally the learning rate) of the run."""
+    preset = PAPER_PRESETS["grasp_shape_vae"]
+    return dataclasses.replace(preset, iterations=args.iterations, learning_rate=args.learning_rate or preset.learning_rate)
+
+
+def time_to_target(history: list[float], iteration_times: list[float], target: float) -> float | None:
+    """Seconds from the start of tuning to the end of the first iteration whose batch mean ≥ target."""
+    for mean_score, elapsed in zip(history, iteration_times):
+        if mean_score >= target:
+            return elapsed
+    return None
+
+
+def run_observation(
+    vae, cvae, ground_truth: torch.Tensor, directions: torch.Tensor, args: argparse.Namespace, seed: int
+) -> dict:
+    radius_m = density_matched_finger_radius(vae.num_points)
+    domain = GraspDomain.from_ground_truth(ground_truth, directions, None, radius_m, DEFAULT_LENGTH_SCALE_M)
+    preset = tuning_preset(args)
+    row: dict = {"missed_fingers": int((~domain.observed_contacts.isfinite().all(dim=1)).sum())}
+    samples: dict[str, torch.Tensor] = {}
+    generator = torch.Generator().manual_seed(seed)
+    samples["prior"] = MaceVAEPrior(vae).sample(args.num_samples, generator)
+    for method, tune in (("mace", mace_tune), ("is", importance_sampling_tune)):
+        prior = MaceVAEPrior(vae)
+        generator = torch.Generator().manual_seed(seed)
+        started = time.monotonic()
+        iteration_times: list[float] = []
+        if method == "mace":
+            result = tune(prior, domain, preset, generator=generator,
+                          on_iteration=lambda _, __: iteration_times.append(time.monotonic() - started))
+        else:
+            result = tune(prior, domain, preset, generator=generator)
+        samples[method] = prior.sample(args.num_samples, generator)
+        row[f"{method}_tuning_s"] = result.elapsed_s
+        row[f"{method}_history"] = result.mean_score_history
+        if method == "mace":
+            row["mace_iteration_times_s"] = iteration_times
+    samples["cvae"] = cvae.sample(domain.observed_contacts, args.num_samples, None, torch.Generator().manual_seed(seed))
+    for method in METHODS:
+        with torch.no_grad():
+            row[f"{method}_score"] = float(domain.score(samples[method]).mean())
+        row[f"{method}_diversity_m2"] = pairwise_chamfer_diversity(samples[method])
+    row["examples"] = {method: samples[method][:3].numpy() for method in METHODS}
+    row["ground_truth"] = ground_truth.numpy()
+    row["observed_contacts"] = domain.observed_contacts.numpy()
+    return row
+
+
+def summarize(rows: list[dict], target_scores: dict[str, float]) -> dict:
+    summary: dict = {"num_observations": len(rows)}
+    for method in METHODS:
+        scores = np.array([row[f"{method}_score"] for row in rows])
+        diversity = np.array([row[f"{method}_diversity_m2"] for row in rows])
+        summary[method] = {
+            "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()),
+            "diversity_m2_mean": float(diversity.mean()),
+            "diversity_m2_std": float(diversity.std()),
+        }
+    for method in ("mace", "is"):
+        summary[method]["tuning_s_mean"] = float(np.mean([row[f"{method}_tuning_s"] for row in rows]))
+        summary[method]["mean_score_history"] = np.mean([row[f"{method}_history"] for row in rows], axis=0).tolist()
+    for name, target in target_scores.items():
+        times = [time_to_target(row["mace_history"], row["mace_iteration_times_s"], target) for row in rows]
+        reached = [t for t in times if t is not None]
+        summary["mace"][f"time_to_{name}"] = {
+            "target_score": target,
+            "reached": f"{len(reached)}/{len(rows)}",
+            "median_s": float(np.median(reached)) if reached else None,
+        }
+    return summary
+
+
+def plot(results: dict, example: dict, path: Path, device: str, command: str) -> None:
+    """Top: score and diversity bars per setting and method. Bottom: one in-distribution example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(results["settings"])
+    figure = plt.figure(figsize=(15, 8.5))
+    grid = figure.add_gridspec(2, 4)
+    colours = {"prior": "#999999", "mace": "#d95f02", "is": "#7570b3", "cvae": "#1b9e77"}
+    width = 0.2
+    for panel, (key, label, factor) in enumerate(
+        (("score", "mean grasp score", 1.0), ("diversity_m2", "diversity: mean pairwise Chamfer (cm²)", 1e4))
+    ):
+        axis = figure.add_subplot(grid[0, 2 * panel : 2 * panel + 2])
+        for offset, method in enumerate(METHODS):
+            means = [results["settings"][s]["summary"][method][f"{key}_mean"] * factor for s in settings]
+            stds = [results["settings"][s]["summary"][method][f"{key}_std"] * factor for s in settings]
+            positions = np.arange(len(settings)) + (offset - 1.5) * width
+            axis.bar(positions, means, width, yerr=stds, capsize=3, label=method.upper() if method != "prior" else "prior", color=colours[method])
+        axis.set_xticks(np.arange(len(settings)))
+        axis.set_xticklabels([f"{s}\n(n={results['settings'][s]['summary']['num_observations']})" for s in settings])
+        axis.set_ylabel(label)
+        if panel == 0:
+            axis.set_ylim(0, 1)
+            axis.legend(loc="lower left", fontsize=8)
+    # Bottom row, top view: the object, its contacts (NaN = missed finger, not drawn) and 3 samples.
+    ground_truth, contacts = example["ground_truth"], example["observed_contacts"]
+    for column, method in enumerate(METHODS):
+        axis = figure.add_subplot(grid[1, column])
+        axis.scatter(ground_truth[:, 0] * 100, ground_truth[:, 1] * 100, s=1, c="#cccccc", label="object")
+        for sample in example["examples"][method]:
+            axis.scatter(sample[:, 0] * 100, sample[:, 1] * 100, s=1, alpha=0.5, color=colours[method])
+        axis.scatter(contacts[:, 0] * 100, contacts[:, 1] * 100, marker="x", s=60, c="k", label="contacts")
+        axis.set_aspect("equal")
+        axis.set_title(f"{method.upper() if method != 'prior' else 'prior'}: 3 samples (top view, cm)", fontsize=9)
+    figure.suptitle(f"Shape inference from grasping (paper Fig. 1 protocol) — {device}\n" + "\n".join(textwrap.wrap(command, 160)), fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae-weights", type=Path, default=DEFAULT_VAE_WEIGHTS)
+    parser.add_argument("--cvae-weights", type=Path, default=DEFAULT_CVAE_WEIGHTS)
+    parser.add_argument("--num-observations", type=int, default=20, help="in-distribution observations")
+    parser.add_argument("--num-ood", type=int, default=10, help="observations per out-of-distribution setting")
+    parser.add_argument("--num-samples", type=int, default=49)
+    parser.add_argument("--iterations", type=int, default=100, help="MACE/IS iterations (paper: 2500)")
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="Adam lr of MACE and IS (0 = the paper's 2e-4)")
+    parser.add_argument("--target-score", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_inference.json")
+    parser.add_argument("--figure", type=Path, default=ROOT / "bench/results/shape_fig1.png")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = device_name(torch.device("cpu"))
+    command = "python bench/shape_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    vae = load_shape_vae(args.vae_weights)
+    cvae = load_shape_cvae(args.cvae_weights)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # one-off torch._dynamo import, kept out of timings
+    # Objects never seen in training: the training set uses seeds 0 and 1 (held-out family).
+    in_distribution, _ = generate_tabletop_dataset(args.num_observations, GROUND_TRUTH_POINTS, seed=1000 + args.seed)
+    ood_objects, _ = generate_tabletop_dataset(args.num_ood, GROUND_TRUTH_POINTS, seed=2000 + args.seed, families=[HELD_OUT_FAMILY])
+    settings = {
+        "in_distribution": (in_distribution, finger_directions(5)),
+        "ood_fingers": (in_distribution[: args.num_ood], ood_finger_directions()),
+        "ood_object": (ood_objects, finger_directions(5)),
+    }
+    results: dict = {
+        "command": command,
+        "device": device,
+        "vae_metadata": json.loads(args.vae_weights.with_suffix(".json").read_text()),
+        "cvae_metadata": json.loads(args.cvae_weights.with_suffix(".json").read_text()),
+        "preset": dataclasses.asdict(tuning_preset(args)),
+        "finger_radius_m": density_matched_finger_radius(vae.num_points),
+        "length_scale_m": DEFAULT_LENGTH_SCALE_M,
+        "settings": {},
+    }
+    started = time.monotonic()
+    rows_by_setting: dict[str, list[dict]] = {}
+    for setting, (objects, directions) in settings.items():
+        rows = []
+        for index, cloud in enumerate(objects):
+            row = run_observation(vae, cvae, torch.from_numpy(cloud), directions, args, seed=args.seed * 1000 + index)
+            rows.append(row)
+            print(
+                f"{setting} {index}: " + ", ".join(f"{m} {row[f'{m}_score']:.3f}/{row[f'{m}_diversity_m2'] * 1e4:.1f}cm²" for m in METHODS)
+                + f" (MACE {row['mace_tuning_s']:.1f} s, {(time.monotonic() - started) / 60:.1f} min)",
+                flush=True,
+            )
+        rows_by_setting[setting] = rows
+    cvae_in_distribution = float(np.mean([row["cvae_score"] for row in rows_by_setting["in_distribution"]]))
+    targets = {"target_score": args.target_score, "cvae_in_distribution_score": cvae_in_distribution}
+    for setting, rows in rows_by_setting.items():
+        per_observation = [{key: value for key, value in row.items() if key not in ("examples", "ground_truth", "observed_contacts") and not key.endswith(("_history", "_times_s"))} for row in rows]
+        results["settings"][setting] = {"summary": summarize(rows, targets), "observations": per_observation}
+    results["wall_time_s"] = round(time.monotonic() - started, 1)
+    plot(results, rows_by_setting["in_distribution"][0], args.figure, device, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    for setting, entry in results["settings"].items():
+        summary = entry["summary"]
+        print(setting, json.dumps({m: {k: round(v, 4) for k, v in summary[m].items() if isinstance(v, float)} for m in METHODS}))
+    print(json.dumps({"mace_time_to_target": {s: {k: v for k, v in e["summary"]["mace"].items() if k.startswith("time_to")} for s, e in results["settings"].items()}}, indent=1))
+    print(f"wrote {args.out} and {args.figure} ({results['wall_time_s']:.0f} s on {device})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Shape priors and the shape engine: shipped VAE/CVAE weights, the MACE-VAE objective, ShapeEngine."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trimesh")
+
+from mace_ros.core.mace import PAPER_PRESETS, importance_sampling_tune, mace_tune  # noqa: E402
+from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, load_shape_cvae  # noqa: E402
+from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, sample_object  # noqa: E402
+from mace_ros.core.shape.simulators import GraspDomain, finger_directions, grasp_contacts  # noqa: E402
+from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, LatentPriorFit, MaceVAEPrior, gaussian_kl, load_shape_vae  # noqa: E402
+from mace_ros.core.shape_engine import CPU_BUDGET_LEARNING_RATE, ShapeEngine, ShapeRequest, density_matched_finger_radius  # noqa: E402
+from mace_ros.core.weights import WeightsError, metadata_path  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return load_shape_vae(DEFAULT_VAE_WEIGHTS)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ShapeEngine({"num_samples": 8, "timeout_s": 20.0})
+
+
+def object_cloud(family: str, seed: int, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    return sample_object(family, np.random.default_rng(seed), 2048) + np.asarray(origin, dtype=np.float32)
+
+
+def test_shipped_vae_matches_its_metadata(vae):
+    metadata = json.loads(metadata_path(DEFAULT_VAE_WEIGHTS).read_text())
+    assert vae.num_points == metadata["num_points"]
+    assert vae.latent_dim == metadata["latent_dim"] == 128
+    assert DEFAULT_VAE_WEIGHTS.stat().st_size < 25 * 2**20
+    # The trained prior is N(0, σ_z² I) with the paper's σ_z.
+    assert torch.allclose(vae.prior_log_std.exp(), torch.full((128,), metadata["prior_std"]), rtol=1e-3)  # fp16 storage
+
+
+def test_vae_samples_are_object_sized_clouds(vae):
+    prior = MaceVAEPrior(vae, torch.tensor([0.4, -0.1, 0.3]))
+    samples = prior.sample(16, torch.Generator().manual_seed(0))
+    assert samples.shape == (16, vae.num_points, 3)
+    assert torch.isfinite(samples).all()
+    centres = (samples.amin(1) + samples.amax(1)) / 2
+    assert torch.allclose(centres, torch.tensor([0.4, -0.1, 0.3]).expand(16, 3), atol=0.03)
+    extents = samples.amax(1) - samples.amin(1)
+    assert (extents < 0.35).all() and (extents.amax(1) > 0.015).all()
+
+
+def test_encoder_log_variance_is_finite_on_real_objects(vae):
+    clouds = torch.from_numpy(np.stack([object_cloud(family, 3) for family in ("box", "bottle", HELD_OUT_FAMILY)]))
+    prior = MaceVAEPrior(vae)
+    mean, log_variance = prior.posterior(clouds)
+    assert torch.isfinite(mean).all() and torch.isfinite(log_variance).all()
+
+
+def test_kl_objective_has_gradients_only_for_the_latent_prior(vae):
+    prior = MaceVAEPrior(vae)
+    clouds = prior.sample(4, torch.Generator().manual_seed(1))
+    prior.tuning_log_likelihood(clouds).sum().backward()
+    assert prior.mean.grad is not None and prior.mean.grad.abs().sum() > 0
+    assert prior.log_std.grad is not None and prior.log_std.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in vae.parameters())
+    assert {id(p) for p in prior.tunable_parameters()} == {id(prior.mean), id(prior.log_std)}
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    generator = torch.Generator().manual_seed(2)
+    mean_q, log_variance_q = torch.randn(5, 7, generator=generator), torch.randn(5, 7, generator=generator)
+    mean_p, log_std_p = torch.randn(7, generator=generator), torch.randn(7, generator=generator)
+    q = torch.distributions.Normal(mean_q, (0.5 * log_variance_q).exp())
+    p = torch.distributions.Normal(mean_p, log_std_p.exp())
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    assert torch.allclose(gaussian_kl(mean_q, log_variance_q, mean_p, log_std_p), expected, atol=1e-5)
+
+
+def test_latent_prior_fit_whitens_and_keeps_the_kl_gradient():
+    generator = torch.Generator().manual_seed(3)
+    fit = LatentPriorFit(4, prior_std=0.2)
+    mixing = torch.randn(4, 4, generator=generator)
+    means = torch.randn(5000, 4, generator=generator) @ mixing.T + torch.tensor([1.0, -2.0, 0.5, 0.0])
+    log_variances = torch.full((5000, 4), -4.0)
+    fit.fit(means, log_variances)
+    whitened_mean, _ = fit.posterior(means, log_variances)
+    aggregate = torch.cov(whitened_mean.T) + torch.diag(fit.posterior(means, log_variances)[1].exp().mean(0))
+    assert torch.allclose(aggregate, 0.04 * torch.eye(4), atol=2e-3)
+    assert torch.allclose(fit.to_native(whitened_mean), means, atol=1e-4)
+    # θ-gradient of the diagonal surrogate == that of the exact KL of the full-covariance q(u|x).
+    mean_q, log_variance_q = means[:3], torch.randn(3, 4, generator=generator) - 3
+    theta_mean = torch.randn(4, generator=generator, requires_grad=True)
+    theta_log_std = torch.randn(4, generator=generator, requires_grad=True)
+    surrogate = gaussian_kl(*fit.posterior(mean_q, log_variance_q), theta_mean, theta_log_std).sum()
+    basis_inverse = torch.linalg.inv(fit.basis)
+    exact_q = torch.distributions.MultivariateNormal(
+        (mean_q - fit.offset) @ basis_inverse.T, basis_inverse @ torch.diag_embed(log_variance_q.exp()) @ basis_inverse.T
+    )
+    exact_p = torch.distributions.MultivariateNormal(theta_mean, torch.diag(torch.exp(2 * theta_log_std)))
+    exact = torch.distributions.kl_divergence(exact_q, exact_p).sum()
+    surrogate_grads = torch.autograd.grad(surrogate, [theta_mean, theta_log_std])
+    exact_grads = torch.autograd.grad(exact, [theta_mean, theta_log_std])
+    for mine, reference in zip(surrogate_grads, exact_grads):
+        assert torch.allclose(mine, reference, rtol=1e-3, atol=1e-3)
+
+
+def test_prior_copies_share_the_network_and_reset(vae):
+    prior = MaceVAEPrior(vae)
+    with torch.no_grad():
+        prior.mean.add_(1.0)
+    twin = copy.deepcopy(prior)  # what the IS baseline does for θ_0
+    assert twin.vae is vae and torch.equal(twin.mean, prior.mean) and twin.mean is not prior.mean
+    prior.reset()
+    assert torch.equal(prior.mean, vae.prior_mean) and not torch.equal(twin.mean, vae.prior_mean)
+
+
+def test_mace_raises_the_grasp_score_on_a_held_out_object(vae):
+    ground_truth = torch.from_numpy(object_cloud(HELD_OUT_FAMILY, 7))
+    domain = GraspDomain.from_ground_truth(ground_truth, finger_directions(5), None, density_matched_finger_radius(vae.num_points))
+    prior = MaceVAEPrior(vae)
+    generator = torch.Generator().manual_seed(0)
+    prior_score = float(domain.score(prior.sample(128, generator)).mean())
+    preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], iterations=15, learning_rate=CPU_BUDGET_LEARNING_RATE)
+    mace_tune(prior, domain, preset, generator=generator)
+    tuned_score = float(domain.score(prior.sample(128, generator)).mean())
+    assert tuned_score > prior_score + 0.1, (prior_score, tuned_score)
+
+
+def test_importance_sampling_runs_on_the_vae_prior(vae):
+    ground_truth = torch.from_numpy(object_cloud("box", 4))
+    domain = GraspDomain.from_ground_truth(ground_truth, finger_directions(5), None, density_matched_finger_radius(vae.num_points))
+    prior = MaceVAEPrior(vae)
+    preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], iterations=2)
+    result = importance_sampling_tune(prior, domain, preset, generator=torch.Generator().manual_seed(0))
+    assert result.iterations_done == 2 and torch.isfinite(prior.mean).all()
+
+
+def test_cvae_samples_given_contacts():
+    cvae = load_shape_cvae(DEFAULT_CVAE_WEIGHTS)
+    cloud = torch.from_numpy(object_cloud("cylinder", 5, origin=(0.3, 0.0, 0.1)))
+    origin = torch.tensor([0.3, 0.0, 0.1])
+    contacts, _ = grasp_contacts(cloud[None], finger_directions(cvae.num_contacts), origin, density_matched_finger_radius(cvae.num_points))
+    samples = cvae.sample(contacts[0], 6, origin, torch.Generator().manual_seed(0))
+    assert samples.shape == (6, cvae.num_points, 3) and torch.isfinite(samples).all()
+    with pytest.raises(ValueError, match="contacts"):
+        cvae.sample(contacts[0, :3], 6, origin)
+
+
+def test_missing_or_mismatched_weights_fail_clearly(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_shape_vae(tmp_path / "absent.safetensors")
+    copied = tmp_path / "shape_vae.safetensors"
+    shutil.copy(DEFAULT_VAE_WEIGHTS, copied)
+    metadata = json.loads(metadata_path(DEFAULT_VAE_WEIGHTS).read_text())
+    metadata_path(copied).write_text(json.dumps({**metadata, "num_points": metadata["num_points"] * 2}))
+    with pytest.raises(WeightsError, match="do not match"):
+        load_shape_vae(copied)
+
+
+def grasp_request(engine: ShapeEngine, family: str, seed: int, origin, **overrides) -> ShapeRequest:
+    cloud = torch.from_numpy(object_cloud(family, seed, origin))
+    directions = torch.from_numpy(engine.finger_directions).float()
+    contacts, valid = grasp_contacts(cloud[None], directions, torch.tensor(origin, dtype=torch.float32), engine.finger_radius_m)
+    touched = contacts[0][valid[0]].numpy()
+    fields = {"contacts": touched, "partial_cloud": None, "object_origin": np.asarray(origin), "num_samples": 8,
+              "tuning_iterations": 3, "timeout_s": 20.0, "random_seed": 3}
+    return ShapeRequest(**{**fields, **overrides})
+
+
+def test_engine_returns_ranked_samples_around_the_origin(engine):
+    origin = (0.5, 0.1, 0.2)
+    result = engine.infer(grasp_request(engine, "box", 11, origin))
+    assert result.success, result.message
+    assert result.samples.shape == (8, engine.num_points, 3) and result.scores.shape == (8,)
+    assert np.all(np.diff(result.scores) <= 0) and np.isclose(result.mean_score, result.scores.mean())
+    assert np.allclose(result.samples.mean(axis=(0, 1)), origin, atol=0.05)
+    assert result.tuning_iterations_done == 3 and result.diversity > 0 and result.elapsed_s >= result.tuning_time_s
+
+
+def test_engine_is_deterministic_per_seed_and_never_tunes_the_shared_prior(engine):
+    before = engine.vae.prior_mean.clone()
+    request = grasp_request(engine, "cylinder", 12, (0.0, 0.0, 0.0))
+    first, second = engine.infer(request), engine.infer(request)
+    assert np.array_equal(first.samples, second.samples)
+    assert torch.equal(engine.vae.prior_mean, before)
+    # Contacts are matched to fingers by direction, so their order in the request does not matter.
+    shuffled = dataclasses.replace(request, contacts=request.contacts[::-1].copy())
+    assert np.array_equal(engine.infer(shuffled).samples, first.samples)
+
+
+def test_engine_without_tuning_returns_prior_samples(engine):
+    result = engine.infer(grasp_request(engine, "box", 13, (0.0, 0.0, 0.0), tuning_iterations=0, num_samples=5))
+    assert result.tuning_iterations_done == 0 and result.samples.shape[0] == 5
+
+
+def test_engine_combines_contacts_and_a_partial_cloud(engine):
+    request = grasp_request(engine, "box", 14, (0.0, 0.0, 0.0), tuning_iterations=1)
+    cloud = object_cloud("box", 14)
+    result = engine.infer(dataclasses.replace(request, partial_cloud=cloud[cloud[:, 0] > 0]))
+    assert result.samples.shape[0] == 8 and np.all((result.scores >= 0) & (result.scores <= 1))
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"contacts": np.array([[0.1, np.nan, 0.0]])}, "NaN"),
+        ({"contacts": np.zeros((0, 3))}, "no observation"),
+        ({"contacts": None}, "no observation"),
+        ({"contacts": np.zeros((4, 2))}, r"\[k, 3\]"),
+        ({"contacts": np.ones((6, 3))}, "only 5 fingers"),
+        ({"contacts": np.zeros((1, 3))}, "at the object origin"),
+        ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "away from the side"),
+        ({"contacts": None, "partial_cloud": np.zeros((3, 3))}, "fewer than"),
+        ({"contacts": None, "partial_cloud": np.full((50, 3), np.inf)}, "NaN or infinite"),
+        ({"object_origin": np.array([0.0, np.nan, 0.0])}, "object_origin"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"tuning_iterations": -2}, "tuning_iterations"),
+        ({"num_samples": 5000}, "num_samples"),
+    ],
+)
+def test_engine_refuses_invalid_requests(engine, change, reason):
+    fields = {"contacts": np.array([[0.05, 0.0, 0.0]]), "partial_cloud": None, "object_origin": np.zeros(3)}
+    result = engine.infer(ShapeRequest(**{**fields, **change}))
+    assert not result.success
+    assert result.message.startswith("invalid request") and re.search(reason, result.message), result.message
+    with pytest.raises(ValueError, match=reason):
+        engine.validate(ShapeRequest(**{**fields, **change}))
+
+
+def test_engine_rejects_unknown_config():
+    with pytest.raises(ValueError, match="unknown shape engine config"):
+        ShapeEngine({"finger_radius": 0.01})
