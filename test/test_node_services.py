@@ -1,0 +1,115 @@
+"""The installed node serves real answers through ROS: services, topics in and out."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from geometry_msgs.msg import Point, Pose, PoseArray
+from sensor_msgs.msg import PointCloud2
+from std_msgs.msg import Header
+
+from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz
+from mace_ros.ros.node import LATCHED
+from mace_ros.srv import GetIK, InferShape
+
+ENGINE_WAIT_S = 180.0
+ORIGIN = Point(x=0.5, y=0.0, z=0.1)
+# Three fingertips around a ~8 cm object standing at ORIGIN.
+CONTACTS = [Point(x=0.54, y=0.0, z=0.1), Point(x=0.46, y=0.0, z=0.1), Point(x=0.5, y=0.04, z=0.1)]
+
+
+def when_ready(call, request):
+    """Call until the engine has loaded (it loads in the background at start-up)."""
+    deadline = time.monotonic() + ENGINE_WAIT_S
+    response = call(request)
+    while "still loading" in response.message and time.monotonic() < deadline:
+        time.sleep(0.5)
+        response = call(request)
+    return response
+
+
+def shape_request(**fields) -> InferShape.Request:
+    request = InferShape.Request(header=Header(frame_id="panda_link0"), contacts=CONTACTS, object_origin=ORIGIN)
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def ik_request(**fields) -> GetIK.Request:
+    request = GetIK.Request()
+    request.goal.header.frame_id = "panda_link0"
+    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
+    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0  # hand pointing down
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+class Latest:
+    """Messages on a latched topic of the node, to wait for one that matches."""
+
+    def __init__(self, mace, message_type, topic: str):
+        self.messages = []
+        mace.node.create_subscription(message_type, topic, self.messages.append, LATCHED)
+        self.mace = mace
+
+    def wait_for(self, matches, timeout_s: float = 5.0):
+        """The first message for which matches(message) holds (an earlier test's latched one may come first)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for message in self.messages:
+                if matches(message):
+                    return message
+            self.mace.executor.spin_once(timeout_sec=0.1)
+        raise AssertionError(f"no matching message among {len(self.messages)} received")
+
+
+def test_infer_shape_returns_ranked_clouds_in_the_request_frame(mace):
+    shape_topic = Latest(mace, PointCloud2, "/mace/shape_samples")
+    response = when_ready(mace.infer_shape, shape_request(num_samples=4, tuning_iterations=2, timeout_s=20.0))
+    assert response.success, response.message
+    assert len(response.samples) == len(response.scores) == 4
+    assert list(response.scores) == sorted(response.scores, reverse=True)
+    assert 0.0 < response.mean_score <= 1.0 and response.diversity >= 0.0
+    for cloud in response.samples:
+        assert cloud.header.frame_id == "panda_link0"
+        xyz = pointcloud2_to_xyz(cloud)
+        assert xyz.shape[0] > 0
+        assert np.linalg.norm(xyz.mean(axis=0) - [0.5, 0.0, 0.1]) < 0.1  # around the object origin
+    def sample_indices(cloud: PointCloud2) -> list[int]:
+        return sorted(set(pointcloud2_to_array(cloud)["sample_index"].tolist()))
+
+    shape_topic.wait_for(lambda cloud: sample_indices(cloud) == [0, 1, 2, 3])
+
+
+def test_infer_shape_uses_the_latest_contacts_topic_until_cleared(mace):
+    publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
+    deadline = time.monotonic() + 5.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=[Pose(position=p) for p in CONTACTS]))
+    time.sleep(0.5)
+    try:
+        response = when_ready(mace.infer_shape, shape_request(contacts=[], num_samples=2, tuning_iterations=0))
+        assert response.success, response.message
+        assert len(response.samples) == 2
+    finally:
+        # An empty PoseArray clears them (and leaves the node as the other tests expect it).
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
+        time.sleep(0.5)
+    assert "no observation" in mace.infer_shape(shape_request(contacts=[])).message
+
+
+def test_a_long_request_does_not_block_the_other_service(mace):
+    when_ready(mace.infer_shape, shape_request(num_samples=1, tuning_iterations=0))
+    long_request = shape_request(num_samples=4, tuning_iterations=100_000, timeout_s=4.0)
+    started = time.monotonic()
+    shape_future = mace.infer_shape_client.call_async(long_request)
+    mace.executor.spin_once(timeout_sec=0.5)
+    response = mace.get_ik(ik_request(num_samples=64, tuning_iterations=0, timeout_s=0.5), timeout_s=30.0)
+    ik_answered_after = time.monotonic() - started
+    mace.executor.spin_until_future_complete(shape_future, timeout_sec=60.0)
+    assert shape_future.done() and shape_future.result().success, shape_future.result()
+    shape_answered_after = time.monotonic() - started
+    assert response.message
+    assert ik_answered_after < shape_answered_after - 1.0, (ik_answered_after, shape_answered_after)
