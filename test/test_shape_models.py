@@ -242,6 +242,11 @@ def test_engine_refuses_invalid_requests(engine, change, reason):
         engine.validate(ShapeRequest(**{**fields, **change}))
 
 
-def test_engine_rejects_unknown_config():
+def test_engine_config_checks_keys_and_takes_explicit_fingers():
     with pytest.raises(ValueError, match="unknown shape engine config"):
         ShapeEngine({"finger_radius": 0.01})
+    with pytest.raises(ValueError, match="finger_directions"):
+        ShapeEngine({"finger_directions": [1.0, 0.0]})
+    three_fingers = ShapeEngine({"finger_directions": [-2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, -1.0, 0.0]})
+    assert three_fingers.finger_directions.shape == (3, 3)
+    assert np.allclose(np.linalg.norm(three_fingers.finger_directions, axis=1), 1.0)

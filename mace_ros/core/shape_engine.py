@@ -34,7 +34,8 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           posterior) or "best": the highest-scoring samples seen while tuning
   num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
                           the default finger set (simulators.finger_directions)
-  finger_directions       explicit travel directions [[x, y, z], ...] (overrides the four keys above)
+  finger_directions       explicit travel directions [[x, y, z], ...] or flat [x1, y1, z1, x2, ...]
+                          (overrides the four keys above; empty = use them)
   finger_matching         "direction" or "ordered" (see above)
   max_contact_angle_deg   largest angle between a contact and its finger's side
   finger_radius_m         finger pad radius; 0 = matched to the model's point density (see
@@ -209,10 +210,12 @@ class ShapeEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.vae = load_shape_vae(Path(self.config["weights_path"] or DEFAULT_VAE_WEIGHTS), self.device, dtype)
-        if self.config["finger_directions"]:
-            directions = torch.as_tensor(self.config["finger_directions"], dtype=torch.float64)
-            if directions.dim() != 2 or directions.shape[1] != 3 or not torch.all(directions.norm(dim=1) > 0):
-                raise ValueError(f"finger_directions must be non-zero [x, y, z] rows, got {self.config['finger_directions']}")
+        if len(self.config["finger_directions"]):
+            # Rows [[x, y, z], ...] or, as a ROS double-array parameter holds them, flat [x1, y1, z1, x2, ...].
+            directions = torch.as_tensor(self.config["finger_directions"], dtype=torch.float64).reshape(-1)
+            if directions.numel() % 3 or not torch.all(directions.reshape(-1, 3).norm(dim=1) > 0):
+                raise ValueError(f"finger_directions must be non-zero [x, y, z] triples, got {self.config['finger_directions']}")
+            directions = directions.reshape(-1, 3)
         else:
             directions = finger_directions(
                 int(self.config["num_fingers"]),

@@ -15,8 +15,8 @@ Reduced preset (DESIGN §5, "Training cost"): 512 points per cloud, the encoder 
 256-point subset of each training cloud (its cost dominates on CPU; max-pooling makes PointNet
 indifferent to the subset), 4000 objects, as many epochs as fit in --max-minutes.
 
-After every epoch the sampling prior is fitted to the aggregate posterior of the first
---prior-fit-objects training objects (vae.LatentPriorFit explains why).
+After every epoch the VAE's sampling prior is fitted to the aggregate posterior of the first
+--prior-fit-objects training objects (vae.LatentPriorFit explains why; the CVAE keeps N(0, σ_z² I)).
 
 Datasets are generated with `mace_ros.core.shape.datasets` and cached as npz under data/.
 Weights are rewritten after every epoch, so a stopped run still leaves usable weights.
@@ -148,14 +148,13 @@ def evaluate_reconstruction(model: torch.nn.Module, clouds: torch.Tensor, scale_
     return total / clouds.shape[0] * scale_m**2
 
 
-def fit_latent_prior(model: torch.nn.Module, clouds: torch.Tensor, batch_size: int = 256, **condition: torch.Tensor) -> None:
-    """Fit the model's sampling prior to the aggregate posterior of `clouds` (see vae.LatentPriorFit)."""
+def fit_latent_prior(model: PointCloudVAE, clouds: torch.Tensor, batch_size: int = 256) -> None:
+    """Fit the VAE's sampling prior to the aggregate posterior of `clouds` (see vae.LatentPriorFit)."""
     model.eval()
     means, log_variances = [], []
     with torch.no_grad():
         for start in range(0, clouds.shape[0], batch_size):
-            extra = {name: value[start : start + batch_size] for name, value in condition.items()}
-            mean, log_variance = model.encode(clouds[start : start + batch_size], **extra)
+            mean, log_variance = model.encode(clouds[start : start + batch_size])
             means.append(mean)
             log_variances.append(log_variance)
     model.latent_prior_fit.fit(torch.cat(means), torch.cat(log_variances))
@@ -258,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         record = {name: value / batches for name, value in sums.items()}
         record["validation_chamfer_m2"] = evaluate_reconstruction(model, validation_clouds, args.scale_m, **conditions.validation)
         record["held_out_family_chamfer_m2"] = evaluate_reconstruction(model, held_out_clouds, args.scale_m, **conditions.held_out)
-        fit_index = torch.arange(min(args.prior_fit_objects, train_clouds.shape[0]), device=device)
-        fit_latent_prior(model, train_clouds[fit_index], **conditions.train_batch(fit_index))
+        if args.model == "vae":
+            fit_latent_prior(model, train_clouds[: args.prior_fit_objects])
         minutes = (time.monotonic() - started) / 60
         history.append(record)
         print(
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
             "final_train_kl": record["kl"],
             "final_validation_chamfer_m2": record["validation_chamfer_m2"],
             "final_held_out_family_chamfer_m2": record["held_out_family_chamfer_m2"],
-            "latent_prior_fit_objects": int(fit_index.numel()),
+            **({"latent_prior_fit_objects": min(args.prior_fit_objects, int(train_clouds.shape[0]))} if args.model == "vae" else {}),
             "chamfer_convention": "squared distances, per-point means, both directions summed (m²)",
             "device": device_name(device),
             "wall_time_s": round(time.monotonic() - started, 1),
