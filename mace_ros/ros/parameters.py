@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 
 NODE_NAME = "mace"
 PARAMETERS_FILE = "mace.yaml"
@@ -27,6 +28,9 @@ class ParameterSpec:
     min_value: float | None = None  # inclusive; ints become an IntegerRange, floats a FloatingPointRange
     max_value: float | None = None
     read_only: bool = True  # False: read at each request, so it may be changed at run time
+    # For an array whose default is empty: YAML's [] carries no element type, so the parameter is
+    # declared by this type alone, unset until overridden, and reads as [].
+    array_type: Parameter.Type | None = None
 
 
 PARAMETERS: dict[str, ParameterSpec] = {
@@ -71,6 +75,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.finger_elevation_rad": ParameterSpec("Elevation of the fingers' travel directions (rad).", -1.5708, 1.5708),
     "shape.finger_azimuth_offset_rad": ParameterSpec("Azimuth of the first finger (rad).", -3.1416, 3.1416),
     "shape.finger_from_above": ParameterSpec("Add a finger coming down from above."),
+    "shape.finger_directions": ParameterSpec(
+        "Explicit finger travel directions, flat [x1, y1, z1, x2, ...]; empty = the finger set of the four parameters above.",
+        array_type=Parameter.Type.DOUBLE_ARRAY),
     "shape.finger_matching": ParameterSpec(
         "direction: each contact goes to the finger on its side of the object; ordered: contact i to finger i."),
     "shape.max_contact_angle_deg": ParameterSpec("Largest angle (deg) between a contact and its finger's side.", 0.0, 180.0),
@@ -138,13 +145,18 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
     if missing:
         raise ValueError(f"{defaults_file} lacks default(s) for {', '.join(missing)}")
     undocumented = sorted(set(defaults) - set(PARAMETERS))
-    node.declare_parameters("", [
-        (name, value, descriptor(name, value, PARAMETERS.get(name, UNDOCUMENTED)))
-        for name, value in defaults.items()
-    ])
+    declarations = []
+    for name, value in defaults.items():
+        spec = PARAMETERS.get(name, UNDOCUMENTED)
+        typed_value = spec.array_type if spec.array_type is not None and value == [] else value
+        declarations.append((name, typed_value, descriptor(name, value, spec)))
+    node.declare_parameters("", declarations)
     return undocumented
 
 
 def section(node: Node, prefix: str) -> dict[str, Any]:
     """Current values of `prefix.*` as {key without prefix: value}, e.g. the engine config `ik`."""
-    return {name: parameter.value for name, parameter in node.get_parameters_by_prefix(prefix).items()}
+    return {
+        name: [] if parameter.type_ == Parameter.Type.NOT_SET else parameter.value  # an unset array_type one
+        for name, parameter in node.get_parameters_by_prefix(prefix).items()
+    }
