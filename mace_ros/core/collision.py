@@ -295,11 +295,12 @@ class PointDistanceField:
     batch of 4096 configurations has ~2.5x10^5 sphere centres, so brute-force distances cost
     ~10^10 operations per check, while a grid lookup costs the same for any cloud size. The grid
     nodes hold the exact distance D to the nearest cloud point (cKDTree, truncated at
-    `truncation_m`). Because D is 1-Lipschitz, trilinear interpolation f satisfies
-    D(x) >= f(x) - sum_i w_i |x - c_i| over the cell's corners c_i with weights w_i, so
-    `lower_bound` never overestimates the distance (it is at most the cell half-diagonal too low,
-    8.7 mm at 1 cm resolution). Outside the grid (the cloud's bounding box padded by the truncation
-    distance) D >= truncation_m holds and is returned.
+    `truncation_m`). Because D is 1-Lipschitz, D(x) >= D(c_i) - |x - c_i| for every corner c_i of
+    x's cell, so the trilinear blend f(x) = sum_i w_i D(c_i) satisfies D(x) >= f(x) - sum_i w_i |x - c_i|
+    >= f(x) - h sqrt(sum_axes f_a (1 - f_a)) (Jensen; h the resolution, f_a the position in the
+    cell), which `lower_bound` returns: exact at the nodes, never above D, at most 1.73 h below it
+    (17 mm at 1 cm, worst case; a few mm typically). Outside the grid (the cloud's bounding box
+    padded by the truncation distance) D >= truncation_m holds and is returned.
     """
 
     origin: torch.Tensor  # [3] position of node (0, 0, 0)
@@ -326,26 +327,19 @@ class PointDistanceField:
     def lower_bound(self, points: torch.Tensor) -> torch.Tensor:
         """Lower bounds [N] of the distance from points [3, N] to the cloud (capped at truncation_m)."""
         sizes = self.values.shape
-        scaled = [(points[i] - self.origin[i]) / self.resolution_m for i in range(3)]
-        inside = torch.ones_like(scaled[0], dtype=torch.bool)
-        cells, fractions = [], []
-        for axis in range(3):
-            cell = scaled[axis].detach().floor().long()
-            inside &= (cell >= 0) & (cell <= sizes[axis] - 2)
-            cell = cell.clamp(0, sizes[axis] - 2)
-            cells.append(cell)
-            fractions.append((scaled[axis] - cell).clamp(0.0, 1.0))
-        flat = self.values.reshape(-1)
-        base_index = (cells[0] * sizes[1] + cells[1]) * sizes[2] + cells[2]
-        bound = torch.zeros_like(scaled[0])
-        for corner in range(8):
-            offsets = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-            weight = torch.ones_like(bound)
-            for axis, offset in enumerate(offsets):
-                weight = weight * (fractions[axis] if offset else 1.0 - fractions[axis])
-            value = flat[base_index + (offsets[0] * sizes[1] + offsets[1]) * sizes[2] + offsets[2]]
-            distance_to_node = _length(*(fractions[axis] - offsets[axis] for axis in range(3))) * self.resolution_m
-            bound = bound + weight * (value - distance_to_node)
+        scaled = (points - self.origin[:, None]) / self.resolution_m  # [3, N] in grid units
+        upper = torch.tensor([size - 1.0 for size in sizes], dtype=scaled.dtype, device=scaled.device)[:, None]
+        inside = ((scaled >= 0) & (scaled <= upper)).all(0)
+        # Trilinear interpolation by grid_sample (align_corners: -1 and +1 are the first and last
+        # node; its coordinate order is (W, H, D) = (z, y, x) of this grid).
+        normalized = (2.0 * scaled / upper - 1.0).flip(0).T.reshape(1, 1, 1, -1, 3)
+        interpolated = torch.nn.functional.grid_sample(
+            self.values[None, None], normalized, mode="bilinear", padding_mode="border", align_corners=True
+        ).reshape(-1)
+        fraction = scaled - scaled.detach().floor()
+        # sum_i w_i |x - c_i| <= sqrt(sum_i w_i |x - c_i|^2) = h sqrt(sum_axes f (1 - f)) (Jensen).
+        slack = self.resolution_m * (fraction * (1.0 - fraction)).sum(0).clamp_min(_SQUARED_FLOOR).sqrt()
+        bound = interpolated - slack
         return torch.where(inside, bound, torch.full_like(bound, self.truncation_m))
 
 
@@ -482,7 +476,7 @@ class TorchCollisionChecker:
             scene_clearance = torch.full((batch,), float("inf"), dtype=self.dtype, device=self.device)
         else:
             scene_centers = centers.index_select(1, self.spheres.scene_index)  # [3, S', B]
-            distance = tensor_scene.distance(scene_centers.reshape(3, -1)).view(-1, batch)
+            distance = tensor_scene.distance(scene_centers.reshape(3, -1)).view(self._scene_radii.shape[0], batch)
             scene_clearance = (distance - self._scene_radii[:, None]).amin(0)
         self_clearance = self.wrist_table.lower_bound(q[:, 5], q[:, 6])
         radii = self.spheres.radii
