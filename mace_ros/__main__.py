@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mace_ros", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (0 = torch's default)")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds")
     parser.add_argument("--tuning-iterations", type=int, default=-1, help="0 = no tuning, -1 = configured default")
     parser.add_argument("--num-samples", type=int, default=0, help="0 = configured default")
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--origin", type=float, nargs=3, default=(0.0, 0.0, 0.0))
     shape.set_defaults(handler=_shape)
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     return args.handler(args)
 
 

@@ -66,6 +66,12 @@ class IKEngine:
         zero_frames = self.kinematics.link_transforms(torch.zeros(1, 7, device=self.device, dtype=dtype))[0]
         self._hand_frame_at_zero = zero_frames[LINK_INDEX[PRIOR_TIP_LINK]]
         self._frames_at_zero = zero_frames
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small solve, so that torch's one-time allocations don't land on the first request."""
+        request = IKRequest(np.array([0.5, 0.0, 0.4]), None, PRIOR_TIP_LINK, 1, 64, 1, 1.0)
+        self.solve(request, Scene())
 
     def prior_goal_features(self, goal: IKGoal) -> torch.Tensor:
         """Goal features for the prior, which was trained on panda_hand poses.
@@ -108,7 +114,8 @@ class IKEngine:
         orientation_slack = 0.0 if goal.rotation is None else config["early_stop_orientation_rad"]
         stop_rule = StopRule(
             min_score=float(domain.score_from_errors(torch.tensor(config["early_stop_position_m"]), torch.tensor(orientation_slack))),
-            count=config["refine_candidates"],
+            # Enough near-goal candidates for the requested solutions; refinement does the rest.
+            count=min(config["refine_candidates"], 2 * request.num_solutions),
         )
         tuning_deadline = request.timeout_s * (1.0 - config["refine_time_fraction"])
         if request.tuning_iterations > 0:
@@ -141,6 +148,7 @@ class IKEngine:
             max_iterations=config["refine_max_iterations"],
             position_tolerance_m=config["position_tolerance_m"],
             orientation_tolerance_rad=config["orientation_tolerance_rad"],
+            enough_solved=request.num_solutions,
         )
         return self._ranked_result(request, refined, domain, tuned.iterations_done, tuning_time_s, started)
 

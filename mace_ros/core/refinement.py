@@ -21,7 +21,7 @@ class RefineResult:
     q: torch.Tensor  # [K, 7] float64
     position_error_m: torch.Tensor  # [K]
     orientation_error_rad: torch.Tensor  # [K]
-    converged: torch.Tensor  # [K] bool: within both tolerances
+    converged: torch.Tensor  # [K] bool: within both tolerances and collision-free
     collision_free: torch.Tensor  # [K] bool
     iterations: int
 
@@ -54,37 +54,46 @@ def refine_candidates(
     position_tolerance_m: float = 1e-6,
     orientation_tolerance_rad: float = 1e-4,
     initial_damping: float = 1e-3,
+    enough_solved: int | None = None,
 ) -> RefineResult:
-    """Polish candidates q_initial [K, 7] toward `goal`, keeping joint limits and collision freedom."""
+    """Polish candidates q_initial [K, 7] toward `goal`, keeping joint limits and collision freedom.
+
+    Stops early once `enough_solved` candidates are within tolerance and collision-free.
+    """
     kinematics = PandaKinematics(q_initial.device, torch.float64)
-    q = kinematics.clamp_to_limits(q_initial.to(torch.float64))
+    q = kinematics.clamp_to_limits(q_initial.to(torch.float64)).clone()
     collision_free = ~checker.check(q.to(checker.dtype), scene).in_collision
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
     position_error, orientation_error = _errors(kinematics, q, goal)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
-        active = collision_free & ~converged
-        if not bool(active.any()):
+        if enough_solved is not None and int((converged & collision_free).sum()) >= enough_solved:
             break
-        residual, jacobian, _ = _goal_residual(kinematics, q, goal)
+        active = torch.nonzero(collision_free & ~converged).squeeze(-1)
+        if active.numel() == 0:
+            break
+        # Work on the active rows only: most candidates converge within a few iterations.
+        q_active, active_damping = q[active], damping[active]
+        residual, jacobian, _ = _goal_residual(kinematics, q_active, goal)
         rows = residual.shape[1]
         jjt = jacobian @ jacobian.transpose(1, 2)
         identity = torch.eye(rows, dtype=q.dtype, device=q.device)
-        step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + damping[:, None, None] * identity, residual[..., None])
-        q_trial = kinematics.clamp_to_limits(q + step.squeeze(-1))
+        step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
+        q_trial = kinematics.clamp_to_limits(q_active + step.squeeze(-1))
         trial_position_error, trial_orientation_error = _errors(kinematics, q_trial, goal)
         # Compare errors in one unit: 1 rad of orientation error weighs like 0.1 m of position error.
-        old_cost = position_error + 0.1 * orientation_error
+        old_cost = position_error[active] + 0.1 * orientation_error[active]
         new_cost = trial_position_error + 0.1 * trial_orientation_error
-        improves = active & (new_cost < old_cost)
+        improves = new_cost < old_cost
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
             trial_free[improves] = ~checker.check(q_trial[improves].to(checker.dtype), scene).in_collision
             improves &= trial_free
-        q = torch.where(improves[:, None], q_trial, q)
-        position_error = torch.where(improves, trial_position_error, position_error)
-        orientation_error = torch.where(improves, trial_orientation_error, orientation_error)
-        damping = torch.where(improves, (damping * 0.3).clamp_min(1e-12), (damping * 10.0).clamp_max(1e6))
+        accepted = active[improves]
+        q[accepted] = q_trial[improves]
+        position_error[accepted] = trial_position_error[improves]
+        orientation_error[accepted] = trial_orientation_error[improves]
+        damping[active] = torch.where(improves, (active_damping * 0.3).clamp_min(1e-12), (active_damping * 10.0).clamp_max(1e6))
     converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
     return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations)

@@ -77,6 +77,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def set_torch_threads(count: int) -> None:
+    """Process-wide torch intra-op threads; 0 keeps torch's default."""
+    import torch
+
+    if count > 0:
+        torch.set_num_threads(count)
+
+
 def resolve_dtype(name: str):
     import torch
 
@@ -113,6 +121,7 @@ class MaceNode(Node):
 
         device = self.get_parameter("device").value
         dtype = self.get_parameter("dtype").value
+        set_torch_threads(self.get_parameter("torch_threads").value)
         ik_config, shape_config = section(self, "ik"), section(self, "shape")
         scene_name: str = self.get_parameter("scene").value
         self.ik_engine = EngineSlot(

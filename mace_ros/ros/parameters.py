@@ -39,6 +39,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "Extra fixed frames accepted on topics and requests, as 'frame x y z qx qy qz qw; ...': each frame's pose in base_frame."),
     "device": ParameterSpec("Torch device of the engines: auto (cuda when available), cpu, cuda or cuda:N."),
     "dtype": ParameterSpec("Torch dtype of the engines: float32 or float64."),
+    "torch_threads": ParameterSpec(
+        "Torch intra-op threads on CPU (0 = torch's default, one per core); 1 avoids OpenMP oversubscription.", 0, 1024),
     "random_seed": ParameterSpec("Random seed used when a request's random_seed is 0.", 1, INT32_MAX, read_only=False),
     "scene": ParameterSpec("Static obstacles loaded at start: a scene name from config/scenes/ or a YAML path; '' = none."),
     "obstacle_cloud.voxel_size_m": ParameterSpec(
