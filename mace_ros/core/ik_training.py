@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-configurations", type=int, default=1_000_000)
     parser.add_argument("--held-out", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--schedule-epochs", type=int, default=None,
+                        help="epochs of the cosine learning-rate schedule (default: --epochs); lets a shorter run reproduce a cut-off one")
     parser.add_argument("--max-minutes", type=float, default=45.0, help="stop early, after the epoch in progress")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate)
     steps_per_epoch = math.ceil(args.num_configurations / args.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=(args.schedule_epochs or args.epochs) * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     q_train, position_train, rotation_train = q[train], position[train], rotation[train]
     epochs_done = 0
@@ -135,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "command": "python -m mace_ros.core.ik_training " + " ".join(argv if argv is not None else sys.argv[1:]),
+        # The same run without the wall-clock cut-off (the only non-deterministic argument).
+        "regenerate_command": (
+            f"python -m mace_ros.core.ik_training --num-configurations {args.num_configurations} --held-out {args.held_out} "
+            f"--epochs {epochs_done} --schedule-epochs {args.schedule_epochs or args.epochs} --seed {args.seed} --max-minutes 1e9"
+        ),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "wall_time_s": round(time.monotonic() - started, 1),
         "final_train_nll": train_nll,
