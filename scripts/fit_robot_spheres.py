@@ -11,7 +11,7 @@ hull as little as possible: the loss is the mean depth to which points sampled j
 hull lie inside the union. After optimization every sphere is grown until coverage holds exactly
 on a dense (~1 mm) verification sample. The best of a few k-means initializations is kept.
 
-    PYTHONPATH=. python scripts/fit_robot_spheres.py            # ~1-2 min on 2 CPU cores
+    PYTHONPATH=. python scripts/fit_robot_spheres.py            # a few minutes on 2 CPU cores
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ many random starts, then damped least squares) that both the torch sphere model 
 exact meshes call collision-free; that configuration is
 stored as the goal's `example_q` (an existence proof for tests and benchmarks, never used by the engine).
 
-    PYTHONPATH=. python scripts/make_scenes.py
+    PYTHONPATH=. python scripts/make_scenes.py                  # ~30 min on 2 busy CPU cores
 """
 from __future__ import annotations
 

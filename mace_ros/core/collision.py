@@ -415,7 +415,7 @@ class TorchCollisionChecker:
         spheres_path: Path = SPHERES_PATH,
         wrist_table_path: Path = WRIST_TABLE_PATH,
         point_resolution_m: float = 0.01,
-        max_batch: int = 16384,
+        max_batch: int | None = None,
     ):
         if collision_margin_m < 0:
             raise ValueError(f"collision_margin_m must be >= 0, got {collision_margin_m}")
@@ -423,7 +423,10 @@ class TorchCollisionChecker:
         self.dtype = dtype
         self.collision_margin_m = float(collision_margin_m)
         self.point_resolution_m = float(point_resolution_m)
-        self.max_batch = max_batch  # configurations per tensor pass; bounds peak memory, not results
+        # Configurations per tensor pass (results do not depend on it). On CPU, passes of ~1024 keep
+        # the temporaries in cache and run ~2x faster than one big pass (measured on 2 cores); a GPU
+        # wants passes as large as memory allows.
+        self.max_batch = max_batch or (1024 if self.device.type == "cpu" else 65536)
         self.kinematics = PandaKinematics(self.device, dtype)
         self.spheres = RobotSphereModel.load(spheres_path, self.device, dtype)
         self.wrist_table = WristClearanceTable.load(wrist_table_path, self.device, dtype)
