@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("--num-goals", type=int, default=10)
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_wall_table1.json")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     engine = IKEngine()
     scene_file = ROOT / "config/scenes/wall.yaml"
@@ -93,7 +95,7 @@ def main() -> None:
         for method in ("prior", "mace", "is")
     }
     report = {
-        "command": "python bench/ik_wall_table1.py --preset " + args.preset + (f" --iterations {args.iterations}" if args.iterations else ""),
+        "command": "python bench/ik_wall_table1.py --preset " + args.preset + (f" --iterations {args.iterations}" if args.iterations else "") + f" --threads {args.threads}",
         "device": f"CPU {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "preset": preset.__dict__,
         "summary": summary,

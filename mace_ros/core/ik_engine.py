@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mace_ros.core.collision import TorchCollisionChecker
+from mace_ros.core.collision import TensorScene, TorchCollisionChecker
 from mace_ros.core.ik_domain import IKDomain, IKGoal
 from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
@@ -66,7 +66,17 @@ class IKEngine:
         zero_frames = self.kinematics.link_transforms(torch.zeros(1, 7, device=self.device, dtype=dtype))[0]
         self._hand_frame_at_zero = zero_frames[LINK_INDEX[PRIOR_TIP_LINK]]
         self._frames_at_zero = zero_frames
+        self._prepared_scene: tuple[Scene, TensorScene] | None = None
         self._warm_up()
+
+    def _tensor_scene(self, scene: Scene) -> TensorScene:
+        """The scene as tensors, rebuilt only for a new Scene object (a cloud's distance field is costly)."""
+        cached = self._prepared_scene
+        if cached is not None and cached[0] is scene:
+            return cached[1]
+        prepared = self.checker.prepare(scene)
+        self._prepared_scene = (scene, prepared)
+        return prepared
 
     def _warm_up(self) -> None:
         """One small solve, so that torch's one-time allocations don't land on the first request."""
@@ -96,8 +106,7 @@ class IKEngine:
         if request.goal_quaternion_wxyz is not None:
             quaternion = torch.as_tensor(request.goal_quaternion_wxyz, dtype=self.dtype, device=self.device)
         goal = IKGoal.from_quaternion(position, quaternion, request.tip_link)
-        # Tensorize once per request (a point cloud becomes a distance field here).
-        tensor_scene = self.checker.prepare(scene)
+        tensor_scene = self._tensor_scene(scene)
         domain = IKDomain(
             self.kinematics, self.checker, tensor_scene, goal,
             config["position_length_scale_m"], config["orientation_length_scale_rad"],

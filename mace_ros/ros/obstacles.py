@@ -29,18 +29,24 @@ class ObstacleModel:
         self._static: Scene | None = None
         self._primitives: dict[str, Box | Sphere | Cylinder] = {}
         self._points: np.ndarray | None = None
+        # The last snapshot, reused while nothing changes: the IK engine keys its tensorized scene
+        # (a cloud's distance field takes up to a second to build) on the Scene object.
+        self._snapshot: Scene | None = None
 
     def set_static_scene(self, scene: Scene) -> None:
         with self._lock:
             self._static = scene
+            self._snapshot = None
 
     def put(self, key: str, primitive: Box | Sphere | Cylinder) -> None:
         with self._lock:
             self._primitives[key] = primitive
+            self._snapshot = None
 
     def remove(self, key: str) -> None:
         with self._lock:
             self._primitives.pop(key, None)
+            self._snapshot = None
 
     def clear(self, namespace: str = "") -> None:
         """DELETEALL: every marker obstacle, or only those of `namespace` when one is given."""
@@ -49,24 +55,29 @@ class ObstacleModel:
                 self._primitives = {k: v for k, v in self._primitives.items() if not k.startswith(f"{namespace}/")}
             else:
                 self._primitives.clear()
+            self._snapshot = None
 
     def set_points(self, points: np.ndarray | None) -> None:
         with self._lock:
             self._points = points
+            self._snapshot = None
 
     def snapshot(self) -> Scene:
         """The current obstacles as one immutable Scene (static scene first, then markers, then the cloud)."""
         from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
 
         with self._lock:
+            if self._snapshot is not None:
+                return self._snapshot
             static = self._static or Scene()
             primitives = list(self._primitives.values())
             points = self._points
-        if static.points is not None:
-            points = static.points if points is None else np.concatenate([static.points, points])
-        return Scene(
-            boxes=[*static.boxes, *(p for p in primitives if isinstance(p, Box))],
-            spheres=[*static.spheres, *(p for p in primitives if isinstance(p, Sphere))],
-            cylinders=[*static.cylinders, *(p for p in primitives if isinstance(p, Cylinder))],
-            points=points,
-        )
+            if static.points is not None:
+                points = static.points if points is None else np.concatenate([static.points, points])
+            self._snapshot = Scene(
+                boxes=[*static.boxes, *(p for p in primitives if isinstance(p, Box))],
+                spheres=[*static.spheres, *(p for p in primitives if isinstance(p, Sphere))],
+                cylinders=[*static.cylinders, *(p for p in primitives if isinstance(p, Cylinder))],
+                points=points,
+            )
+            return self._snapshot
