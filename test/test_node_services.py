@@ -7,6 +7,7 @@ import numpy as np
 from geometry_msgs.msg import Point, Pose, PoseArray
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
+from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz
 from mace_ros.ros.node import LATCHED
@@ -113,3 +114,21 @@ def test_a_long_request_does_not_block_the_other_service(mace):
     shape_answered_after = time.monotonic() - started
     assert response.message
     assert ik_answered_after < shape_answered_after - 1.0, (ik_answered_after, shape_answered_after)
+
+
+def test_get_ik_returns_moveit_ready_joint_states(mace):
+    markers_topic = Latest(mace, MarkerArray, "/mace/ik_solutions")
+    response = when_ready(mace.get_ik, ik_request(num_solutions=4, tuning_iterations=-1, timeout_s=5.0))
+    assert response.success, response.message
+    assert 1 <= len(response.solutions) <= 4
+    assert len(response.scores) == len(response.position_errors_m) == len(response.solutions)
+    for state in response.solutions:
+        assert list(state.name) == [f"panda_joint{i}" for i in range(1, 8)]
+        assert state.header.frame_id == "panda_link0"
+    assert response.position_errors_m[0] < 1e-3 and response.orientation_errors_rad[0] < 1e-2
+
+    def shows_this_answer(markers: MarkerArray) -> bool:
+        skeletons = [marker for marker in markers.markers if marker.ns == "ik_solutions"]
+        return len(skeletons) == len(response.solutions) and any(marker.ns == "ik_goal" for marker in markers.markers)
+
+    markers_topic.wait_for(shows_this_answer)
