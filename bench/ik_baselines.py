@@ -118,13 +118,18 @@ class RandomRestartIK:
         self.max_iterations = max_iterations
 
     def solve(self, goal_position: np.ndarray, goal_rotation: np.ndarray | None, scene: Scene, timeout_s: float,
-              rng: np.random.Generator) -> SolveOutcome:
+              rng: np.random.Generator, first_seeds: np.ndarray | None = None) -> SolveOutcome:
+        """`first_seeds` [S, 7], when given, are tried before any random seed (MoveIt's IK seed state; the
+        paper's "MACE + MoveIt" seeds it with MACE's samples)."""
         started = time.monotonic()
         goal = _goal(goal_position, goal_rotation)
         attempts = 0
         while time.monotonic() - started < timeout_s:
-            seeds = _uniform_in_limits(rng, self.seeds_per_round)
-            attempts += self.seeds_per_round
+            if attempts == 0 and first_seeds is not None and len(first_seeds):
+                seeds = torch.as_tensor(first_seeds, dtype=torch.float64)
+            else:
+                seeds = _uniform_in_limits(rng, self.seeds_per_round)
+            attempts += seeds.shape[0]
             refined = refine_candidates(
                 seeds, goal, _NoObstacleCheck(), scene, max_iterations=self.max_iterations,
                 position_tolerance_m=POSITION_TOLERANCE_M, orientation_tolerance_rad=ORIENTATION_TOLERANCE_RAD,
