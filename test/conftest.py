@@ -12,7 +12,20 @@ from collections.abc import Iterator
 
 import pytest
 
-SERVICE_WAIT_S = 120.0  # a cold start imports torch and rclpy on a 2-core machine
+SERVICE_WAIT_S = 120.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread, as the node runs (torch_threads): on a busy 2-core machine, OpenMP threads
+    wait for CPU slices and each small op costs milliseconds (a 1000-configuration check took 4 s with
+    2 threads, 40 ms with 1)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)  # a cold start imports torch and rclpy on a 2-core machine
 
 
 @pytest.fixture(scope="session")

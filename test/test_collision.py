@@ -41,16 +41,6 @@ LINK_MESHES = {
 FALSE_FREE_LIMIT = 0.005  # DESIGN.md §6: against exact meshes, false "free" <= 0.5% of configurations
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a busy 2-core machine, intra-op threads wait for CPU slices: each small op then costs
-    milliseconds (a 1000-configuration check takes 4 s with 2 threads, 40 ms with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def checker():
     return TorchCollisionChecker(dtype=torch.float32)

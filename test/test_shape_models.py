@@ -22,14 +22,6 @@ from mace_ros.core.shape_engine import CPU_BUDGET_LEARNING_RATE, ShapeEngine, Sh
 from mace_ros.core.weights import WeightsError, metadata_path  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def vae():
     return load_shape_vae(DEFAULT_VAE_WEIGHTS)

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 class WeightsError(RuntimeError):
@@ -53,3 +56,27 @@ def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str
     module.to(device=device, dtype=dtype)
     meta_file = metadata_path(path)
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def load_sized_model(
+    path: Path,
+    build: Callable[[dict[str, Any]], ModelT],
+    description: str,
+    regenerate_command: str,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> ModelT:
+    """A model built from the sizes in its metadata file, loaded and in eval mode; WeightsError otherwise."""
+    path = Path(path)
+    meta_file = metadata_path(path)
+    if not path.is_file() or not meta_file.is_file():
+        raise WeightsError(
+            f"{description} weights or metadata not found: {path}, {meta_file} (regenerate them with `{regenerate_command}`)"
+        )
+    metadata = json.loads(meta_file.read_text())
+    try:
+        model = build(metadata)
+    except KeyError as error:
+        raise WeightsError(f"metadata {meta_file} lacks {error}") from error
+    load_weights(model, path, device, dtype)
+    return model.eval()

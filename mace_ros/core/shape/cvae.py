@@ -16,7 +16,6 @@ distribution.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from mace_ros.core.shape.vae import (
     encoder_subset,
     training_kl,
 )
-from mace_ros.core.weights import DATA_DIR, WeightsError, load_weights, metadata_path
+from mace_ros.core.weights import DATA_DIR, load_sized_model
 
 DEFAULT_CVAE_WEIGHTS = DATA_DIR / "shape_cvae.safetensors"
 DEFAULT_NUM_FINGERS = 5  # the paper's hand: 5 horizontal fingers
@@ -117,24 +116,18 @@ def load_shape_cvae(
     path: str | Path = DEFAULT_CVAE_WEIGHTS, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> ContactCVAE:
     """The shipped CVAE in eval mode, sized from its metadata; WeightsError if missing or mismatched."""
-    path = Path(path)
-    meta_file = metadata_path(path)
-    if not path.is_file() or not meta_file.is_file():
-        raise WeightsError(
-            f"shape CVAE weights or metadata not found: {path}, {meta_file} "
-            "(regenerate them with `python -m mace_ros.core.shape.training --model cvae`)"
-        )
-    metadata = json.loads(meta_file.read_text())
-    try:
-        cvae = ContactCVAE(
+    return load_sized_model(
+        path,
+        lambda metadata: ContactCVAE(
             num_points=int(metadata["num_points"]),
             num_contacts=int(metadata["num_contacts"]),
             latent_dim=int(metadata["latent_dim"]),
             prior_std=float(metadata["prior_std"]),
             scale_m=float(metadata["scale_m"]),
             encoder_points=int(metadata["encoder_points"]),
-        )
-    except KeyError as error:
-        raise WeightsError(f"metadata {meta_file} lacks {error}") from error
-    load_weights(cvae, path, device, dtype)
-    return cvae.eval()
+        ),
+        "shape CVAE",
+        "python -m mace_ros.core.shape.training --model cvae",
+        device,
+        dtype,
+    )

@@ -17,7 +17,6 @@ in the caller's frame, so domains and the engine only ever see metric clouds.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from mace_ros.core.weights import DATA_DIR, WeightsError, load_weights, metadata_path
+from mace_ros.core.weights import DATA_DIR, load_sized_model
 
 PAPER_PRIOR_STD = 0.2
 DEFAULT_LATENT_DIM = 128
@@ -199,26 +198,20 @@ def load_shape_vae(
     path: str | Path = DEFAULT_VAE_WEIGHTS, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> PointCloudVAE:
     """The shipped VAE in eval mode, sized from its metadata; WeightsError if missing or mismatched."""
-    path = Path(path)
-    meta_file = metadata_path(path)
-    if not path.is_file() or not meta_file.is_file():
-        raise WeightsError(
-            f"shape VAE weights or metadata not found: {path}, {meta_file} "
-            "(regenerate them with `python -m mace_ros.core.shape.training --model vae`)"
-        )
-    metadata = json.loads(meta_file.read_text())
-    try:
-        vae = PointCloudVAE(
+    return load_sized_model(
+        path,
+        lambda metadata: PointCloudVAE(
             num_points=int(metadata["num_points"]),
             latent_dim=int(metadata["latent_dim"]),
             prior_std=float(metadata["prior_std"]),
             scale_m=float(metadata["scale_m"]),
             encoder_points=int(metadata["encoder_points"]),
-        )
-    except KeyError as error:
-        raise WeightsError(f"metadata {meta_file} lacks {error}") from error
-    load_weights(vae, path, device, dtype)
-    return vae.eval()
+        ),
+        "shape VAE",
+        "python -m mace_ros.core.shape.training --model vae",
+        device,
+        dtype,
+    )
 
 
 class PosteriorCache:
