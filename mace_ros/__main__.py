@@ -55,7 +55,7 @@ def _shape(args: argparse.Namespace) -> int:
         contacts=contacts,
         partial_cloud=None,
         object_origin=np.array(args.origin, dtype=float),
-        num_samples=args.num_samples or 16,
+        num_samples=args.num_samples or engine.config["num_samples"],
         tuning_iterations=args.tuning_iterations,
         timeout_s=args.timeout,
         random_seed=args.seed,
