@@ -302,7 +302,8 @@ def plot_latency_cdf(records: list[dict[str, Any]], methods: list[str], device: 
         solved = np.sort([r[method]["elapsed_s"] for r in counted if r[method]["success"]])
         fraction = np.arange(1, len(solved) + 1) / max(len(counted), 1)
         times = np.concatenate([[1e-3], solved, [right_end]])
-        axis.step(times, np.concatenate([[0.0], fraction, fraction[-1:] if len(solved) else [0.0]]), where="post", label=method)
+        label = f"{method} ({len(solved) / max(len(counted), 1):.0%})"
+        axis.step(times, np.concatenate([[0.0], fraction, fraction[-1:] if len(solved) else [0.0]]), where="post", label=label)
     axis.axvline(timeout_s, color="grey", linestyle=":", label="timeout")
     axis.set_xscale("log")
     axis.set_xlabel("time per goal (s)")
