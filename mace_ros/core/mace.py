@@ -100,44 +100,78 @@ def elite_threshold(scores: torch.Tensor, num_elites: int) -> torch.Tensor:
     return torch.topk(scores, num_elites).values[-1]
 
 
+def sample_and_score(
+    prior: TunablePrior,
+    domain: Domain,
+    num_samples: int,
+    generator: torch.Generator | None,
+    chunk_size: int | None = None,
+    deadline_at: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Draw and score `num_samples` in chunks of at most `chunk_size`, checking the clock between chunks.
+
+    A huge N must not overrun a deadline (100000 samples take seconds on a CPU); the first chunk is
+    always drawn so that there is an answer. Returns samples, scores and whether all N were drawn.
+    """
+    chunk = num_samples if chunk_size is None else max(1, chunk_size)
+    samples, scores = [], []
+    drawn = 0
+    while drawn < num_samples and (drawn == 0 or deadline_at is None or time.monotonic() < deadline_at):
+        count = min(chunk, num_samples - drawn)
+        with torch.no_grad():
+            batch = prior.sample(count, generator)
+            samples.append(batch)
+            scores.append(domain.score(batch))
+        drawn += count
+    return torch.cat(samples), torch.cat(scores), drawn == num_samples
+
+
 def _tuning_loop(
     prior: TunablePrior,
     domain: Domain,
     preset: MacePreset,
-    update: Callable[[torch.Tensor, torch.Tensor], None],
+    update: Callable[[torch.Tensor, torch.Tensor, float | None], None],
     deadline_s: float | None,
     generator: torch.Generator | None,
     keep_best: int,
     on_iteration: Callable[[int, torch.Tensor], None] | None = None,
     stop_rule: StopRule | None = None,
+    chunk_size: int | None = None,
 ) -> TuneResult:
     """Sample, score, remember the best, update θ; stop after T iterations, at the deadline or by the stop rule."""
     start = time.monotonic()
+    deadline_at = None if deadline_s is None else start + deadline_s
     best = _BestKeeper(keep_best)
     history: list[float] = []
     iterations_done = 0
     stopped_by_deadline = False
     for iteration in range(preset.iterations):
-        if deadline_s is not None and time.monotonic() - start >= deadline_s:
+        if deadline_at is not None and time.monotonic() >= deadline_at:
             stopped_by_deadline = True
             break
-        with torch.no_grad():
-            samples = prior.sample(preset.num_samples, generator)
-            scores = domain.score(samples)
+        samples, scores, complete = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at)
         best.update(samples, scores)
+        if not complete:
+            # The deadline came mid-batch: keep what was scored, but a partial batch moves no elite threshold.
+            stopped_by_deadline = True
+            break
         history.append(float(scores.mean()))
         if on_iteration is not None:
             on_iteration(iteration, scores)
         if stop_rule is not None and stop_rule.satisfied(best.scores):
             break
-        update(samples, scores)
+        update(samples, scores, deadline_at)
         iterations_done += 1
     if best.samples is None:
-        # No time even for one iteration: still answer with straight prior samples.
-        with torch.no_grad():
-            samples = prior.sample(preset.num_samples, generator)
-            best.update(samples, domain.score(samples))
+        # No time even for one iteration: still answer with straight prior samples (one chunk at most).
+        samples, scores, _ = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at)
+        best.update(samples, scores)
     return TuneResult(best.samples, best.scores, iterations_done, time.monotonic() - start, history, stopped_by_deadline)
+
+
+def tuning_optimizer(prior: TunablePrior, preset: MacePreset) -> torch.optim.Optimizer:
+    """Adam over θ (MACE and the IS baseline); pass the same one to successive `mace_tune` calls to continue one tuning run in blocks."""
+    return torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate, foreach=True)
 
 
 def mace_tune(
@@ -149,27 +183,37 @@ def mace_tune(
     keep_best: int = 64,
     on_iteration: Callable[[int, torch.Tensor], None] | None = None,
     stop_rule: StopRule | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    chunk_size: int | None = None,
 ) -> TuneResult:
     """Algorithm 1. Fine-tunes `prior` in place; stops after `preset.iterations` or at the deadline.
 
     The loss averages the elites' log-likelihood (the authors' code kept only the first elite's,
-    `get_prob(x)[0]`, which we treat as a bug).
+    `get_prob(x)[0]`, which we treat as a bug). `optimizer` (from `tuning_optimizer`) continues an
+    earlier run warm. `chunk_size` bounds the samples handled at once, so the clock is checked
+    between chunks and between gradient steps; more elites than that are subsampled per gradient step
+    (an unbiased estimate of the same mean).
     """
-    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate, foreach=True)
+    optimizer = optimizer or tuning_optimizer(prior, preset)
 
-    def update(samples: torch.Tensor, scores: torch.Tensor) -> None:
+    def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
         delta = elite_threshold(scores, preset.num_elites)
         # Ties at δ are all elites, as in 1[S >= δ]; samples scoring 0 never are.
         elites = samples[(scores >= delta) & (scores > 0)]
         if elites.shape[0] == 0:
             return
         for _ in range(preset.grad_steps_per_iteration):
+            if deadline_at is not None and time.monotonic() >= deadline_at:
+                return
+            batch = elites
+            if chunk_size is not None and elites.shape[0] > chunk_size:
+                batch = elites[torch.randperm(elites.shape[0], generator=generator, device=elites.device)[:chunk_size]]
             optimizer.zero_grad(set_to_none=True)
-            loss = -prior.tuning_log_likelihood(elites).mean()
+            loss = -prior.tuning_log_likelihood(batch).mean()
             loss.backward()
             optimizer.step()
 
-    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule)
+    return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size)
 
 
 def importance_sampling_tune(
@@ -187,9 +231,9 @@ def importance_sampling_tune(
     self-normalized over the batch (a constant factor that only rescales the learning rate).
     """
     reference = copy.deepcopy(prior)
-    optimizer = torch.optim.Adam(list(prior.tunable_parameters()), lr=preset.learning_rate, foreach=True)
+    optimizer = tuning_optimizer(prior, preset)
 
-    def update(samples: torch.Tensor, scores: torch.Tensor) -> None:
+    def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
         if float(scores.max()) <= 0:
             return
         with torch.no_grad():

@@ -2,10 +2,12 @@
 
 Every candidate keeps its own damping: a step is accepted only if it lowers the goal error, stays
 within the joint limits and stays collision-free, so candidates that start collision-free end so.
-Runs in float64: float32 cannot resolve 1e-6 m on a 1 m arm reliably.
+Runs in float64: float32 cannot resolve 1e-6 m on a 1 m arm reliably. Without a checker (and
+optionally without joint limits) the same solver diagnoses what blocks a goal.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,27 +50,42 @@ def _errors(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -> tuple
 def refine_candidates(
     q_initial: torch.Tensor,
     goal: IKGoal,
-    checker: TorchCollisionChecker,
+    checker: TorchCollisionChecker | None,
     scene: Scene | TensorScene,
     max_iterations: int = 60,
     position_tolerance_m: float = 1e-6,
     orientation_tolerance_rad: float = 1e-4,
     initial_damping: float = 1e-3,
     enough_solved: int | None = None,
+    deadline_at: float | None = None,
+    respect_limits: bool = True,
 ) -> RefineResult:
     """Polish candidates q_initial [K, 7] toward `goal`, keeping joint limits and collision freedom.
 
-    Stops early once `enough_solved` candidates are within tolerance and collision-free.
+    Stops early once `enough_solved` candidates are within tolerance and collision-free, or when
+    time.monotonic() reaches `deadline_at`. `checker` None ignores collisions; `respect_limits` False
+    ignores the joint limits (both only to diagnose unsolvable goals).
     """
     kinematics = PandaKinematics(q_initial.device, torch.float64)
-    q = kinematics.clamp_to_limits(q_initial.to(torch.float64)).clone()
-    collision_free = ~checker.check(q.to(checker.dtype), scene).in_collision
+
+    def limited(q_new: torch.Tensor) -> torch.Tensor:
+        return kinematics.clamp_to_limits(q_new) if respect_limits else q_new
+
+    def free_of_collision(q_new: torch.Tensor) -> torch.Tensor:
+        if checker is None:
+            return torch.ones(q_new.shape[0], dtype=torch.bool, device=q_new.device)
+        return ~checker.check(q_new.to(checker.dtype), scene).in_collision
+
+    q = limited(q_initial.to(torch.float64)).clone()
+    collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
     position_error, orientation_error = _errors(kinematics, q, goal)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
         if enough_solved is not None and int((converged & collision_free).sum()) >= enough_solved:
+            break
+        if deadline_at is not None and time.monotonic() >= deadline_at:
             break
         active = torch.nonzero(collision_free & ~converged).squeeze(-1)
         if active.numel() == 0:
@@ -80,7 +97,7 @@ def refine_candidates(
         jjt = jacobian @ jacobian.transpose(1, 2)
         identity = torch.eye(rows, dtype=q.dtype, device=q.device)
         step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
-        q_trial = kinematics.clamp_to_limits(q_active + step.squeeze(-1))
+        q_trial = limited(q_active + step.squeeze(-1))
         trial_position_error, trial_orientation_error = _errors(kinematics, q_trial, goal)
         # Compare errors in one unit: 1 rad of orientation error weighs like 0.1 m of position error.
         old_cost = position_error[active] + 0.1 * orientation_error[active]
@@ -88,7 +105,7 @@ def refine_candidates(
         improves = new_cost < old_cost
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
-            trial_free[improves] = ~checker.check(q_trial[improves].to(checker.dtype), scene).in_collision
+            trial_free[improves] = free_of_collision(q_trial[improves])
             improves &= trial_free
         accepted = active[improves]
         q[accepted] = q_trial[improves]
