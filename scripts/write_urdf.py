@@ -28,7 +28,8 @@ JOINT_VELOCITY = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
 JOINT_EFFORT = (87.0, 87.0, 87.0, 87.0, 12.0, 12.0, 12.0)
 FINGER_VELOCITY, FINGER_EFFORT = 0.2, 20.0
 # Names of the fixed and finger joints, as in franka_description and pybullet_data's panda.urdf.
-FIXED_JOINT_NAMES = {"panda_link8": "panda_joint8", "panda_hand": "panda_hand_joint", "panda_grasptarget": "panda_grasptarget_hand"}
+FIXED_JOINT_NAMES = {"panda_link8": "panda_joint8", "panda_hand": "panda_hand_joint", "panda_grasptarget": "panda_grasptarget_hand",
+                     "panda_hand_tcp": "panda_hand_tcp_joint"}
 FINGER_JOINT_NAMES = {"panda_leftfinger": "panda_finger_joint1", "panda_rightfinger": "panda_finger_joint2"}
 
 

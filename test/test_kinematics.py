@@ -8,6 +8,7 @@ import torch
 from mace_ros.core.kinematics import (
     FINGER_OPENING_M,
     LINK_INDEX,
+    TCP_OFFSET_M,
     PandaKinematics,
     matrix_to_quaternion,
     quaternion_to_matrix,
@@ -51,7 +52,7 @@ def test_forward_kinematics_matches_pybullet(bullet_panda):
     assert worst < 1e-6
 
 
-@pytest.mark.parametrize("tip_link", ["panda_hand", "panda_link7", "panda_link4", "panda_grasptarget"])
+@pytest.mark.parametrize("tip_link", ["panda_hand", "panda_link7", "panda_link4", "panda_grasptarget", "panda_hand_tcp"])
 def test_jacobian_matches_finite_differences(tip_link):
     kinematics = PandaKinematics(dtype=torch.float64)
     q = kinematics.random_configurations(8, torch.Generator().manual_seed(4))
@@ -68,6 +69,17 @@ def test_jacobian_matches_finite_differences(tip_link):
         angular = torch.stack([d_rotation[:, 2, 1], d_rotation[:, 0, 2], d_rotation[:, 1, 0]], -1)
         assert torch.allclose(jacobian[:, :3, joint], linear, atol=1e-7)
         assert torch.allclose(jacobian[:, 3:, joint], angular, atol=1e-7)
+
+
+def test_hand_tcp_is_franka_tcp_offset_along_the_hand_z_axis():
+    """panda_hand_tcp = panda_hand + 0.1034 m along the hand's z axis, same orientation (franka_description)."""
+    kinematics = PandaKinematics(dtype=torch.float64)
+    q = kinematics.random_configurations(16, torch.Generator().manual_seed(5))
+    hand_position, hand_rotation = kinematics.forward(q, "panda_hand")
+    tcp_position, tcp_rotation = kinematics.forward(q, "panda_hand_tcp")
+    assert TCP_OFFSET_M == 0.1034
+    torch.testing.assert_close(tcp_position, hand_position + TCP_OFFSET_M * hand_rotation[:, :, 2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(tcp_rotation, hand_rotation, rtol=0, atol=0)
 
 
 def test_batch_device_dtype_follow_arguments():

@@ -24,6 +24,7 @@ JOINT_LOWER = (-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973)
 JOINT_UPPER = (2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973)
 
 FINGER_OPENING_M = 0.04  # each finger's prismatic joint; the gripper is modelled open.
+TCP_OFFSET_M = 0.1034  # panda_hand to panda_hand_tcp along the hand's z axis (franka_description)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ PANDA_LINKS: tuple[LinkSpec, ...] = (
     LinkSpec("panda_rightfinger", "panda_hand", (0.0, 0.0, 0.0584), (0.0, 0.0, 0.0),
              prismatic_axis=(0.0, -1.0, 0.0)),
     LinkSpec("panda_grasptarget", "panda_hand", (0.0, 0.0, 0.105), (0.0, 0.0, 0.0)),
+    # Franka's TCP frame (franka_description's panda_hand_tcp_joint), the usual MoveIt tip link.
+    LinkSpec("panda_hand_tcp", "panda_hand", (0.0, 0.0, TCP_OFFSET_M), (0.0, 0.0, 0.0)),
 )
 
 LINK_NAMES: tuple[str, ...] = tuple(link.name for link in PANDA_LINKS)
