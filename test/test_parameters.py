@@ -19,6 +19,6 @@ def test_defaults_lie_in_their_ranges_and_floats_are_written_as_floats():
         spec = PARAMETERS[name]
         if spec.min_value is not None:
             assert spec.min_value <= value <= spec.max_value, name
-            # ROS refuses an integer override of a double parameter and vice versa, so the
-            # type of each default is its contract: ranges with float bounds belong to floats.
+            # The type of each default is the parameter's declared type (an integer override of a
+            # double is converted, a double for an integer refused): float bounds belong to floats.
             assert isinstance(value, float) == isinstance(spec.min_value, float), name

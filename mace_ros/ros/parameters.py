@@ -122,6 +122,30 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _start_value_of_double(node: Node, name: str, default: float) -> float:
+    """The start-up value of a double parameter, where an integer override (-p ik.timeout_s:=5) counts too.
+
+    ROS refuses an integer for a declared double (InvalidParameterTypeException at start-up), so the
+    override is read through a dynamically typed probe, checked and converted here.
+    """
+    value = node.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True)).value
+    node.undeclare_parameter(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"parameter '{name}' must be a number, got {value!r}")
+    return float(value)
+
+
+def _integers_as_doubles(node: Node, parameters: list[Parameter]) -> list[Parameter]:
+    """Pre-set callback: `ros2 param set` with an integer for a double parameter sets that double."""
+    return [
+        Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+        if parameter.type_ == Parameter.Type.INTEGER and node.has_parameter(parameter.name)
+        and node.get_parameter(parameter.name).type_ == Parameter.Type.DOUBLE
+        else parameter
+        for parameter in parameters
+    ]
+
+
 def descriptor(name: str, default: Any, spec: ParameterSpec) -> ParameterDescriptor:
     result = ParameterDescriptor(name=name, description=spec.description, read_only=spec.read_only)
     if spec.min_value is None:
@@ -140,19 +164,25 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
     """Declare every parameter of `defaults_file` on `node` (overrides from --params-file / -p apply).
 
     Returns the names that have no spec here (declared all the same, with a placeholder description).
-    A spec without a default in the file is a packaging error and raises.
+    A spec without a default in the file is a packaging error and raises. Double parameters accept
+    integer values, at start-up and at run time.
     """
     defaults = load_defaults(defaults_file)
     missing = sorted(set(PARAMETERS) - set(defaults))
     if missing:
         raise ValueError(f"{defaults_file} lacks default(s) for {', '.join(missing)}")
     undocumented = sorted(set(defaults) - set(PARAMETERS))
-    declarations = []
+    declarations, doubles = [], []
     for name, value in defaults.items():
         spec = PARAMETERS.get(name, UNDOCUMENTED)
+        if isinstance(value, float):
+            doubles.append((name, _start_value_of_double(node, name, value), descriptor(name, value, spec)))
+            continue
         typed_value = spec.array_type if spec.array_type is not None and value == [] else value
         declarations.append((name, typed_value, descriptor(name, value, spec)))
     node.declare_parameters("", declarations)
+    node.declare_parameters("", doubles, ignore_override=True)  # overrides already read, as doubles
+    node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(node, parameters))
     return undocumented
 
 
