@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +47,10 @@ def mace_node_arguments() -> list[str]:
     return []
 
 
-@pytest.fixture(scope="session")
-def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
-    """A MaceClient connected to a freshly started installed node; at teardown the node must exit cleanly on SIGINT."""
+@contextmanager
+def running_node(arguments: list[str], isolation: dict[str, str], log_path: Path, node_name: str = "mace") -> Iterator:
+    """(MaceClient, NodeProcess) of a freshly started installed node named `node_name`; on exit the node
+    must stop cleanly on SIGINT (a test may have stopped it already)."""
     try:
         from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
 
@@ -55,17 +58,24 @@ def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
     except (ImportError, LookupError) as error:
         pytest.fail(f"{error}: build (make build) and run the tests with install/setup.bash sourced (make test)")
 
-    log_path = tmp_path_factory.mktemp("mace_node") / "mace_node.log"
     with log_path.open("w") as log:
-        node = NodeProcess(executable, mace_node_arguments, env=ros_isolation, log=log)
-        client = MaceClient()
+        node = NodeProcess(executable, arguments, env=isolation, log=log)
+        client = MaceClient(f"{node_name}_client", server_name=node_name)
         try:
             client.wait_for_services(SERVICE_WAIT_S, alive=node)
         except (TimeoutError, RuntimeError) as error:
             client.close()
             node.stop()
             pytest.fail(f"{error}; node log:\n{log_path.read_text()}")
-        yield client
+        yield client, node
         client.close()
         return_code = node.stop()
     assert return_code == 0, f"mace_node exited with {return_code} on SIGINT; log:\n{log_path.read_text()}"
+
+
+@pytest.fixture(scope="session")
+def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
+    """A MaceClient connected to a freshly started installed node; at teardown the node must exit cleanly on SIGINT."""
+    log_path = tmp_path_factory.mktemp("mace_node") / "mace_node.log"
+    with running_node(mace_node_arguments, ros_isolation, log_path) as (client, _):
+        yield client

@@ -1,7 +1,8 @@
-"""The installed node refuses bad requests with success=false and a reason, and keeps serving.
+"""The installed node refuses bad requests with success=false, a reason and an error code, and keeps serving.
 
 Validation comes before the engines are consulted, so these hold whether or not the engines
-have loaded (or could load) on this machine.
+have loaded (or could load) on this machine. Finite but absurd values (1e300, ...) are refused
+as clearly as NaN: no input may reach the engines and come back as an "engine error".
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import struct
 import time
 
 import pytest
-from geometry_msgs.msg import Point, Pose, PoseArray
-from sensor_msgs.msg import PointCloud2, PointField
+from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion
+from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -55,39 +56,85 @@ def truncated_cloud() -> PointCloud2:
     return cloud
 
 
-def refused(response, *fragments: str) -> None:
+def far_point_cloud(far: float) -> PointCloud2:
+    """20 points of a small object at (0.5, 0, 0.1), and one at x = `far` (float64 fields)."""
+    points = [(0.5 + 0.001 * i, 0.0, 0.1) for i in range(20)] + [(far, 0.0, 0.1)]
+    cloud = PointCloud2(header=Header(frame_id="panda_link0"), height=1, width=len(points), point_step=24)
+    cloud.row_step = cloud.point_step * cloud.width
+    cloud.fields = [PointField(name=n, offset=8 * i, datatype=PointField.FLOAT64, count=1) for i, n in enumerate("xyz")]
+    cloud.data = b"".join(struct.pack("<ddd", *p) for p in points)
+    return cloud
+
+
+def refused(response, *fragments: str, code: str = "") -> None:
+    """success false, no result, the message contains `fragments` and the error code is the constant `code`."""
     assert not response.success, response.message
     for fragment in fragments:
         assert fragment in response.message, response.message
+    assert "engine error" not in response.message, response.message
     assert len(getattr(response, "solutions", getattr(response, "samples", []))) == 0
+    if code:
+        assert response.error_code == getattr(type(response), code), (response.error_code, response.message)
 
 
 def test_nan_goal(mace):
     request = ik_request()
     request.goal.pose.position.y = math.nan
-    refused(mace.get_ik(request), "goal position contains NaN")
+    refused(mace.get_ik(request), "goal position contains NaN", code="INVALID_GOAL")
 
 
 def test_zero_quaternion_unless_position_only(mace):
     request = ik_request()
     request.goal.pose.orientation.x = 0.0
-    refused(mace.get_ik(request), "goal orientation", "not a valid quaternion", "position_only")
+    refused(mace.get_ik(request), "goal orientation", "not a valid quaternion", "position_only", code="INVALID_GOAL")
+
+
+@pytest.mark.parametrize("orientation", [
+    Quaternion(x=1e300, y=0.0, z=0.0, w=0.0),  # its norm overflowed to inf: an engine RuntimeError before
+    Quaternion(x=1e300, y=1e300, z=1e300, w=1e300),
+    Quaternion(x=1e-300, y=0.0, z=0.0, w=0.0),
+    Quaternion(x=50.0, y=0.0, z=0.0, w=0.0),
+])
+def test_absurd_quaternion_norms(mace, orientation):
+    request = ik_request()
+    request.goal.pose.orientation = orientation
+    refused(mace.get_ik(request), "goal orientation", "not a valid quaternion (norm", code="INVALID_GOAL")
+
+
+def test_absurd_goal_position(mace):
+    request = ik_request()
+    request.goal.pose.position = Point(x=1e300, y=-1e300, z=0.3)
+    refused(mace.get_ik(request), "goal position contains a coordinate of 1e+300 m", code="INVALID_GOAL")
+    request.position_only = True
+    refused(mace.get_ik(request), "goal position contains a coordinate of 1e+300 m", code="INVALID_GOAL")
 
 
 def test_unknown_frame(mace):
     request = ik_request()
     request.goal.header.frame_id = "world"
-    refused(mace.get_ik(request), "unknown frame 'world'", "panda_link0")
+    refused(mace.get_ik(request), "unknown frame 'world'", "panda_link0", code="FRAME_TRANSFORM_FAILURE")
 
 
 def test_goal_out_of_reach(mace):
     request = ik_request()
     request.goal.pose.position = Point(x=500.0, y=0.0, z=300.0)  # millimetres by mistake
-    refused(mace.get_ik(request), "goal out of reach")
+    refused(mace.get_ik(request), "goal out of reach", code="INVALID_GOAL")
 
 
 def test_unknown_tip_link(mace):
-    refused(mace.get_ik(ik_request(tip_link="panda_link42")), "unknown tip_link 'panda_link42'")
+    refused(mace.get_ik(ik_request(tip_link="panda_link42")), "unknown tip_link 'panda_link42'", "panda_hand_tcp",
+            code="INVALID_LINK_NAME")
+
+
+@pytest.mark.parametrize("seed_state, message", [
+    (JointState(position=[0.0] * 6), "seed_state: a JointState without names needs 7 positions"),
+    (JointState(name=["panda_joint1"], position=[0.0]), "seed_state: JointState lacks joint(s) panda_joint2"),
+    (JointState(position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, math.nan]), "NaN"),
+    (JointState(position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 1e300]), "panda_joint7 = 1e+300 rad is outside its limits"),
+    (JointState(position=[0.0, 0.0, 0.0, 1.5, 0.0, 1.5, 0.0]), "panda_joint4 = 1.5 rad is outside its limits"),
+])
+def test_bad_seed_states(mace, seed_state, message):
+    refused(mace.get_ik(ik_request(seed_state=seed_state)), message, code="INVALID_ROBOT_STATE")
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -97,7 +144,7 @@ def test_unknown_tip_link(mace):
     ({"tuning_iterations": 2_000_000_000}, "tuning_iterations = 2000000000 is too large"),
 ])
 def test_absurd_counts(mace, fields, message):
-    refused(mace.get_ik(ik_request(**fields)), message)
+    refused(mace.get_ik(ik_request(**fields)), message, code="INVALID_REQUEST")
 
 
 @pytest.mark.parametrize("timeout_s, message", [
@@ -106,8 +153,32 @@ def test_absurd_counts(mace, fields, message):
     (1e6, "too long"),
 ])
 def test_bad_timeouts(mace, timeout_s, message):
-    refused(mace.get_ik(ik_request(timeout_s=timeout_s)), message)
-    refused(mace.infer_shape(shape_request(timeout_s=timeout_s)), message)
+    refused(mace.get_ik(ik_request(timeout_s=timeout_s)), message, code="INVALID_REQUEST")
+    refused(mace.infer_shape(shape_request(timeout_s=timeout_s)), message, code="INVALID_REQUEST")
+
+
+@pytest.mark.parametrize("fields, message", [
+    # "shape engine error: ValueError: data must be finite" before
+    ({"object_origin": Point(x=1e308, y=0.0, z=0.1)}, "object_origin contains a coordinate of 1e+308 m"),
+    ({"object_origin": Point(x=50.0, y=0.0, z=0.1), "contacts": [Point(x=50.04, z=0.1), Point(x=49.96, z=0.1)]},
+     "object_origin is 50 m from panda_link0, more than 10.0 m"),
+    ({"contacts": [Point(x=0.54, z=0.1), Point(x=3e30, z=0.1)]}, "contacts contain a coordinate of 3e+30 m"),
+    ({"contacts": [Point(x=0.54, z=0.1), Point(x=5.0, z=0.1)]}, "contacts: 1 lie farther than 1.0 m from object_origin"),
+    ({"partial_cloud": far_point_cloud(1e300)}, "partial_cloud points: 1 lie farther than 1.0 m from object_origin"),
+    ({"partial_cloud": far_point_cloud(3.0), "contacts": []}, "partial_cloud points: 1 lie farther"),
+    ({"num_samples": 1_000_000}, "num_samples = 1000000 is too large"),
+    ({"tuning_iterations": -5}, "tuning_iterations = -5 is invalid"),
+])
+def test_absurd_shape_requests(mace, fields, message):
+    refused(mace.infer_shape(shape_request(**fields)), message, code="INVALID_REQUEST")
+
+
+def test_oversized_partial_cloud_is_refused_before_decoding(mace):
+    cloud = far_point_cloud(0.5)
+    cloud.height, cloud.width = 100_000, 100_000  # claims 10^10 points
+    cloud.row_step = cloud.point_step * cloud.width
+    refused(mace.infer_shape(shape_request(partial_cloud=cloud)), "partial_cloud has 10000000000 points, more than",
+            code="INVALID_REQUEST")
 
 
 @pytest.mark.parametrize("cloud, message", [
@@ -115,16 +186,17 @@ def test_bad_timeouts(mace, timeout_s, message):
     (truncated_cloud(), "partial_cloud: PointCloud2 data has 12 bytes"),
 ])
 def test_malformed_partial_cloud(mace, cloud, message):
-    refused(mace.infer_shape(shape_request(partial_cloud=cloud)), message)
+    refused(mace.infer_shape(shape_request(partial_cloud=cloud)), message, code="INVALID_REQUEST")
 
 
 def test_shape_request_frames_must_agree(mace):
     cloud = cloud_without_z()
     cloud.header.frame_id = "camera_link"
-    refused(mace.infer_shape(shape_request(partial_cloud=cloud)), "partial_cloud is in frame 'camera_link'")
+    refused(mace.infer_shape(shape_request(partial_cloud=cloud)), "partial_cloud is in frame 'camera_link'",
+            code="FRAME_TRANSFORM_FAILURE")
     request = shape_request()
     request.header.frame_id = "world"
-    refused(mace.infer_shape(request), "unknown frame 'world'")
+    refused(mace.infer_shape(request), "unknown frame 'world'", code="FRAME_TRANSFORM_FAILURE")
 
 
 def test_nan_contacts_and_no_observation(mace):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -84,6 +85,16 @@ class MaceClient:
             client.remove_pending_request(future)
             raise TimeoutError(f"{client.srv_name} did not answer within {timeout_s:.0f} s")
         return future.result()
+
+    @staticmethod
+    def when_loaded(call: Callable[[Any], Any], request: Any, wait_s: float = 180.0) -> Any:
+        """call(request), repeated while the answer is ENGINE_LOADING (engines load in the background at start-up)."""
+        deadline = time.monotonic() + wait_s
+        response = call(request)
+        while response.error_code == type(response).ENGINE_LOADING and time.monotonic() < deadline:
+            time.sleep(0.5)
+            response = call(request)
+        return response
 
     def get_ik(self, request: GetIK.Request, timeout_s: float = 60.0) -> GetIK.Response:
         return self.call(self.get_ik_client, request, timeout_s)

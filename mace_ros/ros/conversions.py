@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +18,7 @@ from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
-from mace_ros.core.kinematics import JOINT_NAMES
+from mace_ros.core.kinematics import JOINT_NAMES, LINK_NAMES
 from mace_ros.ros.frames import RigidTransform
 
 if TYPE_CHECKING:
@@ -36,6 +37,15 @@ FIELD_TYPES: dict[int, np.dtype] = {
 }
 NUMPY_TO_FIELD_TYPE: dict[np.dtype, int] = {dtype: datatype for datatype, dtype in FIELD_TYPES.items()}
 XYZ = ("x", "y", "z")
+# Coordinates beyond this (m) are refused: no robot scene is 10 km wide, and such values (1e300, ...)
+# come from unit or encoding errors and would overflow the engines' arithmetic.
+MAX_COORDINATE_M = 1e4
+# A quaternion is normalized, but its norm must be about 1: outside these bounds it is refused as a
+# mistake (a zero quaternion, a number from another field) rather than silently turned into a rotation.
+MIN_QUATERNION_NORM = 0.1
+MAX_QUATERNION_NORM = 10.0
+# mace_ros.core names every joint and link panda_*; RobotNames maps them to the robot's names.
+CORE_PREFIX = "panda_"
 
 
 # --- PointCloud2 -----------------------------------------------------------------------------
@@ -127,31 +137,45 @@ def xyz_to_pointcloud2(xyz: np.ndarray, header: Header, **extra_fields: np.ndarr
 
 # --- Poses and points --------------------------------------------------------------------------
 
-def point_to_array(point: Point, what: str = "point") -> np.ndarray:
-    """[3] float64; ValueError naming `what` if a coordinate is NaN or infinite."""
-    xyz = np.array([point.x, point.y, point.z], dtype=np.float64)
+def _check_coordinates(xyz: np.ndarray, what: str, verb: str) -> np.ndarray:
     if not np.isfinite(xyz).all():
-        raise ValueError(f"{what} contains NaN or infinite values")
+        raise ValueError(f"{what} {verb} NaN or infinite values")
+    largest = float(np.abs(xyz).max(initial=0.0))
+    if largest > MAX_COORDINATE_M:
+        raise ValueError(f"{what} {verb} a coordinate of {largest:.3g} m, beyond ±{MAX_COORDINATE_M:.0f} m")
     return xyz
+
+
+def point_to_array(point: Point, what: str = "point") -> np.ndarray:
+    """[3] float64; ValueError naming `what` if a coordinate is NaN, infinite or beyond MAX_COORDINATE_M."""
+    return _check_coordinates(np.array([point.x, point.y, point.z], dtype=np.float64), what, "contains")
 
 
 def points_to_array(points: Sequence[Point], what: str = "points") -> np.ndarray:
-    """[k, 3] float64 from a Point list; ValueError if any coordinate is NaN or infinite."""
-    xyz = np.array([[p.x, p.y, p.z] for p in points], dtype=np.float64).reshape(-1, 3)
-    if not np.isfinite(xyz).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
-    return xyz
+    """[k, 3] float64 from a Point list; ValueError if a coordinate is NaN, infinite or beyond MAX_COORDINATE_M."""
+    return _check_coordinates(np.array([[p.x, p.y, p.z] for p in points], dtype=np.float64).reshape(-1, 3), what, "contain")
 
 
 def quaternion_to_array(orientation, what: str = "orientation") -> np.ndarray:
-    """Unit quaternion [4] as (w, x, y, z) from a geometry_msgs Quaternion; ValueError if NaN or zero."""
+    """Unit quaternion [4] as (w, x, y, z) from a geometry_msgs Quaternion whose norm is about 1.
+
+    ValueError if a value is NaN or infinite or the norm lies outside [MIN_QUATERNION_NORM,
+    MAX_QUATERNION_NORM]. The norm is taken after scaling by the largest magnitude, so that huge
+    values (1e300) cannot overflow it to inf and tiny ones cannot underflow it to 0.
+    """
     wxyz = np.array([orientation.w, orientation.x, orientation.y, orientation.z], dtype=np.float64)
     if not np.isfinite(wxyz).all():
         raise ValueError(f"{what} contains NaN or infinite values")
-    norm = np.linalg.norm(wxyz)
-    if norm < 1e-9:
-        raise ValueError(f"{what} is not a valid quaternion (norm {norm:.3g})")
-    return wxyz / norm
+    largest = float(np.abs(wxyz).max())
+    if largest == 0.0:
+        raise ValueError(f"{what} is not a valid quaternion (all zero)")
+    unit = wxyz / largest
+    norm = float(np.linalg.norm(unit)) * largest
+    if not MIN_QUATERNION_NORM <= norm <= MAX_QUATERNION_NORM:
+        raise ValueError(
+            f"{what} is not a valid quaternion (norm {norm:.3g}; a norm between {MIN_QUATERNION_NORM:g} and "
+            f"{MAX_QUATERNION_NORM:g} is accepted and normalized)")
+    return unit / np.linalg.norm(unit)
 
 
 def pose_to_position_quaternion(pose: Pose, what: str = "pose") -> tuple[np.ndarray, np.ndarray]:
@@ -159,15 +183,44 @@ def pose_to_position_quaternion(pose: Pose, what: str = "pose") -> tuple[np.ndar
     return point_to_array(pose.position, f"{what} position"), quaternion_to_array(pose.orientation, f"{what} orientation")
 
 
-# --- Joint states ------------------------------------------------------------------------------
+# --- Robot names and joint states --------------------------------------------------------------
 
-def joint_state_from_positions(positions: np.ndarray, header: Header) -> JointState:
-    """A JointState of the 7 arm joints (panda_joint1..7), usable as a MoveIt IK seed."""
-    return JointState(header=header, name=list(JOINT_NAMES), position=[float(v) for v in positions])
+@dataclass(frozen=True)
+class RobotNames:
+    """Joint and link names as the robot's ROS graph spells them: the core's `panda_<x>` is `<prefix><x>`.
+
+    The prefix follows Franka's arm_id convention (`fr3_` gives fr3_joint1, fr3_link0, fr3_hand_tcp);
+    the engines keep their panda_* names, and only messages and request fields are translated.
+    """
+
+    prefix: str = CORE_PREFIX
+
+    def to_ros(self, core_name: str) -> str:
+        return self.prefix + core_name.removeprefix(CORE_PREFIX)
+
+    def to_core(self, ros_name: str) -> str | None:
+        """The core name of the joint or link `ros_name`, or None if the robot has none of that name."""
+        if not ros_name.startswith(self.prefix):
+            return None
+        core_name = CORE_PREFIX + ros_name[len(self.prefix):]
+        return core_name if core_name in JOINT_NAMES or core_name in LINK_NAMES else None
+
+    @property
+    def joint_names(self) -> list[str]:
+        return [self.to_ros(name) for name in JOINT_NAMES]
+
+    @property
+    def link_names(self) -> list[str]:
+        return [self.to_ros(name) for name in LINK_NAMES]
 
 
-def joint_state_to_positions(state: JointState) -> np.ndarray | None:
-    """[7] arm joint positions ordered panda_joint1..7, or None when the state has no positions.
+def joint_state_from_positions(positions: np.ndarray, header: Header, names: RobotNames = RobotNames()) -> JointState:
+    """A JointState of the 7 arm joints (<prefix>joint1..7), usable as a MoveIt IK seed."""
+    return JointState(header=header, name=names.joint_names, position=[float(v) for v in positions])
+
+
+def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()) -> np.ndarray | None:
+    """[7] arm joint positions ordered <prefix>joint1..7, or None when the state has no positions.
 
     Names select and order the joints (other joints, e.g. the fingers, are ignored); a nameless
     state must list exactly the 7 arm joints in order.
@@ -175,18 +228,19 @@ def joint_state_to_positions(state: JointState) -> np.ndarray | None:
     if len(state.position) == 0:
         return None
     positions = np.asarray(state.position, dtype=np.float64)
+    joint_names = names.joint_names
     if len(state.name) == 0:
-        if positions.size != len(JOINT_NAMES):
-            raise ValueError(f"a JointState without names needs {len(JOINT_NAMES)} positions, got {positions.size}")
+        if positions.size != len(joint_names):
+            raise ValueError(f"a JointState without names needs {len(joint_names)} positions, got {positions.size}")
         ordered = positions
     else:
         if len(state.name) != positions.size:
             raise ValueError(f"JointState has {len(state.name)} names but {positions.size} positions")
         by_name = dict(zip(state.name, positions))
-        missing = [name for name in JOINT_NAMES if name not in by_name]
+        missing = [name for name in joint_names if name not in by_name]
         if missing:
             raise ValueError(f"JointState lacks joint(s) {', '.join(missing)}")
-        ordered = np.array([by_name[name] for name in JOINT_NAMES])
+        ordered = np.array([by_name[name] for name in joint_names])
     if not np.isfinite(ordered).all():
         raise ValueError("JointState positions contain NaN or infinite values")
     return ordered

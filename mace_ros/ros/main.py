@@ -1,6 +1,7 @@
 """Entry point of the installed `mace_node` executable (`ros2 run mace_ros mace_node`)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import rclpy
@@ -8,11 +9,17 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
 from mace_ros.ros.node import MaceNode
 
-# GetIK and InferShape may each hold a thread for seconds; the rest keep topics flowing.
-EXECUTOR_THREADS = 4
+# Each request holds a thread while it waits for its engine's turn (its deadline running) and while
+# it is served; with this many, a dozen waiting requests still leave threads for the topics.
+EXECUTOR_THREADS = 16
+# On SIGINT, requests in flight get this long to finish; then the process exits without them, so that
+# it ends within 1 s: engine work cannot be interrupted from another thread, and after shutdown their
+# answers could not be sent anyway.
+SHUTDOWN_GRACE_S = 0.5
 
 
 def main(args: list[str] | None = None) -> int:
+    node: MaceNode | None = None
     try:
         with rclpy.init(args=args):
             node = MaceNode()
@@ -21,6 +28,11 @@ def main(args: list[str] | None = None) -> int:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C / SIGINT / SIGTERM: a normal way to stop a node
+    if node is not None and not node.wait_for_requests(SHUTDOWN_GRACE_S):
+        # Python would join the executor's busy threads at exit; leave them instead.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

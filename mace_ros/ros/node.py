@@ -1,22 +1,26 @@
 """The `mace` node: GetIK and InferShape services over the MACE engines, fed by obstacle topics.
 
-Each service has its own callback group and the node spins in a MultiThreadedExecutor, so a long
-GetIK neither blocks InferShape nor the topic callbacks that keep the obstacle model current; a
-request works on a snapshot of that model. Engines are built once, in background threads, so the
-node answers ("engine still loading") from the start.
+The node spins in a MultiThreadedExecutor with the services in a reentrant callback group, so a
+long GetIK neither blocks InferShape nor the topic callbacks that keep the obstacle model current;
+a request works on a snapshot of that model. Each engine serves one request at a time: concurrent
+requests wait for their turn inside their callback, where their deadline (timeout_s from the
+callback's start) keeps running, so one whose deadline passes while it waits is answered TIMED_OUT
+without being worked on. Engines are built once, in background threads, so the node answers
+(ENGINE_LOADING) from the start.
 """
 from __future__ import annotations
 
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from geometry_msgs.msg import PoseArray
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -27,17 +31,24 @@ from visualization_msgs.msg import Marker, MarkerArray
 from mace_ros.ros import conversions, markers
 from mace_ros.ros.frames import FrameTable, RigidTransform
 from mace_ros.ros.obstacles import ObstacleModel, voxel_downsample
+from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
-from mace_ros.ros.requests import InvalidRequest, RequestDefaults, ik_request_arguments, shape_request_arguments
+from mace_ros.ros.requests import (
+    ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_request_arguments, shape_request_arguments)
 from mace_ros.srv import GetIK, InferShape
 
 # Latched: rviz (or a test) that subscribes after a result still receives it.
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 WARNING_PERIOD_S = 5.0
+# GetIK error code of an unsolved IKResult by its failure_kind (mace_ros.core.ik_engine.FAILURE_KINDS).
+IK_FAILURE_CODES: dict[str, ErrorCode] = {
+    "": "NO_IK_SOLUTION", "collision": "GOAL_IN_COLLISION", "unreachable": "NO_IK_SOLUTION",
+    "joint_limits": "NO_IK_SOLUTION", "timeout": "TIMED_OUT",
+}
 
 
-class EngineUnavailable(RuntimeError):
-    """The engine is still loading or failed to load; the message says which."""
+class EngineUnavailable(RequestRefused):
+    """The engine is still loading (ENGINE_LOADING) or failed to load (ENGINE_UNAVAILABLE)."""
 
 
 class EngineSlot:
@@ -49,6 +60,7 @@ class EngineSlot:
         self._error: str | None = None
         self._started = time.monotonic()
         self._logger = logger
+        self._turn = threading.Lock()
         threading.Thread(target=self._build, args=(build,), name=f"{name}-engine-loader", daemon=True).start()
 
     def _build(self, build: Callable[[], Any]) -> None:
@@ -65,8 +77,29 @@ class EngineSlot:
         if self._engine is not None:
             return self._engine
         if self._error is not None:
-            raise EngineUnavailable(f"{self.name} engine unavailable: {self._error}")
-        raise EngineUnavailable(f"{self.name} engine still loading ({time.monotonic() - self._started:.0f} s since start)")
+            raise EngineUnavailable(f"{self.name} engine unavailable: {self._error}", "ENGINE_UNAVAILABLE")
+        raise EngineUnavailable(
+            f"{self.name} engine still loading ({time.monotonic() - self._started:.0f} s since start)", "ENGINE_LOADING")
+
+    @contextmanager
+    def turn(self, deadline: float) -> Iterator[tuple[Any, float]]:
+        """The engine and the seconds left before `deadline` (time.monotonic()), held for one request.
+
+        Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead.
+        """
+        engine = self.get()
+        waiting_since = time.monotonic()
+        if not self._turn.acquire(timeout=max(0.0, deadline - waiting_since)):
+            raise RequestRefused(
+                f"timed out after waiting {time.monotonic() - waiting_since:.3f} s for the {self.name} engine, "
+                f"busy with other requests", "TIMED_OUT")
+        try:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0.0:
+                raise RequestRefused(f"timed out before the {self.name} engine could start", "TIMED_OUT")
+            yield engine, remaining_s
+        finally:
+            self._turn.release()
 
 
 def resolve_device(name: str) -> str:
@@ -99,12 +132,15 @@ class MaceNode(Node):
         super().__init__(NODE_NAME)
         for name in declare_parameters(self, defaults_file or default_parameters_file()):
             self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
-        self.base_frame: str = self.get_parameter("base_frame").value
+        self.names = RobotNames(self.get_parameter("robot_prefix").value)
+        self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
         self.frames = FrameTable(
             self.base_frame, FrameTable.parse_static_transforms(self.get_parameter("static_transforms").value))
         self.obstacles = ObstacleModel()
         self._contacts_lock = threading.Lock()
         self._latest_contacts: np.ndarray | None = None
+        self._requests_done = threading.Condition()
+        self._requests_in_flight = 0
 
         topics_group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(MarkerArray, "~/obstacles", self.on_obstacles, 10, callback_group=topics_group)
@@ -115,9 +151,10 @@ class MaceNode(Node):
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
         self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
-        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_service(
-            InferShape, "~/infer_shape", self.on_infer_shape, callback_group=MutuallyExclusiveCallbackGroup())
+        # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
+        services_group = ReentrantCallbackGroup()
+        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
+        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
 
         device = self.get_parameter("device").value
         dtype = self.get_parameter("dtype").value
@@ -198,28 +235,51 @@ class MaceNode(Node):
 
     # --- Services -------------------------------------------------------------------------------
 
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Counts a request from its callback's start to its answer (see wait_for_requests)."""
+        with self._requests_done:
+            self._requests_in_flight += 1
+        try:
+            yield
+        finally:
+            with self._requests_done:
+                self._requests_in_flight -= 1
+                self._requests_done.notify_all()
+
+    def wait_for_requests(self, timeout_s: float) -> bool:
+        """True once no request is being served or waiting, False if some still are after timeout_s."""
+        with self._requests_done:
+            return self._requests_done.wait_for(lambda: self._requests_in_flight == 0, timeout_s)
+
     def on_get_ik(self, request: GetIK.Request, response: GetIK.Response) -> GetIK.Response:
+        # timeout_s counts from here: rclpy hands callbacks no arrival time, and with the reentrant
+        # group a request reaches its callback as soon as an executor thread is free.
         started = time.monotonic()
+        with self._in_flight():
+            return self._serve_get_ik(request, response, started)
+
+    def _serve_get_ik(self, request: GetIK.Request, response: GetIK.Response, started: float) -> GetIK.Response:
         defaults = RequestDefaults(
             num_samples=self.get_parameter("ik.num_samples").value,
             tuning_iterations=self.get_parameter("ik.tuning_iterations").value,
             timeout_s=self.get_parameter("ik.timeout_s").value,
             random_seed=self.get_parameter("random_seed").value,
             num_solutions=self.get_parameter("ik.num_solutions").value,
-            tip_link=self.get_parameter("ik.tip_link").value,
+            tip_link=self.get_parameter("ik.tip_link").value or self.names.to_ros("panda_hand"),
         )
         try:
-            arguments = ik_request_arguments(request, defaults, self.frames)
-            engine = self.ik_engine.get()
+            arguments = ik_request_arguments(request, defaults, self.frames, self.names)
             from mace_ros.core.ik_engine import IKRequest
 
-            result = engine.solve(IKRequest(**arguments), self.obstacles.snapshot())
+            with self.ik_engine.turn(started + arguments["timeout_s"]) as (engine, remaining_s):
+                result = engine.solve(IKRequest(**{**arguments, "timeout_s": remaining_s}), self.obstacles.snapshot())
             self._fill_ik_response(response, result, arguments)
-        except (InvalidRequest, EngineUnavailable) as error:
-            return self._failed("GetIK", response, str(error), started)
+        except RequestRefused as error:
+            return self._failed("GetIK", response, str(error), error.code, started)
         except Exception as error:  # an engine bug must cost one request, not the node
             self.get_logger().error(f"GetIK: engine error\n{traceback.format_exc()}")
-            return self._failed("GetIK", response, f"IK engine error: {type(error).__name__}: {error}", started)
+            return self._failed("GetIK", response, f"IK engine error: {type(error).__name__}: {error}", "FAILURE", started)
         response.elapsed_s = time.monotonic() - started
         self.get_logger().info(
             f"GetIK: {'success' if response.success else 'failure'}, {len(response.solutions)} solution(s) "
@@ -230,8 +290,10 @@ class MaceNode(Node):
         header = self._base_header()
         solutions = np.asarray(result.solutions, dtype=np.float64).reshape(-1, 7)
         response.success = bool(result.success)
+        code = "SUCCESS" if result.success else IK_FAILURE_CODES.get(getattr(result, "failure_kind", ""), "FAILURE")
+        response.error_code = getattr(GetIK.Response, code)
         response.message = result.message
-        response.solutions = [conversions.joint_state_from_positions(q, header) for q in solutions]
+        response.solutions = [conversions.joint_state_from_positions(q, header, self.names) for q in solutions]
         response.scores = [float(v) for v in result.scores]
         response.position_errors_m = [float(v) for v in result.position_errors_m]
         response.orientation_errors_rad = [float(v) for v in result.orientation_errors_rad]
@@ -242,7 +304,13 @@ class MaceNode(Node):
                       markers.ik_solution_markers(solutions, header, arguments["goal_position"], arguments["tip_link"]))
 
     def on_infer_shape(self, request: InferShape.Request, response: InferShape.Response) -> InferShape.Response:
-        started = time.monotonic()
+        started = time.monotonic()  # timeout_s counts from here, as in on_get_ik
+        with self._in_flight():
+            return self._serve_infer_shape(request, response, started)
+
+    def _serve_infer_shape(
+        self, request: InferShape.Request, response: InferShape.Response, started: float,
+    ) -> InferShape.Response:
         defaults = RequestDefaults(
             num_samples=self.get_parameter("shape.num_samples").value,
             tuning_iterations=self.get_parameter("shape.tuning_iterations").value,
@@ -253,16 +321,21 @@ class MaceNode(Node):
             latest_contacts = self._latest_contacts
         try:
             arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts)
-            engine = self.shape_engine.get()
             from mace_ros.core.shape_engine import ShapeRequest
 
-            result = engine.infer(ShapeRequest(**arguments))
+            try:  # what needs the engine's configuration (its finger set), checked before waiting for it
+                self.shape_engine.get().validate(ShapeRequest(**arguments))
+            except ValueError as error:
+                raise InvalidRequest(str(error)) from None
+            with self.shape_engine.turn(started + arguments["timeout_s"]) as (engine, remaining_s):
+                result = engine.infer(ShapeRequest(**{**arguments, "timeout_s": remaining_s}))
             self._fill_shape_response(response, result, request.header.frame_id, to_base.inverse())
-        except (InvalidRequest, EngineUnavailable) as error:
-            return self._failed("InferShape", response, str(error), started)
+        except RequestRefused as error:
+            return self._failed("InferShape", response, str(error), error.code, started)
         except Exception as error:  # an engine bug must cost one request, not the node
             self.get_logger().error(f"InferShape: engine error\n{traceback.format_exc()}")
-            return self._failed("InferShape", response, f"shape engine error: {type(error).__name__}: {error}", started)
+            return self._failed(
+                "InferShape", response, f"shape engine error: {type(error).__name__}: {error}", "FAILURE", started)
         response.elapsed_s = time.monotonic() - started
         self.get_logger().info(
             f"InferShape: {'success' if response.success else 'failure'}, {len(response.samples)} sample(s) "
@@ -277,6 +350,9 @@ class MaceNode(Node):
         samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
         request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
         response.success = bool(result.success)
+        timed_out = getattr(result, "failure_kind", "") == "timeout"
+        response.error_code = getattr(
+            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
         response.message = result.message
         response.samples = [conversions.xyz_to_pointcloud2(to_request.apply(s), request_header) for s in samples]
         response.scores = [float(v) for v in result.scores]
@@ -287,9 +363,10 @@ class MaceNode(Node):
         if samples.shape[0]:
             self._publish(self.shape_samples_publisher, markers.shape_samples_cloud(samples, self._base_header()))
 
-    def _failed(self, service: str, response: Any, message: str, started: float) -> Any:
+    def _failed(self, service: str, response: Any, message: str, code: ErrorCode, started: float) -> Any:
         response = type(response)()  # drop anything a failing step had filled in
         response.success = False
+        response.error_code = getattr(type(response), code)
         response.message = message
         response.elapsed_s = time.monotonic() - started
         self.get_logger().warning(f"{service} refused: {message}")

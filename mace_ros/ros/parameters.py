@@ -34,7 +34,11 @@ class ParameterSpec:
 
 
 PARAMETERS: dict[str, ParameterSpec] = {
-    "base_frame": ParameterSpec("Robot base frame: requests and topics must be in it (or in a static_transforms frame); '' also means it."),
+    "robot_prefix": ParameterSpec(
+        "Prefix of the robot's joint and link names (Franka's arm_id + '_'): <prefix>joint1..7, <prefix>link0, <prefix>hand, "
+        "<prefix>hand_tcp. Requests, responses and topics use these names; the engines keep panda_*."),
+    "base_frame": ParameterSpec(
+        "Robot base frame, in which everything is computed ('' = <robot_prefix>link0); other frames are transformed into it."),
     "static_transforms": ParameterSpec(
         "Extra fixed frames accepted on topics and requests, as 'frame x y z qx qy qz qw; ...': each frame's pose in base_frame."),
     "device": ParameterSpec("Torch device of the engines: auto (cuda when available), cpu, cuda or cuda:N."),
@@ -45,7 +49,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "scene": ParameterSpec("Static obstacles loaded at start: a scene name from config/scenes/ or a YAML path; '' = none."),
     "obstacle_cloud.voxel_size_m": ParameterSpec(
         "Voxel edge (m) the obstacle cloud is thinned to, one point per voxel; 0 keeps every point.", 0.0, 1.0, read_only=False),
-    "ik.tip_link": ParameterSpec("Default tip link of GetIK requests (any Panda link).", read_only=False),
+    "ik.tip_link": ParameterSpec(
+        "Default tip link of GetIK requests: any link of the robot, e.g. <robot_prefix>hand_tcp ('' = <robot_prefix>hand).",
+        read_only=False),
     "ik.num_solutions": ParameterSpec("Default number of ranked GetIK solutions.", 1, 1000, read_only=False),
     "ik.num_samples": ParameterSpec("Default prior samples per MACE iteration (N) for GetIK.", 1, 100000, read_only=False),
     "ik.tuning_iterations": ParameterSpec("Default MACE iterations (T) for GetIK; 0 = no tuning.", 0, 100000, read_only=False),

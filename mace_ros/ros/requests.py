@@ -1,20 +1,23 @@
 """Validation of GetIK / InferShape requests and their translation into engine arguments.
 
 Conventions (see srv/*.srv): a numeric field left at 0 means the configured default, except
-tuning_iterations, where 0 means no tuning and -1 the default. Anything invalid raises
-InvalidRequest with a message for the response. Nothing here imports the engines, so bad input
-is answered the same way whether or not they have loaded.
+tuning_iterations, where 0 means no tuning and -1 the default. Anything invalid, including
+finite but absurd values that would overflow the engines' arithmetic, raises InvalidRequest with
+a message and an error code for the response. Nothing here imports the engines, so bad input is
+answered the same way whether or not they have loaded. Joint and link names are the robot's
+(RobotNames); the arguments returned use the core's panda_* names.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from mace_ros.core.kinematics import LINK_NAMES
+from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_NAMES
 from mace_ros.ros import conversions
+from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.frames import FrameTable, RigidTransform, UnknownFrameError
 
 if TYPE_CHECKING:
@@ -29,10 +32,41 @@ MAX_TIMEOUT_S = 600.0
 # long tip links while still catching goals given in millimetres or in the wrong frame.
 SHOULDER_POSITION_M = np.array([0.0, 0.0, 0.333])
 MAX_REACH_M = 1.2
+# Joint readings of a real arm can lie slightly outside its limits; a seed that close is clamped
+# (as the engine does), one farther out is a wrong joint order or unit and is refused.
+SEED_LIMIT_TOLERANCE_RAD = 0.1
+# InferShape: objects are hand-sized (the VAE's shapes span ~0.2 m), so contacts and partial-cloud
+# points farther than this from object_origin are a wrong frame, unit or segmentation.
+MAX_OBJECT_RADIUS_M = 1.0
+# ... and the object must be in the robot's surroundings (float32 shapes keep ~1 um there).
+MAX_OBJECT_DISTANCE_M = 10.0
+# A partial cloud is refused above this many points before decoding (a 1280 x 720 camera has 0.92 M)
+# and thinned to MAX_PARTIAL_POINTS evenly spread ones after: the score is a per-point mean, and its
+# nearest-neighbour search grows with the point count.
+MAX_CLOUD_POINTS = 4_000_000
+MAX_PARTIAL_POINTS = 4096
+
+# The error code constants of srv/GetIK.srv and srv/InferShape.srv, by name (the .srv holds the values).
+ErrorCode = Literal[
+    "SUCCESS", "FAILURE", "TIMED_OUT", "GOAL_IN_COLLISION", "INVALID_ROBOT_STATE", "INVALID_LINK_NAME",
+    "FRAME_TRANSFORM_FAILURE", "NO_IK_SOLUTION", "INVALID_GOAL", "INVALID_REQUEST", "ENGINE_LOADING",
+    "ENGINE_UNAVAILABLE",
+]
 
 
-class InvalidRequest(ValueError):
+class RequestRefused(Exception):
+    """A request answered with success = false and no result; `code` names its error code constant."""
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+
+
+class InvalidRequest(RequestRefused, ValueError):
     """The request cannot be served as given; the message says why."""
+
+    def __init__(self, message: str, code: ErrorCode = "INVALID_REQUEST") -> None:
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)
@@ -44,7 +78,7 @@ class RequestDefaults:
     timeout_s: float
     random_seed: int
     num_solutions: int = 0  # GetIK only
-    tip_link: str = ""  # GetIK only
+    tip_link: str = ""  # GetIK only, the robot's name of the link (RobotNames)
 
 
 def _count(value: int, default: int, maximum: int, field: str) -> int:
@@ -78,10 +112,42 @@ def _to_base(frames: FrameTable, frame_id: str, what: str) -> RigidTransform:
     try:
         return frames.to_base(frame_id)
     except UnknownFrameError as error:
-        raise InvalidRequest(f"{what}: {error}") from None
+        raise InvalidRequest(f"{what}: {error}", "FRAME_TRANSFORM_FAILURE") from None
 
 
-def ik_request_arguments(request: GetIK.Request, defaults: RequestDefaults, frames: FrameTable) -> dict[str, Any]:
+def _seed_state(state: Any, names: RobotNames) -> np.ndarray | None:
+    """The seed's 7 arm joint positions (core order), clamped to the limits, or None without positions."""
+    try:
+        positions = conversions.joint_state_to_positions(state, names)
+    except ValueError as error:
+        raise InvalidRequest(f"seed_state: {error}", "INVALID_ROBOT_STATE") from None
+    if positions is None:
+        return None
+    lower, upper = np.array(JOINT_LOWER), np.array(JOINT_UPPER)
+    outside = (positions < lower - SEED_LIMIT_TOLERANCE_RAD) | (positions > upper + SEED_LIMIT_TOLERANCE_RAD)
+    if outside.any():
+        joint = int(np.argmax(outside))
+        raise InvalidRequest(
+            f"seed_state: {names.joint_names[joint]} = {positions[joint]:.6g} rad is outside its limits "
+            f"[{lower[joint]}, {upper[joint]}] by more than {SEED_LIMIT_TOLERANCE_RAD} rad", "INVALID_ROBOT_STATE")
+    return np.clip(positions, lower, upper)
+
+
+def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> None:
+    """InvalidRequest unless every point [k, 3] lies within MAX_OBJECT_RADIUS_M of the object origin."""
+    if points.shape[0] == 0:
+        return
+    distances = np.linalg.norm(points - origin, axis=1)
+    farthest = int(np.argmax(distances))
+    if distances[farthest] > MAX_OBJECT_RADIUS_M:
+        raise InvalidRequest(
+            f"{what}: {int((distances > MAX_OBJECT_RADIUS_M).sum())} lie farther than {MAX_OBJECT_RADIUS_M} m from "
+            f"object_origin (the farthest, {distances[farthest]:.3g} m); give only the object's points, in the header's frame")
+
+
+def ik_request_arguments(
+    request: GetIK.Request, defaults: RequestDefaults, frames: FrameTable, names: RobotNames = RobotNames(),
+) -> dict[str, Any]:
     """Keyword arguments of mace_ros.core.ik_engine.IKRequest for a GetIK request, in the base frame."""
     to_base = _to_base(frames, request.goal.header.frame_id, "goal")
     try:
@@ -93,27 +159,28 @@ def ik_request_arguments(request: GetIK.Request, defaults: RequestDefaults, fram
             quaternion = conversions.quaternion_to_array(
                 request.goal.pose.orientation, "goal orientation (set position_only to ignore it)")
             position, quaternion = to_base.apply_pose(position, quaternion)
-        seed_state = conversions.joint_state_to_positions(request.seed_state)
     except ValueError as error:
-        raise InvalidRequest(str(error)) from None
+        raise InvalidRequest(str(error), "INVALID_GOAL") from None
 
     distance = float(np.linalg.norm(position - SHOULDER_POSITION_M))
     if distance > MAX_REACH_M:
         raise InvalidRequest(
             f"goal out of reach: {distance:.3f} m from the shoulder (0, 0, 0.333) in {frames.base_frame}, "
-            f"more than {MAX_REACH_M} m")
+            f"more than {MAX_REACH_M} m", "INVALID_GOAL")
     tip_link = request.tip_link or defaults.tip_link
-    if tip_link not in LINK_NAMES:
-        raise InvalidRequest(f"unknown tip_link '{tip_link}'; Panda links: {', '.join(LINK_NAMES)}")
+    core_tip_link = names.to_core(tip_link)
+    if core_tip_link not in LINK_NAMES:
+        raise InvalidRequest(
+            f"unknown tip_link '{tip_link}'; links of this robot: {', '.join(names.link_names)}", "INVALID_LINK_NAME")
     return {
         "goal_position": position,
         "goal_quaternion_wxyz": quaternion,
-        "tip_link": tip_link,
+        "tip_link": core_tip_link,
         "num_solutions": _count(request.num_solutions, defaults.num_solutions, MAX_NUM_SOLUTIONS, "num_solutions"),
         "num_samples": _count(request.num_samples, defaults.num_samples, MAX_IK_SAMPLES, "num_samples"),
         "tuning_iterations": _tuning_iterations(request.tuning_iterations, defaults.tuning_iterations),
         "timeout_s": _timeout(request.timeout_s, defaults.timeout_s),
-        "seed_state": seed_state,
+        "seed_state": _seed_state(request.seed_state, names),
         "random_seed": int(request.random_seed or defaults.random_seed),
     }
 
@@ -130,20 +197,31 @@ def shape_request_arguments(
     to_base = _to_base(frames, frame_id, "header")
     cloud_frame = request.partial_cloud.header.frame_id
     if cloud_frame and cloud_frame != frame_id:
-        raise InvalidRequest(f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'")
+        raise InvalidRequest(
+            f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'", "FRAME_TRANSFORM_FAILURE")
     try:
         contacts = conversions.points_to_array(request.contacts, "contacts")
         origin = conversions.point_to_array(request.object_origin, "object_origin")
     except ValueError as error:
         raise InvalidRequest(str(error)) from None
+    origin_distance = float(np.linalg.norm(to_base.apply(origin)))
+    if origin_distance > MAX_OBJECT_DISTANCE_M:
+        raise InvalidRequest(
+            f"object_origin is {origin_distance:.3g} m from {frames.base_frame}, more than {MAX_OBJECT_DISTANCE_M} m")
+    _check_near_origin(contacts, origin, "contacts")
     cloud = None
-    if request.partial_cloud.width * request.partial_cloud.height > 0:
+    num_cloud_points = request.partial_cloud.width * request.partial_cloud.height
+    if num_cloud_points > MAX_CLOUD_POINTS:
+        raise InvalidRequest(f"partial_cloud has {num_cloud_points} points, more than {MAX_CLOUD_POINTS}")
+    if num_cloud_points > 0:
         try:
             cloud = conversions.pointcloud2_to_xyz(request.partial_cloud)
         except ValueError as error:
             raise InvalidRequest(f"partial_cloud: {error}") from None
         if cloud.shape[0] == 0:
             raise InvalidRequest("partial_cloud: no point has finite coordinates")
+        _check_near_origin(cloud, origin, "partial_cloud points")
+        cloud = cloud[:: math.ceil(cloud.shape[0] / MAX_PARTIAL_POINTS)]
 
     if contacts.shape[0] > 0:
         contacts = to_base.apply(contacts)

@@ -1,0 +1,133 @@
+"""A node configured as for a real arm: another arm_id, an integer for a double parameter, concurrent
+callers whose deadlines run while they wait, and SIGINT with a request in flight.
+
+One node (named mace_fr3, so that it never meets the session's `mace`) serves the whole module;
+the last test stops it with SIGINT.
+"""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from geometry_msgs.msg import Point
+from rcl_interfaces.msg import ParameterType
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Header
+
+from conftest import running_node
+from mace_ros.core.kinematics import PandaKinematics
+from mace_ros.srv import GetIK, InferShape
+
+NODE_NAME = "mace_fr3"
+# An integer for the double ik.timeout_s crashed the node at start-up (InvalidParameterTypeException).
+ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5"]
+ENGINE_WAIT_S = 180.0
+FR3_JOINTS = [f"fr3_joint{i}" for i in range(1, 8)]
+CONTACTS = [Point(x=0.54, y=0.0, z=0.1), Point(x=0.46, y=0.0, z=0.1), Point(x=0.5, y=0.04, z=0.1)]
+
+
+@pytest.fixture(scope="module")
+def fr3(ros_isolation, tmp_path_factory):
+    """(MaceClient, NodeProcess) of the module's node."""
+    log_path = tmp_path_factory.mktemp(NODE_NAME) / "mace_node.log"
+    with running_node(ARGUMENTS, ros_isolation, log_path, NODE_NAME) as client_and_node:
+        yield client_and_node
+
+
+def ik_request(**fields) -> GetIK.Request:
+    request = GetIK.Request()
+    request.goal.header.frame_id = "fr3_link0"
+    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
+    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0  # hand pointing down
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request
+
+
+def long_shape_request(timeout_s: float) -> InferShape.Request:
+    """A shape request that tunes until its deadline (far more iterations than fit in timeout_s)."""
+    return InferShape.Request(header=Header(frame_id="fr3_link0"), contacts=CONTACTS, object_origin=Point(x=0.5, z=0.1),
+                              num_samples=4, tuning_iterations=100_000, timeout_s=timeout_s)
+
+
+def test_integer_for_a_double_parameter(fr3):
+    client, _ = fr3
+    parameters = AsyncParameterClient(client.node, NODE_NAME)
+    assert parameters.wait_for_services(10.0)
+
+    def timeout_parameter():
+        future = parameters.get_parameters(["ik.timeout_s"])
+        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+        return future.result().values[0]
+
+    value = timeout_parameter()
+    assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 5.0)
+    # At run time too (`ros2 param set /mace_fr3 ik.timeout_s 3`).
+    future = parameters.set_parameters([Parameter("ik.timeout_s", Parameter.Type.INTEGER, 3)])
+    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+    assert future.result().results[0].successful, future.result().results[0].reason
+    value = timeout_parameter()
+    assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 3.0)
+
+
+def test_names_carry_the_robot_prefix(fr3):
+    client, _ = fr3
+    response = client.get_ik(ik_request(tip_link="panda_hand"))
+    assert response.error_code == GetIK.Response.INVALID_LINK_NAME, response.message
+    assert "fr3_hand_tcp" in response.message
+    request = ik_request()
+    request.goal.header.frame_id = "panda_link0"
+    assert client.get_ik(request).error_code == GetIK.Response.FRAME_TRANSFORM_FAILURE
+    seed = JointState(name=["panda_joint1"], position=[0.0])
+    response = client.get_ik(ik_request(seed_state=seed))
+    assert response.error_code == GetIK.Response.INVALID_ROBOT_STATE and "fr3_joint1" in response.message
+
+
+def test_get_ik_for_the_hand_tcp_in_the_robot_names(fr3):
+    client, _ = fr3
+    seed = JointState(name=[*reversed(FR3_JOINTS), "fr3_finger_joint1"],
+                      position=[*reversed([0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8]), 0.04])
+    request = ik_request(tip_link="fr3_hand_tcp", num_solutions=2, timeout_s=10.0, seed_state=seed)
+    response = client.when_loaded(client.get_ik, request, ENGINE_WAIT_S)
+    assert response.success and response.error_code == GetIK.Response.SUCCESS, response.message
+    kinematics = PandaKinematics(dtype=torch.float64)
+    for solution in response.solutions:
+        assert list(solution.name) == FR3_JOINTS and solution.header.frame_id == "fr3_link0"
+        position, _ = kinematics.forward(torch.tensor([list(solution.position)]), "panda_hand_tcp")
+        np.testing.assert_allclose(position[0].numpy(), [0.5, 0.0, 0.3], atol=1e-3)
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_times_out_unworked(fr3):
+    client, _ = fr3
+    # The shape engine loaded (a short call), then one long request holds it while a short one waits.
+    assert client.when_loaded(client.infer_shape, long_shape_request(0.5), ENGINE_WAIT_S).error_code != \
+        InferShape.Response.ENGINE_LOADING
+    long_call = client.infer_shape_client.call_async(long_shape_request(3.0))
+    client.executor.spin_once(timeout_sec=0.3)  # the long request is taken first
+    sent = time.monotonic()
+    short_call = client.infer_shape_client.call_async(long_shape_request(0.5))
+    client.executor.spin_until_future_complete(short_call, timeout_sec=10.0)
+    answered_after_s = time.monotonic() - sent
+    short = short_call.result()
+    assert short.error_code == InferShape.Response.TIMED_OUT and not short.success, short.message
+    assert "busy with other requests" in short.message
+    assert answered_after_s < 0.5 + 0.3 and short.elapsed_s < 0.5 + 0.1, (answered_after_s, short.elapsed_s)
+    client.executor.spin_until_future_complete(long_call, timeout_sec=10.0)
+    assert long_call.result().elapsed_s < 3.0 + 0.5, long_call.result().message
+
+
+def test_sigint_with_a_request_in_flight_exits_within_one_second(fr3):
+    client, node = fr3
+    in_flight = client.infer_shape_client.call_async(long_shape_request(8.0))
+    client.executor.spin_once(timeout_sec=1.0)
+    time.sleep(0.5)  # well inside the engine
+    assert not in_flight.done()
+    signalled = time.monotonic()
+    node.process.send_signal(signal.SIGINT)
+    return_code = node.process.wait(timeout=10.0)
+    assert time.monotonic() - signalled < 1.0 and return_code == 0
