@@ -1,24 +1,47 @@
-"""GetIK without ROS: prior samples -> MACE tuning against the scene -> LM polish -> ranked solutions."""
+"""GetIK without ROS: rounds of MACE tuning -> LM polish -> exact mesh check, until solved or the deadline.
+
+Each round tunes the goal-conditioned prior for a short block of iterations (warm: the same model and
+optimizer carry over), refines the best new samples plus a few fresh ones with the collision-aware
+LM, exact-checks what converged and keeps the distinct solutions. The search ends once enough
+distinct solutions are solved, or at the deadline (timeout_s from the request's arrival); only then
+does a request fail, saying what blocked it.
+"""
 from __future__ import annotations
 
 import copy
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mace_ros.core.collision import TensorScene, TorchCollisionChecker
+from mace_ros.core.collision import CollisionBackend, TensorScene, TorchCollisionChecker
 from mace_ros.core.ik_domain import IKDomain, IKGoal
 from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
-from mace_ros.core.mace import MacePreset, StopRule, TuneResult, mace_tune
+from mace_ros.core.mace import MacePreset, StopRule, mace_tune, sample_and_score, tuning_optimizer
 from mace_ros.core.resources import default_parameters
 from mace_ros.core.refinement import RefineResult, refine_candidates
 from mace_ros.core.scene import Scene
 from mace_ros.core.weights import load_weights
+
+# IKResult.failure_kind values: what kept a request from being solved ("" = solved).
+FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
+# Diagnosis of a failing goal: an obstacle-free LM from a few goal-conditioned prior samples, for a
+# few iterations (unobstructed, it converges in about five), so that even an unreachable goal costs
+# at most DIAGNOSIS_RESERVE_S on a CPU; rounds leave that much (at most a fifth of the timeout) for it.
+DIAGNOSIS_STARTS = 8
+DIAGNOSIS_ITERATIONS = 20
+DIAGNOSIS_RESERVE_S = 0.2
+_FAILURE_CAUSES = {
+    "collision": "collisions near the goal block it (a collision-ignoring solver reaches it within the joint limits)",
+    "joint_limits": "the goal is reachable only beyond the joint limits",
+    "unreachable": "the goal is out of reach (no configuration reaches it, even ignoring obstacles and joint limits)",
+    "timeout": "the deadline came before the cause could be diagnosed",
+}
 
 
 @dataclass(frozen=True)
@@ -46,10 +69,61 @@ class IKResult:
     tuning_iterations_done: int = 0
     tuning_time_s: float = 0.0
     elapsed_s: float = 0.0
+    failure_kind: str = ""  # one of FAILURE_KINDS; "" when solved
+    rounds: int = 0  # tuning + refinement rounds done
+
+
+@dataclass
+class _Solutions:
+    """Configurations [S, 7] (float64) with their goal errors, kept across rounds."""
+
+    q: torch.Tensor
+    position_error_m: torch.Tensor
+    orientation_error_rad: torch.Tensor
+
+    @staticmethod
+    def empty(device: torch.device) -> "_Solutions":
+        zeros = torch.zeros(0, dtype=torch.float64, device=device)
+        return _Solutions(torch.zeros(0, 7, dtype=torch.float64, device=device), zeros, zeros.clone())
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def subset(self, index: torch.Tensor) -> "_Solutions":
+        return _Solutions(self.q[index], self.position_error_m[index], self.orientation_error_rad[index])
+
+    def cat(self, other: "_Solutions") -> "_Solutions":
+        return _Solutions(
+            torch.cat([self.q, other.q]),
+            torch.cat([self.position_error_m, other.position_error_m]),
+            torch.cat([self.orientation_error_rad, other.orientation_error_rad]),
+        )
+
+    def cost(self) -> torch.Tensor:
+        # The LM's own cost unit: 1 rad of orientation error weighs like 0.1 m of position error.
+        return self.position_error_m + 0.1 * self.orientation_error_rad
+
+
+def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[int], min_separation: float, count: int) -> list[int]:
+    """Greedy farthest-point selection: add from `pool` the configuration farthest (Euclidean joint
+    distance) from all of `selected`, while it is at least `min_separation` away and fewer than
+    `count` are selected. Distinct solution modes (elbow, wrist flips) lie far apart, near-copies close."""
+    selected = list(selected)
+    remaining = [i for i in pool if i not in selected]
+    while remaining and len(selected) < count:
+        if not selected:
+            selected.append(remaining.pop(0))
+            continue
+        distance = torch.cdist(q[remaining], q[selected]).min(dim=1).values
+        best = int(distance.argmax())
+        if float(distance[best]) < min_separation:
+            break
+        selected.append(remaining.pop(best))
+    return selected
 
 
 class IKEngine:
-    """Holds the trained prior, kinematics and collision checker; `solve` serves one request."""
+    """Holds the trained prior, kinematics and collision checkers; `solve` serves one request."""
 
     def __init__(self, config: dict[str, Any] | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         # Defaults come from config/mace.yaml (documented in mace_ros/ros/parameters.py).
@@ -58,6 +132,9 @@ class IKEngine:
         self.dtype = dtype
         self.kinematics = PandaKinematics(self.device, dtype)
         self.checker = TorchCollisionChecker(device=self.device, dtype=dtype, collision_margin_m=self.config["collision_margin_m"])
+        self.exact_checker = self._make_exact_checker()
+        # One Bullet client per engine: concurrent requests take turns (it also caches the scene body).
+        self._exact_lock = threading.Lock()
         self.prior = AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER)
         weights_path = Path(self.config["weights_path"] or DEFAULT_WEIGHTS)
         self.weights_metadata = load_weights(self.prior, weights_path, self.device, dtype)
@@ -68,6 +145,25 @@ class IKEngine:
         self._frames_at_zero = zero_frames
         self._prepared_scene: tuple[Scene, TensorScene] | None = None
         self._warm_up()
+
+    def _make_exact_checker(self) -> CollisionBackend | None:
+        """The final authority on collisions: exact meshes (pybullet imported here, so that mace_ros.core
+        stays importable where pybullet is not installed and exact_check is "none")."""
+        kind = self.config["exact_check"]
+        if kind == "none":
+            return None
+        if kind == "pybullet":
+            from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
+
+            return PyBulletCollisionChecker(collision_margin_m=self.config["collision_margin_m"])
+        raise ValueError(f"ik.exact_check must be 'pybullet' or 'none', got {kind!r}")
+
+    def _exactly_free(self, q: torch.Tensor, scene: Scene) -> torch.Tensor:
+        """[B] bool: collision-free for the exact check (all True without one)."""
+        if self.exact_checker is None or q.shape[0] == 0:
+            return torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        with self._exact_lock:
+            return ~self.exact_checker.check(q, scene).in_collision.to(q.device)
 
     def _tensor_scene(self, scene: Scene) -> TensorScene:
         """The scene as tensors, rebuilt only for a new Scene object (a cloud's distance field is costly)."""
@@ -80,7 +176,7 @@ class IKEngine:
 
     def _warm_up(self) -> None:
         """One small solve, so that torch's one-time allocations don't land on the first request."""
-        request = IKRequest(np.array([0.5, 0.0, 0.4]), None, PRIOR_TIP_LINK, 1, 64, 1, 1.0)
+        request = IKRequest(np.array([0.5, 0.0, 0.4]), None, PRIOR_TIP_LINK, 1, 64, 1, 5.0)
         self.solve(request, Scene())
 
     def prior_goal_features(self, goal: IKGoal) -> torch.Tensor:
@@ -98,8 +194,10 @@ class IKEngine:
         return goal_features(position, rotation)
 
     def solve(self, request: IKRequest, scene: Scene) -> IKResult:
-        started = time.monotonic()
+        started = time.monotonic()  # the caller passes what is left of the request's timeout
         config = self.config
+        # Work stops a little before the deadline: the final exact check of best efforts and the ranking follow.
+        work_deadline = started + request.timeout_s - min(config["deadline_reserve_s"], 0.5 * request.timeout_s)
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
         position = torch.as_tensor(request.goal_position, dtype=self.dtype, device=self.device)
         quaternion = None
@@ -113,92 +211,193 @@ class IKEngine:
         )
         # Tune a per-request copy: the shared prior must stay the trained one.
         prior = GoalConditionedPrior(copy.deepcopy(self.prior), self.prior_goal_features(goal))
+        refining = config["refine_max_iterations"] > 0
         preset = MacePreset(
             num_samples=request.num_samples,
             grad_steps_per_iteration=config["grad_steps_per_iteration"],
             elite_quantile=config["elite_quantile"],
             learning_rate=config["learning_rate"],
-            iterations=max(request.tuning_iterations, 1),
+            # Without refinement (the paper's MACE alone, for benchmarks) one round tunes the whole budget.
+            iterations=config["tuning_block_iterations"] if refining else request.tuning_iterations,
         )
+        optimizer = tuning_optimizer(prior, preset)
         orientation_slack = 0.0 if goal.rotation is None else config["early_stop_orientation_rad"]
         stop_rule = StopRule(
             min_score=float(domain.score_from_errors(torch.tensor(config["early_stop_position_m"]), torch.tensor(orientation_slack))),
             # Enough near-goal candidates for the requested solutions; refinement does the rest.
             count=min(config["refine_candidates"], 2 * request.num_solutions),
         )
-        tuning_deadline = request.timeout_s * (1.0 - config["refine_time_fraction"])
-        if request.tuning_iterations > 0:
-            tuned = mace_tune(prior, domain, preset, tuning_deadline, generator, config["refine_candidates"], stop_rule=stop_rule)
-        else:
-            # No tuning: one batch straight from the prior (the trained model is untouched).
-            with torch.no_grad():
-                samples = prior.sample(request.num_samples, generator)
-                scores = domain.score(samples)
-            order = torch.argsort(scores, descending=True)[: config["refine_candidates"]]
-            tuned = TuneResult(samples[order], scores[order], 0, time.monotonic() - started)
-        tuning_time_s = time.monotonic() - started
-
-        candidates = tuned.best_samples[tuned.best_scores > 0]
+        seed = None
         if request.seed_state is not None:
-            seed = torch.as_tensor(request.seed_state, dtype=self.dtype, device=self.device)[None]
-            candidates = torch.cat([candidates, self.kinematics.clamp_to_limits(seed)])
+            seed = self.kinematics.clamp_to_limits(torch.as_tensor(request.seed_state, dtype=self.dtype, device=self.device)[None])
+        solved = _Solutions.empty(self.device)
+        best_efforts = _Solutions.empty(self.device)
+        tuning_left, iterations_done, tuning_time_s, rounds, exact_rejections = request.tuning_iterations, 0, 0.0, 0, 0
+        failure_kind = "timeout"  # until a failed round is diagnosed
+        diagnosed = False
+        diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
+        while True:
+            rounds += 1
+            block_started = time.monotonic()
+            # Until something is solved or the goal diagnosed, a round leaves time for the diagnosis.
+            round_deadline = work_deadline - (0.0 if diagnosed or len(solved) else diagnosis_reserve_s)
+            # Sampling and tuning leave refine_time_fraction of the time left to this round's refinement.
+            sampling_deadline = block_started + (round_deadline - block_started) * (1.0 - config["refine_time_fraction"])
+            if tuning_left > 0:
+                # Only the first round may cut its block short: once a refinement has failed, tuning goes on.
+                tuned = mace_tune(
+                    prior, domain, replace(preset, iterations=min(preset.iterations, tuning_left)),
+                    sampling_deadline - block_started, generator, config["refine_candidates"],
+                    stop_rule=stop_rule if rounds == 1 else None, optimizer=optimizer, chunk_size=config["sample_chunk_size"],
+                )
+                tuning_left -= tuned.iterations_done
+                iterations_done += tuned.iterations_done
+                tuning_time_s += time.monotonic() - block_started
+                best_q, best_scores = tuned.best_samples, tuned.best_scores
+            else:
+                # No tuning (left): a fresh batch straight from the prior tuned so far.
+                samples, scores, _ = sample_and_score(
+                    prior, domain, request.num_samples, generator, config["sample_chunk_size"], sampling_deadline)
+                order = torch.argsort(scores, descending=True)[: config["refine_candidates"]]
+                best_q, best_scores = samples[order], scores[order]
+            candidates = [best_q[best_scores > 0], self._fresh_collision_free(prior, domain, generator)]
+            if seed is not None and rounds == 1:
+                candidates.insert(0, seed)  # as MoveIt answers from its seed, a refinement from it is always tried
+            # Twice the request converged gives the ranking a choice of modes; stuck candidates need not finish.
+            new_solved, new_efforts, rejected = self._polished_candidates(
+                torch.cat(candidates), goal, scene, tensor_scene, config["refine_max_iterations"], round_deadline,
+                enough_solved=2 * request.num_solutions)
+            exact_rejections += rejected
+            solved = self._merged(solved, new_solved)
+            best_efforts = self._merged(best_efforts, new_efforts)
+            best_efforts = best_efforts.subset(torch.argsort(best_efforts.cost())[: 4 * request.num_solutions])
+            # Enough distinct solutions: answer now (the ranking picks distinct modes among them).
+            # Without refinement (the paper's MACE alone, for benchmarks) one round is all there is.
+            if len(solved) >= request.num_solutions or not refining:
+                break
+            if len(solved) == 0 and not diagnosed:
+                failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
+            if time.monotonic() >= work_deadline:
+                break
+        return self._result(
+            request, scene, domain, solved, best_efforts, seed, failure_kind, exact_rejections,
+            iterations_done, tuning_time_s, rounds, started,
+        )
+
+    def _fresh_collision_free(self, prior: GoalConditionedPrior, domain: IKDomain, generator: torch.Generator) -> torch.Tensor:
+        """A few plain samples of the prior tuned so far, collision-free ones only: starts for the LM that
+        the score ranking would not pick, so that other solution modes get a chance."""
+        count = max(1, round(self.config["refine_candidates"] * self.config["refine_fresh_fraction"]))
+        with torch.no_grad():
+            samples = prior.sample(count, generator)
+            return samples[domain.score(samples) > 0]
+
+    def _polished_candidates(
+        self, candidates: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, max_iterations: int, deadline_at: float,
+        enough_solved: int | None = None,
+    ) -> tuple[_Solutions, _Solutions, int]:
+        """LM-refine candidates (until `enough_solved` converge); returns the solved ones that pass the exact
+        check, the unsolved but collision-free ones (best efforts), and how many solved ones the exact check rejected."""
+        config = self.config
         if candidates.shape[0] == 0:
-            return IKResult(
-                False,
-                f"no collision-free configuration near the goal among {request.num_samples} samples per iteration "
-                f"after {tuned.iterations_done} tuning iterations (collision-free rate {domain.last_collision_free_rate:.3f})",
-                collision_free_rate=domain.last_collision_free_rate,
-                tuning_iterations_done=tuned.iterations_done,
-                tuning_time_s=tuning_time_s,
-                elapsed_s=time.monotonic() - started,
-            )
-        refined = refine_candidates(
+            return _Solutions.empty(self.device), _Solutions.empty(self.device), 0
+        refined: RefineResult = refine_candidates(
             candidates, goal, self.checker, tensor_scene,
-            max_iterations=config["refine_max_iterations"],
+            max_iterations=max_iterations,
             position_tolerance_m=config["position_tolerance_m"],
             orientation_tolerance_rad=config["orientation_tolerance_rad"],
-            enough_solved=request.num_solutions,
+            enough_solved=enough_solved, deadline_at=deadline_at,
         )
-        return self._ranked_result(request, refined, domain, tuned.iterations_done, tuning_time_s, started)
+        everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
+        converged = torch.nonzero(refined.converged).squeeze(-1)
+        exactly_free = self._exactly_free(refined.q[converged], scene)
+        efforts = torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1)
+        return everything.subset(converged[exactly_free]), everything.subset(efforts), int((~exactly_free).sum())
 
-    def _ranked_result(self, request: IKRequest, refined: RefineResult, domain: IKDomain, iterations_done: int, tuning_time_s: float, started: float) -> IKResult:
-        q = refined.q
-        scores = domain.score_from_errors(refined.position_error_m, refined.orientation_error_rad) * refined.collision_free
-        # Rank: solved first, then higher score, then (with a seed) closer to the seed.
-        seed_distance = torch.zeros_like(scores)
-        if request.seed_state is not None:
-            seed = torch.as_tensor(request.seed_state, dtype=q.dtype, device=q.device)
-            seed_distance = (q - seed).norm(dim=-1)
-        # When some candidates are solved, only solved ones are returned; otherwise the best efforts.
-        any_solved = bool(refined.converged.any())
-        order = sorted(
-            (i for i in range(q.shape[0]) if bool(refined.converged[i]) or not any_solved),
-            key=lambda i: (not bool(refined.converged[i]), -round(float(scores[i]), 9), float(seed_distance[i])),
-        )
-        kept: list[int] = []
-        for index in order:
-            if all(float((q[index] - q[other]).abs().max()) > self.config["duplicate_tolerance_rad"] for other in kept):
-                kept.append(index)
-            if len(kept) == request.num_solutions:
-                break
-        kept_tensor = torch.tensor(kept, device=q.device)
-        solved = int(refined.converged[kept_tensor].sum())
-        success = solved > 0
-        best_position_error = float(refined.position_error_m[kept_tensor].min())
-        message = (
-            f"{solved} collision-free solution(s) within tolerance"
-            if success
-            else f"no collision-free solution within tolerance; best position error {best_position_error:.4g} m"
-        )
+    def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
+        """`kept` plus the configurations of `new` that are no near-copy (every joint within
+        duplicate_tolerance_rad) of one already kept or of an earlier one of `new`."""
+        merged = kept
+        for index in range(len(new)):
+            q = new.q[index]
+            if len(merged) == 0 or float((merged.q - q).abs().amax(dim=-1).min()) > self.config["duplicate_tolerance_rad"]:
+                merged = merged.cat(new.subset(torch.tensor([index], device=q.device)))
+        return merged
+
+    def _diagnose(self, prior: GoalConditionedPrior, goal: IKGoal, generator: torch.Generator, deadline_at: float) -> str:
+        """What blocks the goal: an LM from plain prior samples ignoring collisions, then also ignoring
+        the joint limits. Each stops at its first success, so a reachable goal costs a few iterations."""
+        with torch.no_grad():
+            starts = prior.sample(DIAGNOSIS_STARTS, generator)
+        for kind, respect_limits in (("collision", True), ("joint_limits", False)):
+            refined = refine_candidates(
+                starts, goal, None, None,
+                max_iterations=DIAGNOSIS_ITERATIONS,
+                position_tolerance_m=self.config["position_tolerance_m"],
+                orientation_tolerance_rad=self.config["orientation_tolerance_rad"],
+                enough_solved=1, deadline_at=deadline_at, respect_limits=respect_limits,
+            )
+            if bool(refined.converged.any()):
+                return kind
+            if time.monotonic() >= deadline_at:
+                return "timeout"
+        return "unreachable"
+
+    def _ranking(self, q: torch.Tensor, seed: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        """Indices of q [S, 7] best first, and those that are preferred. With a seed: by Euclidean joint
+        distance to it (all preferred). Without: those at least joint_limit_margin_rad inside every
+        limit first (preferred), each group by its smallest distance to a limit, largest first."""
+        if seed is not None:
+            distance = (q - seed.to(q)).norm(dim=-1)
+            order = torch.argsort(distance).tolist()
+            return order, order
+        lower, upper = self.kinematics.joint_lower.to(q), self.kinematics.joint_upper.to(q)
+        clearance = torch.minimum(q - lower, upper - q).amin(dim=-1)
+        inside = clearance >= self.config["joint_limit_margin_rad"]
+        order = sorted(range(q.shape[0]), key=lambda i: (not bool(inside[i]), -float(clearance[i])))
+        return order, [i for i in order if bool(inside[i])]
+
+    def _result(
+        self, request: IKRequest, scene: Scene, domain: IKDomain, solved: _Solutions, best_efforts: _Solutions,
+        seed: torch.Tensor | None, failure_kind: str, exact_rejections: int, iterations_done: int, tuning_time_s: float,
+        rounds: int, started: float,
+    ) -> IKResult:
+        count = request.num_solutions
+        success = len(solved) > 0
+        if success:
+            # The best (seed-nearest) first, then distinct modes (farthest points) among the preferred,
+            # then among the rest; fill up with the next best; finally ordered by the ranking.
+            order, preferred = self._ranking(solved.q, seed)
+            separation = self.config["min_separation_rad"]
+            kept = farthest_point_selection(solved.q, order[:1], preferred, separation, count)
+            kept = farthest_point_selection(solved.q, kept, order, separation, count)
+            kept += [i for i in order if i not in kept][: count - len(kept)]
+            rank = {index: position for position, index in enumerate(order)}
+            answer = solved.subset(torch.tensor(sorted(kept, key=rank.__getitem__), device=solved.q.device))
+            message = f"{len(answer)} collision-free solution(s) within tolerance"
+            failure_kind = ""
+        else:
+            # Best efforts must pass the exact check too: no returned configuration may collide.
+            efforts = best_efforts.subset(torch.argsort(best_efforts.cost()))
+            answer = efforts.subset(torch.nonzero(self._exactly_free(efforts.q, scene)).squeeze(-1)[:count])
+            best = f"best position error {float(answer.position_error_m.min()):.4g} m" if len(answer) else "no collision-free configuration near the goal"
+            rejected = f"; {exact_rejections} solution(s) rejected by the exact mesh check" if exact_rejections else ""
+            message = (
+                f"no collision-free solution within tolerance after {rounds} round(s), {iterations_done} tuning iterations "
+                f"and {request.timeout_s:g} s: {_FAILURE_CAUSES[failure_kind]}; {best}{rejected}"
+            )
+        scores = domain.score_from_errors(answer.position_error_m, answer.orientation_error_rad)
         return IKResult(
             success=success,
             message=message,
-            solutions=q[kept_tensor].cpu().numpy(),
-            scores=scores[kept_tensor].cpu().numpy(),
-            position_errors_m=refined.position_error_m[kept_tensor].cpu().numpy(),
-            orientation_errors_rad=refined.orientation_error_rad[kept_tensor].cpu().numpy(),
+            solutions=answer.q.cpu().numpy(),
+            scores=scores.cpu().numpy(),
+            position_errors_m=answer.position_error_m.cpu().numpy(),
+            orientation_errors_rad=answer.orientation_error_rad.cpu().numpy(),
             collision_free_rate=domain.last_collision_free_rate,
             tuning_iterations_done=iterations_done,
             tuning_time_s=tuning_time_s,
             elapsed_s=time.monotonic() - started,
+            failure_kind=failure_kind,
+            rounds=rounds,
         )

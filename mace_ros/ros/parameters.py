@@ -65,7 +65,20 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "ik.orientation_length_scale_rad": ParameterSpec("Angle scale (rad) of the orientation term of the score.", 1e-6, 100.0),
     "ik.refine_candidates": ParameterSpec("Best tuned samples polished by Levenberg-Marquardt.", 1, 100000),
     "ik.refine_max_iterations": ParameterSpec("Levenberg-Marquardt iterations at most.", 0, 100000),
-    "ik.refine_time_fraction": ParameterSpec("Share of the request's timeout kept for refinement.", 0.0, 1.0),
+    "ik.refine_time_fraction": ParameterSpec("Share of the time left at each solving round's start kept for its refinement.", 0.0, 1.0),
+    "ik.tuning_block_iterations": ParameterSpec(
+        "MACE iterations per solving round before its refinement; rounds repeat until solved or the deadline.", 1, 100000),
+    "ik.refine_fresh_fraction": ParameterSpec(
+        "Plain samples of the tuned prior refined each round, as a share of refine_candidates (other solution modes).", 0.0, 1.0),
+    "ik.sample_chunk_size": ParameterSpec(
+        "Samples drawn and scored at once; the deadline is checked between chunks (bounds a huge num_samples).", 1, 1000000),
+    "ik.deadline_reserve_s": ParameterSpec("Time (s) kept before the deadline for the final exact check and ranking.", 0.0, 10.0),
+    "ik.exact_check": ParameterSpec(
+        "Final collision authority for returned solutions: pybullet (exact Panda meshes) or none (the fast checker only)."),
+    "ik.min_separation_rad": ParameterSpec(
+        "Euclidean joint distance (rad) between returned solutions that counts as a distinct solution mode.", 0.0, 100.0),
+    "ik.joint_limit_margin_rad": ParameterSpec(
+        "Without a seed, solutions at least this far (rad) inside every joint limit are preferred.", 0.0, 1.0),
     "ik.position_tolerance_m": ParameterSpec("Position error (m) under which a solution counts as solved.", 0.0, 1.0),
     "ik.orientation_tolerance_rad": ParameterSpec("Orientation error (rad) under which a solution counts as solved.", 0.0, 3.1416),
     "ik.early_stop_position_m": ParameterSpec("Tuning stops early once enough samples are within this position error (m).", 0.0, 10.0),

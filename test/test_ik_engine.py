@@ -1,0 +1,103 @@
+"""IKEngine without ROS: it solves until solved or the deadline, says what blocked a failure, and
+answers with distinct solution modes that the exact meshes accept."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mace_ros.core.ik_engine import IKEngine, IKRequest
+from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics, matrix_to_quaternion
+from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
+from mace_ros.core.resources import scene_path
+from mace_ros.core.scene import Scene
+
+BOX_SCENE = Scene.load_yaml(scene_path("box"))
+DOWN = np.array([0.0, 1.0, 0.0, 0.0])  # hand z axis pointing down (w, x, y, z)
+# The engine answers within timeout_s + this on a CPU (the first chunk, one LM iteration, the ranking).
+LATENESS_S = 0.1
+
+
+@pytest.fixture(scope="module")
+def engine() -> IKEngine:
+    return IKEngine()
+
+
+def request(position, quaternion=None, *, timeout_s: float, num_solutions: int = 4, num_samples: int = 1024,
+            seed_state: np.ndarray | None = None) -> IKRequest:
+    return IKRequest(np.asarray(position, dtype=float), quaternion, "panda_hand", num_solutions, num_samples, 30, timeout_s,
+                     seed_state=seed_state, random_seed=1)
+
+
+@pytest.mark.parametrize("position, quaternion, scene, kind, cause", [
+    # The hand pointing down 3 cm above the box's floor: its fingers would go through the floor.
+    ((0.5, 0.0, 0.03), DOWN, BOX_SCENE, "collision", "collisions near the goal"),
+    ((1.5, 0.0, 0.4), None, Scene(), "unreachable", "out of reach"),
+])
+def test_an_unsolvable_goal_fails_only_at_the_deadline_saying_what_blocked_it(engine, position, quaternion, scene, kind, cause):
+    timeout_s = 1.0
+    result = engine.solve(request(position, quaternion, timeout_s=timeout_s), scene)
+    assert not result.success
+    assert result.failure_kind == kind, result.message
+    assert cause in result.message
+    assert timeout_s - 0.1 <= result.elapsed_s <= timeout_s + LATENESS_S, result.elapsed_s
+    assert result.rounds >= 2  # refining once is not the end
+    if len(result.solutions):  # best efforts pass the exact check too
+        with PyBulletCollisionChecker() as exact:
+            assert not exact.check(torch.as_tensor(result.solutions), scene).in_collision.any()
+
+
+def test_a_solvable_goal_returns_early_with_exact_collision_free_solutions(engine):
+    timeout_s = 5.0
+    result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=timeout_s), BOX_SCENE)
+    assert result.success, result.message
+    assert result.failure_kind == ""
+    assert len(result.solutions) == 4
+    assert result.elapsed_s < timeout_s / 2
+    assert result.position_errors_m.max() <= 1e-6
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(torch.as_tensor(result.solutions), BOX_SCENE).in_collision.any()
+
+
+def test_oversized_sample_counts_are_chunked_within_the_timeout(engine):
+    timeout_s = 0.3
+    result = engine.solve(request((0.5, 0.0, 0.4), timeout_s=timeout_s, num_samples=100_000), Scene())
+    assert result.elapsed_s <= timeout_s + LATENESS_S
+    assert result.success, result.message
+
+
+def test_the_answer_covers_distinct_solution_modes(engine):
+    """A spherical shoulder has two modes for every hand pose: (q1, q2, q3) and (q1 - pi, -q2, q3 - pi)."""
+    kinematics = PandaKinematics("cpu", torch.float64)
+    q = torch.tensor([[0.4, 0.5, 0.6, -1.9, 0.3, 1.9, 0.7]], dtype=torch.float64)
+    flipped = q.clone()
+    flipped[0, :3] = torch.tensor([0.4 - math.pi, -0.5, 0.6 - math.pi])
+    position, rotation = kinematics.forward(q)
+    assert torch.allclose(kinematics.forward(flipped)[0], position, atol=1e-9) and bool(kinematics.within_limits(flipped))
+    result = engine.solve(request(position[0].numpy(), matrix_to_quaternion(rotation[0]).numpy(), timeout_s=5.0), Scene())
+    assert result.success, result.message
+    solutions = torch.as_tensor(result.solutions)
+    assert (solutions[:, 1] > 0.1).any() and (solutions[:, 1] < -0.1).any(), solutions  # both shoulder modes
+    distances = torch.cdist(solutions, solutions) + 1e9 * torch.eye(len(solutions), dtype=solutions.dtype)
+    assert float(distances.min()) >= engine.config["min_separation_rad"]  # no near-copies
+
+
+def test_without_a_seed_solutions_keep_a_margin_from_the_joint_limits(engine):
+    result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0), BOX_SCENE)
+    assert result.success, result.message
+    clearance = np.minimum(result.solutions - np.array(JOINT_LOWER), np.array(JOINT_UPPER) - result.solutions).min(axis=1)
+    assert clearance[0] >= engine.config["joint_limit_margin_rad"], clearance
+
+
+def test_with_a_seed_the_nearest_solution_comes_first(engine):
+    kinematics = PandaKinematics("cpu", torch.float64)
+    seed = np.array([0.1, -0.3, 0.1, -2.2, 0.1, 2.0, 0.8])
+    position, rotation = kinematics.forward(torch.as_tensor(seed)[None])
+    goal = position[0].numpy() + np.array([0.03, 0.02, -0.03])
+    result = engine.solve(request(goal, matrix_to_quaternion(rotation[0]).numpy(), timeout_s=5.0, seed_state=seed), Scene())
+    assert result.success, result.message
+    distances = np.linalg.norm(result.solutions - seed, axis=1)
+    assert list(distances) == sorted(distances)
+    assert distances[0] < 0.3, distances
