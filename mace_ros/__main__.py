@@ -35,6 +35,7 @@ def _ik(args: argparse.Namespace) -> int:
     print(json.dumps({
         "success": result.success,
         "message": result.message,
+        "failure_kind": result.failure_kind,
         "solutions": np.round(result.solutions, 6).tolist(),
         "position_errors_m": result.position_errors_m.tolist(),
         "orientation_errors_rad": result.orientation_errors_rad.tolist(),

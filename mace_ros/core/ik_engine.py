@@ -366,12 +366,12 @@ class IKEngine:
         success = len(solved) > 0
         if success:
             # The best (seed-nearest) first, then distinct modes (farthest points) among the preferred,
-            # then among the rest; fill up with the next best; finally ordered by the ranking.
+            # then among the rest, finally ordered by the ranking. Near-copies are left out, even if
+            # fewer than num_solutions remain: they would offer a planner nothing new.
             order, preferred = self._ranking(solved.q, seed)
             separation = self.config["min_separation_rad"]
             kept = farthest_point_selection(solved.q, order[:1], preferred, separation, count)
             kept = farthest_point_selection(solved.q, kept, order, separation, count)
-            kept += [i for i in order if i not in kept][: count - len(kept)]
             rank = {index: position for position, index in enumerate(order)}
             answer = solved.subset(torch.tensor(sorted(kept, key=rank.__getitem__), device=solved.q.device))
             message = f"{len(answer)} collision-free solution(s) within tolerance"

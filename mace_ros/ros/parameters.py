@@ -76,7 +76,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "ik.exact_check": ParameterSpec(
         "Final collision authority for returned solutions: pybullet (exact Panda meshes) or none (the fast checker only)."),
     "ik.min_separation_rad": ParameterSpec(
-        "Euclidean joint distance (rad) between returned solutions that counts as a distinct solution mode.", 0.0, 100.0),
+        "Least Euclidean joint distance (rad) between returned solutions: closer ones are near-copies, left out.", 0.0, 100.0),
     "ik.joint_limit_margin_rad": ParameterSpec(
         "Without a seed, solutions at least this far (rad) inside every joint limit are preferred.", 0.0, 1.0),
     "ik.position_tolerance_m": ParameterSpec("Position error (m) under which a solution counts as solved.", 0.0, 1.0),
