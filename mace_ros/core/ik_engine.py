@@ -3,8 +3,8 @@
 Each round tunes the goal-conditioned prior for a short block of iterations (warm: the same model and
 optimizer carry over), refines the best new samples plus a few fresh ones with the collision-aware
 LM, exact-checks what converged and keeps the distinct solutions. The search ends once enough
-distinct solutions are solved, or at the deadline (timeout_s from the request's arrival); only then
-does a request fail, saying what blocked it.
+distinct solutions are solved, or at the deadline (timeout_s from the call: the node passes what is
+left of the request's); only then does a request fail, saying what blocked it.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, Autoregressi
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
 from mace_ros.core.mace import MacePreset, StopRule, mace_tune, sample_and_score, tuning_optimizer
 from mace_ros.core.resources import default_parameters
-from mace_ros.core.refinement import RefineResult, refine_candidates
+from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates
 from mace_ros.core.scene import Scene
 from mace_ros.core.weights import load_weights
 
@@ -100,8 +100,7 @@ class _Solutions:
         )
 
     def cost(self) -> torch.Tensor:
-        # The LM's own cost unit: 1 rad of orientation error weighs like 0.1 m of position error.
-        return self.position_error_m + 0.1 * self.orientation_error_rad
+        return goal_cost(self.position_error_m, self.orientation_error_rad)
 
 
 def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[int], min_separation: float, count: int) -> list[int]:
@@ -153,8 +152,10 @@ class IKEngine:
         if kind == "none":
             return None
         if kind == "pybullet":
-            from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
-
+            try:
+                from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
+            except ImportError as error:
+                raise ImportError(f"ik.exact_check 'pybullet' needs pybullet ({error}); install it or set ik.exact_check to 'none'") from error
             return PyBulletCollisionChecker(collision_margin_m=self.config["collision_margin_m"])
         raise ValueError(f"ik.exact_check must be 'pybullet' or 'none', got {kind!r}")
 

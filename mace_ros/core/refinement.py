@@ -18,6 +18,11 @@ from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector,
 from mace_ros.core.scene import Scene
 
 
+def goal_cost(position_error_m: torch.Tensor, orientation_error_rad: torch.Tensor) -> torch.Tensor:
+    """Goal errors in one unit: 1 rad of orientation error weighs like 0.1 m of position error."""
+    return position_error_m + 0.1 * orientation_error_rad
+
+
 @dataclass
 class RefineResult:
     q: torch.Tensor  # [K, 7] float64
@@ -99,10 +104,7 @@ def refine_candidates(
         step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
         q_trial = limited(q_active + step.squeeze(-1))
         trial_position_error, trial_orientation_error = _errors(kinematics, q_trial, goal)
-        # Compare errors in one unit: 1 rad of orientation error weighs like 0.1 m of position error.
-        old_cost = position_error[active] + 0.1 * orientation_error[active]
-        new_cost = trial_position_error + 0.1 * trial_orientation_error
-        improves = new_cost < old_cost
+        improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(position_error[active], orientation_error[active])
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
             trial_free[improves] = free_of_collision(q_trial[improves])
