@@ -1,24 +1,34 @@
 """Batched collision checking of Panda configurations: the backend protocol and the torch backend.
 
-The torch backend models the robot as spheres rigidly attached to its links (fitted to PyBullet's
-collision meshes by `scripts/fit_robot_spheres.py`, so that the sphere union contains every mesh:
-a configuration the spheres call free is free for the meshes too, up to the fit's sampling). The
-obstacles are exact: signed distances of sphere centres to oriented boxes, spheres and capped
-cylinders are closed-form; a point cloud becomes a distance field whose lookups are rigorous lower
-bounds of the distance to the nearest point (see `PointDistanceField`). One call checks a whole
-batch of configurations with tensor operations on the checker's device and dtype.
+The torch backend runs a broad and a narrow phase, both batched tensor operations on the checker's
+device and dtype:
+- Broad phase: the robot as spheres rigidly attached to its links (fitted by
+  `scripts/fit_robot_spheres.py` so that their union contains every link's mesh hull). Signed
+  distances of sphere centres to oriented boxes, spheres and capped cylinders are closed-form; a
+  point cloud becomes a distance field whose lookups are rigorous lower bounds. A link whose
+  spheres all keep clear of an obstacle is free of it.
+- Narrow phase, for the (configuration, link, obstacle) and (configuration, link, link) triples the
+  spheres could not clear: links are tight convex polytopes (`LinkPolytopes`, fitted by
+  `scripts/build_link_polytopes.py`: the mesh hulls against obstacles, and coarser polytopes at most
+  1 mm beyond them between links), boxes are exact polytopes and cylinders circumscribed prisms. Two convex polytopes meet
+  iff an edge of one meets the other (`segments_meet_polytopes`), so the test is exact up to the
+  polytope fit, and padding every half-space by a distance d turns it into a conservative
+  "closer than d" test. A sphere obstacle meets a link when its centre lies within r + d of every
+  facet plane of the link (a conservative bound of the exact point-polytope distance). Spheres alone (6-8 % false collisions near obstacles) rejected many valid
+  configurations; this keeps false "free" at zero with far fewer false collisions.
+Point clouds are decided by the sphere model alone.
 
 Self-collision checks every pair of links that the Panda SRDF of franka_description /
 moveit_resources (`panda.srdf`) does not disable: adjacent links, the hand and its fingers, and
-pairs that can never touch within the joint limits. Spheres test all of them except panda_link5
-against the links after joint 6, which usually keep only ~2 cm apart (less than the spheres' bloat)
-and whose relative pose depends on (q6, q7) alone: their exact mesh clearance comes from a table
-over (q6, q7) built with PyBullet (`WristClearanceTable`). The base link `panda_link0` is bolted to its
-support and cannot move, so it is left out of scene checks (a floor, table or mounting plate touching
-it would otherwise put every configuration in collision); it stays in self-collision checks.
+pairs that can never touch within the joint limits. panda_link5 against the links after joint 6
+(~2 cm apart, with a relative pose depending on (q6, q7) alone) uses an exact mesh clearance table
+over (q6, q7) built with PyBullet (`WristClearanceTable`). The base link `panda_link0` is bolted to
+its support and cannot move, so it is left out of scene checks (a floor, table or mounting plate
+touching it would otherwise put every configuration in collision); it stays in self-collision checks.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +38,24 @@ import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
-from scipy.spatial import cKDTree
+from scipy.optimize import linprog
+from scipy.spatial import ConvexHull, HalfspaceIntersection, cKDTree
 
 from mace_ros.core.kinematics import LINK_INDEX, LINK_NAMES, PandaKinematics
 from mace_ros.core.scene import Scene
 
 SPHERES_PATH = Path(__file__).resolve().parent / "data" / "panda_spheres.yaml"
 WRIST_TABLE_PATH = Path(__file__).resolve().parent / "data" / "panda_wrist_clearance.safetensors"
+LINK_POLYTOPES_PATH = Path(__file__).resolve().parent / "data" / "panda_link_polytopes.yaml"
+
+# Bullet collides a mesh as its convex hull grown by a 1 mm collision margin (measured, see
+# scripts/fit_robot_spheres.py); boxes, spheres and cylinders keep their exact size. The narrow
+# phase pads by that margin plus a slack for float32 rounding of ~1 m coordinates.
+BULLET_HULL_MARGIN_M = 0.001
+NARROW_PHASE_SLACK_M = 0.0002
+# Cylinders enter the narrow phase as circumscribed prisms, which reach at most r (1/cos(pi/sides) - 1)
+# beyond the true surface (2 % of the radius).
+CYLINDER_SIDES = 16
 
 # Link pairs never checked against each other: moveit_resources panda_moveit_config/config/panda.srdf
 # (generated from franka_description's panda_arm_hand.srdf.xacro). panda_link8 carries no geometry.
@@ -153,22 +174,191 @@ def cylinder_signed_distance(
     return _box_like_distance((radial, axial))
 
 
+# --- convex polytopes ------------------------------------------------------------------------------
+
+def polytope_from_halfspaces(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices [V, 3] and edges [E, 2, 3] of the bounded polytope {x : n . x <= d} of planes [F, 4] (n, d).
+
+    Edges are the polytope's true edges: segments between two facets of different planes (the
+    diagonals that triangulate a flat facet are dropped).
+    """
+    planes = np.asarray(planes, dtype=np.float64)
+    normals, offsets = planes[:, :3], planes[:, 3]
+    # Chebyshev centre: the interior point HalfspaceIntersection needs, as deep inside as possible.
+    norms = np.linalg.norm(normals, axis=1)
+    center = linprog(
+        np.r_[0.0, 0.0, 0.0, -1.0], A_ub=np.c_[normals, norms], b_ub=offsets, bounds=[(None, None)] * 3 + [(0, None)]
+    )
+    if center.status != 0 or center.x[3] <= 0:
+        raise ValueError("the half-spaces do not bound a polytope with an interior")
+    intersection = HalfspaceIntersection(np.c_[normals, -offsets], center.x[:3])
+    # A vertex where more than three planes meet comes out as a cluster of nearly equal points: merge them.
+    points = intersection.intersections
+    neighbours_within = cKDTree(points).query_ball_point(points, r=1e-6)
+    vertices = points[np.unique([min(group) for group in neighbours_within])]
+    hull = ConvexHull(vertices)
+    edges: set[tuple[int, int]] = set()
+    for facet, (simplex, neighbours) in enumerate(zip(hull.simplices, hull.neighbors)):
+        for corner in range(3):
+            # neighbours[corner] is the facet across the edge opposite simplex[corner].
+            if np.abs(hull.equations[facet] - hull.equations[neighbours[corner]]).max() > 1e-9:
+                a, b = np.delete(simplex, corner)
+                edges.add((min(a, b), max(a, b)))
+    edge_index = np.array(sorted(edges))
+    return vertices, vertices[edge_index]
+
+
+def _unit_cylinder_planes(sides: int) -> np.ndarray:
+    """Planes [sides + 2, 4] of the prism circumscribing the cylinder of radius 1 and half height 1 about z."""
+    angle = 2.0 * np.pi * np.arange(sides) / sides
+    side_planes = np.stack([np.cos(angle), np.sin(angle), np.zeros(sides), np.ones(sides)], 1)
+    return np.concatenate([side_planes, [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, 1.0]]])
+
+
+@functools.cache
+def _unit_polytope(kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(planes, vertices, edges) of the unit box or the prism circumscribing the unit cylinder, computed once."""
+    planes = {
+        "box": np.concatenate([np.c_[np.eye(3), np.ones(3)], np.c_[-np.eye(3), np.ones(3)]]),
+        "cylinder": _unit_cylinder_planes(CYLINDER_SIDES),
+    }[kind]
+    return (planes, *polytope_from_halfspaces(planes))
+
+
+def _posed_polytope(kind: str, scale: np.ndarray, rotation: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A unit polytope scaled per axis, rotated and moved: (planes [F, 4], vertices [V, 3], edges [E, 2, 3]) in the base frame."""
+    planes, vertices, edges = _unit_polytope(kind)
+    # n . u <= d with u = x / scale  <=>  (n / scale) . x <= d, normalized.
+    normals = planes[:, :3] / scale
+    lengths = np.linalg.norm(normals, axis=1, keepdims=True)
+    normals, offsets = normals / lengths @ rotation.T, planes[:, 3] / lengths[:, 0]
+    return np.c_[normals, offsets + normals @ center], (vertices * scale) @ rotation.T + center, (edges * scale) @ rotation.T + center
+
+
+@dataclass(frozen=True)
+class Polytopes:
+    """K convex polytopes, padded to common sizes: half-spaces [K, F, 4] (n . x <= d), vertices [K, V, 3], edges [K, E, 2, 3].
+
+    Padding planes are 0 . x <= 1 (no constraint); padding vertices and edges repeat real ones.
+    """
+
+    planes: torch.Tensor
+    vertices: torch.Tensor
+    edges: torch.Tensor
+
+    @staticmethod
+    def from_planes(planes: list[np.ndarray], device: torch.device | str, dtype: torch.dtype) -> "Polytopes":
+        """Polytopes of the given half-spaces [F_k, 4] each."""
+        return Polytopes.stack([(p, *polytope_from_halfspaces(p)) for p in planes], device, dtype)
+
+    @staticmethod
+    def stack(shapes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device | str, dtype: torch.dtype) -> "Polytopes":
+        """Pad and stack (planes, vertices, edges) triples."""
+        sizes = [max((len(shape[part]) for shape in shapes), default=1) for part in range(3)]
+        planes = np.zeros((len(shapes), sizes[0], 4))
+        planes[:, :, 3] = 1.0
+        vertices = np.zeros((len(shapes), sizes[1], 3))
+        edges = np.zeros((len(shapes), sizes[2], 2, 3))
+        for k, (shape_planes, shape_vertices, shape_edges) in enumerate(shapes):
+            planes[k, : len(shape_planes)] = shape_planes
+            vertices[k] = shape_vertices[np.arange(sizes[1]) % len(shape_vertices)]
+            edges[k] = shape_edges[np.arange(sizes[2]) % len(shape_edges)]
+        return Polytopes(*(torch.as_tensor(array, dtype=dtype, device=device) for array in (planes, vertices, edges)))
+
+    def __len__(self) -> int:
+        return self.planes.shape[0]
+
+
+def segments_meet_polytopes(segments: torch.Tensor, planes: torch.Tensor, pad_m: float) -> torch.Tensor:
+    """[P] whether any of the segments [P, E, 2, 3] meets its polytope [P, F, 4] grown by pad_m (every plane moved out).
+
+    Clips each segment a + t (b - a), t in [0, 1], against every half-space (Cyrus-Beck): the
+    segment meets the polytope iff the largest entering t is at most the smallest leaving t.
+    """
+    start = segments[:, :, 0]
+    direction = segments[:, :, 1] - start
+    normals = planes[..., :3].transpose(1, 2)  # [P, 3, F]
+    room = (planes[..., 3] + pad_m)[:, None, :] - start @ normals  # [P, E, F]: unit normals, so + pad_m grows by pad_m
+    rate = direction @ normals
+    ratio = room / rate
+    entering = torch.where(rate < 0, ratio, torch.full_like(ratio, -float("inf"))).amax(-1).clamp_min(0.0)
+    leaving = torch.where(rate > 0, ratio, torch.full_like(ratio, float("inf"))).amin(-1).clamp_max(1.0)
+    blocked = ((rate == 0) & (room < 0)).any(-1)
+    return ((entering <= leaving) & ~blocked).any(-1)
+
+
+def polytopes_meet(
+    edges_a: torch.Tensor, planes_a: torch.Tensor, edges_b: torch.Tensor, planes_b: torch.Tensor, pad_m: float
+) -> torch.Tensor:
+    """[P] whether polytopes A and B (edges [P, E, 2, 3], planes [P, F, 4], one frame) come closer than pad_m.
+
+    Conservative: if they are closer than pad_m, the closest points lie on an edge of one of them
+    (or their faces are parallel and an edge is as close), and that edge meets the other grown by pad_m.
+    """
+    return segments_meet_polytopes(edges_a, planes_b, pad_m) | segments_meet_polytopes(edges_b, planes_a, pad_m)
+
+
+def _vertex_tests(vertices: torch.Tensor, planes: torch.Tensor, pad_m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quick verdicts for polytope A (vertices [P, V, 3]) against polytope B (planes [P, F, 4]) grown by pad_m.
+
+    Returns (hit, undecided) [P]: hit when a vertex of A lies inside grown B; undecided unless hit or
+    all of A lies beyond one facet of grown B (a separating plane). Undecided pairs need the edge test.
+    """
+    excess = vertices @ planes[..., :3].transpose(1, 2) - (planes[..., 3] + pad_m)[:, None, :]  # [P, V, F]
+    hit = (excess.amax(2) <= 0).any(-1)
+    separated = (excess.amin(1) > 0).any(-1)
+    return hit, ~hit & ~separated
+
+
+def transform_planes(planes: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """Planes [P, F, 4] moved by x -> R x + t (R [P, 3, 3], t [P, 3])."""
+    normals = planes[..., :3] @ rotation.transpose(1, 2)
+    return torch.cat([normals, (planes[..., 3] + (normals * translation[:, None]).sum(-1))[..., None]], -1)
+
+
+@dataclass(frozen=True)
+class LinkPolytopes:
+    """Two convex polytopes per link in its link frame, rows in `link_index` order.
+
+    `hull`: the exact convex hull of the link's collision mesh (what PyBullet collides), tested
+    against obstacles. `coarse`: a polytope with far fewer facets reaching at most ~1 mm beyond the
+    hull, tested against other links, where the cost is edges x facets of both.
+    """
+
+    link_index: torch.Tensor  # [Lp] long, index into LINK_NAMES
+    hull: Polytopes
+    coarse: Polytopes
+    row_of_link: dict[str, int]
+
+    @staticmethod
+    def load(path: Path = LINK_POLYTOPES_PATH, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LinkPolytopes":
+        data = yaml.safe_load(Path(path).read_text())
+        unknown = set(data) - set(LINK_NAMES)
+        if unknown:
+            raise ValueError(f"{path}: unknown link(s) {sorted(unknown)}")
+        links = [name for name in LINK_NAMES if data.get(name)]
+
+        def shapes(kind: str) -> Polytopes:
+            return Polytopes.from_planes([np.asarray(data[name][kind], dtype=np.float64) for name in links], device, dtype)
+
+        return LinkPolytopes(
+            link_index=torch.tensor([LINK_INDEX[name] for name in links], device=device),
+            hull=shapes("hull"),
+            coarse=shapes("coarse"),
+            row_of_link={name: row for row, name in enumerate(links)},
+        )
+
+
 # --- the robot as spheres -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class RobotSphereModel:
-    """Spheres attached to links (S spheres, grouped by link in kinematic order) and the self-collision blocks.
-
-    Self-collision is tested block by block: a block is two contiguous sphere ranges whose links
-    must all be tested against each other (e.g. the spheres of panda_link0..1 against those of
-    panda_link5..rightfinger). Slices are views, so no [3, Q, B] gather of sphere pairs is needed.
-    """
+    """Spheres attached to links (S spheres, grouped by link in kinematic order)."""
 
     link_index: torch.Tensor  # [S] long, index into LINK_NAMES (and into link_transforms' output)
     centers: torch.Tensor  # [S, 3] in the link frame
     radii: torch.Tensor  # [S]
-    scene_index: torch.Tensor  # [S'] long: the spheres checked against the scene (not SCENE_EXCLUDED_LINKS')
-    self_blocks: tuple[tuple[slice, slice], ...]  # sphere ranges tested against each other
+    link_slices: dict[str, slice]  # each link's sphere range, in kinematic order
 
     @staticmethod
     def load(path: Path = SPHERES_PATH, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "RobotSphereModel":
@@ -179,7 +369,9 @@ class RobotSphereModel:
         links = [name for name in LINK_NAMES if data.get(name)]  # kinematic order
         link_of_sphere: list[str] = []
         spheres: list[list[float]] = []
+        link_slices: dict[str, slice] = {}
         for name in links:
+            link_slices[name] = slice(len(spheres), len(spheres) + len(data[name]))
             for sphere in data[name]:
                 if len(sphere) != 4 or sphere[3] <= 0:
                     raise ValueError(f"{path}: {name} sphere {sphere} is not [x, y, z, r>0]")
@@ -190,8 +382,7 @@ class RobotSphereModel:
             link_index=torch.tensor([LINK_INDEX[name] for name in link_of_sphere], device=device),
             centers=table[:, :3].to(device=device, dtype=dtype),
             radii=table[:, 3].to(device=device, dtype=dtype),
-            scene_index=torch.tensor([i for i, name in enumerate(link_of_sphere) if name not in SCENE_EXCLUDED_LINKS], device=device),
-            self_blocks=_self_collision_blocks(links, link_of_sphere),
+            link_slices=link_slices,
         )
 
     @property
@@ -205,33 +396,6 @@ class RobotSphereModel:
         rows = rows.index_select(2, self.link_index)  # [3, 4, S, B]: copies of contiguous B-rows
         homogeneous = torch.cat([self.centers, torch.ones_like(self.centers[:, :1])], 1)  # [S, 4]
         return (rows * homogeneous.T[None, :, :, None]).sum(1)
-
-
-def _contiguous_runs(indices: list[int]) -> list[slice]:
-    """Sorted integers -> the slices of their maximal runs of consecutive values."""
-    runs: list[slice] = []
-    for index in indices:
-        if runs and runs[-1].stop == index:
-            runs[-1] = slice(runs[-1].start, index + 1)
-        else:
-            runs.append(slice(index, index + 1))
-    return runs
-
-
-def _self_collision_blocks(links: list[str], link_of_sphere: list[str]) -> tuple[tuple[slice, slice], ...]:
-    """Pairs of sphere ranges covering exactly the sphere pairs of the checked link pairs (minus the wrist table's)."""
-    pairs = {frozenset(pair) for pair in checked_link_pairs(links) if frozenset(pair) not in WRIST_TABLE_PAIRS}
-    spheres_of = {name: [i for i, link in enumerate(link_of_sphere) if link == name] for name in links}
-    # Partners of each link that come after it, as sphere ranges; links with equal partners merge.
-    rows: list[tuple[list[int], tuple[tuple[int, int], ...]]] = []
-    for position, name in enumerate(links):
-        partners = [i for other in links[position + 1:] if frozenset((name, other)) in pairs for i in spheres_of[other]]
-        runs = tuple((run.start, run.stop) for run in _contiguous_runs(partners))
-        if rows and rows[-1][1] == runs and rows[-1][0][-1] + 1 == spheres_of[name][0]:
-            rows[-1][0].extend(spheres_of[name])
-        else:
-            rows.append((list(spheres_of[name]), runs))
-    return tuple((slice(own[0], own[-1] + 1), slice(start, stop)) for own, runs in rows for start, stop in runs)
 
 
 @dataclass(frozen=True)
@@ -357,6 +521,8 @@ class TensorScene:
     cylinder_radius: torch.Tensor  # [Kc]
     cylinder_half_height: torch.Tensor  # [Kc]
     point_field: PointDistanceField | None
+    box_polytopes: Polytopes  # [Kb] for the narrow phase
+    cylinder_polytopes: Polytopes  # [Kc] circumscribed prisms
 
     @staticmethod
     def from_scene(scene: Scene, device: torch.device, dtype: torch.dtype, point_resolution_m: float, point_truncation_m: float) -> "TensorScene":
@@ -375,22 +541,39 @@ class TensorScene:
             cylinder_radius=tensor([c.radius for c in scene.cylinders], ()),
             cylinder_half_height=tensor([c.half_height for c in scene.cylinders], ()),
             point_field=None if scene.points is None else PointDistanceField.build(scene.points, point_resolution_m, point_truncation_m, device, dtype),
+            box_polytopes=Polytopes.stack(
+                [_posed_polytope("box", np.asarray(b.half_extents), b.rotation, np.asarray(b.center)) for b in scene.boxes], device, dtype
+            ),
+            cylinder_polytopes=Polytopes.stack(
+                [_posed_polytope("cylinder", np.array([c.radius, c.radius, c.half_height]), c.rotation, np.asarray(c.center)) for c in scene.cylinders],
+                device, dtype,
+            ),
         )
 
     @property
+    def num_primitives(self) -> int:
+        return self.box_center.shape[0] + self.sphere_center.shape[0] + self.cylinder_center.shape[0]
+
+    @property
     def is_empty(self) -> bool:
-        return self.box_center.shape[0] + self.sphere_center.shape[0] + self.cylinder_center.shape[0] == 0 and self.point_field is None
+        return self.num_primitives == 0 and self.point_field is None
+
+    def primitive_distances(self, points: torch.Tensor) -> torch.Tensor:
+        """Signed distance [K, N] of points [3, N] to each primitive: boxes, then spheres, then cylinders."""
+        parts = []
+        if self.box_center.shape[0]:
+            parts.append(box_signed_distance(points, self.box_center, self.box_rotation, self.box_half_extents))
+        if self.sphere_center.shape[0]:
+            parts.append(sphere_signed_distance(points, self.sphere_center, self.sphere_radius))
+        if self.cylinder_center.shape[0]:
+            parts.append(cylinder_signed_distance(points, self.cylinder_center, self.cylinder_rotation, self.cylinder_radius, self.cylinder_half_height))
+        return torch.cat(parts) if parts else points.new_zeros(0, points.shape[1])
 
     def distance(self, points: torch.Tensor) -> torch.Tensor:
         """Signed distance [N] of points [3, N] to the nearest obstacle (+inf in an empty scene)."""
         nearest = torch.full_like(points[0], float("inf"))
-        if self.box_center.shape[0]:
-            nearest = torch.minimum(nearest, box_signed_distance(points, self.box_center, self.box_rotation, self.box_half_extents).amin(0))
-        if self.sphere_center.shape[0]:
-            nearest = torch.minimum(nearest, sphere_signed_distance(points, self.sphere_center, self.sphere_radius).amin(0))
-        if self.cylinder_center.shape[0]:
-            cylinders = cylinder_signed_distance(points, self.cylinder_center, self.cylinder_rotation, self.cylinder_radius, self.cylinder_half_height)
-            nearest = torch.minimum(nearest, cylinders.amin(0))
+        if self.num_primitives:
+            nearest = torch.minimum(nearest, self.primitive_distances(points).amin(0))
         if self.point_field is not None:
             nearest = torch.minimum(nearest, self.point_field.lower_bound(points))
         return nearest
@@ -399,12 +582,12 @@ class TensorScene:
 # --- the checker -----------------------------------------------------------------------------------
 
 class TorchCollisionChecker:
-    """Sphere-model collision checks of configuration batches q [B, 7] on any torch device.
+    """Collision checks of configuration batches q [B, 7] on any torch device: sphere broad phase, polytope narrow phase.
 
-    A configuration is in scene collision when a robot sphere comes closer than `collision_margin_m`
-    to an obstacle, and in self-collision when two spheres on a checked link pair overlap or the
-    wrist table reports contact (the margin pads the robot against the world only, as MoveIt's link
-    padding does).
+    A configuration is in scene collision when a link comes closer than `collision_margin_m` to an
+    obstacle (the margin pads the robot against the world only, as MoveIt's link padding does), and
+    in self-collision when two links of a checked pair touch or the wrist table reports contact.
+    With `narrow_phase=False` the spheres alone decide (faster, far more conservative).
     """
 
     def __init__(
@@ -414,8 +597,10 @@ class TorchCollisionChecker:
         collision_margin_m: float = 0.0,
         spheres_path: Path = SPHERES_PATH,
         wrist_table_path: Path = WRIST_TABLE_PATH,
+        link_polytopes_path: Path = LINK_POLYTOPES_PATH,
         point_resolution_m: float = 0.01,
         max_batch: int | None = None,
+        narrow_phase: bool = True,
     ):
         if collision_margin_m < 0:
             raise ValueError(f"collision_margin_m must be >= 0, got {collision_margin_m}")
@@ -423,14 +608,32 @@ class TorchCollisionChecker:
         self.dtype = dtype
         self.collision_margin_m = float(collision_margin_m)
         self.point_resolution_m = float(point_resolution_m)
+        self.narrow_phase = narrow_phase
+        on_cpu = self.device.type == "cpu"
         # Configurations per tensor pass (results do not depend on it). On CPU, passes of ~1024 keep
         # the temporaries in cache and run ~2x faster than one big pass (measured on 2 cores); a GPU
         # wants passes as large as memory allows.
-        self.max_batch = max_batch or (1024 if self.device.type == "cpu" else 65536)
+        self.max_batch = max_batch or (1024 if on_cpu else 65536)
+        # Elements of the largest temporary (broad phase: obstacles x spheres x configurations; narrow
+        # phase: pairs x edges x planes): bounds memory for any number of obstacles.
+        self._max_elements = 1 << (23 if on_cpu else 27)
         self.kinematics = PandaKinematics(self.device, dtype)
         self.spheres = RobotSphereModel.load(spheres_path, self.device, dtype)
         self.wrist_table = WristClearanceTable.load(wrist_table_path, self.device, dtype)
-        self._scene_radii = self.spheres.radii[self.spheres.scene_index]
+        self.polytopes = LinkPolytopes.load(link_polytopes_path, self.device, dtype)
+        links = list(self.spheres.link_slices)
+        if set(links) != set(self.polytopes.row_of_link):
+            raise ValueError(f"{spheres_path} and {link_polytopes_path} describe different links")
+        self.self_pairs = [pair for pair in checked_link_pairs(links) if frozenset(pair) not in WRIST_TABLE_PAIRS]
+        self._self_pair_rows = torch.tensor([[self.polytopes.row_of_link[a], self.polytopes.row_of_link[b]] for a, b in self.self_pairs], device=self.device)
+        scene_links = [name for name in links if name not in SCENE_EXCLUDED_LINKS]
+        self.scene_sphere_index = torch.cat([torch.arange(self.spheres.link_slices[name].start, self.spheres.link_slices[name].stop) for name in scene_links]).to(self.device)
+        self._scene_link_slices: list[slice] = []
+        for name in scene_links:
+            start = self._scene_link_slices[-1].stop if self._scene_link_slices else 0
+            self._scene_link_slices.append(slice(start, start + self.spheres.link_slices[name].stop - self.spheres.link_slices[name].start))
+        self._scene_link_rows = torch.tensor([self.polytopes.row_of_link[name] for name in scene_links], device=self.device)
+        self._scene_radii = self.spheres.radii[self.scene_sphere_index]
         # A cloud's distance field only has to be right below the largest distance that can decide a
         # collision; two cells more absorb the lookup's slack.
         self._point_truncation_m = float(self.spheres.radii.max()) + self.collision_margin_m + 2 * self.point_resolution_m
@@ -463,50 +666,184 @@ class TorchCollisionChecker:
         q = q.to(device=self.device, dtype=self.dtype)
         return self.spheres.world_centers(self.kinematics.link_transforms(q)).permute(2, 1, 0)
 
+    def _self_pair_gaps(self, centers: torch.Tensor) -> torch.Tensor:
+        """[pairs, B] smallest sphere gap of each checked link pair (sphere centres [3, S, B])."""
+        radii, slices = self.spheres.radii, self.spheres.link_slices
+        gaps = []
+        for a, b in self.self_pairs:
+            difference = centers[:, slices[a], None, :] - centers[:, None, slices[b], :]  # [3, n, m, B]
+            gap = _length(difference[0], difference[1], difference[2]) - (radii[slices[a], None] + radii[None, slices[b]])[..., None]
+            gaps.append(gap.amin((0, 1)))
+        return torch.stack(gaps)
+
+    def _scene_link_gaps(self, centers: torch.Tensor, tensor_scene: TensorScene) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sphere-model gaps to the scene: per (scene link, primitive) [Ls, K, B], and to the cloud [B] (+inf without one)."""
+        scene_centers = centers.index_select(1, self.scene_sphere_index)  # [3, S', B]
+        count, batch = scene_centers.shape[1], scene_centers.shape[2]
+        flat = scene_centers.reshape(3, -1)
+        cloud_gap = torch.full((batch,), float("inf"), dtype=self.dtype, device=self.device)
+        if tensor_scene.point_field is not None:
+            cloud_gap = (tensor_scene.point_field.lower_bound(flat).view(count, batch) - self._scene_radii[:, None]).amin(0)
+        gaps = tensor_scene.primitive_distances(flat).view(tensor_scene.num_primitives, count, batch) - self._scene_radii[None, :, None]
+        link_gaps = torch.stack([gaps[:, link].amin(1) for link in self._scene_link_slices]) if gaps.shape[0] else gaps.new_zeros(len(self._scene_link_slices), 0, batch)
+        return link_gaps, cloud_gap
+
     def clearances(self, q: torch.Tensor, scene: Scene | TensorScene | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scene clearance, self clearance) [B] each in metres, differentiable wrt q.
+        """Sphere-model (scene clearance, self clearance) [B] each in metres, differentiable wrt q.
 
         Scene clearance: min over robot spheres of (distance of the centre to the nearest obstacle
         minus the radius), +inf without obstacles. Self clearance: min over checked sphere pairs of
-        (centre distance minus both radii) and the wrist table's bound. Negative values are
-        penetration depths (of the spheres, or of the meshes for the wrist pairs).
+        (centre distance minus both radii) and the wrist table's bound. Both are lower bounds of the
+        meshes' clearances (negative values: penetration of the spheres, or of the wrist meshes).
         """
         q = q.to(device=self.device, dtype=self.dtype)
         tensor_scene = self._tensor_scene(scene)
         centers = self.spheres.world_centers(self.kinematics.link_transforms(q))  # [3, S, B]
-        batch = q.shape[0]
-        if tensor_scene.is_empty:
-            scene_clearance = torch.full((batch,), float("inf"), dtype=self.dtype, device=self.device)
-        else:
-            scene_centers = centers.index_select(1, self.spheres.scene_index)  # [3, S', B]
-            distance = tensor_scene.distance(scene_centers.reshape(3, -1)).view(self._scene_radii.shape[0], batch)
-            scene_clearance = (distance - self._scene_radii[:, None]).amin(0)
-        self_clearance = self.wrist_table.lower_bound(q[:, 5], q[:, 6])
-        radii = self.spheres.radii
-        for own, partners in self.spheres.self_blocks:
-            difference = centers[:, own, None, :] - centers[:, None, partners, :]  # [3, n, m, B]
-            gap = _length(difference[0], difference[1], difference[2]) - (radii[own, None] + radii[None, partners])[..., None]
-            self_clearance = torch.minimum(self_clearance, gap.amin((0, 1)))
+        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
+        scene_clearance = torch.minimum(cloud_gap, link_gaps.flatten(0, 1).amin(0)) if link_gaps.shape[1] else cloud_gap
+        self_clearance = torch.minimum(self.wrist_table.lower_bound(q[:, 5], q[:, 6]), self._self_pair_gaps(centers).amin(0))
         return scene_clearance, self_clearance
 
     def signed_distance(self, q: torch.Tensor, scene: Scene | TensorScene | None = None) -> torch.Tensor:
-        """[B] min(scene clearance - margin, self clearance): negative iff in collision; differentiable wrt q."""
+        """[B] sphere-model min(scene clearance - margin, self clearance): a conservative, differentiable clearance."""
         scene_clearance, self_clearance = self.clearances(q, scene)
         return torch.minimum(scene_clearance - self.collision_margin_m, self_clearance)
 
-    def check(self, q: torch.Tensor, scene: Scene | TensorScene | None = None) -> CollisionResult:
-        """Collision flags and signed distance for configurations q [B, 7] (no gradients)."""
+    def _narrow_chunks(self, count: int, per_pair: int) -> list[slice]:
+        step = max(1, self._max_elements // max(per_pair, 1))
+        return [slice(start, min(start + step, count)) for start in range(0, count, step)]
+
+    def _links_meet_links(self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, pad_m: float) -> torch.Tensor:
+        """[P] whether link polytopes rows[:, 0] and rows[:, 1] of configurations `config` come closer than pad_m."""
+        shapes, link_index = self.polytopes.coarse, self.polytopes.link_index
+        hits = [torch.zeros(0, dtype=torch.bool, device=self.device)]
+        for part in self._narrow_chunks(len(config), shapes.edges.shape[1] * shapes.planes.shape[1]):
+            row_a, row_b = rows[part, 0], rows[part, 1]
+            frame_a = frames[config[part], link_index[row_a]]
+            frame_b = frames[config[part], link_index[row_b]]
+            # B in A's frame: x_a = Ra^T (Rb x_b + tb - ta).
+            rotation = frame_a[:, :3, :3].transpose(1, 2) @ frame_b[:, :3, :3]
+            translation = (frame_a[:, :3, :3].transpose(1, 2) @ (frame_b[:, :3, 3] - frame_a[:, :3, 3])[..., None])[..., 0]
+            edges_b = shapes.edges[row_b] @ rotation[:, None].transpose(-1, -2) + translation[:, None, None]
+            planes_b = transform_planes(shapes.planes[row_b], rotation, translation)
+            hits.append(polytopes_meet(shapes.edges[row_a], shapes.planes[row_a], edges_b, planes_b, pad_m))
+        return torch.cat(hits)
+
+    def _link_frames(self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotation [P, 3, 3] and translation [P, 3] taking base-frame points into the frames of links `rows` of configurations `config`."""
+        frame = frames[config, self.polytopes.link_index[rows]]
+        inverse_rotation = frame[:, :3, :3].transpose(1, 2)
+        return inverse_rotation, -(inverse_rotation @ frame[:, :3, 3:])[..., 0]
+
+    def _links_meet_polytopes(
+        self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, obstacles: Polytopes, obstacle: torch.Tensor, pad_m: float
+    ) -> torch.Tensor:
+        """[P] whether the hulls of links `rows` of configurations `config` come closer than pad_m to polytopes `obstacle`."""
+        hull = self.polytopes.hull
+        rotation, translation = self._link_frames(frames, config, rows)
+        planes = transform_planes(obstacles.planes[obstacle], rotation, translation)  # [P, Fo, 4] in link frames
+        # Cheap first, from the link's vertices against the obstacle's planes: most pairs the spheres
+        # could not clear lie wholly beyond one obstacle facet, and most colliding pairs have a link
+        # vertex inside the (padded) obstacle. Only the rest need the edge test.
+        hits, undecided = _vertex_tests(hull.vertices[rows], planes, pad_m)
+        # Then the same with the roles swapped: the obstacle's vertices against the link's facets.
+        open_pairs = torch.nonzero(undecided).squeeze(-1)
+        vertices = obstacles.vertices[obstacle[open_pairs]] @ rotation[open_pairs].transpose(1, 2) + translation[open_pairs, None]
+        open_hits, still_undecided = _vertex_tests(vertices, hull.planes[rows[open_pairs]], pad_m)
+        hits[open_pairs] = open_hits
+        open_pairs = open_pairs[still_undecided]
+        per_pair = hull.edges.shape[1] * obstacles.planes.shape[1] + obstacles.edges.shape[1] * hull.planes.shape[1]
+        for part in self._narrow_chunks(len(open_pairs), per_pair):
+            pairs = open_pairs[part]
+            edges = obstacles.edges[obstacle[pairs]] @ rotation[pairs, None].transpose(-1, -2) + translation[pairs, None, None]
+            hits[pairs] = polytopes_meet(hull.edges[rows[pairs]], hull.planes[rows[pairs]], edges, planes[pairs], pad_m)
+        return hits
+
+    def _links_meet_spheres(
+        self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, center: torch.Tensor, radius: torch.Tensor, pad_m: float
+    ) -> torch.Tensor:
+        """[P] whether sphere obstacles (centre [P, 3], radius [P]) may come closer than pad_m to the hulls of links `rows`.
+
+        The distance from a point to a convex polytope is at least its largest facet-plane distance,
+        so a centre beyond r + pad_m of some plane is clear (exact off the hull's edges and vertices).
+        """
+        hull = self.polytopes.hull
+        rotation, translation = self._link_frames(frames, config, rows)
+        local = (rotation @ center[..., None])[..., 0] + translation  # [P, 3]
+        planes = hull.planes[rows]  # [P, F, 4]
+        plane_distance = (planes[..., :3] @ local[..., None])[..., 0] - planes[..., 3]
+        return plane_distance.amax(-1) < radius + pad_m
+
+    def _check_batch(self, q: torch.Tensor, tensor_scene: TensorScene, narrow_phase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scene collision, self collision, sphere scene clearance, sphere self clearance) [B] each."""
+        frames = self.kinematics.link_transforms(q)  # [B, L, 4, 4]
+        centers = self.spheres.world_centers(frames)  # [3, S, B]
+        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
+        # Clouds: the sphere model decides. Primitives: spheres clear a (link, obstacle) pair, or the narrow phase decides it.
+        scene_collision = cloud_gap < self.collision_margin_m
+        scene_clearance = torch.minimum(cloud_gap, link_gaps.flatten(0, 1).amin(0)) if link_gaps.shape[1] else cloud_gap
+        undecided = link_gaps < self.collision_margin_m
+        if not narrow_phase:
+            scene_collision |= undecided.flatten(0, 1).any(0)
+        else:
+            link, obstacle, config = torch.nonzero(undecided, as_tuple=True)
+            if config.numel():
+                pad_m = self.collision_margin_m + BULLET_HULL_MARGIN_M + NARROW_PHASE_SLACK_M
+                rows = self._scene_link_rows[link]
+                hits = torch.zeros_like(config, dtype=torch.bool)
+                num_boxes, num_spheres = tensor_scene.box_center.shape[0], tensor_scene.sphere_center.shape[0]
+                kind = (obstacle >= num_boxes).long() + (obstacle >= num_boxes + num_spheres).long()  # 0 box, 1 sphere, 2 cylinder
+                boxes, spheres, cylinders = (torch.nonzero(kind == value).squeeze(-1) for value in range(3))
+                if boxes.numel():
+                    hits[boxes] = self._links_meet_polytopes(frames, config[boxes], rows[boxes], tensor_scene.box_polytopes, obstacle[boxes], pad_m)
+                if spheres.numel():
+                    index = obstacle[spheres] - num_boxes
+                    hits[spheres] = self._links_meet_spheres(
+                        frames, config[spheres], rows[spheres], tensor_scene.sphere_center[index], tensor_scene.sphere_radius[index], pad_m
+                    )
+                if cylinders.numel():
+                    index = obstacle[cylinders] - num_boxes - num_spheres
+                    hits[cylinders] = self._links_meet_polytopes(frames, config[cylinders], rows[cylinders], tensor_scene.cylinder_polytopes, index, pad_m)
+                scene_collision[config[hits]] = True
+        pair_gaps = self._self_pair_gaps(centers)
+        wrist_clearance = self.wrist_table.lower_bound(q[:, 5], q[:, 6])
+        self_clearance = torch.minimum(wrist_clearance, pair_gaps.amin(0))
+        self_collision = wrist_clearance < 0.0
+        if not narrow_phase:
+            self_collision |= (pair_gaps < 0.0).any(0)
+        else:
+            pair, config = torch.nonzero(pair_gaps < 0.0, as_tuple=True)
+            if config.numel():
+                # Both hulls carry Bullet's margin.
+                pad_m = 2 * BULLET_HULL_MARGIN_M + NARROW_PHASE_SLACK_M
+                hits = self._links_meet_links(frames, config, self._self_pair_rows[pair], pad_m)
+                self_collision[config[hits]] = True
+        return scene_collision, self_collision, scene_clearance, self_clearance
+
+    def check(self, q: torch.Tensor, scene: Scene | TensorScene | None = None, narrow_phase: bool | None = None) -> CollisionResult:
+        """Collision flags for configurations q [B, 7] (no gradients).
+
+        narrow_phase overrides the checker's setting for this call (False: the spheres alone decide,
+        several times faster and more conservative). signed_distance is the sphere model's
+        clearance, clipped at 0 where the narrow phase found no contact, so that it is negative iff
+        the configuration is in collision.
+        """
         q = q.to(device=self.device, dtype=self.dtype)
         tensor_scene = self._tensor_scene(scene)
+        spheres_per_config = max(tensor_scene.num_primitives, 1) * self.scene_sphere_index.numel()
+        batch = max(1, min(self.max_batch, self._max_elements // spheres_per_config))
+        narrow = self.narrow_phase if narrow_phase is None else narrow_phase
         with torch.no_grad():
-            parts = [self.clearances(chunk, tensor_scene) for chunk in q.split(self.max_batch)]
-        scene_clearance = torch.cat([part[0] for part in parts]) if parts else q.new_zeros(0)
-        self_clearance = torch.cat([part[1] for part in parts]) if parts else q.new_zeros(0)
-        scene_collision = scene_clearance < self.collision_margin_m
-        self_collision = self_clearance < 0.0
+            parts = [self._check_batch(chunk, tensor_scene, narrow) for chunk in q.split(batch)]
+        empty = q.new_zeros(0)
+        scene_collision, self_collision, scene_clearance, self_clearance = (
+            torch.cat([part[i] for part in parts]) if parts else (empty.bool() if i < 2 else empty) for i in range(4)
+        )
+        in_collision = scene_collision | self_collision
+        signed_distance = torch.minimum(scene_clearance - self.collision_margin_m, self_clearance)
         return CollisionResult(
-            in_collision=scene_collision | self_collision,
+            in_collision=in_collision,
             self_collision=self_collision,
             scene_collision=scene_collision,
-            signed_distance=torch.minimum(scene_clearance - self.collision_margin_m, self_clearance),
+            signed_distance=torch.where(in_collision, signed_distance.clamp_max(-1e-9), signed_distance.clamp_min(0.0)),
         )

@@ -49,6 +49,7 @@ class IKDomain:
         goal: IKGoal,
         position_length_scale_m: float = 1.0,
         orientation_length_scale_rad: float = 1.0,
+        narrow_phase: bool | None = None,
     ):
         self.kinematics = kinematics
         self.checker = checker
@@ -56,10 +57,11 @@ class IKDomain:
         self.goal = goal
         self.position_length_scale_m = position_length_scale_m
         self.orientation_length_scale_rad = orientation_length_scale_rad
+        self.narrow_phase = narrow_phase  # None: the checker's setting (see TorchCollisionChecker.check)
         self.last_collision_free_rate = float("nan")
 
     def score(self, q: torch.Tensor) -> torch.Tensor:
-        free = ~self.checker.check(q, self.scene).in_collision
+        free = ~self.checker.check(q, self.scene, self.narrow_phase).in_collision
         self.last_collision_free_rate = float(free.float().mean())
         return self.score_from_errors(*goal_errors(self.kinematics, q, self.goal)) * free
 
