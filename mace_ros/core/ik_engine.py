@@ -208,7 +208,7 @@ class IKEngine:
         tensor_scene = self._tensor_scene(scene)
         domain = IKDomain(
             self.kinematics, self.checker, tensor_scene, goal,
-            config["position_length_scale_m"], config["orientation_length_scale_rad"],
+            config["position_length_scale_m"], config["orientation_length_scale_rad"], config["tuning_narrow_phase_fraction"],
         )
         # Tune a per-request copy: the shared prior must stay the trained one.
         prior = GoalConditionedPrior(copy.deepcopy(self.prior), self.prior_goal_features(goal))
@@ -236,6 +236,7 @@ class IKEngine:
         tuning_left, iterations_done, tuning_time_s, rounds, exact_rejections = request.tuning_iterations, 0, 0.0, 0, 0
         failure_kind = "timeout"  # until a failed round is diagnosed
         diagnosed = False
+        first_solved_s: float | None = None
         diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
         while True:
             rounds += 1
@@ -276,6 +277,10 @@ class IKEngine:
             # Without refinement (the paper's MACE alone, for benchmarks) one round is all there is.
             if len(solved) >= request.num_solutions or not refining:
                 break
+            if len(solved) and first_solved_s is None:
+                first_solved_s = time.monotonic() - started
+                # More modes are worth a bounded wait, not the whole budget: a planner wants its answer.
+                work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
             if len(solved) == 0 and not diagnosed:
                 failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
             if time.monotonic() >= work_deadline:

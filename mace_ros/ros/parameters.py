@@ -75,6 +75,10 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "ik.deadline_reserve_s": ParameterSpec("Time (s) kept before the deadline for the final exact check and ranking.", 0.0, 10.0),
     "ik.exact_check": ParameterSpec(
         "Final collision authority for returned solutions: pybullet (exact Panda meshes) or none (the fast checker only)."),
+    "ik.tuning_narrow_phase_fraction": ParameterSpec(
+        "Share of each tuning batch, nearest the goal, whose sphere-model collisions the exact narrow phase re-checks.", 0.0, 1.0),
+    "ik.more_solutions_time_factor": ParameterSpec(
+        "After the first solution at time t, distinct further solutions are sought until t * (1 + factor) at most.", 0.0, 1000.0),
     "ik.min_separation_rad": ParameterSpec(
         "Least Euclidean joint distance (rad) between returned solutions: closer ones are near-copies, left out.", 0.0, 100.0),
     "ik.joint_limit_margin_rad": ParameterSpec(
