@@ -1,4 +1,7 @@
-"""Accuracy and speed of the torch sphere-model collision checker against PyBullet's exact meshes.
+"""Accuracy and speed of the torch collision checker against PyBullet's exact meshes.
+
+The checker as GetIK's refinement uses it (sphere broad phase + polytope narrow phase) and its
+sphere model alone (`narrow_phase=False`, what MACE's tuning scores with) are both measured.
 
 For every shipped scene: uniformly random configurations within the joint limits (the IK prior's
 support) and configurations scattered around the scene goals' solutions (joint noise 0.15 rad, where
@@ -48,17 +51,17 @@ def near_goal_configurations(scene_file: Path, count: int, generator: torch.Gene
     return kinematics.clamp_to_limits(solutions[picks] + 0.15 * torch.randn(count, 7, generator=generator))
 
 
-def time_check(checker: TorchCollisionChecker, scene: Scene, q: torch.Tensor, repeats: int = 10) -> dict[str, float]:
+def time_check(checker: TorchCollisionChecker, scene: Scene, q: torch.Tensor, narrow_phase: bool, repeats: int = 10) -> dict[str, float]:
     """Milliseconds of one batched check (scene prepared once, as in tuning): min and median of `repeats`.
 
     The minimum is the least disturbed by other processes on a shared machine; the median shows the disturbance.
     """
     prepared = checker.prepare(scene)
-    checker.check(q, prepared)
+    checker.check(q, prepared, narrow_phase)
     durations = []
     for _ in range(repeats):
         started = time.perf_counter()
-        checker.check(q, prepared)
+        checker.check(q, prepared, narrow_phase)
         durations.append(time.perf_counter() - started)
     return {"min": 1000 * min(durations), "median": 1000 * statistics.median(durations)}
 
@@ -87,6 +90,7 @@ def main() -> None:
             ("near_goals", near_goal_configurations(scene_file, args.num_near, generator, kinematics)),
         ):
             mine = checker.check(q, scene)
+            spheres_only = checker.check(q, scene, narrow_phase=False)
             started = time.perf_counter()
             truth = exact.check(q, scene)
             exact_seconds = time.perf_counter() - started
@@ -95,13 +99,15 @@ def main() -> None:
                 **rates(mine.in_collision, truth.in_collision),
                 "self_false_free_pct": rates(mine.self_collision, truth.self_collision)["false_free_pct"],
                 "self_false_collision_pct": rates(mine.self_collision, truth.self_collision)["false_collision_pct"],
+                "spheres_only": rates(spheres_only.in_collision, truth.in_collision),
                 "pybullet_ms_per_config": 1000 * exact_seconds / q.shape[0],
             }
         timing_q = kinematics.random_configurations(args.timing_batch, generator)
-        row["torch_check_ms"] = {}
+        row["torch_check_ms"], row["spheres_only_check_ms"] = {}, {}
         for threads in sorted({1, default_threads}):
             torch.set_num_threads(threads)
-            row["torch_check_ms"][str(threads)] = time_check(checker, scene, timing_q)
+            row["torch_check_ms"][str(threads)] = time_check(checker, scene, timing_q, narrow_phase=True)
+            row["spheres_only_check_ms"][str(threads)] = time_check(checker, scene, timing_q, narrow_phase=False)
         torch.set_num_threads(default_threads)
         rows.append(row)
         print(f"{name}: done", flush=True)
@@ -132,15 +138,18 @@ def main() -> None:
           f"(other processes share the cores), torch check passes of {checker.max_batch} configurations")
     print(f"Command: {result['command']}\n")
     header = ["scene", "configs", "exact coll. %", "torch coll. %", "false free %", "false coll. %",
-              "near-goal false free %", "near-goal false coll. %"] + [f"torch {args.timing_batch} ms, {k} thr. (median)" for k in thread_keys]
+              "near-goal false free %", "near-goal false coll. %", "spheres only: near-goal false free % / false coll. %"] + [
+                  f"{args.timing_batch} configs ms, {k} thr., narrow / spheres only (median)" for k in thread_keys]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         uniform, near = row["uniform"], row["near_goals"]
         cells = [row["scene"], str(uniform["num_configs"]), f"{uniform['exact_collision_pct']:.1f}", f"{uniform['torch_collision_pct']:.1f}",
                  f"{uniform['false_free_pct']:.2f}", f"{uniform['false_collision_pct']:.2f}",
-                 f"{near['false_free_pct']:.2f}", f"{near['false_collision_pct']:.2f}"] + [
-                     f"{row['torch_check_ms'][k]['min']:.0f} ({row['torch_check_ms'][k]['median']:.0f})" for k in thread_keys]
+                 f"{near['false_free_pct']:.2f}", f"{near['false_collision_pct']:.2f}",
+                 f"{near['spheres_only']['false_free_pct']:.2f} / {near['spheres_only']['false_collision_pct']:.2f}"] + [
+                     f"{row['torch_check_ms'][k]['min']:.0f} ({row['torch_check_ms'][k]['median']:.0f}) / "
+                     f"{row['spheres_only_check_ms'][k]['min']:.0f} ({row['spheres_only_check_ms'][k]['median']:.0f})" for k in thread_keys]
         print("| " + " | ".join(cells) + " |")
     print(f"\nwrote {args.out}")
 

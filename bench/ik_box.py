@@ -350,6 +350,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--feasible-goals-from", type=Path, default=None,
+                        help="reuse the goals an earlier run's results JSON counted as feasible (skips sampling and the long searches)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_box.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -360,7 +362,14 @@ def main() -> None:
     exact = PyBulletCollisionChecker()
     judge = Judge(exact, scene)
     # The scene's first example goal is inside the box: the cavity is found around it.
-    goals = sample_goals(scene, load_goals(scene_file)[0].position, args.num_positions, args.clearance, args.min_height, np.deg2rad(args.max_tilt_deg), np.random.default_rng(args.seed))
+    if args.feasible_goals_from is None:
+        goals = sample_goals(scene, load_goals(scene_file)[0].position, args.num_positions, args.clearance, args.min_height,
+                             np.deg2rad(args.max_tilt_deg), np.random.default_rng(args.seed))
+    else:
+        goals = [
+            BoxGoal(record["goal_index"], np.asarray(record["position"]), None if record["rotation"] is None else np.asarray(record["rotation"]))
+            for record in json.loads(args.feasible_goals_from.read_text())["records"] if record["counted"]
+        ]
     solvers = build_solvers(args.methods, exact, scene, args.timeout, args.seed)
     device, code = device_description(), code_version()  # at the start: others may edit files meanwhile
     print(json.dumps({**device, **code}))
@@ -386,7 +395,8 @@ def main() -> None:
                 row["returned_in_collision"] = judge.collision_count(answer.all_solutions)
             record[method] = row
         solved_by = [method for method in solvers if record[method]["success"]]
-        record["counted"] = bool(solved_by) or has_solution_by_long_search(goal, exact, scene, args.long_search, args.seed)
+        record["counted"] = bool(solved_by) or args.feasible_goals_from is not None or has_solution_by_long_search(
+            goal, exact, scene, args.long_search, args.seed)
         records.append(record)
         print(f"goal {goal.index:3d} {goal.kind:8s} counted={record['counted']!s:5s} " + "  ".join(
             f"{method}={'ok' if record[method]['success'] else '--'} {record[method]['elapsed_s']:.3f}s" for method in solvers), flush=True)
