@@ -29,7 +29,9 @@ touching it would otherwise put every configuration in collision); it stays in s
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 from safetensors import safe_open
+from scipy.ndimage import maximum_filter
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, HalfspaceIntersection, cKDTree
 
@@ -451,6 +454,15 @@ class WristClearanceTable:
 
 # --- obstacles -----------------------------------------------------------------------------------
 
+# A cloud's distance field has at most this many nodes (~17 MB in float32; a 2.4 x 2.4 x 0.7 m
+# workspace at 1 cm fits), whatever the cloud's extent; nodes are queried in chunks of this many.
+MAX_FIELD_NODES = 1 << 22
+FIELD_QUERY_CHUNK = 1 << 18
+# Fields of the latest clouds, keyed by content (see PointDistanceField.cached).
+FIELD_CACHE_SIZE = 2
+_FIELD_CACHE: dict[tuple, "PointDistanceField"] = {}
+_FIELD_CACHE_LOCK = threading.Lock()
+
 @dataclass(frozen=True)
 class PointDistanceField:
     """Distance to a point cloud, sampled on a regular grid, with conservative trilinear lookups.
@@ -465,6 +477,12 @@ class PointDistanceField:
     cell), which `lower_bound` returns: exact at the nodes, never above D, at most 1.73 h below it
     (17 mm at 1 cm, worst case; a few mm typically). Outside the grid (the cloud's bounding box
     padded by the truncation distance) D >= truncation_m holds and is returned.
+
+    Memory and time are bounded whatever the cloud's extent: a grid that would exceed `max_nodes`
+    is coarsened (the bound stays rigorous, only looser), and the nearest-point search runs only on
+    the band of nodes that can be closer than truncation_m to a point (found on the occupancy grid
+    by a separable maximum filter); every other node holds truncation_m. Builds are cached by the
+    cloud's content (`cached`), so a cloud is processed once however many scenes and requests use it.
     """
 
     origin: torch.Tensor  # [3] position of node (0, 0, 0)
@@ -473,20 +491,54 @@ class PointDistanceField:
     truncation_m: float
 
     @staticmethod
-    def build(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> "PointDistanceField":
-        pad = truncation_m + resolution_m
-        low = points.min(0) - pad
-        shape = np.ceil((points.max(0) + pad - low) / resolution_m).astype(int) + 1
-        axes = [low[d] + resolution_m * np.arange(shape[d]) for d in range(3)]
-        nodes = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-        distances, _ = cKDTree(points).query(nodes, distance_upper_bound=truncation_m, workers=-1)
-        values = np.minimum(distances, truncation_m).reshape(*shape)
+    def build(
+        points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype,
+        max_nodes: int = MAX_FIELD_NODES,
+    ) -> "PointDistanceField":
+        low, high = points.min(0), points.max(0)
+        while True:  # coarsen until the grid fits max_nodes (at most a few passes)
+            pad = truncation_m + resolution_m
+            shape = np.ceil((high - low + 2 * pad) / resolution_m).astype(np.int64) + 1
+            if np.prod(shape.astype(np.float64)) <= max_nodes:
+                break
+            resolution_m *= max(1.01, float(np.cbrt(np.prod(shape.astype(np.float64)) / max_nodes)))
+        origin = low - pad
+        # Each point's nearest node is within h sqrt(3)/2 of it, so a node more than `reach` nodes away
+        # (per axis) from every occupied node is farther than truncation_m from every point.
+        occupied = np.zeros(tuple(shape), dtype=np.uint8)
+        occupied[tuple(np.rint((points - origin) / resolution_m).astype(np.int64).T)] = 1
+        reach = int(np.ceil(truncation_m / resolution_m + 0.5 * np.sqrt(3.0)))
+        band = np.flatnonzero(maximum_filter(occupied, size=2 * reach + 1, mode="constant"))
+        del occupied
+        values = np.full(int(np.prod(shape)), truncation_m, dtype=np.float32 if dtype == torch.float32 else np.float64)
+        tree = cKDTree(points)
+        for start in range(0, band.size, FIELD_QUERY_CHUNK):  # bounded temporaries for any band size
+            flat = band[start:start + FIELD_QUERY_CHUNK]
+            nodes = origin + resolution_m * np.stack(np.unravel_index(flat, tuple(shape)), -1)
+            distances, _ = tree.query(nodes, distance_upper_bound=truncation_m, workers=-1)
+            values[flat] = np.minimum(distances, truncation_m)
         return PointDistanceField(
-            origin=torch.as_tensor(low, dtype=dtype, device=device),
+            origin=torch.as_tensor(origin, dtype=dtype, device=device),
             resolution_m=float(resolution_m),
-            values=torch.as_tensor(values, dtype=dtype, device=device),
+            values=torch.as_tensor(values.reshape(tuple(shape)), dtype=dtype, device=device),
             truncation_m=float(truncation_m),
         )
+
+    @staticmethod
+    def cached(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> "PointDistanceField":
+        """`build`, reused for a cloud of the same content: scenes are snapshots that copy their cloud,
+        and a new snapshot (a marker moved) must not rebuild the field of an unchanged cloud."""
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        key = (hashlib.blake2b(points.data, digest_size=16).digest(), points.shape, resolution_m, truncation_m, str(device), dtype)
+        with _FIELD_CACHE_LOCK:
+            field = _FIELD_CACHE.get(key)
+        if field is None:
+            field = PointDistanceField.build(points, resolution_m, truncation_m, device, dtype)
+            with _FIELD_CACHE_LOCK:
+                _FIELD_CACHE[key] = field
+                while len(_FIELD_CACHE) > FIELD_CACHE_SIZE:
+                    _FIELD_CACHE.pop(next(iter(_FIELD_CACHE)))
+        return field
 
     def lower_bound(self, points: torch.Tensor) -> torch.Tensor:
         """Lower bounds [N] of the distance from points [3, N] to the cloud (capped at truncation_m)."""
@@ -540,7 +592,7 @@ class TensorScene:
             cylinder_rotation=tensor([c.rotation for c in scene.cylinders], (3, 3)),
             cylinder_radius=tensor([c.radius for c in scene.cylinders], ()),
             cylinder_half_height=tensor([c.half_height for c in scene.cylinders], ()),
-            point_field=None if scene.points is None else PointDistanceField.build(scene.points, point_resolution_m, point_truncation_m, device, dtype),
+            point_field=None if scene.points is None else PointDistanceField.cached(scene.points, point_resolution_m, point_truncation_m, device, dtype),
             box_polytopes=Polytopes.stack(
                 [_posed_polytope("box", np.asarray(b.half_extents), b.rotation, np.asarray(b.center)) for b in scene.boxes], device, dtype
             ),
