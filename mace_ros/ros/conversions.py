@@ -69,12 +69,12 @@ def cloud_dtype(cloud: PointCloud2) -> np.dtype:
     return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": cloud.point_step})
 
 
-def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
-    """All points of `cloud` as a flat structured array (row_step padding removed), in native byte order."""
-    dtype = cloud_dtype(cloud)
+def _points_view(cloud: PointCloud2, dtype: np.dtype) -> np.ndarray:
+    """The points of `cloud` as a flat array of `dtype` (itemsize = point_step): a view of the message's
+    buffer, or, when rows are padded (row_step > width x point_step), a copy without the padding."""
     num_points = cloud.width * cloud.height
     if num_points == 0:
-        return np.zeros(0, dtype=dtype.newbyteorder("="))
+        return np.zeros(0, dtype=dtype)
     row_bytes = cloud.width * cloud.point_step
     if cloud.row_step < row_bytes:
         raise ValueError(f"PointCloud2 row_step {cloud.row_step} < width {cloud.width} x point_step {cloud.point_step}")
@@ -83,20 +83,40 @@ def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
         raise ValueError(
             f"PointCloud2 data has {data.size} bytes; {cloud.height} rows of {cloud.row_step} bytes need "
             f"{cloud.row_step * cloud.height}")
+    if cloud.row_step == row_bytes or cloud.height == 1:
+        return data[:num_points * cloud.point_step].view(dtype)
     rows = np.lib.stride_tricks.as_strided(data, shape=(cloud.height, row_bytes), strides=(cloud.row_step, 1))
-    points = np.ascontiguousarray(rows).view(dtype).reshape(-1)
-    return points.astype(dtype.newbyteorder("="))
+    return np.ascontiguousarray(rows).view(dtype).reshape(-1)
+
+
+def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
+    """All points of `cloud` as a flat structured array (row_step padding removed), in native byte order."""
+    dtype = cloud_dtype(cloud)
+    return _points_view(cloud, dtype).astype(dtype.newbyteorder("="))
 
 
 def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
-    """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped."""
+    """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped.
+
+    Only x, y, z are read, straight from the message's buffer (a 1280 x 720 camera cloud of 32-byte
+    points takes ~20 ms): other fields and padding are never copied.
+    """
     missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
     if missing:
         present = ", ".join(field.name for field in cloud.fields) or "none"
         raise ValueError(f"PointCloud2 lacks field(s) {', '.join(missing)} (fields: {present})")
-    points = pointcloud2_to_array(cloud)
-    xyz = np.stack([points[name].astype(np.float64) for name in XYZ], axis=-1).reshape(-1, 3)
-    return xyz[np.isfinite(xyz).all(axis=1)]
+    dtype = cloud_dtype(cloud)
+    xyz_dtype = np.dtype({
+        "names": list(XYZ), "formats": [dtype.fields[name][0] for name in XYZ],
+        "offsets": [dtype.fields[name][1] for name in XYZ], "itemsize": dtype.itemsize})
+    points = _points_view(cloud, xyz_dtype)
+    # Per-coordinate 1-D passes: a mask over an [N, 3] array's short rows costs ~3x more.
+    columns = [points[name] if points[name].ndim == 1 else points[name][:, 0] for name in XYZ]  # count > 1: the first
+    finite = np.isfinite(columns[0]) & np.isfinite(columns[1]) & np.isfinite(columns[2])
+    xyz = np.empty((int(np.count_nonzero(finite)), 3), dtype=np.float64)
+    for axis, column in enumerate(columns):
+        xyz[:, axis] = column[finite]
+    return xyz
 
 
 def array_to_pointcloud2(points: np.ndarray, header: Header) -> PointCloud2:
@@ -133,6 +153,11 @@ def xyz_to_pointcloud2(xyz: np.ndarray, header: Header, **extra_fields: np.ndarr
     for name, values in extra_fields.items():
         points[name] = values
     return array_to_pointcloud2(points, header)
+
+
+def stamp_to_ns(stamp) -> int:
+    """A builtin_interfaces/Time as integer nanoseconds (0 for an unset stamp)."""
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 # --- Poses and points --------------------------------------------------------------------------
