@@ -11,10 +11,11 @@ from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
+from mace_ros.core.kinematics import LINK_INDEX
 from mace_ros.core.scene import Box, Cylinder, Sphere
 from mace_ros.ros import conversions
-from mace_ros.ros.frames import FrameTable, RigidTransform, UnknownFrameError
-from mace_ros.ros.obstacles import voxel_downsample
+from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, UnknownFrameError
+from mace_ros.ros.obstacles import Workspace, voxel_downsample
 
 F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
 
@@ -164,3 +165,29 @@ def test_voxel_downsample_keeps_one_point_per_voxel():
     points = np.array([[0.001, 0.001, 0.001], [0.002, 0.002, 0.002], [0.5, 0.5, 0.5]])
     np.testing.assert_array_equal(voxel_downsample(points, 0.01), points[[0, 2]])
     np.testing.assert_array_equal(voxel_downsample(points, 0.0), points)
+
+
+def test_workspace_drops_far_points_and_primitives():
+    workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
+    points = np.array([[0.5, 0, 0.5], [8.0, 0, 0.5], [1e6, 0, 0], [0, 0, -0.01]])
+    np.testing.assert_array_equal(workspace.contains(points), [True, False, False, False])
+    assert workspace.meets(Box("edge", (1.05, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1)))
+    assert not workspace.meets(Sphere("far", (2.0, 0, 0.5), 0.05))
+    with pytest.raises(ValueError):
+        Workspace.from_bounds([0, 0, 0], [1, -1, 1])
+
+
+def test_attached_frames_follow_the_joint_state_closest_to_the_stamp():
+    robot = RobotFrames()
+    attached = FrameTable.parse_attached_frames("camera panda_hand 0 0 0.1 0 0 0 1", lambda name: name)
+    frames = FrameTable("panda_link0", {}, attached, robot)
+    with pytest.raises(ValueError, match="joint_states"):
+        frames.to_base("camera")
+    q0, q1 = np.zeros(7), np.array([0.5, 0, 0, -1.5, 0, 1.5, 0])
+    robot.joint_states.add(1_000_000_000, q0)
+    robot.joint_states.add(1_100_000_000, q1)
+    hand = robot.link_transforms(q0)[LINK_INDEX["panda_hand"]]
+    np.testing.assert_allclose(frames.to_base("camera", 1_020_000_000).apply(np.zeros(3)), hand[:3, :3] @ [0, 0, 0.1] + hand[:3, 3])
+    assert not np.allclose(frames.to_base("camera").translation, frames.to_base("camera", 1_000_000_000).translation)
+    with pytest.raises(ValueError, match="not a link"):
+        FrameTable.parse_attached_frames("camera panda_nose 0 0 0 0 0 0 1", lambda name: name)

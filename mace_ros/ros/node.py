@@ -23,14 +23,15 @@ from geometry_msgs.msg import PoseArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.publisher import Publisher
-from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
-from sensor_msgs.msg import PointCloud2
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import JointState, PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.ros import conversions, markers
-from mace_ros.ros.frames import FrameTable, RigidTransform
-from mace_ros.ros.obstacles import ObstacleModel, voxel_downsample
+from mace_ros.core.kinematics import LINK_NAMES
+from mace_ros.ros.frames import AttachedFrame, FrameTable, RigidTransform, RobotFrames, Tf2Frames
+from mace_ros.ros.obstacles import ObstacleModel, SelfFilter, Workspace, voxel_downsample
 from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
 from mace_ros.ros.requests import (
@@ -40,6 +41,8 @@ from mace_ros.srv import GetIK, InferShape
 # Latched: rviz (or a test) that subscribes after a result still receives it.
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 WARNING_PERIOD_S = 5.0
+# How often the obstacle cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
+CLOUD_QOS_CHECK_PERIOD_S = 1.0
 # GetIK error code of an unsolved IKResult by its failure_kind (mace_ros.core.ik_engine.FAILURE_KINDS).
 IK_FAILURE_CODES: dict[str, ErrorCode] = {
     "": "NO_IK_SOLUTION", "collision": "GOAL_IN_COLLISION", "unreachable": "NO_IK_SOLUTION",
@@ -134,8 +137,16 @@ class MaceNode(Node):
             self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
         self.names = RobotNames(self.get_parameter("robot_prefix").value)
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
+        # Robot links are frames too (a goal in panda_hand_tcp), placed like attached frames.
+        self.robot = RobotFrames()
+        attached = {self.names.to_ros(link): AttachedFrame(link, RigidTransform.identity()) for link in LINK_NAMES}
+        attached.update(FrameTable.parse_attached_frames(self.get_parameter("attached_frames").value, self.names.to_core))
         self.frames = FrameTable(
-            self.base_frame, FrameTable.parse_static_transforms(self.get_parameter("static_transforms").value))
+            self.base_frame, FrameTable.parse_static_transforms(self.get_parameter("static_transforms").value),
+            attached, self.robot, Tf2Frames.create(self, self.base_frame))
+        self.workspace = Workspace.from_bounds(
+            self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
+        self.self_filter = SelfFilter()
         self.obstacles = ObstacleModel()
         self._contacts_lock = threading.Lock()
         self._latest_contacts: np.ndarray | None = None
@@ -144,10 +155,17 @@ class MaceNode(Node):
 
         topics_group = MutuallyExclusiveCallbackGroup()
         self.create_subscription(MarkerArray, "~/obstacles", self.on_obstacles, 10, callback_group=topics_group)
-        # Best effort matches both kinds of publisher; cameras publish clouds best effort.
-        self.create_subscription(
-            PointCloud2, "~/obstacle_cloud", self.on_obstacle_cloud, qos_profile_sensor_data, callback_group=topics_group)
         self.create_subscription(PoseArray, "~/contacts", self.on_contacts, 10, callback_group=topics_group)
+        # Joint states in a group of their own: a cloud being processed must not hold them back.
+        self.create_subscription(
+            JointState, "/joint_states", self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
+        # Clouds (seconds of work each at most) in their own group, with the QoS re-matching timer that
+        # replaces their subscription: the two never run at once.
+        self._cloud_group = MutuallyExclusiveCallbackGroup()
+        self._cloud_reliable = False
+        self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
+        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
+        self.obstacle_points_publisher = self.create_publisher(PointCloud2, "~/obstacle_points", LATCHED)
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
         self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
@@ -189,6 +207,7 @@ class MaceNode(Node):
     # --- Topics ---------------------------------------------------------------------------------
 
     def on_obstacles(self, message: MarkerArray) -> None:
+        outside = 0
         for marker in message.markers:
             try:
                 if marker.action == Marker.DELETEALL:
@@ -196,23 +215,106 @@ class MaceNode(Node):
                 elif marker.action == Marker.DELETE:
                     self.obstacles.remove(conversions.marker_key(marker))
                 elif marker.action == Marker.ADD:
-                    to_base = self.frames.to_base(marker.header.frame_id)
-                    self.obstacles.put(conversions.marker_key(marker), conversions.marker_to_primitive(marker, to_base))
+                    to_base = self.frames.to_base(marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
+                    primitive = conversions.marker_to_primitive(marker, to_base)
+                    if self.workspace.meets(primitive):
+                        self.obstacles.put(conversions.marker_key(marker), primitive)
+                    else:  # beyond the robot's reach; one that moved out is removed
+                        self.obstacles.remove(conversions.marker_key(marker))
+                        outside += 1
                 else:
                     raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
             except (ValueError, ImportError) as error:
                 self.get_logger().warning(f"~/obstacles: ignored marker {conversions.marker_key(marker)}: {error}")
+        if outside:
+            self.get_logger().info(
+                f"~/obstacles: ignored {outside} marker(s) entirely outside the workspace "
+                f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
         self.publish_scene()
 
-    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+    def _subscribe_cloud(self, reliable: bool):
+        """Keep-last-1 (only the latest cloud matters), reliable or best effort."""
+        reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+        return self.create_subscription(
+            PointCloud2, "~/obstacle_cloud", self.on_obstacle_cloud, QoSProfile(depth=1, reliability=reliability),
+            callback_group=self._cloud_group)
+
+    def _match_cloud_publishers(self) -> None:
+        """Subscribe reliably when every cloud publisher is reliable, best effort otherwise.
+
+        A camera cloud (~10 MB at 640 x 480) crosses Fast DDS's shared memory in many fragments; over
+        best effort one lost fragment loses the cloud, and in a busy process nearly all are lost
+        (measured: 0-4 of 20 arrive), while a reliable reader resends them (20 of 20). But a reliable
+        reader never matches a best-effort writer, so the reliability follows the publishers (as
+        `ros2 bag record` adapts its QoS).
+        """
+        publishers = self.get_publishers_info_by_topic(self._cloud_subscription.topic_name)
+        reliable = bool(publishers) and all(
+            publisher.qos_profile.reliability == ReliabilityPolicy.RELIABLE for publisher in publishers)
+        if reliable != self._cloud_reliable:
+            self.destroy_subscription(self._cloud_subscription)
+            self._cloud_reliable = reliable
+            self._cloud_subscription = self._subscribe_cloud(reliable)
+            self.get_logger().info(f"~/obstacle_cloud: subscribed {'reliable' if reliable else 'best effort'} to match its publishers")
+
+    def on_joint_states(self, message: JointState) -> None:
         try:
-            to_base = self.frames.to_base(cloud.header.frame_id)
+            positions = conversions.joint_state_to_positions(message, self.names)
+        except ValueError as error:
+            if message.name and not set(message.name) & set(self.names.joint_names):
+                return  # another joint group's state (e.g. the gripper's)
+            self.get_logger().warning(f"/joint_states ignored: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        if positions is not None:
+            self.robot.joint_states.add(
+                conversions.stamp_to_ns(message.header.stamp) or self.get_clock().now().nanoseconds, positions)
+
+    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+        """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
+        points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
+        started = time.monotonic()
+        sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
+        try:
+            to_base = self.frames.to_base(sensor, stamp_ns)
             points = to_base.apply(conversions.pointcloud2_to_xyz(cloud))
         except ValueError as error:  # UnknownFrameError included
             self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return
-        voxel_size_m = self.get_parameter("obstacle_cloud.voxel_size_m").value
-        self.obstacles.set_points(voxel_downsample(points, voxel_size_m) if points.shape[0] else None)
+        inside = self.workspace.contains(points)
+        if not inside.all():
+            self.get_logger().info(
+                f"~/obstacle_cloud from '{sensor}': dropped {int((~inside).sum())} of {points.shape[0]} points outside "
+                f"the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
+                throttle_duration_sec=WARNING_PERIOD_S)
+            points = points[inside]
+        points = voxel_downsample(points, self.get_parameter("obstacle_cloud.voxel_size_m").value)
+        positions = self.robot.joint_states.at(stamp_ns)
+        if positions is None:
+            self.get_logger().warning(
+                "~/obstacle_cloud: no /joint_states yet, so the robot's own points are not filtered out",
+                throttle_duration_sec=WARNING_PERIOD_S)
+        elif points.shape[0]:
+            padding_m = self.get_parameter("obstacle_cloud.self_filter_padding_m").value
+            points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), padding_m)]
+        merged = self.obstacles.points_with(sensor, points)
+        self._prepare_cloud(merged)
+        self.obstacles.set_cloud(sensor, points)
+        self._publish(self.obstacle_points_publisher, conversions.xyz_to_pointcloud2(
+            np.zeros((0, 3)) if merged is None else merged, self._base_header()))
+        self.get_logger().debug(
+            f"~/obstacle_cloud from '{sensor}': {points.shape[0]} points applied in {time.monotonic() - started:.3f} s")
+
+    def _prepare_cloud(self, points: np.ndarray | None) -> None:
+        """Builds the distance field of the model's next cloud before the model takes it, so that requests
+        find it ready (fields are cached by content) instead of building it within their deadline."""
+        try:
+            engine = self.ik_engine.get()
+        except EngineUnavailable:
+            return  # the first request builds it
+        if points is not None:
+            from mace_ros.core.scene import Scene
+
+            engine.checker.prepare(Scene(points=points))
 
     def on_contacts(self, message: PoseArray) -> None:
         """Fingertip contacts as a PoseArray: positions are the contacts, orientations are ignored."""

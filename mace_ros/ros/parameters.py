@@ -49,6 +49,15 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "scene": ParameterSpec("Static obstacles loaded at start: a scene name from config/scenes/ or a YAML path; '' = none."),
     "obstacle_cloud.voxel_size_m": ParameterSpec(
         "Voxel edge (m) the obstacle cloud is thinned to, one point per voxel; 0 keeps every point.", 0.0, 1.0, read_only=False),
+    "obstacle_cloud.self_filter_padding_m": ParameterSpec(
+        "Cloud points closer than this (m) to the robot's collision spheres at its joint state are its own and removed.",
+        0.0, 0.5, read_only=False),
+    "attached_frames": ParameterSpec(
+        "Frames fixed to a robot link, placed by forward kinematics at /joint_states: 'frame link x y z qx qy qz qw; ...' "
+        "= each frame's pose in its link (e.g. an eye-in-hand camera)."),
+    "workspace.min_m": ParameterSpec(
+        "Lower corner [x, y, z] (m, base frame) of the box outside which cloud points and obstacle markers are dropped."),
+    "workspace.max_m": ParameterSpec("Upper corner [x, y, z] (m, base frame) of that box."),
     "ik.tip_link": ParameterSpec(
         "Default tip link of GetIK requests: any link of the robot, e.g. <robot_prefix>hand_tcp ('' = <robot_prefix>hand).",
         read_only=False),

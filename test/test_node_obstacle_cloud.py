@@ -1,0 +1,198 @@
+"""Depth-camera clouds through the real node: far and absurd points, a 640 x 480 camera-layout cloud
+that blocks a goal and then frees it, an eye-in-hand camera placed by /joint_states, and the
+robot's own points filtered out.
+
+One node (named mace_cloud, with a camera frame attached to panda_hand) serves the whole module.
+Clouds come from a default-QoS (reliable) publisher, as a camera driver's; each test waits until the
+node's ~/obstacle_points shows its cloud applied.
+"""
+from __future__ import annotations
+
+import array
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from geometry_msgs.msg import Point
+from rclpy.qos import DurabilityPolicy, QoSProfile
+from sensor_msgs.msg import JointState, PointCloud2, PointField
+from std_msgs.msg import Header
+
+from conftest import running_node
+from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics
+from mace_ros.ros.conversions import pointcloud2_to_xyz
+from mace_ros.srv import GetIK
+
+NODE_NAME = "mace_cloud"
+CAMERA_FRAME = "hand_camera"
+CAMERA_IN_HAND = np.array([0.0, 0.05, 0.04])  # camera_frame's origin in panda_hand (identity rotation)
+ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p",
+             f"attached_frames:={CAMERA_FRAME} panda_hand {' '.join(map(str, CAMERA_IN_HAND))} 0 0 0 1"]
+GOAL = np.array([0.5, 0.0, 0.3])
+IK_TIMEOUT_S = 2.0
+# A configuration away from the goal's (hand pointing down at GOAL), where the arm stands in the test clouds.
+READY = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+_kinematics = PandaKinematics(dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def node(ros_isolation, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp(NODE_NAME) / "mace_node.log"
+    with running_node(ARGUMENTS, ros_isolation, log_path, NODE_NAME) as (client, _):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def topics(node):
+    """(publish cloud, publish joint state, wait for ~/obstacle_points)."""
+    cloud_publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 1)
+    joint_publisher = node.node.create_publisher(JointState, "/joint_states", 10)
+    received: list[PointCloud2] = []
+    node.node.create_subscription(
+        PointCloud2, f"/{NODE_NAME}/obstacle_points", received.append,
+        QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+
+    def publish_joints(q: np.ndarray) -> None:
+        for _ in range(3):
+            joint_publisher.publish(JointState(name=[f"panda_joint{i}" for i in range(1, 8)], position=q.tolist()))
+            node.executor.spin_once(timeout_sec=0.05)
+
+    def apply_cloud(cloud: PointCloud2, applied, timeout_s: float = 60.0) -> np.ndarray:
+        """Publish `cloud` (again every 2 s: the node's subscription adapts its QoS) until ~/obstacle_points
+        satisfies applied(points [N, 3]); those points."""
+        deadline, next_publish = time.monotonic() + timeout_s, 0.0
+        while time.monotonic() < deadline:
+            if time.monotonic() >= next_publish:
+                cloud.header.stamp = node.node.get_clock().now().to_msg()
+                cloud_publisher.publish(cloud)
+                next_publish = time.monotonic() + 2.0
+            node.executor.spin_once(timeout_sec=0.1)
+            if received and applied(points := pointcloud2_to_xyz(received[-1])):
+                return points
+        pytest.fail(f"the node did not apply the cloud in {timeout_s} s")
+
+    yield apply_cloud, publish_joints
+    node.node.destroy_publisher(cloud_publisher)
+    node.node.destroy_publisher(joint_publisher)
+
+
+def camera_cloud(points: np.ndarray, frame_id: str, width: int = 640, height: int = 480) -> PointCloud2:
+    """An organized width x height cloud as depth cameras send it: x, y, z, rgb in 32-byte points, NaN
+    where there is no depth; `points` [k, 3] fill the first pixels."""
+    layout = np.dtype({"names": ["x", "y", "z", "rgb"], "formats": ["<f4"] * 4, "offsets": [0, 4, 8, 16], "itemsize": 32})
+    pixels = np.zeros(width * height, dtype=layout)
+    for axis, name in enumerate("xyz"):
+        pixels[name] = np.nan
+        pixels[name][:points.shape[0]] = points[:, axis]
+    pixels["rgb"] = 1.0
+    cloud = PointCloud2(header=Header(frame_id=frame_id), height=height, width=width, point_step=32,
+                        row_step=32 * width, is_dense=False, is_bigendian=False)
+    cloud.fields = [PointField(name=name, offset=offset, datatype=PointField.FLOAT32, count=1)
+                    for name, offset in zip(("x", "y", "z", "rgb"), (0, 4, 8, 16))]
+    cloud.data = array.array("B", pixels.tobytes())
+    return cloud
+
+
+def table(z: float = 0.0) -> np.ndarray:
+    """A 1 x 1 m table top at 2 cm spacing in front of the robot."""
+    grid = np.arange(0.2, 1.2, 0.02)
+    x, y = np.meshgrid(grid, grid - 0.7)
+    return np.stack([x.ravel(), y.ravel(), np.full(x.size, z)], -1)
+
+
+def blob(center: np.ndarray, half_m: float = 0.04, step_m: float = 0.01) -> np.ndarray:
+    axis = np.arange(-half_m, half_m + 1e-9, step_m)
+    return center + np.stack(np.meshgrid(axis, axis, axis), -1).reshape(-1, 3)
+
+
+def get_ik(node, position: np.ndarray = GOAL) -> tuple[GetIK.Response, float]:
+    request = GetIK.Request(num_solutions=1, timeout_s=IK_TIMEOUT_S, tuning_iterations=-1)
+    request.goal.header.frame_id = "panda_link0"
+    request.goal.pose.position = Point(x=float(position[0]), y=float(position[1]), z=float(position[2]))
+    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0  # hand pointing down
+    started = time.monotonic()
+    response = node.when_loaded(node.get_ik, request)
+    return response, time.monotonic() - started
+
+
+def test_far_and_absurd_points_leave_get_ik_working(node, topics):
+    apply_cloud, publish_joints = topics
+    publish_joints(READY)
+    far = np.array([[8.0, 0.0, 0.5], [1e6, 0.0, 0.0], [0.0, -1e6, 3e5], [-3e4, 2e4, -1e4]])
+    points = apply_cloud(camera_cloud(np.concatenate([table(-0.01), far]), "panda_link0"),
+                         lambda p: p.shape[0] >= 2000)
+    assert np.abs(points).max() < 2.0  # far points dropped at the workspace
+    get_ik(node)  # engine loaded; the field of this cloud was built when it arrived
+    response, elapsed_s = get_ik(node)
+    assert response.success, response.message
+    assert response.elapsed_s <= IK_TIMEOUT_S + 0.1, response.elapsed_s
+
+
+def test_camera_cloud_at_the_goal_blocks_it_until_removed(node, topics):
+    apply_cloud, publish_joints = topics
+    publish_joints(READY)
+    obstacle = blob(GOAL)
+    apply_cloud(camera_cloud(np.concatenate([table(-0.01), obstacle]), "panda_link0"),
+                lambda p: np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
+    response, _ = get_ik(node)
+    assert not response.success
+    assert response.error_code in (GetIK.Response.GOAL_IN_COLLISION, GetIK.Response.TIMED_OUT), response.message
+    apply_cloud(camera_cloud(table(-0.01), "panda_link0"),
+                lambda p: p.shape[0] >= 2000 and np.linalg.norm(p - GOAL, axis=1).min() > 0.2)
+    response, _ = get_ik(node)
+    assert response.success, response.message
+
+
+def hand_camera_pose(q: np.ndarray) -> np.ndarray:
+    """[4, 4] pose of the hand camera in the base frame at q."""
+    hand = _kinematics.link_transforms(torch.as_tensor(q)[None])[0, LINK_INDEX["panda_hand"]].numpy()
+    camera = np.eye(4)
+    camera[:3, 3] = CAMERA_IN_HAND
+    return hand @ camera
+
+
+def test_eye_in_hand_camera_places_its_points_by_the_joint_state(node, topics):
+    apply_cloud, publish_joints = topics
+    seen = np.array([[0.0, 0.0, 0.35], [0.05, -0.03, 0.4]])  # in front of the camera (its z), clear of the fingers
+    for q in (READY, READY + np.array([0.6, 0.2, 0.0, 0.3, 0.0, -0.2, 0.4])):
+        publish_joints(q)
+        pose = hand_camera_pose(q)
+        expected = seen @ pose[:3, :3].T + pose[:3, 3]
+        points = apply_cloud(camera_cloud(seen, CAMERA_FRAME, 64, 48), lambda p: all(
+            np.linalg.norm(p - e, axis=1).min() < 0.011 for e in expected))  # voxel size 1 cm
+        assert points.shape[0] >= 2
+    apply_cloud(camera_cloud(np.zeros((0, 3)), CAMERA_FRAME, 64, 48),  # an empty cloud clears this camera's points
+                lambda p: all(np.linalg.norm(p - e, axis=1).min() > 0.05 for e in expected))
+
+
+def robot_surface_points(q: np.ndarray, per_link: int = 400) -> np.ndarray:
+    """Points on the Panda's collision meshes (links 0-7 and the hand) at q, as a camera would see them."""
+    import pybullet_data
+    import trimesh
+
+    meshes = Path(pybullet_data.getDataPath()) / "franka_panda" / "meshes" / "collision"
+    frames = _kinematics.link_transforms(torch.as_tensor(q)[None])[0].numpy()
+    rng = np.random.default_rng(5)
+    points = []
+    for link, mesh_name in [*((f"panda_link{i}", f"link{i}") for i in range(8)), ("panda_hand", "hand")]:
+        mesh = trimesh.load(meshes / f"{mesh_name}.obj", force="mesh")
+        local, _ = trimesh.sample.sample_surface(mesh, per_link, seed=int(rng.integers(1 << 30)))
+        frame = frames[LINK_INDEX[link]]
+        points.append(local @ frame[:3, :3].T + frame[:3, 3])
+    return np.concatenate(points)
+
+
+def test_the_robots_own_points_are_filtered_out(node, topics):
+    apply_cloud, publish_joints = topics
+    response, _ = get_ik(node)
+    assert response.success, response.message
+    q = np.array(response.solutions[0].position)  # the arm stands at the goal, seen by the camera
+    publish_joints(q)
+    robot = robot_surface_points(q)
+    points = apply_cloud(camera_cloud(np.concatenate([table(-0.01), robot]), "panda_link0"),
+                         lambda p: p.shape[0] >= 2000)
+    assert np.linalg.norm(points[:, None] - robot[None, ::10], axis=2).min() > 0.02  # none of the robot's points kept
+    response, _ = get_ik(node)
+    assert response.success, response.message
