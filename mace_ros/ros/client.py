@@ -56,17 +56,34 @@ class NodeProcess:
             return -signal.SIGKILL
 
 
-class MaceClient:
-    """A client node for /mace/get_ik and /mace/infer_shape in its own rclpy context."""
+def server_prefix(node_name: str = NODE_NAME, namespace: str = "") -> str:
+    """Fully qualified name of the mace node, the prefix of its services and topics: '/mace', '/robot1/mace'."""
+    namespace = namespace.strip("/")
+    return f"/{namespace}/{node_name}" if namespace else f"/{node_name}"
 
-    def __init__(self, node_name: str = "mace_client", server_name: str = NODE_NAME) -> None:
+
+class MaceClient:
+    """A client of the mace node's get_ik and infer_shape services, in its own rclpy context.
+
+    The services are `<namespace>/<server_name>/get_ik` and `.../infer_shape` (`/mace/...` by default, as
+    `ros2 launch mace_ros mace.launch.py namespace:=NS` serves them under `/NS/mace/...`); explicit service
+    names (e.g. after a remapping) take precedence.
+    """
+
+    def __init__(self, node_name: str = "mace_client", server_name: str = NODE_NAME, namespace: str = "",
+                 get_ik_service: str | None = None, infer_shape_service: str | None = None) -> None:
+        self.server = server_prefix(server_name, namespace)
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node(node_name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.get_ik_client = self.node.create_client(GetIK, f"/{server_name}/get_ik")
-        self.infer_shape_client = self.node.create_client(InferShape, f"/{server_name}/infer_shape")
+        self.get_ik_client = self.node.create_client(GetIK, get_ik_service or self.topic("get_ik"))
+        self.infer_shape_client = self.node.create_client(InferShape, infer_shape_service or self.topic("infer_shape"))
+
+    def topic(self, name: str) -> str:
+        """The server's `~/<name>` (a service or topic) as an absolute name."""
+        return f"{self.server}/{name}"
 
     def wait_for_services(self, timeout_s: float, alive: NodeProcess | None = None) -> None:
         """Wait until both services are up; TimeoutError (or RuntimeError if `alive` exited) otherwise."""
