@@ -67,6 +67,15 @@ def error_names(response_type: type) -> dict[int, str]:
             if name.isupper() and isinstance(getattr(response_type, name), int)}
 
 
+def sizes(request: GetIK.Request | InferShape.Request) -> dict[str, int]:
+    """The request's size fields, to tell which sizes miss their deadline."""
+    fields = {name: getattr(request, name) for name in ("num_solutions", "num_samples", "tuning_iterations")
+              if hasattr(request, name)}
+    if isinstance(request, InferShape.Request):
+        fields |= {"contacts": len(request.contacts), "partial_cloud_points": request.partial_cloud.width}
+    return fields
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -522,7 +531,7 @@ def main() -> int:
         if latency > budget + DEADLINE_SLACK_S:
             violations.append({"index": index, "service": service, "category": category, "timeout_s": timeout,
                                "budget_s": budget, "latency_s": round(latency, 3), "node_elapsed_s": response.elapsed_s,
-                               "code": code, "recent_topic_messages": list(recent_topics)})
+                               "code": code, "request": sizes(request), "recent_topic_messages": list(recent_topics)})
         if sent % 500 == 0:
             print(f"{sent} requests, {time.monotonic() - started:.0f} s: crashes {len(crashes)}, engine errors "
                   f"{len(engine_errors)}, deadline violations {len(violations)}, unanswered {len(unanswered)}, "
