@@ -761,6 +761,19 @@ class TorchCollisionChecker:
         scene_clearance, self_clearance = self.clearances(q, scene)
         return torch.minimum(scene_clearance - self.collision_margin_m, self_clearance)
 
+    def penetration(self, q: torch.Tensor, scene: Scene | TensorScene | None = None, clearance_m: float = 0.0) -> torch.Tensor:
+        """[B] sum of squared shortfalls below clearance_m of the sphere model's gaps, per (link, obstacle)
+        and per checked link pair (plus the wrist table), differentiable wrt q: 0 when every gap is
+        clear. Unlike the clearance (one worst pair), its gradient moves every offending link at once."""
+        q = q.to(device=self.device, dtype=self.dtype)
+        tensor_scene = self._tensor_scene(scene)
+        centers = self.spheres.world_centers(self.kinematics.link_transforms(q))
+        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
+        scene_target = clearance_m + self.collision_margin_m
+        cost = (scene_target - link_gaps).clamp_min(0.0).square().sum((0, 1)) + (scene_target - cloud_gap).clamp_min(0.0).square()
+        cost = cost + (clearance_m - self._self_pair_gaps(centers)).clamp_min(0.0).square().sum(0)
+        return cost + (-self.wrist_table.lower_bound(q[:, 5], q[:, 6])).clamp_min(0.0).square()
+
     def _narrow_chunks(self, count: int, per_pair: int) -> list[slice]:
         step = max(1, self._max_elements // max(per_pair, 1))
         return [slice(start, min(start + step, count)) for start in range(0, count, step)]

@@ -24,7 +24,7 @@ from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, Autoregressi
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
 from mace_ros.core.mace import MacePreset, StopRule, mace_tune, sample_and_score, tuning_optimizer
 from mace_ros.core.resources import default_parameters
-from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates
+from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates, slide_clear
 from mace_ros.core.scene import Scene
 from mace_ros.core.weights import load_weights
 
@@ -242,8 +242,12 @@ class IKEngine:
             rounds += 1
             block_started = time.monotonic()
             # Until something is solved or the goal diagnosed, a round leaves time for the diagnosis.
-            round_deadline = work_deadline - (0.0 if diagnosed or len(solved) else diagnosis_reserve_s)
-            # Sampling and tuning leave refine_time_fraction of the time left to this round's refinement.
+            time_left = work_deadline - (0.0 if diagnosed or len(solved) else diagnosis_reserve_s) - block_started
+            # A round takes round_time_fraction of the time left (all of it once that is short), so that a
+            # refinement stuck against obstacles cannot eat the budget of the rounds after it.
+            fraction = 1.0 if time_left < 2 * config["min_round_s"] else config["round_time_fraction"]
+            round_deadline = block_started + max(time_left * fraction, min(config["min_round_s"], time_left))
+            # Sampling and tuning leave refine_time_fraction of the round to its refinement.
             sampling_deadline = block_started + (round_deadline - block_started) * (1.0 - config["refine_time_fraction"])
             if tuning_left > 0:
                 # Only the first round may cut its block short: once a refinement has failed, tuning goes on.
@@ -267,8 +271,8 @@ class IKEngine:
                 candidates.insert(0, seed)  # as MoveIt answers from its seed, a refinement from it is always tried
             # Twice the request converged gives the ranking a choice of modes; stuck candidates need not finish.
             new_solved, new_efforts, rejected = self._polished_candidates(
-                torch.cat(candidates), goal, scene, tensor_scene, config["refine_max_iterations"], round_deadline,
-                enough_solved=2 * request.num_solutions)
+                torch.cat(candidates), self._unobstructed_starts(prior, generator), goal, scene, tensor_scene,
+                config["refine_max_iterations"], round_deadline, enough_solved=2 * request.num_solutions)
             exact_rejections += rejected
             solved = self._merged(solved, new_solved)
             best_efforts = self._merged(best_efforts, new_efforts)
@@ -298,27 +302,63 @@ class IKEngine:
             samples = prior.sample(count, generator)
             return samples[domain.score(samples) > 0]
 
+    def _unobstructed_starts(self, prior: GoalConditionedPrior, generator: torch.Generator) -> torch.Tensor:
+        """Starts for the obstacle-ignoring LM, wherever they lie: half plain samples of the prior tuned
+        so far (near the goal), half uniform in the joint limits (modes the prior misses)."""
+        count = self.config["unobstructed_starts"]
+        with torch.no_grad():
+            return torch.cat([prior.sample(count - count // 2, generator), self.kinematics.random_configurations(count // 2, generator)])
+
     def _polished_candidates(
-        self, candidates: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, max_iterations: int, deadline_at: float,
-        enough_solved: int | None = None,
+        self, candidates: torch.Tensor, free_starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene,
+        max_iterations: int, deadline_at: float, enough_solved: int | None = None,
     ) -> tuple[_Solutions, _Solutions, int]:
-        """LM-refine candidates (until `enough_solved` converge); returns the solved ones that pass the exact
-        check, the unsolved but collision-free ones (best efforts), and how many solved ones the exact check rejected."""
+        """LM-refine two ways; returns the solved configurations that pass the exact check, the unsolved
+        but collision-free ones (best efforts), and how many solved ones the exact check rejected.
+
+        First as random-restart IK does (MoveIt's KDL with a validity check): an LM that ignores
+        obstacles, from the candidates and `free_starts`, whose converged results count if they are
+        collision-free. It needs no collision check inside its loop, and it crosses thin obstacles the
+        collision-aware LM stops at. Then the collision-aware LM from the collision-free candidates the
+        first way did not solve (until `enough_solved` converge): it stays clear of obstacles as it goes.
+        """
         config = self.config
-        if candidates.shape[0] == 0:
+        tolerances = {"position_tolerance_m": config["position_tolerance_m"], "orientation_tolerance_rad": config["orientation_tolerance_rad"]}
+        starts = torch.cat([candidates, free_starts])
+        if starts.shape[0] == 0:
             return _Solutions.empty(self.device), _Solutions.empty(self.device), 0
-        refined: RefineResult = refine_candidates(
-            candidates, goal, self.checker, tensor_scene,
-            max_iterations=max_iterations,
-            position_tolerance_m=config["position_tolerance_m"],
-            orientation_tolerance_rad=config["orientation_tolerance_rad"],
-            enough_solved=enough_solved, deadline_at=deadline_at,
-        )
-        everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
-        converged = torch.nonzero(refined.converged).squeeze(-1)
-        exactly_free = self._exactly_free(refined.q[converged], scene)
-        efforts = torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1)
-        return everything.subset(converged[exactly_free]), everything.subset(efforts), int((~exactly_free).sum())
+        unobstructed = refine_candidates(
+            starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]), deadline_at=deadline_at, **tolerances)
+        # Checked in blocks while time is left: thousands of converged starts take a while.
+        reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
+        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(config["sample_chunk_size"]):
+            if time.monotonic() >= deadline_at:
+                break
+            reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
+        reached = torch.cat(reached_free)
+        solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad).subset(reached)
+        # The starts that reached the goal but collide are the raw material of slide_clear.
+        colliding = unobstructed.converged.clone()
+        colliding[reached] = False
+        colliding = torch.nonzero(colliding).squeeze(-1)[: config["slide_starts"]]
+        if colliding.numel() and len(solved) < (enough_solved or 1):
+            solved = solved.cat(_Solutions(*slide_clear(
+                unobstructed.q[colliding], goal, self.checker, tensor_scene, iterations=config["slide_iterations"],
+                step_rad=config["slide_step_rad"], deadline_at=deadline_at, **tolerances)))
+        efforts = _Solutions.empty(self.device)
+        unsolved = torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
+        unsolved[reached[reached < candidates.shape[0]]] = False
+        still_needed = None if enough_solved is None else enough_solved - len(solved)
+        if bool(unsolved.any()) and (still_needed is None or still_needed > 0):
+            refined: RefineResult = refine_candidates(
+                candidates[unsolved], goal, self.checker, tensor_scene, max_iterations=max_iterations,
+                enough_solved=still_needed, deadline_at=deadline_at, **tolerances,
+            )
+            everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
+            solved = solved.cat(everything.subset(torch.nonzero(refined.converged).squeeze(-1)))
+            efforts = everything.subset(torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1))
+        exactly_free = self._exactly_free(solved.q, scene)
+        return solved.subset(torch.nonzero(exactly_free).squeeze(-1)), efforts, int((~exactly_free).sum())
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within

@@ -116,3 +116,53 @@ def refine_candidates(
         damping[active] = torch.where(improves, (active_damping * 0.3).clamp_min(1e-12), (active_damping * 10.0).clamp_max(1e6))
     converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
     return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations)
+
+
+def slide_clear(
+    q_initial: torch.Tensor,
+    goal: IKGoal,
+    checker: TorchCollisionChecker,
+    scene: Scene | TensorScene,
+    iterations: int = 30,
+    step_rad: float = 0.05,
+    check_every: int = 5,
+    position_tolerance_m: float = 1e-6,
+    orientation_tolerance_rad: float = 1e-4,
+    deadline_at: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solved, collision-free configurations [S, 7] and their position and orientation errors [S], found by sliding q_initial [K, 7] (on or near the goal,
+    but in collision) along the goal's self-motion manifold, away from obstacles.
+
+    Each iteration takes a damped least-squares step toward the goal plus, in the null space of the
+    goal's Jacobian, a step of at most step_rad down the gradient of the sphere model's penetration
+    (`TorchCollisionChecker.penetration`), which moves the links out of obstacles without leaving the
+    goal. Every `check_every` iterations the configurations are polished by the obstacle-ignoring LM
+    and those the full checker calls free are kept. Where random restarts rarely land in the few
+    valid configurations (a hand deep in a cavity), this walks there from the many invalid ones.
+    """
+    kinematics = PandaKinematics(q_initial.device, torch.float64)
+    q = kinematics.clamp_to_limits(q_initial.to(torch.float64)).clone()
+    found = [(q.new_zeros(0, 7), q.new_zeros(0), q.new_zeros(0))]
+    for iteration in range(1, iterations + 1):
+        if q.shape[0] == 0 or (deadline_at is not None and time.monotonic() >= deadline_at):
+            break
+        residual, jacobian, _ = _goal_residual(kinematics, q, goal)
+        rows = residual.shape[1]
+        identity = torch.eye(rows, dtype=q.dtype, device=q.device)
+        inverse = jacobian.transpose(1, 2) @ torch.linalg.inv(jacobian @ jacobian.transpose(1, 2) + 1e-6 * identity)  # [K, 7, rows]
+        task_step = (inverse @ residual[..., None])[..., 0]
+        q_grad = q.detach().to(checker.dtype).requires_grad_(True)
+        (gradient,) = torch.autograd.grad(checker.penetration(q_grad, scene).sum(), q_grad)
+        gradient = gradient.to(q.dtype)
+        null_step = -(gradient - (inverse @ (jacobian @ gradient[..., None]))[..., 0])
+        null_step = null_step * (step_rad / null_step.abs().amax(-1, keepdim=True).clamp_min(1e-12))
+        q = kinematics.clamp_to_limits(q + task_step + null_step)
+        if iteration % check_every and iteration != iterations:
+            continue
+        polished = refine_candidates(q, goal, None, None, max_iterations=10, position_tolerance_m=position_tolerance_m,
+                                     orientation_tolerance_rad=orientation_tolerance_rad, deadline_at=deadline_at)
+        done = polished.converged.clone()
+        done[done.clone()] = ~checker.check(polished.q[done].to(checker.dtype), scene).in_collision
+        found.append((polished.q[done], polished.position_error_m[done], polished.orientation_error_rad[done]))
+        q = q[~done]
+    return tuple(torch.cat(part) for part in zip(*found))

@@ -79,6 +79,16 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "MACE iterations per solving round before its refinement; rounds repeat until solved or the deadline.", 1, 100000),
     "ik.refine_fresh_fraction": ParameterSpec(
         "Plain samples of the tuned prior refined each round, as a share of refine_candidates (other solution modes).", 0.0, 1.0),
+    "ik.round_time_fraction": ParameterSpec(
+        "Share of the time left that one solving round may take (all of it once less than 2 min_round_s is left).", 0.01, 1.0),
+    "ik.min_round_s": ParameterSpec("Shortest solving round (s), unless less time is left.", 0.0, 600.0),
+    "ik.unobstructed_starts": ParameterSpec(
+        "Starts per round for the obstacle-ignoring LM whose collision-free results count (half prior samples, half uniform).", 0, 100000),
+    "ik.unobstructed_max_iterations": ParameterSpec("LM iterations of the obstacle-ignoring starts each round.", 0, 100000),
+    "ik.slide_starts": ParameterSpec(
+        "Colliding goal-reaching results per round that slide along the goal's self-motion manifold away from obstacles.", 0, 100000),
+    "ik.slide_iterations": ParameterSpec("Iterations of that slide.", 0, 100000),
+    "ik.slide_step_rad": ParameterSpec("Largest joint step (rad) of one slide iteration in the null space of the goal.", 0.0, 1.0),
     "ik.sample_chunk_size": ParameterSpec(
         "Samples drawn and scored at once; the deadline is checked between chunks (bounds a huge num_samples).", 1, 1000000),
     "ik.deadline_reserve_s": ParameterSpec("Time (s) kept before the deadline for the final exact check and ranking.", 0.0, 10.0),
