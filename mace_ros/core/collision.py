@@ -319,6 +319,15 @@ def transform_planes(planes: torch.Tensor, rotation: torch.Tensor, translation: 
     return torch.cat([normals, (planes[..., 3] + (normals * translation[:, None]).sum(-1))[..., None]], -1)
 
 
+def _load_link_table(path: Path) -> tuple[dict, list[str]]:
+    """A YAML file keyed by link name, and its links with data in kinematic order."""
+    data = yaml.safe_load(Path(path).read_text())
+    unknown = set(data) - set(LINK_NAMES)
+    if unknown:
+        raise ValueError(f"{path}: unknown link(s) {sorted(unknown)}")
+    return data, [name for name in LINK_NAMES if data.get(name)]
+
+
 @dataclass(frozen=True)
 class LinkPolytopes:
     """Two convex polytopes per link in its link frame, rows in `link_index` order.
@@ -335,11 +344,7 @@ class LinkPolytopes:
 
     @staticmethod
     def load(path: Path = LINK_POLYTOPES_PATH, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "LinkPolytopes":
-        data = yaml.safe_load(Path(path).read_text())
-        unknown = set(data) - set(LINK_NAMES)
-        if unknown:
-            raise ValueError(f"{path}: unknown link(s) {sorted(unknown)}")
-        links = [name for name in LINK_NAMES if data.get(name)]
+        data, links = _load_link_table(path)
 
         def shapes(kind: str) -> Polytopes:
             return Polytopes.from_planes([np.asarray(data[name][kind], dtype=np.float64) for name in links], device, dtype)
@@ -365,11 +370,7 @@ class RobotSphereModel:
 
     @staticmethod
     def load(path: Path = SPHERES_PATH, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "RobotSphereModel":
-        data = yaml.safe_load(Path(path).read_text())
-        unknown = set(data) - set(LINK_NAMES)
-        if unknown:
-            raise ValueError(f"{path}: unknown link(s) {sorted(unknown)}")
-        links = [name for name in LINK_NAMES if data.get(name)]  # kinematic order
+        data, links = _load_link_table(path)
         link_of_sphere: list[str] = []
         spheres: list[list[float]] = []
         link_slices: dict[str, slice] = {}

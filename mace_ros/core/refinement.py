@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from mace_ros.core.collision import TensorScene, TorchCollisionChecker
-from mace_ros.core.ik_domain import IKGoal
-from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector, rotation_angle_between
+from mace_ros.core.ik_domain import IKGoal, goal_errors
+from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector
 from mace_ros.core.scene import Scene
 
 
@@ -42,14 +42,6 @@ def _goal_residual(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -
     goal_rotation = goal.rotation.to(rotation)
     rotation_residual = matrix_to_rotation_vector(goal_rotation @ rotation.transpose(1, 2))
     return torch.cat([position_residual, rotation_residual], -1), jacobian, rotation
-
-
-def _errors(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -> tuple[torch.Tensor, torch.Tensor]:
-    position, rotation = kinematics.forward(q, goal.tip_link)
-    position_error = (goal.position.to(position) - position).norm(dim=-1)
-    if goal.rotation is None:
-        return position_error, torch.zeros_like(position_error)
-    return position_error, rotation_angle_between(rotation, goal.rotation.to(rotation).expand_as(rotation))
 
 
 def refine_candidates(
@@ -84,7 +76,7 @@ def refine_candidates(
     q = limited(q_initial.to(torch.float64)).clone()
     collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
-    position_error, orientation_error = _errors(kinematics, q, goal)
+    position_error, orientation_error = goal_errors(kinematics, q, goal)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
@@ -103,7 +95,7 @@ def refine_candidates(
         identity = torch.eye(rows, dtype=q.dtype, device=q.device)
         step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
         q_trial = limited(q_active + step.squeeze(-1))
-        trial_position_error, trial_orientation_error = _errors(kinematics, q_trial, goal)
+        trial_position_error, trial_orientation_error = goal_errors(kinematics, q_trial, goal)
         improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(position_error[active], orientation_error[active])
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
