@@ -327,8 +327,11 @@ class IKEngine:
         starts = torch.cat([candidates, free_starts])
         if starts.shape[0] == 0:
             return _Solutions.empty(self.device), _Solutions.empty(self.device), 0
+        # Half the time left at most, so that checking its results (and the other ways) fits.
+        unobstructed_deadline = time.monotonic() + 0.5 * (deadline_at - time.monotonic())
         unobstructed = refine_candidates(
-            starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]), deadline_at=deadline_at, **tolerances)
+            starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]),
+            deadline_at=unobstructed_deadline, **tolerances)
         # Checked in blocks while time is left: thousands of converged starts take a while.
         reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
         for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(config["sample_chunk_size"]):
