@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,19 @@ class IKResult:
     elapsed_s: float = 0.0
     failure_kind: str = ""  # one of FAILURE_KINDS; "" when solved
     rounds: int = 0  # tuning + refinement rounds done
+    # Seconds per stage: setup (per-request prior copy, scene), tuning (MACE and prior sampling),
+    # polish (the LM passes and their exact check), diagnosis, answer (ranking, exact check of best efforts).
+    stage_times_s: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(stage_times_s: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the time spent in the block to stage_times_s[stage]."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        stage_times_s[stage] = stage_times_s.get(stage, 0.0) + time.monotonic() - started
 
 
 @dataclass
@@ -205,6 +220,7 @@ class IKEngine:
         if request.goal_quaternion_wxyz is not None:
             quaternion = torch.as_tensor(request.goal_quaternion_wxyz, dtype=self.dtype, device=self.device)
         goal = IKGoal.from_quaternion(position, quaternion, request.tip_link)
+        stage_times_s: dict[str, float] = {}
         tensor_scene = self._tensor_scene(scene)
         domain = IKDomain(
             self.kinematics, self.checker, tensor_scene, goal,
@@ -238,6 +254,7 @@ class IKEngine:
         diagnosed = False
         first_solved_s: float | None = None
         diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
+        stage_times_s["setup"] = time.monotonic() - started
         while True:
             rounds += 1
             block_started = time.monotonic()
@@ -249,30 +266,33 @@ class IKEngine:
             round_deadline = block_started + max(time_left * fraction, min(config["min_round_s"], time_left))
             # Sampling and tuning leave refine_time_fraction of the round to its refinement.
             sampling_deadline = block_started + (round_deadline - block_started) * (1.0 - config["refine_time_fraction"])
-            if tuning_left > 0:
-                # Only the first round may cut its block short: once a refinement has failed, tuning goes on.
-                tuned = mace_tune(
-                    prior, domain, replace(preset, iterations=min(preset.iterations, tuning_left)),
-                    sampling_deadline - block_started, generator, config["refine_candidates"],
-                    stop_rule=stop_rule if rounds == 1 else None, optimizer=optimizer, chunk_size=config["sample_chunk_size"],
-                )
-                tuning_left -= tuned.iterations_done
-                iterations_done += tuned.iterations_done
-                tuning_time_s += time.monotonic() - block_started
-                best_q, best_scores = tuned.best_samples, tuned.best_scores
-            else:
-                # No tuning (left): a fresh batch straight from the prior tuned so far.
-                samples, scores, _ = sample_and_score(
-                    prior, domain, request.num_samples, generator, config["sample_chunk_size"], sampling_deadline)
-                order = torch.argsort(scores, descending=True)[: config["refine_candidates"]]
-                best_q, best_scores = samples[order], scores[order]
-            candidates = [best_q[best_scores > 0], self._fresh_collision_free(prior, domain, generator)]
-            if seed is not None and rounds == 1:
-                candidates.insert(0, seed)  # as MoveIt answers from its seed, a refinement from it is always tried
+            with _timed(stage_times_s, "tuning"):
+                if tuning_left > 0:
+                    # Only the first round may cut its block short: once a refinement has failed, tuning goes on.
+                    tuned = mace_tune(
+                        prior, domain, replace(preset, iterations=min(preset.iterations, tuning_left)),
+                        sampling_deadline - block_started, generator, config["refine_candidates"],
+                        stop_rule=stop_rule if rounds == 1 else None, optimizer=optimizer, chunk_size=config["sample_chunk_size"],
+                    )
+                    tuning_left -= tuned.iterations_done
+                    iterations_done += tuned.iterations_done
+                    tuning_time_s += time.monotonic() - block_started
+                    best_q, best_scores = tuned.best_samples, tuned.best_scores
+                else:
+                    # No tuning (left): a fresh batch straight from the prior tuned so far.
+                    samples, scores, _ = sample_and_score(
+                        prior, domain, request.num_samples, generator, config["sample_chunk_size"], sampling_deadline)
+                    order = torch.argsort(scores, descending=True)[: config["refine_candidates"]]
+                    best_q, best_scores = samples[order], scores[order]
+                candidates = [best_q[best_scores > 0], self._fresh_collision_free(prior, domain, generator)]
+                if seed is not None and rounds == 1:
+                    candidates.insert(0, seed)  # as MoveIt answers from its seed, a refinement from it is always tried
+                free_starts = self._unobstructed_starts(prior, generator)
             # Twice the request converged gives the ranking a choice of modes; stuck candidates need not finish.
-            new_solved, new_efforts, rejected = self._polished_candidates(
-                torch.cat(candidates), self._unobstructed_starts(prior, generator), goal, scene, tensor_scene,
-                config["refine_max_iterations"], round_deadline, enough_solved=2 * request.num_solutions)
+            with _timed(stage_times_s, "polish"):
+                new_solved, new_efforts, rejected = self._polished_candidates(
+                    torch.cat(candidates), free_starts, goal, scene, tensor_scene,
+                    config["refine_max_iterations"], round_deadline, enough_solved=2 * request.num_solutions)
             exact_rejections += rejected
             solved = self._merged(solved, new_solved)
             best_efforts = self._merged(best_efforts, new_efforts)
@@ -286,13 +306,17 @@ class IKEngine:
                 # More modes are worth a bounded wait, not the whole budget: a planner wants its answer.
                 work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
             if len(solved) == 0 and not diagnosed:
-                failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
+                with _timed(stage_times_s, "diagnosis"):
+                    failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
             if time.monotonic() >= work_deadline:
                 break
-        return self._result(
-            request, scene, domain, solved, best_efforts, seed, failure_kind, exact_rejections,
-            iterations_done, tuning_time_s, rounds, started,
-        )
+        with _timed(stage_times_s, "answer"):
+            result = self._result(
+                request, scene, domain, solved, best_efforts, seed, failure_kind, exact_rejections,
+                iterations_done, tuning_time_s, rounds, started,
+            )
+        result.stage_times_s = stage_times_s
+        return result
 
     def _fresh_collision_free(self, prior: GoalConditionedPrior, domain: IKDomain, generator: torch.Generator) -> torch.Tensor:
         """A few plain samples of the prior tuned so far, collision-free ones only: starts for the LM that
