@@ -35,6 +35,8 @@ FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
 # Diagnosis of a failing goal: an obstacle-free LM from a few goal-conditioned prior samples, for a
 # few iterations (unobstructed, it converges in about five), so that even an unreachable goal costs
 # at most DIAGNOSIS_RESERVE_S on a CPU; rounds leave that much (at most a fifth of the timeout) for it.
+# Solved configurations go to the exact check in blocks of this many, until a round has enough.
+EXACT_CHECK_BLOCK = 4
 DIAGNOSIS_STARTS = 8
 DIAGNOSIS_ITERATIONS = 20
 DIAGNOSIS_RESERVE_S = 0.2
@@ -124,15 +126,20 @@ def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[in
     `count` are selected. Distinct solution modes (elbow, wrist flips) lie far apart, near-copies close."""
     selected = list(selected)
     remaining = [i for i in pool if i not in selected]
-    while remaining and len(selected) < count:
-        if not selected:
-            selected.append(remaining.pop(0))
-            continue
-        distance = torch.cdist(q[remaining], q[selected]).min(dim=1).values
-        best = int(distance.argmax())
-        if float(distance[best]) < min_separation:
+    if not remaining or len(selected) >= count:
+        return selected
+    if not selected:
+        selected.append(remaining.pop(0))
+    candidates = q[remaining]
+    # Distance of every remaining configuration to its nearest selected one, updated as they are added.
+    nearest = torch.cdist(candidates, q[selected]).amin(dim=1)
+    while len(selected) < count:
+        best = int(nearest.argmax())
+        if float(nearest[best]) < min_separation or float(nearest[best]) < 0:
             break
-        selected.append(remaining.pop(best))
+        selected.append(remaining[best])
+        nearest = torch.minimum(nearest, (candidates - candidates[best]).norm(dim=-1))
+        nearest[best] = -1.0  # taken
     return selected
 
 
@@ -353,9 +360,10 @@ class IKEngine:
             return _Solutions.empty(self.device), _Solutions.empty(self.device), 0
         # Half the time left at most, so that checking its results (and the other ways) fits.
         unobstructed_deadline = time.monotonic() + 0.5 * (deadline_at - time.monotonic())
+        # Four times what the round needs is plenty to pick collision-free ones from: stop there.
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]),
-            deadline_at=unobstructed_deadline, **tolerances)
+            enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline, **tolerances)
         # Checked in blocks while time is left: thousands of converged starts take a while.
         reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
         for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(config["sample_chunk_size"]):
@@ -384,8 +392,18 @@ class IKEngine:
             everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
             solved = solved.cat(everything.subset(torch.nonzero(refined.converged).squeeze(-1)))
             efforts = everything.subset(torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1))
-        exactly_free = self._exactly_free(solved.q, scene)
-        return solved.subset(torch.nonzero(exactly_free).squeeze(-1)), efforts, int((~exactly_free).sum())
+        # The exact check (~1.5 ms a configuration on a CPU) stops once the round has what it needs,
+        # taking the solutions farthest apart first, so that what it passes covers distinct modes.
+        needed = len(solved) if enough_solved is None else enough_solved
+        accepted, rejected = [], 0
+        spread = torch.tensor(farthest_point_selection(solved.q, [], list(range(len(solved))), 0.0, len(solved)), dtype=torch.long)
+        for block in spread.to(self.device).split(EXACT_CHECK_BLOCK):
+            if len(accepted) >= needed:
+                break
+            exactly_free = self._exactly_free(solved.q[block], scene)
+            accepted += block[exactly_free].tolist()
+            rejected += int((~exactly_free).sum())
+        return solved.subset(torch.tensor(accepted, dtype=torch.long, device=self.device)), efforts, rejected
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within

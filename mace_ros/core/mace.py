@@ -107,11 +107,13 @@ def sample_and_score(
     generator: torch.Generator | None,
     chunk_size: int | None = None,
     deadline_at: float | None = None,
+    enough: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Draw and score `num_samples` in chunks of at most `chunk_size`, checking the clock between chunks.
 
     A huge N must not overrun a deadline (100000 samples take seconds on a CPU); the first chunk is
-    always drawn so that there is an answer. Returns samples, scores and whether all N were drawn.
+    always drawn so that there is an answer. Drawing also stops once `enough(scores so far)` holds.
+    Returns samples, scores and whether all N were drawn.
     """
     chunk = num_samples if chunk_size is None else max(1, chunk_size)
     samples, scores = [], []
@@ -123,6 +125,8 @@ def sample_and_score(
             samples.append(batch)
             scores.append(domain.score(batch))
         drawn += count
+        if enough is not None and drawn < num_samples and enough(torch.cat(scores)):
+            break
     return torch.cat(samples), torch.cat(scores), drawn == num_samples
 
 
@@ -149,8 +153,13 @@ def _tuning_loop(
         if deadline_at is not None and time.monotonic() >= deadline_at:
             stopped_by_deadline = True
             break
-        samples, scores, complete = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at)
+        # The stop rule may end a batch early: its samples are all that is asked for then.
+        enough = None if stop_rule is None else (
+            lambda partial: stop_rule.satisfied(partial if best.scores is None else torch.cat([best.scores, partial])))
+        samples, scores, complete = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at, enough)
         best.update(samples, scores)
+        if stop_rule is not None and stop_rule.satisfied(best.scores):
+            break
         if not complete:
             # The deadline came mid-batch: keep what was scored, but a partial batch moves no elite threshold.
             stopped_by_deadline = True
@@ -158,8 +167,6 @@ def _tuning_loop(
         history.append(float(scores.mean()))
         if on_iteration is not None:
             on_iteration(iteration, scores)
-        if stop_rule is not None and stop_rule.satisfied(best.scores):
-            break
         update(samples, scores, deadline_at)
         iterations_done += 1
     if best.samples is None:
