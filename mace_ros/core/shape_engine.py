@@ -47,8 +47,13 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   max_num_samples         largest num_samples a request may ask for
   diversity_max_samples   the diversity is measured over the first (best) this many samples (its
                           cost grows with the square of the count; the paper's Fig. 1 uses 49)
-  tuning_time_fraction    share of the remaining timeout given to tuning; the rest is kept for
-                          the final sampling, scoring and diversity
+  tuning_time_fraction    share of the time left after the final sampling's estimated cost that is
+                          given to tuning (the final sampling's cost is measured on a first chunk)
+
+Deadline: every stage (tuning, final sampling and scoring, diversity) counts against timeout_s and
+stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs); a
+request that runs out of time returns the best answer so far: fewer samples than asked (the first
+chunk always), the diversity over fewer of the best samples, and says so in its message.
 """
 from __future__ import annotations
 
@@ -62,8 +67,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mace_ros.core.mace import PAPER_PRESETS, MacePreset, TuneResult, mace_tune
-from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
+from mace_ros.core.mace import PAPER_PRESETS, MacePreset, TuneResult, mace_tune, sample_and_score
+from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.simulators import (
     DEFAULT_FINGER_RADIUS_M,
     DEFAULT_LENGTH_SCALE_M,
@@ -80,6 +85,20 @@ REFERENCE_POINTS_FOR_FINGER_RADIUS = 2048
 # of ~10 s buys ~50 iterations on a 2-core CPU; measured on the shipped VAE (4 objects, 50 iterations):
 # lr 2e-4 raises the mean score from ~0.45 to ~0.71, 1e-3 to ~0.88, 3e-3 to ~0.85 but unstably.
 CPU_BUDGET_LEARNING_RATE = 1e-3
+# Every stage works in chunks and checks the clock between them, so that no request size overruns
+# its deadline by more than about one chunk (~10-30 ms on one CPU thread). A chunk of samples holds
+# at most SAMPLE_CHUNK samples and, as a sample's score against a partial cloud costs in proportion
+# to its points (~13 ms for 4096 points, ~0.1 ms for a grasp), at most CHUNK_PARTIAL_POINTS partial-cloud
+# points times samples. Chunks depend on the request only, so that a seed gives the same samples
+# whatever the CPU's speed. The diversity's Chamfer pairs go at most DIVERSITY_PAIR_CHUNK at a
+# time (~0.8 ms each at 512 points).
+SAMPLE_CHUNK = 128
+CHUNK_PARTIAL_POINTS = 1 << 13
+DIVERSITY_PAIR_CHUNK = 64
+# The final sampling is planned from the measured cost of a first chunk times this safety factor;
+# the diversity (secondary: it only describes the answer) gets at most this share of the timeout.
+FINAL_SAMPLING_SAFETY = 1.5
+DIVERSITY_TIME_SHARE = 0.1
 
 DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "weights_path": "",
@@ -229,6 +248,13 @@ class ShapeEngine:
         # The first torch.optim.Adam of a process imports torch._dynamo (seconds on a small CPU): pay it
         # here rather than inside the first request's timeout.
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        # The cost of one diversity pair, to plan the time a request keeps for its diversity.
+        clouds = torch.rand(2, DIVERSITY_PAIR_CHUNK, self.vae.num_points, 3, device=self.device, dtype=dtype)
+        with torch.no_grad():
+            chamfer_distance(clouds[0], clouds[1])  # warm-up
+            measured = time.monotonic()
+            chamfer_distance(clouds[0], clouds[1])
+        self._seconds_per_pair = (time.monotonic() - measured) / DIVERSITY_PAIR_CHUNK
 
     @property
     def num_points(self) -> int:
@@ -314,32 +340,55 @@ class ShapeEngine:
         num_samples = request.num_samples or int(config["num_samples"])
         iterations = int(config["tuning_iterations"]) if request.tuning_iterations == -1 else request.tuning_iterations
         timeout_s = request.timeout_s or float(config["timeout_s"])
+        deadline_at = started + timeout_s
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
         # A fresh θ per request over the shared frozen network: requests never see each other's tuning.
         prior = MaceVAEPrior(self.vae, torch.as_tensor(observation.origin, dtype=self.dtype, device=self.device))
         preset_name = config["grasp_preset"] if observation.contacts is not None else config["partial_cloud_preset"]
+        posterior = iterations <= 0 or config["result_samples"] == "posterior"
+        # The final sampling's cost (decoding + scoring grows with num_samples and the partial cloud's
+        # size) is measured on a first chunk of prior samples; they are the answer when nothing else fits.
+        partial_points = 0 if observation.partial_cloud is None else observation.partial_cloud.shape[0]
+        chunk = max(1, min(SAMPLE_CHUNK, CHUNK_PARTIAL_POINTS // max(partial_points, 1)))
+        probe_started = time.monotonic()
+        first_samples, first_scores, _ = sample_and_score(prior, domain, min(num_samples, chunk), generator)
+        seconds_per_sample = (time.monotonic() - probe_started) / first_samples.shape[0]
+        diversity_count = min(num_samples, int(config["diversity_max_samples"]))
+        diversity_reserve_s = min(DIVERSITY_TIME_SHARE * timeout_s, self._seconds_per_pair * diversity_count * (diversity_count - 1) / 2)
+        final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples if posterior else 0.0
         tuning: TuneResult | None = None
-        if iterations > 0:
+        tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
+        if iterations > 0 and tuning_s > 0.0:
             preset = self.tuning_preset(preset_name, iterations)
-            deadline_s = float(config["tuning_time_fraction"]) * (timeout_s - (time.monotonic() - started))
-            tuning = mace_tune(prior, domain, preset, deadline_s=deadline_s, generator=generator, keep_best=num_samples)
+            tuning = mace_tune(prior, domain, preset, deadline_s=tuning_s, generator=generator, keep_best=num_samples,
+                               chunk_size=chunk)
+        sampling_deadline_at = deadline_at - min(diversity_reserve_s, max(0.0, deadline_at - time.monotonic()) / 2)
         if tuning is not None and config["result_samples"] == "best":
-            samples, scores = tuning.best_samples, tuning.best_scores
+            samples, scores, complete = tuning.best_samples, tuning.best_scores, True
+        elif tuning is None:  # prior samples: the first chunk is drawn already
+            samples, scores, complete = first_samples, first_scores, first_samples.shape[0] == num_samples
+            if not complete and time.monotonic() < sampling_deadline_at:
+                rest, rest_scores, complete = sample_and_score(
+                    prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
+                samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
-            with torch.no_grad():
-                samples = prior.sample(num_samples, generator)
-                scores = domain.score(samples)
-            order = torch.argsort(scores, descending=True)
-            samples, scores = samples[order], scores[order]
-        diversity_samples = samples[: int(config["diversity_max_samples"])]
-        diversity = pairwise_chamfer_diversity(diversity_samples) if diversity_samples.shape[0] > 1 else 0.0
+            samples, scores, complete = sample_and_score(prior, domain, num_samples, generator, chunk, sampling_deadline_at)
+        order = torch.argsort(scores, descending=True)
+        samples, scores = samples[order], scores[order]
+        diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at)
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
             f"{config['result_samples']} samples after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
             + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
         )
+        if iterations > 0 and tuning is None:
+            what += ": no time left for tuning within the timeout"
         message = f"{what}: mean score {mean_score:.3f}, best {float(scores.max()):.3f}"
+        if not complete:
+            message += f"; {samples.shape[0]} of {num_samples} samples drawn before the timeout"
+        if diversity_used < min(diversity_count, samples.shape[0]):
+            message += f"; diversity over the best {diversity_used} samples (timeout)"
         if not success:
             message += "; no sample is consistent with the observation"
         return ShapeResult(
@@ -353,3 +402,32 @@ class ShapeEngine:
             tuning_time_s=0.0 if tuning is None else tuning.elapsed_s,
             elapsed_s=time.monotonic() - started,
         )
+
+    def diversity(self, samples: torch.Tensor, deadline_at: float | None = None) -> tuple[float, int]:
+        """Mean pairwise Chamfer distance of the first k of `samples` [n, P, 3], and k.
+
+        Pairs are added sample by sample (all of sample j's pairs with the samples before it), the
+        clock checked between chunks of pairs: at the deadline the diversity is that of the first
+        (best) samples done, k >= 2 whenever n >= 2 (the first pair is always measured).
+        """
+        count = samples.shape[0]
+        if count < 2:
+            return 0.0, count
+        total, pairs, done = 0.0, 0, 1
+        with torch.no_grad():
+            while done < count:
+                budget = DIVERSITY_PAIR_CHUNK if pairs else 1
+                if pairs and deadline_at is not None:
+                    budget = min(budget, int((deadline_at - time.monotonic()) / self._seconds_per_pair))
+                    if budget < done:  # not even the next sample's pairs fit
+                        break
+                # Whole rows j (pairs (i, j), i < j): as many as fit the pair budget, at least one.
+                rows = [done]
+                while rows[-1] + 1 < count and sum(rows) + rows[-1] + 1 <= budget:
+                    rows.append(rows[-1] + 1)
+                first = torch.cat([torch.arange(j, device=samples.device) for j in rows])
+                second = torch.cat([torch.full((j,), j, device=samples.device) for j in rows])
+                total += float(chamfer_distance(samples[first], samples[second]).sum())
+                pairs += first.numel()
+                done = rows[-1] + 1
+        return total / pairs, done
