@@ -15,7 +15,7 @@ from mace_ros.core.kinematics import LINK_INDEX
 from mace_ros.core.scene import Box, Cylinder, Sphere
 from mace_ros.ros import conversions
 from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, UnknownFrameError
-from mace_ros.ros.obstacles import Workspace, voxel_downsample
+from mace_ros.ros.obstacles import ObstacleModel, Workspace, voxel_downsample
 
 F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
 
@@ -159,6 +159,28 @@ def test_static_transforms_move_markers_and_reject_unknown_frames():
     assert frames.to_base("").is_identity and frames.to_base("panda_link0").is_identity
     with pytest.raises(UnknownFrameError, match="unknown frame 'world'"):
         frames.to_base("world")
+
+
+def test_unknown_frame_message_lists_each_frame_once():
+    # The base frame is also a robot link (an attached frame): it was listed twice.
+    attached = FrameTable.parse_attached_frames("panda_link0 panda_link0 0 0 0 0 0 0 1; camera panda_hand 0 0 0 0 0 0 1",
+                                                lambda name: name)
+    frames = FrameTable("panda_link0", {}, attached, RobotFrames())
+    with pytest.raises(UnknownFrameError) as raised:
+        frames.to_base("world")
+    assert str(raised.value).count("panda_link0") == 1
+    assert frames.accepted == ["camera", "panda_link0"]
+
+
+def test_obstacle_model_caps_marker_primitives_and_applies_a_message_in_order():
+    model = ObstacleModel(max_primitives=2)
+    box = Box("b", (0.5, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1))
+    assert model.apply([("put", "a/1", box), ("put", "a/2", box), ("put", "a/3", box), ("put", "a/1", box)]) == 1
+    assert len(model.snapshot().boxes) == 2  # a/3 refused, a/1 updated
+    assert model.apply([("clear", "a", None), ("put", "b/1", box)]) == 0
+    assert len(model.snapshot().boxes) == 1
+    model.clear()
+    assert not model.snapshot().boxes
 
 
 def test_voxel_downsample_keeps_one_point_per_voxel():

@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,23 @@ from mace_ros.srv import GetIK, InferShape
 # Latched: rviz (or a test) that subscribes after a result still receives it.
 LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 WARNING_PERIOD_S = 5.0
+# ~/scene is republished at most this often, when the primitives changed: a 5000-marker flood costs
+# ~0.3 s of Python to turn into markers, which must not follow each message.
+SCENE_PUBLISH_PERIOD_S = 0.2
+# An engine that overruns a request's deadline by this much (one chunk of its work taking longer than
+# planned, e.g. on a CPU shared with topic processing) is not waited for: the request is answered
+# TIMED_OUT, and the engine finishes in its thread before serving the next request.
+ENGINE_OVERRUN_GRACE_S = 0.07
+# InferShape keeps part of its timeout for its response: converting each 512-point sample to a
+# PointCloud2 (70-200 us on this busy 2-core CPU) and carrying it to the client (serialization,
+# transport, the client's deserialization: ~120 us, plus ~10 ms per response), at most
+# RESPONSE_MAX_SHARE of the timeout. Samples that would not reach the client by the deadline are
+# left out of the response.
+RESPONSE_BASE_S = 0.01
+RESPONSE_CONVERT_PER_SAMPLE_S = 2e-4
+RESPONSE_TRANSPORT_PER_SAMPLE_S = 1.5e-4
+RESPONSE_MAX_SHARE = 0.5
+RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
 # How often the obstacle cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
 CLOUD_QOS_CHECK_PERIOD_S = 1.0
 # GetIK error code of an unsolved IKResult by its failure_kind (mace_ros.core.ik_engine.FAILURE_KINDS).
@@ -84,11 +101,24 @@ class EngineSlot:
         raise EngineUnavailable(
             f"{self.name} engine still loading ({time.monotonic() - self._started:.0f} s since start)", "ENGINE_LOADING")
 
-    @contextmanager
-    def turn(self, deadline: float) -> Iterator[tuple[Any, float]]:
-        """The engine and the seconds left before `deadline` (time.monotonic()), held for one request.
+    def run_if_idle(self, work: Callable[[Any], None]) -> bool:
+        """work(engine) now, in this thread, if the engine is loaded and serves no request; False otherwise."""
+        if self._engine is None or not self._turn.acquire(blocking=False):
+            return False
+        try:
+            work(self._engine)
+        finally:
+            self._turn.release()
+        return True
 
-        Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead.
+    def run(self, deadline: float, work: Callable[[Any, float], Any],
+            track: Callable[[], AbstractContextManager] = nullcontext) -> Any:
+        """work(engine, seconds left before `deadline` (time.monotonic())) for one request, answered by
+        deadline + ENGINE_OVERRUN_GRACE_S whatever the engine does.
+
+        Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead. The
+        work runs in a thread of its own (inside `track`), which holds the turn until it ends: if it
+        overruns the deadline, the request is answered TIMED_OUT at once and its result is dropped.
         """
         engine = self.get()
         waiting_since = time.monotonic()
@@ -96,13 +126,33 @@ class EngineSlot:
             raise RequestRefused(
                 f"timed out after waiting {time.monotonic() - waiting_since:.3f} s for the {self.name} engine, "
                 f"busy with other requests", "TIMED_OUT")
-        try:
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0.0:
-                raise RequestRefused(f"timed out before the {self.name} engine could start", "TIMED_OUT")
-            yield engine, remaining_s
-        finally:
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0.0:
             self._turn.release()
+            raise RequestRefused(f"timed out before the {self.name} engine could start", "TIMED_OUT")
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def serve() -> None:
+            try:
+                with track():
+                    outcome["result"] = work(engine, remaining_s)
+            except BaseException as error:  # handed to the waiting callback
+                outcome["error"] = error
+            finally:
+                self._turn.release()
+                done.set()
+
+        threading.Thread(target=serve, name=f"{self.name}-request", daemon=True).start()
+        if not done.wait(max(0.0, deadline + ENGINE_OVERRUN_GRACE_S - time.monotonic())):
+            self._logger.warning(
+                f"{self.name} engine overran a request's deadline by more than {ENGINE_OVERRUN_GRACE_S} s; "
+                f"answered TIMED_OUT, the engine's result will be dropped", throttle_duration_sec=WARNING_PERIOD_S)
+            raise RequestRefused(
+                f"timed out: the {self.name} engine did not finish within the timeout (its result is dropped)", "TIMED_OUT")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
 
 def resolve_device(name: str) -> str:
@@ -147,7 +197,9 @@ class MaceNode(Node):
         self.workspace = Workspace.from_bounds(
             self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
         self.self_filter = SelfFilter()
-        self.obstacles = ObstacleModel()
+        self.obstacles = ObstacleModel(self.get_parameter("obstacles.max_markers").value)
+        self._published_primitives = -1  # ObstacleModel.primitives_version last shown on ~/scene
+        self._warmed_scene: Any = None  # the last snapshot the IK engine was prepared for (see _prepare_ik_engine)
         self._contacts_lock = threading.Lock()
         self._latest_contacts: np.ndarray | None = None
         self._requests_done = threading.Condition()
@@ -169,6 +221,7 @@ class MaceNode(Node):
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
         self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
+        self.create_timer(SCENE_PUBLISH_PERIOD_S, self._on_model_timer, callback_group=topics_group)
         # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
         services_group = ReentrantCallbackGroup()
         self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
@@ -207,30 +260,73 @@ class MaceNode(Node):
     # --- Topics ---------------------------------------------------------------------------------
 
     def on_obstacles(self, message: MarkerArray) -> None:
-        outside = 0
+        """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
+        operations: list = []
+        outside, invalid, first_error = 0, 0, ""
+        transforms: dict[tuple[str, int], Any] = {}  # per (frame_id, stamp): a message's markers share a few
         for marker in message.markers:
             try:
                 if marker.action == Marker.DELETEALL:
-                    self.obstacles.clear(marker.ns)
+                    operations.append(("clear", marker.ns, None))
                 elif marker.action == Marker.DELETE:
-                    self.obstacles.remove(conversions.marker_key(marker))
+                    operations.append(("remove", conversions.marker_key(marker), None))
                 elif marker.action == Marker.ADD:
-                    to_base = self.frames.to_base(marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
-                    primitive = conversions.marker_to_primitive(marker, to_base)
+                    frame = (marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
+                    if frame not in transforms:
+                        transforms[frame] = self.frames.to_base(*frame)
+                    primitive = conversions.marker_to_primitive(marker, transforms[frame])
                     if self.workspace.meets(primitive):
-                        self.obstacles.put(conversions.marker_key(marker), primitive)
+                        operations.append(("put", conversions.marker_key(marker), primitive))
                     else:  # beyond the robot's reach; one that moved out is removed
-                        self.obstacles.remove(conversions.marker_key(marker))
+                        operations.append(("remove", conversions.marker_key(marker), None))
                         outside += 1
                 else:
                     raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
             except (ValueError, ImportError) as error:
-                self.get_logger().warning(f"~/obstacles: ignored marker {conversions.marker_key(marker)}: {error}")
+                invalid += 1
+                first_error = first_error or f"{conversions.marker_key(marker)}: {error}"
+        refused = self.obstacles.apply(operations)
+        count = len(message.markers)
+        if invalid:
+            self.get_logger().warning(
+                f"~/obstacles: ignored {invalid} of {count} marker(s) as invalid, e.g. {first_error}",
+                throttle_duration_sec=WARNING_PERIOD_S)
+        if refused:
+            self.get_logger().warning(
+                f"~/obstacles: refused {refused} of {count} marker(s): the model keeps at most "
+                f"{self.obstacles.max_primitives} (parameter obstacles.max_markers)", throttle_duration_sec=WARNING_PERIOD_S)
         if outside:
             self.get_logger().info(
-                f"~/obstacles: ignored {outside} marker(s) entirely outside the workspace "
+                f"~/obstacles: ignored {outside} of {count} marker(s) entirely outside the workspace "
                 f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
-        self.publish_scene()
+
+    def _on_model_timer(self) -> None:
+        """Publishes ~/scene when the primitives changed, and prepares the IK engine for a changed model."""
+        version = self.obstacles.primitives_version
+        if version != self._published_primitives:
+            self._published_primitives = version
+            self.publish_scene()
+        self._prepare_ik_engine()
+
+    def _prepare_ik_engine(self) -> None:
+        """While the IK engine is idle, builds the exact checker's body of the current model, so that the
+        next request finds it ready: pybullet builds it holding the GIL (~0.1-0.2 s for a 12k-point
+        cloud, one sphere per point), which inside a request delays even its timed-out answer."""
+        scene = self.obstacles.snapshot()
+        if scene is self._warmed_scene:
+            return
+
+        def prepare(engine: Any) -> None:
+            exact = getattr(engine, "exact_checker", None)
+            if exact is not None:
+                exact.check(np.zeros((0, 7)), scene)  # builds and keeps the scene's body; checks nothing
+
+        try:
+            if self.ik_engine.run_if_idle(prepare):
+                self._warmed_scene = scene
+        except Exception as error:  # a failure here only costs the next request the build
+            self._warmed_scene = scene
+            self.get_logger().warning(f"could not prepare the IK engine's scene: {error}", throttle_duration_sec=WARNING_PERIOD_S)
 
     def _subscribe_cloud(self, reliable: bool):
         """Keep-last-1 (only the latest cloud matters), reliable or best effort."""
@@ -374,8 +470,12 @@ class MaceNode(Node):
             arguments = ik_request_arguments(request, defaults, self.frames, self.names)
             from mace_ros.core.ik_engine import IKRequest
 
-            with self.ik_engine.turn(started + arguments["timeout_s"]) as (engine, remaining_s):
-                result = engine.solve(IKRequest(**{**arguments, "timeout_s": remaining_s}), self.obstacles.snapshot())
+            # The model as it is now: a cloud still being processed (its distance field built) is not in it yet.
+            scene = self.obstacles.snapshot()
+            result = self.ik_engine.run(
+                started + arguments["timeout_s"],
+                lambda engine, remaining_s: engine.solve(IKRequest(**{**arguments, "timeout_s": remaining_s}), scene),
+                self._in_flight)
             self._fill_ik_response(response, result, arguments)
         except RequestRefused as error:
             return self._failed("GetIK", response, str(error), error.code, started)
@@ -429,9 +529,16 @@ class MaceNode(Node):
                 self.shape_engine.get().validate(ShapeRequest(**arguments))
             except ValueError as error:
                 raise InvalidRequest(str(error)) from None
-            with self.shape_engine.turn(started + arguments["timeout_s"]) as (engine, remaining_s):
-                result = engine.infer(ShapeRequest(**{**arguments, "timeout_s": remaining_s}))
-            self._fill_shape_response(response, result, request.header.frame_id, to_base.inverse())
+            def infer(engine: Any, remaining_s: float) -> Any:
+                # Time kept for the response (samples to PointCloud2s, publishing, sending); the engine's
+                # timeout stays > 0, which it would read as "the default".
+                per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S
+                reserve_s = min(RESPONSE_MAX_SHARE * remaining_s, RESPONSE_BASE_S + per_sample_s * arguments["num_samples"])
+                return engine.infer(ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}))
+
+            result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight)
+            self._fill_shape_response(
+                response, result, request.header.frame_id, to_base.inverse(), started + arguments["timeout_s"])
         except RequestRefused as error:
             return self._failed("InferShape", response, str(error), error.code, started)
         except Exception as error:  # an engine bug must cost one request, not the node
@@ -445,9 +552,12 @@ class MaceNode(Node):
         return response
 
     def _fill_shape_response(
-        self, response: InferShape.Response, result: Any, frame_id: str, to_request: RigidTransform,
+        self, response: InferShape.Response, result: Any, frame_id: str, to_request: RigidTransform, deadline: float,
     ) -> None:
-        """Samples go back in the request's frame; ~/shape_samples shows them in the base frame."""
+        """Samples go back in the request's frame; ~/shape_samples shows them in the base frame.
+
+        The best samples first, as many as can still reach the client by `deadline` (time.monotonic()),
+        the first one always; the message says when some were left out."""
         samples = np.asarray(result.samples, dtype=np.float64)
         samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
         request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
@@ -456,8 +566,18 @@ class MaceNode(Node):
         response.error_code = getattr(
             InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
         response.message = result.message
-        response.samples = [conversions.xyz_to_pointcloud2(to_request.apply(s), request_header) for s in samples]
-        response.scores = [float(v) for v in result.scores]
+        clouds = []
+        if samples.shape[0]:
+            in_request_frame = to_request.apply(samples.reshape(-1, 3)).reshape(samples.shape)
+            for cloud in conversions.xyz_clouds_to_pointcloud2s(in_request_frame, request_header):
+                if len(clouds) % RESPONSE_CHUNK == 0 and clouds and time.monotonic() + RESPONSE_BASE_S \
+                        + RESPONSE_TRANSPORT_PER_SAMPLE_S * (len(clouds) + RESPONSE_CHUNK) > deadline:
+                    response.message += f"; {len(clouds)} of {samples.shape[0]} samples returned (timeout)"
+                    break
+                clouds.append(cloud)
+        samples = samples[:len(clouds)]
+        response.samples = clouds
+        response.scores = [float(v) for v in result.scores[:len(clouds)]]
         response.mean_score = float(result.mean_score)
         response.diversity = float(result.diversity)
         response.tuning_iterations_done = int(result.tuning_iterations_done)

@@ -102,13 +102,27 @@ class SelfFilter:
         return keep
 
 
-class ObstacleModel:
-    """Thread-safe obstacle state, keyed like rviz markers ("ns/id")."""
+# One ~/obstacles message's change to the model: ("put", key, primitive), ("remove", key, None) or
+# ("clear", namespace, None), applied in order (see ObstacleModel.apply).
+Operation = tuple[str, str, "Box | Sphere | Cylinder | None"]
 
-    def __init__(self) -> None:
+
+class ObstacleModel:
+    """Thread-safe obstacle state, keyed like rviz markers ("ns/id").
+
+    Marker primitives are capped (`max_primitives`): every collision check costs time in proportion
+    to their number (5000 small markers made one GetIK sampling pass take seconds), and the cap also
+    bounds their memory. Beyond it, new keys are refused (updates of kept ones still apply).
+    """
+
+    def __init__(self, max_primitives: int | None = None) -> None:
         self._lock = threading.Lock()
         self._static: Scene | None = None
         self._primitives: dict[str, Box | Sphere | Cylinder] = {}
+        self.max_primitives = max_primitives
+        # Incremented when the primitives (static scene or markers) change, so that ~/scene is
+        # republished only then (clouds have their own topic).
+        self.primitives_version = 0
         self._clouds: dict[str, np.ndarray] = {}  # the latest cloud of each sensor (frame_id), base frame
         # The last snapshot, reused while nothing changes: the IK engine keys its tensorized scene
         # (a cloud's distance field takes up to a second to build) on the Scene object.
@@ -118,25 +132,42 @@ class ObstacleModel:
         with self._lock:
             self._static = scene
             self._snapshot = None
+            self.primitives_version += 1
 
-    def put(self, key: str, primitive: Box | Sphere | Cylinder) -> None:
+    def apply(self, operations: list[Operation]) -> int:
+        """One message's puts, removes and clears, in order, under one lock hold (a request's snapshot
+        waits for dictionary updates only, never for a message's conversion); returns how many puts
+        the cap refused."""
+        refused = 0
         with self._lock:
-            self._primitives[key] = primitive
-            self._snapshot = None
+            for kind, key, primitive in operations:
+                if kind == "put":
+                    if (key in self._primitives or self.max_primitives is None
+                            or len(self._primitives) < self.max_primitives):
+                        self._primitives[key] = primitive
+                    else:
+                        refused += 1
+                elif kind == "remove":
+                    self._primitives.pop(key, None)
+                elif key:  # clear one namespace
+                    self._primitives = {k: v for k, v in self._primitives.items() if not k.startswith(f"{key}/")}
+                else:
+                    self._primitives.clear()
+            if operations:
+                self._snapshot = None
+                self.primitives_version += 1
+        return refused
+
+    def put(self, key: str, primitive: Box | Sphere | Cylinder) -> bool:
+        """False when the cap refused it."""
+        return self.apply([("put", key, primitive)]) == 0
 
     def remove(self, key: str) -> None:
-        with self._lock:
-            self._primitives.pop(key, None)
-            self._snapshot = None
+        self.apply([("remove", key, None)])
 
     def clear(self, namespace: str = "") -> None:
         """DELETEALL: every marker obstacle, or only those of `namespace` when one is given."""
-        with self._lock:
-            if namespace:
-                self._primitives = {k: v for k, v in self._primitives.items() if not k.startswith(f"{namespace}/")}
-            else:
-                self._primitives.clear()
-            self._snapshot = None
+        self.apply([("clear", namespace, None)])
 
     def set_cloud(self, sensor: str, points: np.ndarray | None) -> None:
         """The latest cloud of `sensor` (its frame_id) replaces its previous one; None or no points clear it."""

@@ -52,6 +52,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "obstacle_cloud.self_filter_padding_m": ParameterSpec(
         "Cloud points closer than this (m) to the robot's collision spheres at its joint state are its own and removed.",
         0.0, 0.5, read_only=False),
+    "obstacles.max_markers": ParameterSpec(
+        "Most obstacle markers (~/obstacles primitives) kept; beyond it new ones are refused and logged. Every collision "
+        "check costs time in proportion to their number.", 1, 100_000),
     "attached_frames": ParameterSpec(
         "Frames fixed to a robot link, placed by forward kinematics at /joint_states: 'frame link x y z qx qy qz qw; ...' "
         "= each frame's pose in its link (e.g. an eye-in-hand camera)."),

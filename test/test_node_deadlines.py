@@ -1,0 +1,70 @@
+"""Deadlines through the real node (issue 7, item 5): a request not queued behind others is answered
+within timeout_s + 0.1 s for any valid size, and topic traffic does not hold it back."""
+from __future__ import annotations
+
+import time
+
+from geometry_msgs.msg import Point, Pose, Quaternion
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from mace_ros.srv import GetIK, InferShape
+from test_node_services import Latest, ik_request, shape_request, when_ready
+
+SLACK_S = 0.1
+FLOOD_NAMESPACE = "deadline_flood"
+
+
+def timed(call, request):
+    started = time.monotonic()
+    response = call(request)
+    return response, time.monotonic() - started
+
+
+def test_infer_shape_with_the_largest_sample_count_keeps_a_short_timeout(mace):
+    when_ready(mace.infer_shape, shape_request(num_samples=1, tuning_iterations=0))
+    for timeout_s in (0.1, 0.3):
+        response, latency_s = timed(mace.infer_shape, shape_request(num_samples=1000, timeout_s=timeout_s))
+        assert latency_s <= timeout_s + SLACK_S, f"{latency_s:.3f} s for timeout_s {timeout_s}: {response.message}"
+        assert response.error_code in (InferShape.Response.SUCCESS, InferShape.Response.TIMED_OUT), response.message
+        if response.success:  # the best so far: fewer samples than asked say so
+            assert 0 < len(response.samples) <= 1000
+            assert len(response.samples) == 1000 or "before the timeout" in response.message
+
+
+def flood(count: int = 5000) -> MarkerArray:
+    """Small markers spread through the reach (and a third far beyond it), as bench/reliability.py floods."""
+    markers = []
+    for index in range(count):
+        far = index % 3 == 0
+        position = Point(x=2.0 + index if far else -1.0 + 2.0 * (index % 97) / 97, y=-1.0 + 2.0 * (index % 89) / 89,
+                         z=(index % 83) / 83)
+        marker = Marker(header=Header(frame_id="panda_link0"), ns=FLOOD_NAMESPACE, id=index, action=Marker.ADD,
+                        type=(Marker.CUBE, Marker.SPHERE, Marker.CYLINDER)[index % 3],
+                        pose=Pose(position=position, orientation=Quaternion(w=1.0)))
+        marker.scale.x = marker.scale.y = marker.scale.z = 0.02
+        markers.append(marker)
+    return MarkerArray(markers=markers)
+
+
+def test_get_ik_right_after_a_marker_flood_keeps_its_deadline(mace):
+    when_ready(mace.get_ik, ik_request(timeout_s=1.0))
+    publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", 10)
+    scene = Latest(mace, MarkerArray, "/mace/scene")
+    try:
+        latencies = []
+        for timeout_s in (0.2, 0.5):
+            publisher.publish(flood())
+            response, latency_s = timed(mace.get_ik, ik_request(timeout_s=timeout_s))
+            latencies.append(latency_s)
+            assert latency_s <= timeout_s + SLACK_S, f"{latency_s:.3f} s for timeout_s {timeout_s}: {response.message}"
+            assert "engine error" not in response.message
+        # The flood was applied, capped (obstacles.max_markers, 256 by default), not dropped whole.
+        shown = scene.wait_for(lambda message: len(message.markers) > 100, timeout_s=20.0)
+        assert len(shown.markers) <= 1 + 256
+    finally:
+        publisher.publish(MarkerArray(markers=[Marker(ns=FLOOD_NAMESPACE, action=Marker.DELETEALL)]))
+        scene.wait_for(lambda message: len(message.markers) <= 1, timeout_s=20.0)
+        mace.node.destroy_publisher(publisher)
+    response = mace.get_ik(ik_request(timeout_s=5.0))  # the flood is gone: the goal is solvable again
+    assert response.error_code == GetIK.Response.SUCCESS, response.message
