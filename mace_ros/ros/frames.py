@@ -22,6 +22,8 @@ from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics
 
 # Joint states kept to place data by its own stamp (a cloud arrives some 10-100 ms after its capture).
 JOINT_STATE_HISTORY_S = 2.0
+# Most states kept, whatever their stamps say (a 1 kHz driver fills 2 s with 2000).
+JOINT_STATE_HISTORY_MAX = 4096
 
 
 class UnknownFrameError(ValueError):
@@ -69,7 +71,7 @@ class JointStateHistory:
     def __init__(self, span_s: float = JOINT_STATE_HISTORY_S) -> None:
         self._span_ns = int(span_s * 1e9)
         self._lock = threading.Lock()
-        self._states: deque[tuple[int, np.ndarray]] = deque()
+        self._states: deque[tuple[int, np.ndarray]] = deque(maxlen=JOINT_STATE_HISTORY_MAX)
 
     def add(self, stamp_ns: int, positions: np.ndarray) -> None:
         with self._lock:
@@ -163,7 +165,8 @@ class FrameTable:
 
     @property
     def accepted(self) -> list[str]:
-        return sorted([*(frame for frame in self._to_base if frame), *self._attached])
+        # A set: the base frame is also a robot link (an attached frame), and must be listed once.
+        return sorted({*(frame for frame in self._to_base if frame), *self._attached})
 
     def to_base(self, frame_id: str, stamp_ns: int = 0) -> RigidTransform:
         """The transform of `frame_id` at `stamp_ns` (0: now); robot frames use the joint state closest to it."""
