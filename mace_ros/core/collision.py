@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,6 +460,10 @@ class WristClearanceTable:
 # workspace at 1 cm fits), whatever the cloud's extent; nodes are queried in chunks of this many.
 MAX_FIELD_NODES = 1 << 22
 FIELD_QUERY_CHUNK = 1 << 18
+# Threads of a field's nearest-point search: all cores but one. Fields are built off the request
+# path (the node builds a cloud's field in its topic callback), and a search on every core would
+# starve the request being served meanwhile (2-core CPU: GetIK missed its deadline by seconds).
+FIELD_QUERY_WORKERS = max(1, (os.cpu_count() or 1) - 1)
 # Fields of the latest clouds, keyed by content (see PointDistanceField.cached).
 FIELD_CACHE_SIZE = 2
 _FIELD_CACHE: dict[tuple, "PointDistanceField"] = {}
@@ -516,7 +521,7 @@ class PointDistanceField:
         for start in range(0, band.size, FIELD_QUERY_CHUNK):  # bounded temporaries for any band size
             flat = band[start:start + FIELD_QUERY_CHUNK]
             nodes = origin + resolution_m * np.stack(np.unravel_index(flat, tuple(shape)), -1)
-            distances, _ = tree.query(nodes, distance_upper_bound=truncation_m, workers=-1)
+            distances, _ = tree.query(nodes, distance_upper_bound=truncation_m, workers=FIELD_QUERY_WORKERS)
             values[flat] = np.minimum(distances, truncation_m)
         return PointDistanceField(
             origin=torch.as_tensor(origin, dtype=dtype, device=device),
