@@ -8,8 +8,8 @@ an exact-mesh validity check (`bench/ik_baselines.py`) answers the same goals in
 `--node`, the same requests also go through the installed node over ROS 2 (`install/setup.bash`
 sourced): the ROS overhead is the client's round trip minus the engine time the response reports.
 
-    PYTHONPATH=. .venv/bin/python bench/ik_latency.py                       # engine + baseline
-    set +u; source install/setup.bash; set -u; PYTHONPATH=. .venv/bin/python bench/ik_latency.py --node
+    .venv/bin/python bench/ik_latency.py                                    # engine + baseline
+    set +u; source install/setup.bash; set -u; .venv/bin/python bench/ik_latency.py --node
 """
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.ik_baselines import RandomRestartIK
-from mace_ros.core.ik_domain import IKGoal, goal_errors
-from mace_ros.core.ik_engine import IKEngine, IKRequest
-from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix
-from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
-from mace_ros.core.scene import Scene, load_goals
+# The repository last on the path: `bench` comes from it, `mace_ros` from an install when one is on the
+# path (only the installed package has the generated service types that --node needs).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.ik_baselines import RandomRestartIK  # noqa: E402
+from mace_ros.core.ik_domain import IKGoal, goal_errors  # noqa: E402
+from mace_ros.core.ik_engine import IKEngine, IKRequest  # noqa: E402
+from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix  # noqa: E402
+from mace_ros.core.pybullet_backend import PyBulletCollisionChecker  # noqa: E402
+from mace_ros.core.scene import Scene, load_goals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES = ("wall", "window", "box", "shelf", "table")
@@ -72,11 +75,12 @@ def node_round_trips(goals: list[tuple[str, Any]], timeout_s: float, repeats: in
         client = MaceClient("ik_latency_bench")
         try:
             client.wait_for_services(120.0, alive=node)
+            warmed_up = False
             for name, goal in goals:
                 if name != scene_name:
                     continue
-                for repeat in range(repeats):
-                    request = GetIK.Request(timeout_s=timeout_s, random_seed=repeat + 1, tip_link=TIP_LINK)
+                for repeat in range(-1 if not warmed_up else 0, repeats):
+                    request = GetIK.Request(timeout_s=timeout_s, random_seed=max(repeat, 0) + 1, tip_link=TIP_LINK)
                     request.goal.header.frame_id = "panda_link0"
                     request.goal.pose.position = Point(x=float(goal.position[0]), y=float(goal.position[1]), z=float(goal.position[2]))
                     if goal.quaternion_wxyz is None:
@@ -87,6 +91,9 @@ def node_round_trips(goals: list[tuple[str, Any]], timeout_s: float, repeats: in
                         request.goal.pose.orientation = Quaternion(w=w, x=x, y=y, z=z)
                     started = time.monotonic()
                     response = MaceClient.when_loaded(client.get_ik, request)
+                    if repeat < 0:
+                        warmed_up = True  # untimed: it waits for the engines to load
+                        continue
                     overhead.setdefault(scene_name, []).append(time.monotonic() - started - response.elapsed_s)
         finally:
             client.close()
@@ -149,7 +156,7 @@ def main() -> None:
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {
-        "command": "PYTHONPATH=. .venv/bin/python bench/ik_latency.py " + " ".join(sys.argv[1:]),
+        "command": ".venv/bin/python bench/ik_latency.py " + " ".join(sys.argv[1:]),
         "commit": commit,
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "torch_threads": args.threads, "load_average_at_end": os.getloadavg()},
