@@ -409,7 +409,7 @@ def main() -> None:
         "command": command,
         "code": code,
         "device": device,
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "scene", "feasible_goals_from")}, "scene": str(args.scene),
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "scene", "feasible_goals_from")}, "scene": str(args.scene.resolve().relative_to(ROOT)) if args.scene.resolve().is_relative_to(ROOT) else str(args.scene),
                      "feasible_goals_from": None if args.feasible_goals_from is None else str(args.feasible_goals_from),
                      "success_position_tolerance_m": SUCCESS_POSITION_TOLERANCE_M,
                      "success_orientation_tolerance_rad": SUCCESS_ORIENTATION_TOLERANCE_RAD,

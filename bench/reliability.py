@@ -438,6 +438,12 @@ class NodeUnderTest:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def repository_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it: results name no machine's absolute paths."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=10000, help="fuzzed requests in all (GetIK and InferShape)")
@@ -579,7 +585,7 @@ def main() -> int:
                    "last": rss[-1] if rss else None, "interval_s": args.rss_interval,
                    "samples": sampler.samples[::max(1, len(sampler.samples) // 500)]},
         "sigint": {"exit_s": round(sigint_exit_s, 2), "return_code": return_code},
-        "node_log": {"path": str(node.log_path), "tracebacks": log_text.count("Traceback"),
+        "node_log": {"path": repository_path(node.log_path), "tracebacks": log_text.count("Traceback"),
                      "error_lines": sum("[ERROR]" in line for line in log_text.splitlines())},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
