@@ -79,3 +79,18 @@ def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
     log_path = tmp_path_factory.mktemp("mace_node") / "mace_node.log"
     with running_node(mace_node_arguments, ros_isolation, log_path) as (client, _):
         yield client
+
+
+def ik_request(frame_id: str = "panda_link0", **fields):
+    """A valid GetIK request (hand pointing down, 0.5 m in front of the robot, 0.3 m up) with `fields` changed."""
+    from geometry_msgs.msg import Point
+
+    from mace_ros.srv import GetIK
+
+    request = GetIK.Request()
+    request.goal.header.frame_id = frame_id
+    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
+    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0
+    for name, value in fields.items():
+        setattr(request, name, value)
+    return request

@@ -16,19 +16,8 @@ from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from mace_ros.srv import GetIK, InferShape
-
-
-def ik_request(**fields) -> GetIK.Request:
-    """A valid GetIK request (0.5 m in front of the robot, 0.3 m up) with `fields` changed."""
-    request = GetIK.Request()
-    request.goal.header.frame_id = "panda_link0"
-    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
-    request.goal.pose.orientation.x = 1.0
-    request.goal.pose.orientation.w = 0.0
-    for name, value in fields.items():
-        setattr(request, name, value)
-    return request
+from conftest import ik_request
+from mace_ros.srv import InferShape
 
 
 def shape_request(**fields) -> InferShape.Request:

@@ -19,7 +19,7 @@ from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 
-from conftest import running_node
+from conftest import ik_request as panda_ik_request, running_node
 from mace_ros.core.kinematics import PandaKinematics
 from mace_ros.srv import GetIK, InferShape
 
@@ -40,13 +40,7 @@ def fr3(ros_isolation, tmp_path_factory):
 
 
 def ik_request(**fields) -> GetIK.Request:
-    request = GetIK.Request()
-    request.goal.header.frame_id = "fr3_link0"
-    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
-    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0  # hand pointing down
-    for name, value in fields.items():
-        setattr(request, name, value)
-    return request
+    return panda_ik_request("fr3_link0", **fields)
 
 
 def long_shape_request(timeout_s: float) -> InferShape.Request:

@@ -11,7 +11,8 @@ from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz
 from mace_ros.ros.node import LATCHED
-from mace_ros.srv import GetIK, InferShape
+from conftest import ik_request
+from mace_ros.srv import InferShape
 
 ENGINE_WAIT_S = 180.0
 ORIGIN = Point(x=0.5, y=0.0, z=0.1)
@@ -31,16 +32,6 @@ def when_ready(call, request):
 
 def shape_request(**fields) -> InferShape.Request:
     request = InferShape.Request(header=Header(frame_id="panda_link0"), contacts=CONTACTS, object_origin=ORIGIN)
-    for name, value in fields.items():
-        setattr(request, name, value)
-    return request
-
-
-def ik_request(**fields) -> GetIK.Request:
-    request = GetIK.Request()
-    request.goal.header.frame_id = "panda_link0"
-    request.goal.pose.position = Point(x=0.5, y=0.0, z=0.3)
-    request.goal.pose.orientation.x, request.goal.pose.orientation.w = 1.0, 0.0  # hand pointing down
     for name, value in fields.items():
         setattr(request, name, value)
     return request
