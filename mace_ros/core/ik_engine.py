@@ -37,6 +37,9 @@ FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
 # at most DIAGNOSIS_RESERVE_S on a CPU; rounds leave that much (at most a fifth of the timeout) for it.
 # Solved configurations go to the exact check in blocks of this many, until a round has enough.
 EXACT_CHECK_BLOCK = 4
+# Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks of this many
+# with the clock read between blocks: deep in obstacles the narrow phase takes up to ~2 ms each on a CPU.
+NARROW_CHECK_BLOCK = 64
 DIAGNOSIS_STARTS = 8
 DIAGNOSIS_ITERATIONS = 20
 DIAGNOSIS_RESERVE_S = 0.2
@@ -366,7 +369,7 @@ class IKEngine:
             enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline, **tolerances)
         # Checked in blocks while time is left: thousands of converged starts take a while.
         reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(config["sample_chunk_size"]):
+        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(NARROW_CHECK_BLOCK):
             if time.monotonic() >= deadline_at:
                 break
             reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
