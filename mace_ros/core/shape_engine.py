@@ -61,7 +61,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -329,7 +329,9 @@ class ShapeEngine:
             iterations=iterations,
         )
 
-    def infer(self, request: ShapeRequest) -> ShapeResult:
+    def infer(self, request: ShapeRequest, on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> ShapeResult:
+        """`on_iteration(iteration, batch scores)` after each MACE iteration (mace_tune's); an exception it
+        raises (e.g. to cancel) ends the inference and propagates."""
         started = time.monotonic()
         try:
             observation = self.validate(request)
@@ -361,7 +363,7 @@ class ShapeEngine:
         if iterations > 0 and tuning_s > 0.0:
             preset = self.tuning_preset(preset_name, iterations)
             tuning = mace_tune(prior, domain, preset, deadline_s=tuning_s, generator=generator, keep_best=num_samples,
-                               chunk_size=chunk)
+                               chunk_size=chunk, on_iteration=on_iteration)
         sampling_deadline_at = deadline_at - min(diversity_reserve_s, max(0.0, deadline_at - time.monotonic()) / 2)
         if tuning is not None and config["result_samples"] == "best":
             samples, scores, complete = tuning.best_samples, tuning.best_scores, True

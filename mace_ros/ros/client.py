@@ -15,10 +15,13 @@ from typing import Any, TextIO
 
 import rclpy
 from ament_index_python.packages import get_package_prefix
+from rclpy.action import ActionClient
+from rclpy.action.client import ClientGoalHandle
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
+from mace_ros.action import InferShape as InferShapeAction
 from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace"
@@ -119,7 +122,51 @@ class MaceClient:
     def infer_shape(self, request: InferShape.Request, timeout_s: float = 60.0) -> InferShape.Response:
         return self.call(self.infer_shape_client, request, timeout_s)
 
+    @property
+    def infer_shape_action(self) -> ActionClient:
+        """A client of the `~/infer_shape` action (created on first use)."""
+        if getattr(self, "_infer_shape_action", None) is None:
+            self._infer_shape_action = ActionClient(self.node, InferShapeAction, self.topic("infer_shape"))
+        return self._infer_shape_action
+
+    def wait_for_action_server(self, timeout_s: float) -> None:
+        if not self.infer_shape_action.wait_for_server(timeout_sec=timeout_s):
+            raise TimeoutError(f"action {self.topic('infer_shape')} not available after {timeout_s:.0f} s")
+
+    def _spin_until(self, future: Any, timeout_s: float, what: str) -> Any:
+        self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+        if not future.done():
+            raise TimeoutError(f"{what} not answered within {timeout_s:.0f} s")
+        return future.result()
+
+    def send_shape_goal(self, goal: InferShapeAction.Goal, feedback: Callable[[Any], None] | None = None,
+                        timeout_s: float = 10.0) -> ClientGoalHandle:
+        """Sends an InferShape action goal and waits until it is accepted; `feedback(InferShapeAction.Feedback)`
+        is called while this client spins (in shape_goal_result or spin_once)."""
+        callback = None if feedback is None else (lambda message: feedback(message.feedback))
+        handle = self._spin_until(
+            self.infer_shape_action.send_goal_async(goal, feedback_callback=callback), timeout_s, "InferShape goal")
+        if not handle.accepted:
+            raise RuntimeError("the InferShape goal was rejected")
+        return handle
+
+    def cancel_shape_goal(self, handle: ClientGoalHandle, timeout_s: float = 10.0) -> Any:
+        """Requests the goal's cancel; the action_msgs CancelGoal response."""
+        return self._spin_until(handle.cancel_goal_async(), timeout_s, "InferShape cancel")
+
+    def shape_goal_result(self, handle: ClientGoalHandle, timeout_s: float = 60.0) -> tuple[int, InferShapeAction.Result]:
+        """(the goal's final status, action_msgs GoalStatus.STATUS_*; its result)."""
+        response = self._spin_until(handle.get_result_async(), timeout_s, "InferShape result")
+        return response.status, response.result
+
+    def infer_shape_goal(self, goal: InferShapeAction.Goal, feedback: Callable[[Any], None] | None = None,
+                         timeout_s: float = 60.0) -> tuple[int, InferShapeAction.Result]:
+        """The action's (status, result) for `goal`, feedback passed to `feedback` meanwhile."""
+        return self.shape_goal_result(self.send_shape_goal(goal, feedback), timeout_s)
+
     def close(self) -> None:
+        if getattr(self, "_infer_shape_action", None) is not None:
+            self._infer_shape_action.destroy()
         self.executor.shutdown()
         self.node.destroy_node()
         self.context.try_shutdown()

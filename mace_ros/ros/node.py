@@ -34,6 +34,7 @@ from mace_ros.ros.frames import AttachedFrame, FrameTable, RigidTransform, Robot
 from mace_ros.ros.obstacles import ObstacleModel, SelfFilter, Workspace, voxel_downsample
 from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
+from mace_ros.ros.shape_action import ShapeActionServer
 from mace_ros.ros.requests import (
     ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_request_arguments, shape_request_arguments)
 from mace_ros.srv import GetIK, InferShape
@@ -226,6 +227,7 @@ class MaceNode(Node):
         services_group = ReentrantCallbackGroup()
         self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
         self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
+        self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
         device = self.get_parameter("device").value
         dtype = self.get_parameter("dtype").value
@@ -512,6 +514,7 @@ class MaceNode(Node):
 
     def _serve_infer_shape(
         self, request: InferShape.Request, response: InferShape.Response, started: float,
+        on_iteration: Callable[[int, Any], None] | None = None,  # the action's feedback and cancel (shape_action.py)
     ) -> InferShape.Response:
         defaults = RequestDefaults(
             num_samples=self.get_parameter("shape.num_samples").value,
@@ -534,7 +537,7 @@ class MaceNode(Node):
                 # timeout stays > 0, which it would read as "the default".
                 per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S
                 reserve_s = min(RESPONSE_MAX_SHARE * remaining_s, RESPONSE_BASE_S + per_sample_s * arguments["num_samples"])
-                return engine.infer(ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}))
+                return engine.infer(ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration)
 
             result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight)
             self._fill_shape_response(
