@@ -1,13 +1,14 @@
 """The engines without ROS.
 
     python -m mace_ros ik --scene box --goal 0.5 0.0 0.25 [--quaternion 0 1 0 0] [--num-solutions 4]
-    python -m mace_ros shape --contacts "0.04,0,0;-0.04,0,0;0,0.03,0;0,-0.03,0" [--num-samples 16]
+    python -m mace_ros shape --contacts "0.04,0,0;-0.04,0,0;0,0.03,0;0,-0.03,0" [--num-samples 16] [--output shapes.npz|shapes.ply]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +48,39 @@ def _ik(args: argparse.Namespace) -> int:
     return 0 if result.success else 1
 
 
+def write_shapes(path: Path, samples: np.ndarray, scores: np.ndarray, contacts: np.ndarray, origin: np.ndarray) -> None:
+    """The ranked shape samples [S, P, 3] (metres) and their scores [S], by `path`'s suffix:
+
+    - `.npz`: arrays `samples` [S, P, 3] float32, `scores` [S], `contacts` [k, 3], `object_origin` [3];
+    - `.ply`: one binary little-endian point cloud of all S * P points with properties x, y, z (float32),
+      `sample_index` (uint32, 0 = the best sample, as on the node's ~/shape_samples) and `score`
+      (float32, its sample's score), so one file opens in any viewer and splits by sample_index.
+    """
+    samples = np.asarray(samples, dtype=np.float32).reshape(len(scores), -1, 3)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        np.savez(path, samples=samples, scores=np.asarray(scores, dtype=np.float64),
+                 contacts=np.asarray(contacts, dtype=np.float64), object_origin=np.asarray(origin, dtype=np.float64))
+        return
+    if suffix != ".ply":
+        raise ValueError(f"--output must end in .npz or .ply, got '{path.name}'")
+    count, points = samples.shape[0], samples.shape[1]
+    vertices = np.empty(count * points, dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("sample_index", "<u4"), ("score", "<f4")])
+    for axis, name in enumerate("xyz"):
+        vertices[name] = samples[..., axis].reshape(-1)
+    vertices["sample_index"] = np.repeat(np.arange(count, dtype=np.uint32), points)
+    vertices["score"] = np.repeat(np.asarray(scores, dtype=np.float32), points)
+    header = (
+        "ply\nformat binary_little_endian 1.0\n"
+        f"comment mace_ros shape samples: {count} samples of {points} points, ranked by score; metres\n"
+        f"element vertex {vertices.shape[0]}\n"
+        "property float x\nproperty float y\nproperty float z\nproperty uint sample_index\nproperty float score\n"
+        "end_header\n")
+    with path.open("wb") as file:
+        file.write(header.encode("ascii"))
+        file.write(vertices.tobytes())
+
+
 def _shape(args: argparse.Namespace) -> int:
     from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest
 
@@ -62,6 +96,8 @@ def _shape(args: argparse.Namespace) -> int:
         random_seed=args.seed,
     )
     result = engine.infer(request)
+    if args.output is not None:
+        write_shapes(args.output, result.samples, result.scores, contacts, request.object_origin)
     print(json.dumps({
         "success": result.success,
         "message": result.message,
@@ -70,6 +106,7 @@ def _shape(args: argparse.Namespace) -> int:
         "diversity": result.diversity,
         "tuning_iterations_done": result.tuning_iterations_done,
         "elapsed_s": round(result.elapsed_s, 3),
+        **({} if args.output is None else {"output": str(args.output)}),
     }, indent=2))
     return 0 if result.success else 1
 
@@ -93,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = commands.add_parser("shape", help="object shapes consistent with grasp contacts")
     shape.add_argument("--contacts", required=True, help="'x,y,z;x,y,z;...' in metres, around the origin")
     shape.add_argument("--origin", type=float, nargs=3, default=(0.0, 0.0, 0.0))
+    shape.add_argument("--output", type=Path, metavar="PATH",
+                       help="write the samples to PATH: .npz (samples [S, P, 3], scores, contacts, object_origin) or "
+                            ".ply (one cloud, x y z, sample_index, score per point)")
     shape.set_defaults(handler=_shape)
     args = parser.parse_args(argv)
+    if getattr(args, "output", None) is not None and args.output.suffix.lower() not in (".npz", ".ply"):
+        parser.error(f"--output must end in .npz or .ply, got '{args.output.name}'")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     return args.handler(args)
