@@ -83,8 +83,19 @@ def run_observation(
     generator = torch.Generator().manual_seed(seed)
     started = time.monotonic()
     iteration_times: list[float] = []
-    result = mace_tune(prior, domain, preset, generator=generator,
-                       on_iteration=lambda _, __: iteration_times.append(time.monotonic() - started))
+    prior.bound_std(args.min_std_ratio)
+    best_theta: dict = {"mean": -math.inf, "theta": None}
+
+    def on_iteration(_: int, scores: torch.Tensor) -> None:
+        iteration_times.append(time.monotonic() - started)
+        if args.best_theta and float(scores.mean()) > best_theta["mean"]:
+            best_theta.update(mean=float(scores.mean()), theta=[p.detach().clone() for p in prior.tunable_parameters()])
+
+    result = mace_tune(prior, domain, preset, generator=generator, on_iteration=on_iteration, after_step=prior.project)
+    if best_theta["theta"] is not None:  # as the engine does: the best-scoring θ seen, θ_0 included
+        with torch.no_grad():
+            for parameter, value in zip(prior.tunable_parameters(), best_theta["theta"]):
+                parameter.copy_(value)
     samples["mace"] = prior.sample(args.num_samples, generator)
     row.update(mace_tuning_s=result.elapsed_s, mace_iterations=result.iterations_done,
                mace_history=result.mean_score_history, mace_iteration_times_s=iteration_times)
@@ -183,6 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, default=100, help="MACE/IS iterations (paper: 2500)")
     parser.add_argument("--learning-rate", type=float, default=0.0, help="Adam lr of MACE and IS (0 = the paper's 2e-4)")
     parser.add_argument("--target-score", type=float, default=0.9)
+    parser.add_argument("--min-std-ratio", type=float, default=0.0,
+                        help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
+    parser.add_argument("--best-theta", action="store_true",
+                        help="MACE samples from the best-scoring theta seen (theta_0 included), as the engine does")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_inference.json")
@@ -209,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         "vae_metadata": json.loads(args.vae_weights.with_suffix(".json").read_text()),
         "cvae_metadata": json.loads(args.cvae_weights.with_suffix(".json").read_text()),
         "preset": dataclasses.asdict(tuning_preset(args)),
+        "min_std_ratio": args.min_std_ratio,
+        "best_theta": args.best_theta,
         "finger_radius_m": density_matched_finger_radius(vae.num_points),
         "length_scale_m": DEFAULT_LENGTH_SCALE_M,
         "settings": {},

@@ -223,6 +223,11 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
         ({"timeout_s": float("nan")}, "timeout_s"),
         ({"tuning_iterations": -2}, "tuning_iterations"),
         ({"num_samples": 5000}, "num_samples"),
+        ({"contact_directions": np.zeros((2, 3))}, "one \\[x, y, z\\] per contact"),
+        ({"contact_directions": np.array([[np.nan, 0.0, 0.0]])}, "contact_directions contain NaN"),
+        ({"contacts": None, "contact_directions": np.array([[1.0, 0.0, 0.0]]), "partial_cloud": np.zeros((20, 3))},
+         "contact_directions without contacts"),
+        ({"contacts": np.ones((65, 3)), "contact_directions": np.ones((65, 3))}, "more than 64"),
     ],
 )
 def test_engine_refuses_invalid_requests(engine, change, reason):
@@ -242,3 +247,81 @@ def test_engine_config_checks_keys_and_takes_explicit_fingers():
     three_fingers = ShapeEngine({"finger_directions": [-2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, -1.0, 0.0]})
     assert three_fingers.finger_directions.shape == (3, 3)
     assert np.allclose(np.linalg.norm(three_fingers.finger_directions, axis=1), 1.0)
+
+
+def test_finger_lines_through_their_contacts():
+    """With anchors, finger j moves along directions[j] on the line through anchors[j]."""
+    cloud = torch.from_numpy(object_cloud("box", 21, (0.5, 0.0, 0.1)))
+    origin = torch.tensor([0.5, 0.0, 0.1])
+    directions = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])
+    anchors = torch.tensor([[0.52, 0.0, 0.11], [0.5, 0.01, 0.08]])
+    contacts, valid = grasp_contacts(cloud[None], directions, origin, 0.01, anchors)
+    assert valid.all()
+    for j in range(2):  # brute force: the point furthest back along the line, within the radius
+        relative = cloud - anchors[j]
+        along = relative @ directions[j]
+        near = (relative.square().sum(-1) - along.square()) < 0.01**2
+        assert torch.allclose(contacts[0, j], anchors[j] + along[near].min() * directions[j], atol=1e-5)
+    same, _ = grasp_contacts(cloud[None], directions, origin, 0.01, origin.expand(2, 3))
+    assert torch.allclose(same, grasp_contacts(cloud[None], directions, origin, 0.01)[0], atol=1e-6)
+
+
+def gripper_grasps(family: str, seed: int, centre, grasps) -> tuple[np.ndarray, np.ndarray]:
+    """Contacts [k, 3] and travel directions [k, 3] of parallel-jaw grasps (grasp point, closing axis)
+    of a ground-truth object centred at `centre`, as a gripper reports them."""
+    cloud = torch.from_numpy(object_cloud(family, seed, centre))
+    contacts, directions = [], []
+    for point, axis in grasps:
+        axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+        fingers = torch.tensor(np.stack([-axis, axis]), dtype=torch.float32)  # closing toward each other
+        touched, valid = grasp_contacts(cloud[None], fingers, None, 0.01, torch.tensor(np.stack([point, point]), dtype=torch.float32))
+        assert valid.all()
+        contacts.append(touched[0].numpy())
+        directions.append(fingers.numpy())
+    return np.concatenate(contacts).astype(np.float64), np.concatenate(directions).astype(np.float64)
+
+
+def test_engine_takes_side_and_combined_grasps_with_their_own_directions(engine):
+    """A 2-finger grasp from the side, off the object's centre line, and two grasps together: no finger
+    set to match, so neither is refused; the grasped object's shape scores."""
+    centre = np.array([0.5, 0.0, 0.1])
+    side = (centre + [0.0, 0.0, 0.02], [0.0, 1.0, 0.0])  # 2 cm above the centre, closing along y
+    front = (centre + [0.0, 0.01, -0.01], [1.0, 0.0, 0.0])
+    contacts, directions = gripper_grasps("box", 22, centre, [side])
+    request = ShapeRequest(contacts, None, centre, num_samples=8, tuning_iterations=5, random_seed=4, contact_directions=directions)
+    prior = engine.infer(dataclasses.replace(request, tuning_iterations=0))
+    tuned = engine.infer(request)
+    assert prior.success and tuned.success, (prior.message, tuned.message)
+    assert tuned.mean_score >= prior.mean_score
+    contacts, directions = gripper_grasps("box", 22, centre, [side, front])
+    combined = engine.infer(dataclasses.replace(request, contacts=contacts, contact_directions=directions))
+    assert combined.success, combined.message
+    # A zero direction marks a contact without one: matched to the configured fingers like before.
+    mixed = np.vstack([directions[:2], np.zeros((1, 3))])
+    observation = engine.validate(ShapeRequest(np.vstack([contacts[:2], centre + [0.04, 0.0, 0.0]]), None, centre, contact_directions=mixed))
+    assert observation.fingers.tolist() == [-1, -1, 0] and observation.anchored.tolist() == [True, True, False]
+
+
+def test_tuning_never_returns_worse_than_the_prior():
+    """A learning rate that makes σ_z collapse within a few iterations: the samples still score at
+    least as well as the same seed's prior samples (the best θ seen, θ_0 included, or the prior's)."""
+    engine = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "tuning_learning_rate": 0.3, "tuning_samples_per_iteration": 64,
+                          "tuning_grad_steps": 8})
+    for seed in (1, 2):
+        request = grasp_request(engine, HELD_OUT_FAMILY, 30 + seed, (0.0, 0.0, 0.0), tuning_iterations=6, random_seed=seed)
+        prior = engine.infer(dataclasses.replace(request, tuning_iterations=0))
+        tuned = engine.infer(request)
+        assert tuned.tuning_iterations_done == 6
+        assert tuned.mean_score >= prior.mean_score, (prior.message, tuned.message)
+
+
+def test_min_std_ratio_bounds_sigma_while_tuning(vae):
+    prior = MaceVAEPrior(vae)
+    prior.bound_std(0.5)
+    domain = GraspDomain.from_ground_truth(torch.from_numpy(object_cloud("box", 23)), finger_directions(5), None,
+                                           density_matched_finger_radius(vae.num_points))
+    preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], num_samples=64, grad_steps_per_iteration=8,
+                                 learning_rate=0.1, iterations=4)
+    mace_tune(prior, domain, preset, generator=torch.Generator().manual_seed(0), after_step=prior.project)
+    ratio = torch.exp(prior.log_std.detach() - vae.prior_log_std)
+    assert float(ratio.min()) >= 0.5 - 1e-6 and float(ratio.min()) < 0.51  # it did push against the bound

@@ -192,6 +192,7 @@ def mace_tune(
     stop_rule: StopRule | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     chunk_size: int | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TuneResult:
     """Algorithm 1. Fine-tunes `prior` in place; stops after `preset.iterations` or at the deadline.
 
@@ -199,7 +200,8 @@ def mace_tune(
     `get_prob(x)[0]`, which we treat as a bug). `optimizer` (from `tuning_optimizer`) continues an
     earlier run warm. `chunk_size` bounds the samples handled at once, so the clock is checked
     between chunks and between gradient steps; more elites than that are subsampled per gradient step
-    (an unbiased estimate of the same mean).
+    (an unbiased estimate of the same mean). `after_step` runs after every optimizer step (e.g. a
+    projection of θ onto its allowed set, such as a lower bound on σ).
     """
     optimizer = optimizer or tuning_optimizer(prior, preset)
 
@@ -219,6 +221,8 @@ def mace_tune(
             loss = -prior.tuning_log_likelihood(batch).mean()
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
 
     return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size)
 

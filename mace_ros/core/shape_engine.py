@@ -11,7 +11,12 @@ Frames and conventions (the request's frame is the robot base frame, z up):
 - the fingers close toward `object_origin` along the configured travel directions
   (`finger_directions`, default: `simulators.finger_directions(num_fingers, ...)`, the paper's
   5 horizontal fingers);
-- contacts are matched to fingers (`finger_matching`):
+- a contact that comes with its finger's travel direction (`ShapeRequest.contact_directions`, a
+  gripper's own report: any number of fingers and grasps) is simulated by a finger moving along that
+  direction on the line through the contact itself; it needs no finger set and no angle to the
+  origin (an off-centre or side grasp is fine). `object_origin` is then the estimated bounding-box
+  centre of the object (e.g. the middle of a grasp's fingertips); the samples are placed there;
+- contacts without a direction are matched to fingers (`finger_matching`):
   "direction" (default): each contact belongs to the finger that starts on its side of the object,
   i.e. the finger whose start direction (−travel) is closest in angle to (contact − origin);
   contacts are assigned one-to-one (Hungarian assignment), so the request may list them in any
@@ -38,6 +43,8 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           (overrides the four keys above; empty = use them)
   finger_matching         "direction" or "ordered" (see above)
   max_contact_angle_deg   largest angle between a contact and its finger's side
+  max_contacts            most contacts a request may carry (with or without directions)
+  min_std_ratio           tuning keeps σ_z >= this times the prior's σ_z (0 = unbounded)
   finger_radius_m         finger pad radius; 0 = matched to the model's point density (see
                           `density_matched_finger_radius`)
   length_scale_m          grasp score length scale s: max(1 − mean error / s, 0)
@@ -49,6 +56,10 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           cost grows with the square of the count; the paper's Fig. 1 uses 49)
   tuning_time_fraction    share of the time left after the final sampling's estimated cost that is
                           given to tuning (the final sampling's cost is measured on a first chunk)
+
+Never worse than the prior: every MACE iteration's N samples score its θ (the first, θ_0 = the
+prior); the final samples come from the best-scoring θ seen, and if they still score below the same
+seed's prior samples on the request's observation (sampling noise), those prior samples are returned.
 
 Deadline: every stage (tuning, final sampling and scoring, diversity) counts against timeout_s and
 stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs); a
@@ -95,6 +106,8 @@ CPU_BUDGET_LEARNING_RATE = 1e-3
 SAMPLE_CHUNK = 128
 CHUNK_PARTIAL_POINTS = 1 << 13
 DIVERSITY_PAIR_CHUNK = 64
+# A contact_directions row shorter than this is "no direction" (zero rows mark direction-less contacts).
+MIN_DIRECTION_NORM = 1e-9
 # The final sampling is planned from the measured cost of a first chunk times this safety factor;
 # the diversity (secondary: it only describes the answer) gets at most this share of the timeout.
 FINAL_SAMPLING_SAFETY = 1.5
@@ -119,6 +132,8 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "finger_directions": [],
     "finger_matching": "direction",
     "max_contact_angle_deg": 45.0,
+    "max_contacts": 64,
+    "min_std_ratio": 0.0,
     "finger_radius_m": 0.0,
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
@@ -148,6 +163,9 @@ class ShapeRequest:
     tuning_iterations: int = -1  # 0 = no tuning (prior samples), -1 = configured default
     timeout_s: float = 0.0  # 0 = configured default
     random_seed: int = 0
+    # [k, 3] each contact's finger travel direction (toward the object), parallel to `contacts`; a zero
+    # row (or None for all) = no direction: that contact is matched to the configured finger set.
+    contact_directions: np.ndarray | None = None
 
 
 @dataclass
@@ -168,9 +186,11 @@ class Observation:
     """A validated request's observation (float64 arrays, request frame)."""
 
     contacts: np.ndarray | None  # [k, 3]
-    fingers: np.ndarray | None  # [k] index of each contact's finger in the configured set
+    fingers: np.ndarray | None  # [k] index of each contact's finger in the configured set, -1 = its own direction
     partial_cloud: np.ndarray | None  # [P, 3]
     origin: np.ndarray  # [3]
+    directions: np.ndarray | None = None  # [k, 3] unit travel direction of each contact's finger
+    anchored: np.ndarray | None = None  # [k] bool: the finger's line passes through its contact (given direction)
 
 
 class ProductDomain:
@@ -274,8 +294,26 @@ class ShapeEngine:
                 contacts = None
             elif not np.all(np.isfinite(contacts)):
                 raise ValueError("contacts contain NaN or infinite coordinates")
-            elif contacts.shape[0] > self.finger_directions.shape[0]:
-                raise ValueError(f"{contacts.shape[0]} contacts but only {self.finger_directions.shape[0]} fingers are configured")
+            elif contacts.shape[0] > int(self.config["max_contacts"]):
+                raise ValueError(f"{contacts.shape[0]} contacts, more than {self.config['max_contacts']}")
+        given = np.zeros(0 if contacts is None else contacts.shape[0], dtype=bool)
+        travel = None
+        if request.contact_directions is not None and len(request.contact_directions):
+            travel = np.asarray(request.contact_directions, dtype=np.float64)
+            if contacts is None:
+                raise ValueError("contact_directions without contacts")
+            if travel.shape != contacts.shape:
+                raise ValueError(
+                    f"contact_directions must be one [x, y, z] per contact ({contacts.shape[0]}) or empty, got shape {travel.shape}")
+            if not np.all(np.isfinite(travel)):
+                raise ValueError("contact_directions contain NaN or infinite values")
+            lengths = np.linalg.norm(travel, axis=1)
+            given = lengths > MIN_DIRECTION_NORM
+            travel = np.where(given[:, None], travel / np.maximum(lengths, MIN_DIRECTION_NORM)[:, None], 0.0)
+        if contacts is not None and int((~given).sum()) > self.finger_directions.shape[0]:
+            raise ValueError(
+                f"{int((~given).sum())} contacts without a direction but only {self.finger_directions.shape[0]} fingers are "
+                "configured (give each contact its finger's travel direction in contact_directions)")
         partial = None
         if request.partial_cloud is not None:
             partial = np.asarray(request.partial_cloud, dtype=np.float64)
@@ -293,22 +331,31 @@ class ShapeEngine:
             raise ValueError(f"tuning_iterations must be -1 (default), 0 (no tuning) or positive, got {request.tuning_iterations}")
         if not 0 <= request.num_samples <= int(self.config["max_num_samples"]):
             raise ValueError(f"num_samples must be in [0, {self.config['max_num_samples']}] (0 = default), got {request.num_samples}")
-        fingers = None
+        fingers = directions = None
         if contacts is not None:
-            if self.config["finger_matching"] == "direction":
-                fingers = match_contacts_to_fingers(contacts, origin, self.finger_directions, float(self.config["max_contact_angle_deg"]))
-            else:
-                fingers = np.arange(contacts.shape[0])
-        return Observation(contacts, fingers, partial, origin)
+            # Contacts with their own direction need no finger set; the others are matched to it.
+            fingers = np.full(contacts.shape[0], -1, dtype=np.int64)
+            free = np.flatnonzero(~given)
+            if free.size and self.config["finger_matching"] == "direction":
+                fingers[free] = match_contacts_to_fingers(
+                    contacts[free], origin, self.finger_directions, float(self.config["max_contact_angle_deg"]))
+            elif free.size:
+                fingers[free] = np.arange(free.size)
+            directions = np.where(given[:, None], np.zeros_like(contacts) if travel is None else travel,
+                                  self.finger_directions[np.maximum(fingers, 0)])
+        return Observation(contacts, fingers, partial, origin, directions, None if contacts is None else given)
 
     def build_domain(self, observation: Observation) -> Any:
         as_tensor = lambda array: torch.as_tensor(array, dtype=self.dtype, device=self.device)  # noqa: E731
         domains: list[Any] = []
         if observation.contacts is not None:
+            anchors = None
+            if observation.anchored.any():  # given directions: the finger's line passes through its contact
+                anchors = as_tensor(np.where(observation.anchored[:, None], observation.contacts, observation.origin))
             domains.append(
                 GraspDomain(
-                    as_tensor(observation.contacts), as_tensor(self.finger_directions[observation.fingers]),
-                    as_tensor(observation.origin), self.finger_radius_m, float(self.config["length_scale_m"]),
+                    as_tensor(observation.contacts), as_tensor(observation.directions),
+                    as_tensor(observation.origin), self.finger_radius_m, float(self.config["length_scale_m"]), anchors,
                 )
             )
         if observation.partial_cloud is not None:
@@ -360,10 +407,27 @@ class ShapeEngine:
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples if posterior else 0.0
         tuning: TuneResult | None = None
         tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
+        # Never worse than the prior: θ_t is scored by its iteration's N samples (θ_0 = the prior by the
+        # first), and the final samples come from the best-scoring θ seen, not from the last one.
+        best_theta: dict[str, Any] = {"mean": -math.inf, "iteration": 0, "theta": None}
+
+        def remember_best_theta(iteration: int, scores: torch.Tensor) -> None:
+            mean = float(scores.mean())
+            if mean > best_theta["mean"]:
+                best_theta.update(mean=mean, iteration=iteration,
+                                  theta=[parameter.detach().clone() for parameter in prior.tunable_parameters()])
+            if on_iteration is not None:
+                on_iteration(iteration, scores)
+
         if iterations > 0 and tuning_s > 0.0:
             preset = self.tuning_preset(preset_name, iterations)
+            prior.bound_std(float(config["min_std_ratio"]))
             tuning = mace_tune(prior, domain, preset, deadline_s=tuning_s, generator=generator, keep_best=num_samples,
-                               chunk_size=chunk, on_iteration=on_iteration)
+                               chunk_size=chunk, on_iteration=remember_best_theta, after_step=prior.project)
+            if best_theta["theta"] is not None:
+                with torch.no_grad():
+                    for parameter, value in zip(prior.tunable_parameters(), best_theta["theta"]):
+                        parameter.copy_(value)
         sampling_deadline_at = deadline_at - min(diversity_reserve_s, max(0.0, deadline_at - time.monotonic()) / 2)
         if tuning is not None and config["result_samples"] == "best":
             samples, scores, complete = tuning.best_samples, tuning.best_scores, True
@@ -375,6 +439,12 @@ class ShapeEngine:
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
             samples, scores, complete = sample_and_score(prior, domain, num_samples, generator, chunk, sampling_deadline_at)
+        # The same seed's prior answer is the first chunk: a posterior that scores below it on this
+        # observation (sampling noise, or a best θ that was θ_0) gives way to it.
+        fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
+                              and float(scores.mean()) < float(first_scores.mean()))
+        if fell_back_to_prior:
+            samples, scores, complete = first_samples, first_scores, True
         order = torch.argsort(scores, descending=True)
         samples, scores = samples[order], scores[order]
         diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at)
@@ -386,6 +456,11 @@ class ShapeEngine:
         )
         if iterations > 0 and tuning is None:
             what += ": no time left for tuning within the timeout"
+        elif tuning is not None and config["result_samples"] == "posterior":
+            what += (f", θ of iteration {best_theta['iteration']} (the best mean score seen while tuning, "
+                     f"{best_theta['mean']:.3f}{'; 0 = the prior' if best_theta['iteration'] == 0 else ''})")
+        if fell_back_to_prior:
+            what += "; the tuned samples scored below the prior's, so the prior's samples are returned"
         message = f"{what}: mean score {mean_score:.3f}, best {float(scores.max()):.3f}"
         if not complete:
             message += f"; {samples.shape[0]} of {num_samples} samples drawn before the timeout"

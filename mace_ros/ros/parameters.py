@@ -128,6 +128,10 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.finger_matching": ParameterSpec(
         "direction: each contact goes to the finger on its side of the object; ordered: contact i to finger i."),
     "shape.max_contact_angle_deg": ParameterSpec("Largest angle (deg) between a contact and its finger's side.", 0.0, 180.0),
+    "shape.max_contacts": ParameterSpec(
+        "Most contacts in one InferShape (request or ~/contacts, which keeps the latest this many).", 1, 1024),
+    "shape.min_std_ratio": ParameterSpec(
+        "Tuning keeps the latent sigma_z >= this times the prior's (0 = unbounded; keeps the posterior diverse).", 0.0, 1.0),
     "shape.finger_radius_m": ParameterSpec("Finger pad radius (m); 0 = matched to the model's point density.", 0.0, 0.1),
     "shape.length_scale_m": ParameterSpec("Grasp score length scale s (m): max(1 - mean contact error / s, 0).", 1e-6, 10.0),
     "shape.temperature_per_m2": ParameterSpec("Partial-cloud score temperature: exp(-temperature * Chamfer).", 0.0, 1e9),

@@ -4,7 +4,8 @@ Clouds are [B, N, 3] in metres; device and dtype follow the clouds. Two observat
 
 Grasp. k fingers each move in a straight line toward the object origin, from outside. Finger j
 travels along `directions[j]` (pointing from its start toward the origin) on the line through the
-origin; it stops at the first cloud point within `finger_radius_m` of that line, i.e. the point
+origin, or, when the finger's line is given by an anchor point (`anchors[j]`, e.g. the contact a
+gripper reported with its own travel direction), on the line through that point; it stops at the first cloud point within `finger_radius_m` of that line, i.e. the point
 furthest back along the line (smallest projection on the travel direction). The contact reported
 is where the finger stops: that point projected onto the finger's line (the fingertip centre).
 The paper's Appendix A names the cloud point itself; its public code scores only the distance each
@@ -81,12 +82,14 @@ def grasp_contacts(
     directions: torch.Tensor,
     origin: torch.Tensor | None = None,
     finger_radius_m: float = DEFAULT_FINGER_RADIUS_M,
+    anchors: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each finger first touches each cloud.
 
     clouds [B, N, 3]; directions [k, 3] travel directions; origin [3] or [B, 3] (default: the frame
-    origin, where `datasets` centres objects). Returns contacts [B, k, 3] on the fingers' lines (NaN
-    for a finger that touched nothing) and valid [B, k] bool.
+    origin, where `datasets` centres objects). Finger j moves on the line through the origin or, with
+    `anchors` [k, 3], through anchors[j]. Returns contacts [B, k, 3] on the fingers' lines (NaN for a
+    finger that touched nothing) and valid [B, k] bool.
     """
     if clouds.dim() != 3 or clouds.shape[2] != 3:
         raise ValueError(f"expected clouds [B, N, 3], got {tuple(clouds.shape)}")
@@ -95,7 +98,18 @@ def grasp_contacts(
     origin = (clouds.new_zeros(3) if origin is None else origin.to(clouds)).reshape(-1, 1, 3)
     relative = clouds - origin  # [B, N, 3]
     along = relative @ directions.T  # [B, N, k]: position along each finger's travel
-    off_line_squared = relative.square().sum(-1, keepdim=True) - along.square()
+    distance_squared = relative.square().sum(-1, keepdim=True)  # [B, N, 1]: from the line's point
+    if anchors is not None:
+        # Lines through the anchors (taken relative to the origin, so that float32 keeps its precision
+        # on clouds far from the frame's origin): |p - a|² = |p|² - 2 p·a + |a|², along -= a·d.
+        if anchors.shape != directions.shape:
+            raise ValueError(f"expected anchors like directions [k, 3], got {tuple(anchors.shape)} and {tuple(directions.shape)}")
+        anchor_offsets = anchors.to(clouds).unsqueeze(0) - origin  # [B or 1, k, 3]
+        along = along - (anchor_offsets * directions).sum(-1).unsqueeze(1)
+        distance_squared = (distance_squared - 2 * relative @ anchor_offsets.transpose(1, 2)
+                            + anchor_offsets.square().sum(-1).unsqueeze(1))
+        origin = origin + anchor_offsets  # [B or 1, k, 3]: each finger's line point
+    off_line_squared = distance_squared - along.square()
     touchable = off_line_squared < finger_radius_m**2
     # The first point met is the one furthest back along the travel direction.
     first_along = torch.where(touchable, along, torch.full_like(along, math.inf))
@@ -177,7 +191,8 @@ class GraspDomain:
     """Scores shape samples [B, N, 3] against observed grasp contacts (the `Domain` protocol of `mace.py`).
 
     observed_contacts [k, 3] in the samples' frame, NaN rows for fingers that touched nothing;
-    directions [k, 3] the fingers' travel directions; origin [3] the point the fingers close on.
+    directions [k, 3] the fingers' travel directions; origin [3] the point the fingers close on;
+    anchors [k, 3] (optional) a point of each finger's line instead of the origin (see `grasp_contacts`).
     """
 
     def __init__(
@@ -187,6 +202,7 @@ class GraspDomain:
         origin: torch.Tensor | None = None,
         finger_radius_m: float = DEFAULT_FINGER_RADIUS_M,
         length_scale_m: float = DEFAULT_LENGTH_SCALE_M,
+        anchors: torch.Tensor | None = None,
     ):
         if observed_contacts.shape != directions.shape or directions.dim() != 2 or directions.shape[1] != 3:
             raise ValueError(
@@ -197,6 +213,7 @@ class GraspDomain:
         self.origin = origin
         self.finger_radius_m = finger_radius_m
         self.length_scale_m = length_scale_m
+        self.anchors = anchors
 
     @staticmethod
     def from_ground_truth(
@@ -212,11 +229,11 @@ class GraspDomain:
 
     def simulate(self, clouds: torch.Tensor) -> torch.Tensor:
         """Contacts [B, k, 3] of the fingers on each sample, NaN where a finger touched nothing."""
-        contacts, _ = grasp_contacts(clouds, self.directions, self.origin, self.finger_radius_m)
+        contacts, _ = grasp_contacts(clouds, self.directions, self.origin, self.finger_radius_m, self.anchors)
         return contacts
 
     def score(self, clouds: torch.Tensor) -> torch.Tensor:
-        contacts, valid = grasp_contacts(clouds, self.directions, self.origin, self.finger_radius_m)
+        contacts, valid = grasp_contacts(clouds, self.directions, self.origin, self.finger_radius_m, self.anchors)
         return grasp_score(contacts, valid, self.observed_contacts, self.length_scale_m)
 
 

@@ -252,11 +252,14 @@ class MaceVAEPrior:
         self.mean = nn.Parameter(vae.prior_mean.detach().clone())
         self.log_std = nn.Parameter(vae.prior_log_std.detach().clone())
         self.posterior_cache = posterior_cache or PosteriorCache()
+        # Lower bound on log σ_z (None = unbounded), enforced by `project` after each tuning step.
+        self.min_log_std: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> "MaceVAEPrior":
         # The importance-sampling baseline deep-copies the prior as θ_0: share the frozen network and
         # its posterior cache (q(z|x) does not depend on θ), copy θ.
         twin = MaceVAEPrior(self.vae, self.origin, self.posterior_cache)
+        twin.min_log_std = self.min_log_std
         with torch.no_grad():
             twin.mean.copy_(self.mean)
             twin.log_std.copy_(self.log_std)
@@ -270,6 +273,18 @@ class MaceVAEPrior:
 
     def tunable_parameters(self) -> Iterable[nn.Parameter]:
         return [self.mean, self.log_std]
+
+    def bound_std(self, min_std_ratio: float) -> None:
+        """Keep σ_z >= min_std_ratio · the shipped prior's σ_z while tuning (0 = no bound): the elites'
+        posteriors are narrow, and an unbounded σ_z shrinks until every sample is the same shape."""
+        self.min_log_std = None if min_std_ratio <= 0 else self.vae.prior_log_std.detach() + math.log(min_std_ratio)
+        self.project()
+
+    def project(self) -> None:
+        """Clamp θ onto its allowed set (pass as mace_tune's `after_step`)."""
+        if self.min_log_std is not None:
+            with torch.no_grad():
+                self.log_std.copy_(torch.maximum(self.log_std, self.min_log_std))
 
     def to_network_units(self, clouds_m: torch.Tensor) -> torch.Tensor:
         return (clouds_m - self.origin) / self.vae.scale_m
