@@ -213,3 +213,16 @@ def test_attached_frames_follow_the_joint_state_closest_to_the_stamp():
     assert not np.allclose(frames.to_base("camera").translation, frames.to_base("camera", 1_000_000_000).translation)
     with pytest.raises(ValueError, match="not a link"):
         FrameTable.parse_attached_frames("camera panda_nose 0 0 0 0 0 0 1", lambda name: name)
+
+
+def test_contact_poses_carry_their_fingers_travel_direction_on_their_z_axis():
+    from mace_ros.ros.conversions import contact_travel_directions
+
+    half = math.sqrt(0.5)
+    poses = [Pose(), Pose(orientation=Quaternion(w=0.0)), Pose(orientation=Quaternion(x=half, w=half)),
+             Pose(orientation=Quaternion(z=1.0, w=0.0)), Pose(orientation=Quaternion(y=-2 * half, w=2 * half))]
+    directions = contact_travel_directions(poses)
+    # identity and all-zero = no direction; +90° about x: -y; 180° about z: +z; -90° about y (unnormalized): -x
+    assert np.allclose(directions, [[0, 0, 0], [0, 0, 0], [0, -1, 0], [0, 0, 1], [-1, 0, 0]])
+    with pytest.raises(ValueError, match=r"contacts\[0\] orientation"):
+        contact_travel_directions([Pose(orientation=Quaternion(x=math.nan))])

@@ -1,10 +1,11 @@
 """The installed node serves real answers through ROS: services, topics in and out."""
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
-from geometry_msgs.msg import Point, Pose, PoseArray
+from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion, Vector3
 from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
@@ -123,3 +124,78 @@ def test_get_ik_returns_moveit_ready_joint_states(mace):
         return len(skeletons) == len(response.solutions) and any(marker.ns == "ik_goal" for marker in markers.markers)
 
     markers_topic.wait_for(shows_this_answer)
+
+
+# A Panda hand (2 fingers closing toward each other) grasping an ~7 cm object from the side, along y,
+# 2 cm above and 3 cm beside the object origin: refused before contacts carried their directions
+# ("90° away from the side of its best-matching finger").
+SIDE_GRASP = [Point(x=0.53, y=0.035, z=0.12), Point(x=0.53, y=-0.035, z=0.12)]
+SIDE_DIRECTIONS = [Vector3(y=-1.0), Vector3(y=1.0)]
+# A second grasp of the same object, along x.
+FRONT_GRASP = [Point(x=0.54, y=0.0, z=0.1), Point(x=0.46, y=0.0, z=0.1)]
+FRONT_DIRECTIONS = [Vector3(x=-1.0), Vector3(x=1.0)]
+
+
+def test_infer_shape_accepts_a_side_grasp_and_combined_grasps_with_directions(mace):
+    side = when_ready(mace.infer_shape, shape_request(
+        contacts=SIDE_GRASP, contact_directions=SIDE_DIRECTIONS, num_samples=4, tuning_iterations=3, timeout_s=20.0))
+    assert side.success and side.error_code == InferShape.Response.SUCCESS, side.message
+    assert len(side.samples) == 4 and 0.0 < side.mean_score <= 1.0
+    both = mace.infer_shape(shape_request(
+        contacts=SIDE_GRASP + FRONT_GRASP, contact_directions=SIDE_DIRECTIONS + FRONT_DIRECTIONS,
+        num_samples=4, tuning_iterations=3, timeout_s=20.0))
+    assert both.success, both.message
+    assert len(both.samples) == 4 and 0.0 < both.mean_score <= 1.0
+    mismatched = mace.infer_shape(shape_request(contacts=SIDE_GRASP, contact_directions=SIDE_DIRECTIONS[:1]))
+    assert not mismatched.success and "contact_directions has 1 entries for 2 contacts" in mismatched.message
+
+
+def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(mace):
+    publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
+    deadline = time.monotonic() + 5.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def publish(poses: list[Pose]) -> None:
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=poses))
+        time.sleep(0.5)
+
+    # The pose's +z axis is the finger's travel direction: a rotation of +-90° about x turns +z into -+y.
+    half = math.sqrt(0.5)
+    side = [Pose(position=SIDE_GRASP[0], orientation=Quaternion(x=half, w=half)),
+            Pose(position=SIDE_GRASP[1], orientation=Quaternion(x=-half, w=half))]
+    # ... and of -+90° about y turns it into -+x.
+    front = [Pose(position=FRONT_GRASP[0], orientation=Quaternion(y=-half, w=half)),
+             Pose(position=FRONT_GRASP[1], orientation=Quaternion(y=half, w=half))]
+    try:
+        # Without orientations (identity), contacts are matched to the 5 configured fingers: two
+        # messages of 3 make 6, which shows that they accumulate.
+        publish([Pose(position=p) for p in CONTACTS])
+        publish([Pose(position=p) for p in CONTACTS])
+        crowded = when_ready(mace.infer_shape, shape_request(contacts=[], num_samples=2, tuning_iterations=0))
+        assert not crowded.success and "6 contacts without a direction" in crowded.message, crowded.message
+        publish([])
+        publish(side)
+        publish(front)
+        response = mace.infer_shape(shape_request(contacts=[], num_samples=2, tuning_iterations=0))
+        assert response.success, response.message
+    finally:
+        publish([])  # clears them (and leaves the node as the other tests expect it)
+    assert "no observation" in mace.infer_shape(shape_request(contacts=[])).message
+
+
+def test_the_posterior_never_scores_below_the_prior(mace):
+    """Same seed, same observation: tuning (the configured default, cut by a short timeout) returns
+    samples whose mean score is at least the prior samples'."""
+    observations = [
+        {"contacts": CONTACTS},
+        {"contacts": SIDE_GRASP, "contact_directions": SIDE_DIRECTIONS},
+        # An off-centre grasp of something thin: far from what the prior proposes.
+        {"contacts": [Point(x=0.56, y=0.005, z=0.16), Point(x=0.56, y=-0.005, z=0.16)],
+         "contact_directions": [Vector3(y=-1.0), Vector3(y=1.0)]},
+    ]
+    for seed, observation in enumerate(observations, start=1):
+        prior = when_ready(mace.infer_shape, shape_request(**observation, num_samples=6, tuning_iterations=0, random_seed=seed))
+        tuned = mace.infer_shape(shape_request(**observation, num_samples=6, tuning_iterations=-1, timeout_s=3.0, random_seed=seed))
+        assert prior.error_code == tuned.error_code == InferShape.Response.SUCCESS, (prior.message, tuned.message)
+        assert tuned.mean_score >= prior.mean_score, (observation, prior.message, tuned.message)

@@ -194,6 +194,29 @@ def points_to_array(points: Sequence[Point], what: str = "points") -> np.ndarray
     return _check_coordinates(np.array([[p.x, p.y, p.z] for p in points], dtype=np.float64).reshape(-1, 3), what, "contain")
 
 
+def vectors_to_array(vectors: Sequence, what: str = "vectors") -> np.ndarray:
+    """[k, 3] float64 from a geometry_msgs Vector3 list; ValueError if a value is NaN, infinite or absurd."""
+    return _check_coordinates(np.array([[v.x, v.y, v.z] for v in vectors], dtype=np.float64).reshape(-1, 3), what, "contain")
+
+
+def contact_travel_directions(poses: Sequence[Pose], what: str = "contacts") -> np.ndarray:
+    """[k, 3] finger travel directions of contact poses (~/contacts): each pose's +z axis.
+
+    Convention: a contact pose's +z axis is its finger's travel direction, toward the object. An
+    identity quaternion (the message's default) or an all-zero one means "no direction" (a zero row):
+    the contact is matched to the configured finger set. For a finger that really travels along +z, use
+    any other rotation about z, e.g. (x, y, z, w) = (0, 0, 1, 0). ValueError for an invalid quaternion.
+    """
+    directions = np.zeros((len(poses), 3))
+    for index, pose in enumerate(poses):
+        q = pose.orientation
+        if (q.x, q.y, q.z) == (0.0, 0.0, 0.0) and q.w in (0.0, 1.0, -1.0):
+            continue
+        w, x, y, z = quaternion_to_array(q, f"{what}[{index}] orientation")
+        directions[index] = (2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y))  # R @ (0, 0, 1)
+    return directions
+
+
 def quaternion_to_array(orientation, what: str = "orientation") -> np.ndarray:
     """Unit quaternion [4] as (w, x, y, z) from a geometry_msgs Quaternion whose norm is about 1.
 

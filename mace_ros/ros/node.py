@@ -202,7 +202,8 @@ class MaceNode(Node):
         self._published_primitives = -1  # ObstacleModel.primitives_version last shown on ~/scene
         self._warmed_scene: Any = None  # the last snapshot the IK engine was prepared for (see _prepare_ik_engine)
         self._contacts_lock = threading.Lock()
-        self._latest_contacts: np.ndarray | None = None
+        self._latest_contacts: np.ndarray | None = None  # accumulated over ~/contacts messages until cleared
+        self._latest_directions: np.ndarray | None = None  # their travel directions, zero rows = none
         self._requests_done = threading.Condition()
         self._requests_in_flight = 0
 
@@ -415,15 +416,30 @@ class MaceNode(Node):
             engine.checker.prepare(Scene(points=points))
 
     def on_contacts(self, message: PoseArray) -> None:
-        """Fingertip contacts as a PoseArray: positions are the contacts, orientations are ignored."""
+        """Fingertip contacts as a PoseArray, added to those of earlier messages (several grasps) until an
+        empty PoseArray clears them: positions are the contacts, each pose's +z axis its finger's travel
+        direction (identity orientation = no direction; conversions.contact_travel_directions)."""
         try:
             to_base = self.frames.to_base(message.header.frame_id)
             contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
+            directions = conversions.contact_travel_directions(message.poses) @ to_base.rotation.T
         except ValueError as error:
             self.get_logger().warning(f"~/contacts rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return
+        limit = int(self.get_parameter("shape.max_contacts").value)
         with self._contacts_lock:
-            self._latest_contacts = contacts if contacts.shape[0] else None
+            if contacts.shape[0] == 0:
+                self._latest_contacts = self._latest_directions = None
+                return
+            if self._latest_contacts is not None:
+                contacts = np.concatenate([self._latest_contacts, contacts])
+                directions = np.concatenate([self._latest_directions, directions])
+            if contacts.shape[0] > limit:
+                self.get_logger().warning(
+                    f"~/contacts: {contacts.shape[0]} accumulated, keeping the latest {limit} (shape.max_contacts); "
+                    "publish an empty PoseArray to clear them", throttle_duration_sec=WARNING_PERIOD_S)
+                contacts, directions = contacts[-limit:], directions[-limit:]
+            self._latest_contacts, self._latest_directions = contacts, directions
 
     def publish_scene(self) -> None:
         try:
@@ -523,9 +539,9 @@ class MaceNode(Node):
             random_seed=self.get_parameter("random_seed").value,
         )
         with self._contacts_lock:
-            latest_contacts = self._latest_contacts
+            latest_contacts, latest_directions = self._latest_contacts, self._latest_directions
         try:
-            arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts)
+            arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
             from mace_ros.core.shape_engine import ShapeRequest
 
             try:  # what needs the engine's configuration (its finger set), checked before waiting for it

@@ -187,11 +187,13 @@ def ik_request_arguments(
 
 def shape_request_arguments(
     request: InferShape.Request, defaults: RequestDefaults, frames: FrameTable, latest_contacts: np.ndarray | None,
+    latest_directions: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], RigidTransform]:
     """Keyword arguments of mace_ros.core.shape_engine.ShapeRequest (base frame), and the request frame's
     transform to the base frame (its inverse brings the returned shapes back into the request's frame).
 
-    `latest_contacts` ([k, 3], base frame) stands in when the request carries no contacts.
+    `latest_contacts` ([k, 3], base frame) and their travel directions `latest_directions` ([k, 3],
+    zero rows = none) stand in when the request carries no contacts.
     """
     frame_id = request.header.frame_id
     to_base = _to_base(frames, frame_id, "header")
@@ -201,9 +203,14 @@ def shape_request_arguments(
             f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'", "FRAME_TRANSFORM_FAILURE")
     try:
         contacts = conversions.points_to_array(request.contacts, "contacts")
+        directions = conversions.vectors_to_array(getattr(request, "contact_directions", []), "contact_directions")
         origin = conversions.point_to_array(request.object_origin, "object_origin")
     except ValueError as error:
         raise InvalidRequest(str(error)) from None
+    if directions.shape[0] and directions.shape[0] != contacts.shape[0]:
+        raise InvalidRequest(
+            f"contact_directions has {directions.shape[0]} entries for {contacts.shape[0]} contacts: give one per "
+            "contact (a zero vector for a contact without a direction) or none")
     origin_distance = float(np.linalg.norm(to_base.apply(origin)))
     if origin_distance > MAX_OBJECT_DISTANCE_M:
         raise InvalidRequest(
@@ -225,8 +232,9 @@ def shape_request_arguments(
 
     if contacts.shape[0] > 0:
         contacts = to_base.apply(contacts)
+        directions = directions @ to_base.rotation.T if directions.shape[0] else None
     else:
-        contacts = latest_contacts
+        contacts, directions = latest_contacts, latest_directions
     if contacts is None and cloud is None:
         raise InvalidRequest("no observation: give contacts or a partial_cloud, or publish contacts on ~/contacts")
     arguments = {
@@ -237,5 +245,6 @@ def shape_request_arguments(
         "tuning_iterations": _tuning_iterations(request.tuning_iterations, defaults.tuning_iterations),
         "timeout_s": _timeout(request.timeout_s, defaults.timeout_s),
         "random_seed": int(request.random_seed or defaults.random_seed),
+        "contact_directions": directions,
     }
     return arguments, to_base
