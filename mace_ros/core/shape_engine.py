@@ -133,7 +133,7 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "finger_matching": "direction",
     "max_contact_angle_deg": 45.0,
     "max_contacts": 64,
-    "min_std_ratio": 0.0,
+    "min_std_ratio": 0.8,
     "finger_radius_m": 0.0,
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
