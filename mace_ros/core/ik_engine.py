@@ -318,7 +318,9 @@ class IKEngine:
             if len(solved) == 0 and not diagnosed:
                 with _timed(stage_times_s, "diagnosis"):
                     failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
-            if time.monotonic() >= work_deadline:
+            # A round always draws its first chunk of samples: one that cannot get half a minimum round
+            # would only overrun the deadline.
+            if work_deadline - time.monotonic() < 0.5 * config["min_round_s"]:
                 break
         with _timed(stage_times_s, "answer"):
             result = self._result(
