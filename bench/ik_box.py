@@ -234,15 +234,16 @@ def baseline_solver(baseline: IKBaseline, scene: Scene, timeout_s: float, seed: 
     return solve
 
 
-def build_solvers(methods: list[str], exact: PyBulletCollisionChecker, scene: Scene, timeout_s: float, seed: int) -> dict[str, Callable[[BoxGoal], Answer]]:
+def build_solvers(methods: list[str], exact: PyBulletCollisionChecker, scene: Scene, timeout_s: float, seed: int,
+                  device: str = "cpu") -> dict[str, Callable[[BoxGoal], Answer]]:
     solvers: dict[str, Callable[[BoxGoal], Answer]] = {}
     for method in methods:
         if method == "mace":
-            solvers[method] = mace_solver(IKEngine({"refine_max_iterations": 0}), scene, timeout_s)
+            solvers[method] = mace_solver(IKEngine({"refine_max_iterations": 0}, device=device), scene, timeout_s)
         elif method == "mace_lm":
-            solvers[method] = mace_solver(IKEngine(), scene, timeout_s)
+            solvers[method] = mace_solver(IKEngine(device=device), scene, timeout_s)
         elif method == "mace_seeded_lm":
-            mace_solve = mace_solver(IKEngine({"refine_max_iterations": 0}), scene, timeout_s)
+            mace_solve = mace_solver(IKEngine({"refine_max_iterations": 0}, device=device), scene, timeout_s)
             solvers[method] = mace_seeded_solver(mace_solve, RandomRestartIK(exact), scene, timeout_s, seed)
         else:
             baseline_class = {cls.name: cls for cls in (RandomRestartIK, PytorchKinematicsIK, FrankIKAnalytical)}[method]
@@ -334,6 +335,7 @@ def device_description() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average_at_start": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -350,6 +352,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--device", default="cpu", help="torch device of the MACE methods (the baselines run on the CPU)")
     parser.add_argument("--feasible-goals-from", type=Path, default=None,
                         help="reuse the goals an earlier run's results JSON counted as feasible (skips sampling and the long searches)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_box.json")
@@ -370,7 +373,7 @@ def main() -> None:
             BoxGoal(record["goal_index"], np.asarray(record["position"]), None if record["rotation"] is None else np.asarray(record["rotation"]))
             for record in json.loads(args.feasible_goals_from.read_text())["records"] if record["counted"]
         ]
-    solvers = build_solvers(args.methods, exact, scene, args.timeout, args.seed)
+    solvers = build_solvers(args.methods, exact, scene, args.timeout, args.seed, args.device)
     device, code = device_description(), code_version()  # at the start: others may edit files meanwhile
     print(json.dumps({**device, **code}))
 

@@ -106,12 +106,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3, help="requests per goal (random seeds 1..repeats)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of the engine (the baseline runs on the CPU)")
     parser.add_argument("--node", action="store_true", help="also measure the ROS overhead through the installed node")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_latency.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    engine = IKEngine()
+    engine = IKEngine(device=args.device)
     exact = PyBulletCollisionChecker()
     baseline = RandomRestartIK(exact)
     kinematics = PandaKinematics(dtype=torch.float64)
@@ -159,7 +160,8 @@ def main() -> None:
         "command": ".venv/bin/python bench/ik_latency.py " + " ".join(sys.argv[1:]),
         "commit": commit,
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                   "torch_threads": args.threads, "load_average_at_end": os.getloadavg()},
+                   "torch_threads": args.threads, "load_average_at_end": os.getloadavg(), "engine_device": args.device,
+                   "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "summary": summary,
         "rows": rows,
     }
