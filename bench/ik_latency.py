@@ -1,15 +1,21 @@
-"""GetIK latency by stage on the shipped scenes, beside random-restart IK on the same goals (issue 8).
+"""GetIK latency by stage, beside random-restart IK on the same goals, and through the node (issue 8).
 
-For every goal of every shipped scene (`config/scenes/*.yaml`, their pose or position goals for
-panda_hand), `--repeats` requests with different random seeds to `IKEngine.solve` (default config,
-`--timeout` s), recording success (exact-mesh collision-free, error <= 1e-4 m / 1e-3 rad), latency and
-`IKResult.stage_times_s` (setup, tuning, polish, diagnosis, answer). The KDL-like random-restart LM with
-an exact-mesh validity check (`bench/ik_baselines.py`) answers the same goals in the same run. With
-`--node`, the same requests also go through the installed node over ROS 2 (`install/setup.bash`
-sourced): the ROS overhead is the client's round trip minus the engine time the response reports.
+Scenes: `open` (every goal of the shipped scenes, with no obstacles) and each shipped scene
+(`config/scenes/*.yaml`, its pose or position goals for panda_hand). For every goal, `--repeats`
+requests with different random seeds to `IKEngine.solve` (default config, `--timeout` s,
+`--num-solutions` asked: 1 as a MoveIt IK plugin asks, or the node's default), recording success
+(exact-mesh collision-free, error <= 1e-4 m / 1e-3 rad), latency and `IKResult.stage_times_s`
+(setup, fast, tuning, polish, diagnosis, answer). The KDL-like random-restart LM with an exact-mesh
+validity check (`bench/ik_baselines.py`) answers the same goals in the same run.
+
+Scene warm start: `--passes 2` sends the same goal set of a scene twice in a row to the same engine
+(pass 2 right after pass 1, no pause: requests never wait for the scene's background tuning), and
+reports each pass's p50. With `--node`, the same requests also go through the installed node over
+ROS 2 (`install/setup.bash` sourced), one node per scene: the round trip's p50 per pass, and the ROS
+overhead (round trip minus the engine time the response reports).
 
     .venv/bin/python bench/ik_latency.py                                    # engine + baseline
-    set +u; source install/setup.bash; set -u; .venv/bin/python bench/ik_latency.py --node
+    set +u; source install/setup.bash; set -u; .venv/bin/python bench/ik_latency.py --node --passes 2
 """
 from __future__ import annotations
 
@@ -36,13 +42,27 @@ from mace_ros.core.ik_domain import IKGoal, goal_errors  # noqa: E402
 from mace_ros.core.ik_engine import IKEngine, IKRequest  # noqa: E402
 from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix  # noqa: E402
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker  # noqa: E402
-from mace_ros.core.scene import Scene, load_goals  # noqa: E402
+from mace_ros.core.scene import Scene, SceneGoal, load_goals  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENES = ("wall", "window", "box", "shelf", "table")
+SHIPPED = ("wall", "window", "box", "shelf", "table")
+SCENES = ("open", *SHIPPED)
 TIP_LINK = "panda_hand"
 POSITION_TOLERANCE_M, ORIENTATION_TOLERANCE_RAD = 1e-4, 1e-3
-STAGES = ("setup", "tuning", "polish", "diagnosis", "answer")
+STAGES = ("setup", "fast", "tuning", "polish", "diagnosis", "answer")
+
+
+def scene_and_goals(name: str) -> tuple[Scene, list[SceneGoal]]:
+    """`open`: all shipped goals without obstacles; otherwise the scene file and its goals."""
+    if name == "open":
+        return Scene(), [goal for shipped in SHIPPED for goal in load_goals(ROOT / "config/scenes" / f"{shipped}.yaml")]
+    path = ROOT / "config/scenes" / f"{name}.yaml"
+    return Scene.load_yaml(path), load_goals(path)
+
+
+def ik_goal(goal: SceneGoal) -> IKGoal:
+    rotation = None if goal.quaternion_wxyz is None else quaternion_to_matrix(torch.as_tensor(goal.quaternion_wxyz, dtype=torch.float64))
+    return IKGoal(torch.as_tensor(goal.position, dtype=torch.float64), rotation, TIP_LINK)
 
 
 def solved(q: np.ndarray | None, goal: IKGoal, scene: Scene, exact: PyBulletCollisionChecker, kinematics: PandaKinematics) -> bool:
@@ -54,14 +74,50 @@ def solved(q: np.ndarray | None, goal: IKGoal, scene: Scene, exact: PyBulletColl
     return close and not bool(exact.check(q_tensor, scene).in_collision[0])
 
 
+def all_solved(solutions: np.ndarray, goal: IKGoal, scene: Scene, exact: PyBulletCollisionChecker, kinematics: PandaKinematics) -> bool:
+    """Every returned configuration within tolerance and exactly collision-free (at least one returned)."""
+    return len(solutions) > 0 and all(solved(q, goal, scene, exact, kinematics) for q in solutions)
+
+
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p95": None}
     return {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
 
 
-def node_round_trips(goals: list[tuple[str, Any]], timeout_s: float, repeats: int) -> dict[str, list[float]]:
-    """Round trip and reported engine time of each request through the installed node, per scene."""
+def engine_rows(args: argparse.Namespace, engine: IKEngine, baseline: RandomRestartIK, exact: PyBulletCollisionChecker) -> list[dict[str, Any]]:
+    """Each scene's goal set `--passes` times in a row to one engine (a fresh engine per scene, so that
+    pass 1 starts cold), the baseline beside every request."""
+    kinematics = PandaKinematics(dtype=torch.float64)
+    rows: list[dict[str, Any]] = []
+    for name in args.scenes:
+        scene, goals = scene_and_goals(name)
+        engine.forget_scenes()
+        for pass_index in range(1, args.passes + 1):
+            for goal_index, goal in enumerate(goals):
+                target = ik_goal(goal)
+                for repeat in range(args.repeats):
+                    request = IKRequest(np.asarray(goal.position), None if goal.quaternion_wxyz is None else np.asarray(goal.quaternion_wxyz),
+                                        TIP_LINK, args.num_solutions or engine.config["num_solutions"], engine.config["num_samples"],
+                                        engine.config["tuning_iterations"], args.timeout, random_seed=repeat + 1)
+                    result = engine.solve(request, scene)
+                    rng = np.random.default_rng(repeat + 1)
+                    rotation = None if target.rotation is None else target.rotation.numpy()
+                    q, _, baseline_s = baseline.solve(np.asarray(goal.position), rotation, scene, args.timeout, rng)
+                    rows.append({
+                        "scene": name, "goal": goal_index, "kind": "position" if rotation is None else "pose", "repeat": repeat, "pass": pass_index,
+                        "getik": {"success": result.success and all_solved(result.solutions, target, scene, exact, kinematics),
+                                  "solutions": len(result.solutions), "elapsed_s": result.elapsed_s, "rounds": result.rounds,
+                                  "stage_times_s": result.stage_times_s},
+                        "random_restart_lm": {"success": solved(q, target, scene, exact, kinematics), "elapsed_s": baseline_s},
+                    })
+            print(f"{name} pass {pass_index} done", flush=True)
+    return rows
+
+
+def node_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Round trip, success and reported engine time of each request through the installed node, one
+    node per scene (static scene = the scene file; `open` = none), the passes in a row."""
     from geometry_msgs.msg import Point, Quaternion
 
     from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
@@ -69,101 +125,107 @@ def node_round_trips(goals: list[tuple[str, Any]], timeout_s: float, repeats: in
 
     isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}
     os.environ.update(isolation)
-    overhead: dict[str, list[float]] = {}
-    for scene_name in SCENES:
-        node = NodeProcess(installed_executable(), ["-p", f"scene:={scene_name}"], env=isolation)
+    rows: list[dict[str, Any]] = []
+    for scene_name in args.scenes:
+        _, goals = scene_and_goals(scene_name)
+        parameters = [] if scene_name == "open" else ["-p", f"scene:={scene_name}"]
+        node = NodeProcess(installed_executable(), parameters, env=isolation)
         client = MaceClient("ik_latency_bench")
         try:
             client.wait_for_services(120.0, alive=node)
-            warmed_up = False
-            for name, goal in goals:
-                if name != scene_name:
-                    continue
-                for repeat in range(-1 if not warmed_up else 0, repeats):
-                    request = GetIK.Request(timeout_s=timeout_s, random_seed=max(repeat, 0) + 1, tip_link=TIP_LINK)
-                    request.goal.header.frame_id = "panda_link0"
-                    request.goal.pose.position = Point(x=float(goal.position[0]), y=float(goal.position[1]), z=float(goal.position[2]))
-                    if goal.quaternion_wxyz is None:
-                        request.position_only = True
-                        request.goal.pose.orientation = Quaternion(w=1.0)
-                    else:
-                        w, x, y, z = (float(v) for v in goal.quaternion_wxyz)
-                        request.goal.pose.orientation = Quaternion(w=w, x=x, y=y, z=z)
-                    started = time.monotonic()
-                    response = MaceClient.when_loaded(client.get_ik, request)
-                    if repeat < 0:
-                        warmed_up = True  # untimed: it waits for the engines to load
-                        continue
-                    overhead.setdefault(scene_name, []).append(time.monotonic() - started - response.elapsed_s)
+            warm_up = True  # one untimed request first: it waits for the engines to load
+            for pass_index in range(1, args.passes + 1):
+                for goal_index, goal in enumerate(goals):
+                    for repeat in range(-1 if warm_up else 0, args.repeats):
+                        request = GetIK.Request(timeout_s=args.timeout, random_seed=max(repeat, 0) + 1, tip_link=TIP_LINK,
+                                                num_solutions=args.num_solutions)
+                        request.goal.header.frame_id = "panda_link0"
+                        request.goal.pose.position = Point(x=float(goal.position[0]), y=float(goal.position[1]), z=float(goal.position[2]))
+                        if goal.quaternion_wxyz is None:
+                            request.position_only = True
+                            request.goal.pose.orientation = Quaternion(w=1.0)
+                        else:
+                            w, x, y, z = (float(v) for v in goal.quaternion_wxyz)
+                            request.goal.pose.orientation = Quaternion(w=w, x=x, y=y, z=z)
+                        started = time.monotonic()
+                        response = MaceClient.when_loaded(client.get_ik, request)
+                        round_trip_s = time.monotonic() - started
+                        if repeat < 0:
+                            warm_up = False
+                            continue
+                        rows.append({"scene": scene_name, "goal": goal_index, "repeat": repeat, "pass": pass_index, "success": bool(response.success),
+                                     "round_trip_s": round_trip_s, "overhead_s": round_trip_s - response.elapsed_s})
+                print(f"node {scene_name} pass {pass_index} done", flush=True)
         finally:
             client.close()
             node.stop()
-    return overhead
+    return rows
+
+
+def summary_of(rows: list[dict[str, Any]], node: list[dict[str, Any]], scenes: tuple[str, ...]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for name in scenes:
+        mine = [row for row in rows if row["scene"] == name]
+        first = [row for row in mine if row["pass"] == 1]
+        entry: dict[str, Any] = {
+            "requests_per_pass": len(first),
+            "getik_success": statistics.fmean(row["getik"]["success"] for row in first),
+            "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in first]),
+            "getik_stage_p50_s": {stage: float(np.percentile([row["getik"]["stage_times_s"].get(stage, 0.0) for row in first], 50)) for stage in STAGES},
+            "getik_solutions_p50": float(np.percentile([row["getik"]["solutions"] for row in first], 50)),
+            "random_restart_success": statistics.fmean(row["random_restart_lm"]["success"] for row in first),
+            "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in first]),
+            "passes": {},
+        }
+        for pass_index in sorted({row["pass"] for row in mine}):
+            this = [row for row in mine if row["pass"] == pass_index]
+            through_node = [row for row in node if row["scene"] == name and row["pass"] == pass_index]
+            entry["passes"][pass_index] = {
+                "getik_success": statistics.fmean(row["getik"]["success"] for row in this),
+                "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in this]),
+                "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in this]),
+            }
+            if through_node:
+                entry["passes"][pass_index].update({
+                    "node_success": statistics.fmean(row["success"] for row in through_node),
+                    "node_round_trip_s": percentiles([row["round_trip_s"] for row in through_node]),
+                    "ros_overhead_s": percentiles([row["overhead_s"] for row in through_node]),
+                })
+        summary[name] = entry
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3, help="requests per goal (random seeds 1..repeats)")
+    parser.add_argument("--passes", type=int, default=1, help="times each scene's goal set is sent in a row (2: scene warm start)")
+    parser.add_argument("--num-solutions", type=int, default=0, help="solutions asked per request (0 = the node's default, ik.num_solutions)")
+    parser.add_argument("--scenes", nargs="+", choices=SCENES, default=list(SCENES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="torch device of the engine (the baseline runs on the CPU)")
-    parser.add_argument("--node", action="store_true", help="also measure the ROS overhead through the installed node")
+    parser.add_argument("--node", action="store_true", help="also send the requests through the installed node")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_latency.json")
     args = parser.parse_args()
+    args.scenes = tuple(args.scenes)
     torch.set_num_threads(args.threads)
 
-    engine = IKEngine(device=args.device)
     exact = PyBulletCollisionChecker()
-    baseline = RandomRestartIK(exact)
-    kinematics = PandaKinematics(dtype=torch.float64)
-    goals = [(name, goal) for name in SCENES for goal in load_goals(ROOT / "config/scenes" / f"{name}.yaml")]
-    rows: list[dict[str, Any]] = []
-    for name, goal in goals:
-        scene = Scene.load_yaml(ROOT / "config/scenes" / f"{name}.yaml")
-        rotation = None if goal.quaternion_wxyz is None else quaternion_to_matrix(torch.as_tensor(goal.quaternion_wxyz, dtype=torch.float64))
-        ik_goal = IKGoal(torch.as_tensor(goal.position, dtype=torch.float64), rotation, TIP_LINK)
-        for repeat in range(args.repeats):
-            request = IKRequest(np.asarray(goal.position), None if goal.quaternion_wxyz is None else np.asarray(goal.quaternion_wxyz),
-                                TIP_LINK, engine.config["num_solutions"], engine.config["num_samples"], engine.config["tuning_iterations"],
-                                args.timeout, random_seed=repeat + 1)
-            result = engine.solve(request, scene)
-            first = result.solutions[0] if len(result.solutions) else None
-            rng = np.random.default_rng(repeat + 1)
-            q, _, baseline_s = baseline.solve(np.asarray(goal.position), None if rotation is None else rotation.numpy(), scene, args.timeout, rng)
-            rows.append({
-                "scene": name, "kind": "position" if rotation is None else "pose", "repeat": repeat,
-                "getik": {"success": result.success and solved(first, ik_goal, scene, exact, kinematics), "elapsed_s": result.elapsed_s,
-                          "rounds": result.rounds, "stage_times_s": result.stage_times_s},
-                "random_restart_lm": {"success": solved(q, ik_goal, scene, exact, kinematics), "elapsed_s": baseline_s},
-            })
-        print(f"{name} goal done", flush=True)
-
-    summary: dict[str, Any] = {}
-    for name in (*SCENES, "all"):
-        mine = [row for row in rows if name in ("all", row["scene"])]
-        summary[name] = {
-            "requests": len(mine),
-            "getik_success": statistics.fmean(row["getik"]["success"] for row in mine),
-            "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in mine]),
-            "getik_stage_p50_s": {stage: float(np.percentile([row["getik"]["stage_times_s"].get(stage, 0.0) for row in mine], 50)) for stage in STAGES},
-            "random_restart_success": statistics.fmean(row["random_restart_lm"]["success"] for row in mine),
-            "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in mine]),
-        }
-    if args.node:
-        overhead = node_round_trips(goals, args.timeout, args.repeats)
-        for name, values in overhead.items():
-            summary[name]["ros_overhead_s"] = percentiles(values)
-        summary["all"]["ros_overhead_s"] = percentiles([v for values in overhead.values() for v in values])
-
+    rows = engine_rows(args, IKEngine(device=args.device), RandomRestartIK(exact), exact)
+    node = node_rows(args) if args.node else []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    summary = summary_of(rows, node, args.scenes)
     result = {
         "command": ".venv/bin/python bench/ik_latency.py " + " ".join(sys.argv[1:]),
         "commit": commit,
+        "working_tree_modified": dirty,
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "torch_threads": args.threads, "load_average_at_end": os.getloadavg(), "engine_device": args.device,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "summary": summary,
         "rows": rows,
+        "node_rows": node,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -101,3 +101,41 @@ def test_with_a_seed_the_nearest_solution_comes_first(engine):
     distances = np.linalg.norm(result.solutions - seed, axis=1)
     assert list(distances) == sorted(distances)
     assert distances[0] < 0.3, distances
+
+
+def test_an_open_goal_is_answered_by_the_fast_stage_before_any_tuning(engine):
+    result = engine.solve(request((0.5, 0.2, 0.4), DOWN, timeout_s=5.0), Scene())
+    assert result.success, result.message
+    assert result.rounds == 0 and result.tuning_iterations_done == 0, result.stage_times_s
+    assert result.position_errors_m.max() <= 1e-6
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(torch.as_tensor(result.solutions), Scene()).in_collision.any()
+
+
+def test_the_fast_stage_off_still_solves_by_tuning_rounds():
+    engine = IKEngine({"fast_stage_starts": 0, "scene_warm_start_iterations": 0})
+    result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0), BOX_SCENE)
+    assert result.success, result.message
+    assert result.rounds >= 1 and "fast" not in result.stage_times_s
+
+
+def test_the_scene_warm_start_tunes_a_copy_per_scene_in_the_background():
+    engine = IKEngine({"scene_warm_start_iterations": 2, "scene_warm_start_samples": 16})
+    trained = [p.detach().clone() for p in engine.prior.parameters()]
+    scene = Scene.load_yaml(scene_path("box"))
+    goal = request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0)
+    assert engine.solve(goal, scene).warm_start_iterations == 0  # nothing tuned for this scene yet
+    assert engine.warm_start.settle(60.0)
+    tuned = engine.warm_start.model(scene)
+    assert tuned is not None and engine.warm_start.iterations_done(scene) == 2
+    assert any(not torch.equal(p, q) for p, q in zip(tuned.parameters(), trained))
+    assert all(torch.equal(p, q) for p, q in zip(engine.prior.parameters(), trained))  # the trained prior stays
+    again = engine.solve(goal, scene)
+    assert again.success and again.warm_start_iterations == 2, again.message
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(torch.as_tensor(again.solutions), scene).in_collision.any()
+    # Changed obstacles are a new snapshot: the tuned prior of the old one is not used for it.
+    changed = Scene.load_yaml(scene_path("box"))
+    assert engine.warm_start.model(changed) is None
+    assert engine.solve(goal, changed).warm_start_iterations == 0
+    engine.warm_start.close()

@@ -28,6 +28,7 @@ from mace_ros.core.mace import MacePreset, StopRule, mace_tune, sample_and_score
 from mace_ros.core.resources import default_parameters
 from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates, slide_clear
 from mace_ros.core.scene import Scene
+from mace_ros.core.scene_warm_start import SceneWarmStart
 from mace_ros.core.weights import load_weights
 
 # IKResult.failure_kind values: what kept a request from being solved ("" = solved).
@@ -81,6 +82,8 @@ class IKResult:
     # Seconds per stage: setup (per-request prior copy, scene), tuning (MACE and prior sampling),
     # polish (the LM passes and their exact check), diagnosis, answer (ranking, exact check of best efforts).
     stage_times_s: dict[str, float] = field(default_factory=dict)
+    # Background iterations of the scene's tuned prior that the request started from (0 = the trained prior).
+    warm_start_iterations: int = 0
 
 
 @contextmanager
@@ -168,7 +171,16 @@ class IKEngine:
         self._hand_frame_at_zero = zero_frames[LINK_INDEX[PRIOR_TIP_LINK]]
         self._frames_at_zero = zero_frames
         self._prepared_scene: tuple[Scene, TensorScene] | None = None
+        # The model a request tunes, allocated once (a deep copy per request cost ~7-14 ms).
+        self._tuning_model_copy = copy.deepcopy(self.prior)
+        self._tuning_model_turn = threading.Lock()
+        self.warm_start = SceneWarmStart(
+            self.prior, self._scene_score,
+            MacePreset(self.config["scene_warm_start_samples"], self.config["grad_steps_per_iteration"], self.config["elite_quantile"],
+                       self.config["learning_rate"], self.config["scene_warm_start_iterations"]),
+            self.config["scene_warm_start_iterations"], self.config["scene_warm_start_goals"])
         self._warm_up()
+        self.warm_start.forget()  # the warm-up's scene is no user's
 
     def _make_exact_checker(self) -> CollisionBackend | None:
         """The final authority on collisions: exact meshes (pybullet imported here, so that mace_ros.core
@@ -200,10 +212,30 @@ class IKEngine:
         self._prepared_scene = (scene, prepared)
         return prepared
 
+    def _domain(self, goal: IKGoal, tensor_scene: TensorScene) -> IKDomain:
+        config = self.config
+        return IKDomain(
+            self.kinematics, self.checker, tensor_scene, goal,
+            config["position_length_scale_m"], config["orientation_length_scale_rad"], config["tuning_narrow_phase_fraction"],
+        )
+
+    def _scene_score(self, goal: IKGoal, tensor_scene: TensorScene, q: torch.Tensor) -> torch.Tensor:
+        """MACE's score of q [B, 7] for `goal` in the scene (the warm start's background tuning)."""
+        return self._domain(goal, tensor_scene).score(q)
+
+    def forget_scenes(self) -> None:
+        """Drops the scene warm start's tuned prior: the next request starts from the trained one."""
+        self.warm_start.forget()
+
     def _warm_up(self) -> None:
-        """One small solve, so that torch's one-time allocations don't land on the first request."""
-        request = IKRequest(np.array([0.5, 0.0, 0.4]), None, PRIOR_TIP_LINK, 1, 64, 1, 5.0)
-        self.solve(request, Scene())
+        """One small solve and one tuning iteration, so that torch's one-time allocations and imports don't
+        land on the first request (the first Adam imports torch._dynamo: 1.5 s on a CPU)."""
+        position = np.array([0.5, 0.0, 0.4])
+        self.solve(IKRequest(position, None, PRIOR_TIP_LINK, 1, 64, 1, 5.0), Scene())
+        goal = IKGoal(torch.as_tensor(position, dtype=self.dtype, device=self.device), None, PRIOR_TIP_LINK)
+        prior = self._tunable(self._tuning_model_copy, self.prior, self.prior_goal_features(goal))
+        preset = MacePreset(num_samples=64, grad_steps_per_iteration=1, elite_quantile=0.25, learning_rate=0.0, iterations=1)
+        mace_tune(prior, self._domain(goal, self._tensor_scene(Scene())), preset, optimizer=tuning_optimizer(prior, preset))
 
     def prior_goal_features(self, goal: IKGoal) -> torch.Tensor:
         """Goal features for the prior, which was trained on panda_hand poses.
@@ -219,7 +251,33 @@ class IKEngine:
             position = position - (rotation @ hand_to_tip[:3, 3:]).squeeze(-1)
         return goal_features(position, rotation)
 
+    @contextmanager
+    def _tuning_model(self) -> Iterator[AutoregressiveIKPrior | None]:
+        """The preallocated model a request tunes (its weights overwritten by the request), or None while
+        another request holds it (that one then deep-copies the prior)."""
+        if not self._tuning_model_turn.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield self._tuning_model_copy
+        finally:
+            self._tuning_model_turn.release()
+
+    @staticmethod
+    def _tunable(model: AutoregressiveIKPrior | None, source: AutoregressiveIKPrior, features: torch.Tensor) -> GoalConditionedPrior:
+        """A tunable copy of `source` in `model` (None: a new copy) bound to the goal: the shared priors must stay as they are."""
+        if model is None:
+            return GoalConditionedPrior(copy.deepcopy(source), features)
+        with torch.no_grad():
+            torch._foreach_copy_(list(model.parameters()), list(source.parameters()))
+        return GoalConditionedPrior(model, features)
+
     def solve(self, request: IKRequest, scene: Scene) -> IKResult:
+        """Serves one request; its goal joins the scene warm start's (tuned in the background once no request runs)."""
+        with self._tuning_model() as model, self.warm_start.request():
+            return self._solve(request, scene, model)
+
+    def _solve(self, request: IKRequest, scene: Scene, tuning_model: AutoregressiveIKPrior | None) -> IKResult:
         started = time.monotonic()  # the caller passes what is left of the request's timeout
         config = self.config
         # Work stops a little before the deadline: the final exact check of best efforts and the ranking follow.
@@ -232,12 +290,11 @@ class IKEngine:
         goal = IKGoal.from_quaternion(position, quaternion, request.tip_link)
         stage_times_s: dict[str, float] = {}
         tensor_scene = self._tensor_scene(scene)
-        domain = IKDomain(
-            self.kinematics, self.checker, tensor_scene, goal,
-            config["position_length_scale_m"], config["orientation_length_scale_rad"], config["tuning_narrow_phase_fraction"],
-        )
-        # Tune a per-request copy: the shared prior must stay the trained one.
-        prior = GoalConditionedPrior(copy.deepcopy(self.prior), self.prior_goal_features(goal))
+        domain = self._domain(goal, tensor_scene)
+        # The scene's prior tuned in the background, when there is one; else the trained prior.
+        source = self.warm_start.model(scene) or self.prior
+        warm_start_iterations = self.warm_start.iterations_done(scene) if source is not self.prior else 0
+        features = self.prior_goal_features(goal)
         refining = config["refine_max_iterations"] > 0
         preset = MacePreset(
             num_samples=request.num_samples,
@@ -247,7 +304,6 @@ class IKEngine:
             # Without refinement (the paper's MACE alone, for benchmarks) one round tunes the whole budget.
             iterations=config["tuning_block_iterations"] if refining else request.tuning_iterations,
         )
-        optimizer = tuning_optimizer(prior, preset)
         orientation_slack = 0.0 if goal.rotation is None else config["early_stop_orientation_rad"]
         stop_rule = StopRule(
             min_score=float(domain.score_from_errors(torch.tensor(config["early_stop_position_m"]), torch.tensor(orientation_slack))),
@@ -265,7 +321,24 @@ class IKEngine:
         first_solved_s: float | None = None
         diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
         stage_times_s["setup"] = time.monotonic() - started
-        while True:
+        if refining and config["fast_stage_starts"] > 0:
+            # Random-restart IK from a few plain prior samples (and the seed) first: most goals need no tuning.
+            with _timed(stage_times_s, "fast"):
+                with torch.no_grad():
+                    starts = self._unobstructed_starts(GoalConditionedPrior(source, features), generator, config["fast_stage_starts"])
+                if seed is not None:
+                    starts = torch.cat([seed, starts])
+                fast_solved, exact_rejections = self._fast_stage(starts, goal, scene, tensor_scene, request.num_solutions, work_deadline)
+                solved = self._merged(solved, fast_solved)
+            if len(solved):
+                first_solved_s = time.monotonic() - started
+                work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
+        # Rounds of tuning and refinement, unless the fast stage answered: as after any solving round, more
+        # distinct solutions get a round only when the bounded wait for them leaves half a minimum round.
+        finished = len(solved) >= request.num_solutions or (len(solved) > 0 and work_deadline - time.monotonic() < 0.5 * config["min_round_s"])
+        prior = None if finished else self._tunable(tuning_model, source, features)
+        optimizer = None if prior is None else tuning_optimizer(prior, preset)
+        while not finished:
             rounds += 1
             block_started = time.monotonic()
             # Until something is solved or the goal diagnosed, a round leaves time for the diagnosis.
@@ -297,7 +370,7 @@ class IKEngine:
                 candidates = [best_q[best_scores > 0], self._fresh_collision_free(prior, domain, generator)]
                 if seed is not None and rounds == 1:
                     candidates.insert(0, seed)  # as MoveIt answers from its seed, a refinement from it is always tried
-                free_starts = self._unobstructed_starts(prior, generator)
+                free_starts = self._unobstructed_starts(prior, generator, config["unobstructed_starts"])
             # Twice the request converged gives the ranking a choice of modes; stuck candidates need not finish.
             with _timed(stage_times_s, "polish"):
                 new_solved, new_efforts, rejected = self._polished_candidates(
@@ -328,6 +401,8 @@ class IKEngine:
                 iterations_done, tuning_time_s, rounds, started,
             )
         result.stage_times_s = stage_times_s
+        result.warm_start_iterations = warm_start_iterations
+        self.warm_start.record(scene, tensor_scene, goal, features)
         return result
 
     def _fresh_collision_free(self, prior: GoalConditionedPrior, domain: IKDomain, generator: torch.Generator) -> torch.Tensor:
@@ -338,10 +413,9 @@ class IKEngine:
             samples = prior.sample(count, generator)
             return samples[domain.score(samples) > 0]
 
-    def _unobstructed_starts(self, prior: GoalConditionedPrior, generator: torch.Generator) -> torch.Tensor:
-        """Starts for the obstacle-ignoring LM, wherever they lie: half plain samples of the prior tuned
-        so far (near the goal), half uniform in the joint limits (modes the prior misses)."""
-        count = self.config["unobstructed_starts"]
+    def _unobstructed_starts(self, prior: GoalConditionedPrior, generator: torch.Generator, count: int) -> torch.Tensor:
+        """`count` starts for the obstacle-ignoring LM, wherever they lie: half plain samples of the prior
+        (near the goal), half uniform in the joint limits (modes the prior misses)."""
         with torch.no_grad():
             return torch.cat([prior.sample(count - count // 2, generator), self.kinematics.random_configurations(count // 2, generator)])
 
@@ -369,13 +443,7 @@ class IKEngine:
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]),
             enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline, **tolerances)
-        # Checked in blocks while time is left: thousands of converged starts take a while.
-        reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(NARROW_CHECK_BLOCK):
-            if time.monotonic() >= deadline_at:
-                break
-            reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
-        reached = torch.cat(reached_free)
+        reached = self._reached_free(unobstructed, tensor_scene, deadline_at)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad).subset(reached)
         # The starts that reached the goal but collide are the raw material of slide_clear.
         colliding = unobstructed.converged.clone()
@@ -397,9 +465,23 @@ class IKEngine:
             everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
             solved = solved.cat(everything.subset(torch.nonzero(refined.converged).squeeze(-1)))
             efforts = everything.subset(torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1))
-        # The exact check (~1.5 ms a configuration on a CPU) stops once the round has what it needs,
-        # taking the solutions farthest apart first, so that what it passes covers distinct modes.
-        needed = len(solved) if enough_solved is None else enough_solved
+        accepted, rejected = self._exactly_accepted(solved, scene, len(solved) if enough_solved is None else enough_solved)
+        return accepted, efforts, rejected
+
+    def _reached_free(self, unobstructed: RefineResult, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
+        """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free,
+        checked in blocks while time is left: thousands of converged starts take a while."""
+        reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
+        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(NARROW_CHECK_BLOCK):
+            if time.monotonic() >= deadline_at:
+                break
+            reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
+        return torch.cat(reached_free)
+
+    def _exactly_accepted(self, solved: _Solutions, scene: Scene, needed: int) -> tuple[_Solutions, int]:
+        """The solutions that pass the exact check, and how many it rejected. It (~0.2-1.5 ms a
+        configuration on a CPU) stops once `needed` passed, taking the solutions farthest apart first,
+        so that what it passes covers distinct modes."""
         accepted, rejected = [], 0
         spread = torch.tensor(farthest_point_selection(solved.q, [], list(range(len(solved))), 0.0, len(solved)), dtype=torch.long)
         for block in spread.to(self.device).split(EXACT_CHECK_BLOCK):
@@ -408,7 +490,21 @@ class IKEngine:
             exactly_free = self._exactly_free(solved.q[block], scene)
             accepted += block[exactly_free].tolist()
             rejected += int((~exactly_free).sum())
-        return solved.subset(torch.tensor(accepted, dtype=torch.long, device=self.device)), efforts, rejected
+        return solved.subset(torch.tensor(accepted, dtype=torch.long, device=self.device)), rejected
+
+    def _fast_stage(
+        self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,
+    ) -> tuple[_Solutions, int]:
+        """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
+        four times `needed` converged; the fast checker, then the exact check of those until `needed`
+        pass. Returns the accepted solutions and how many the exact check rejected."""
+        config = self.config
+        unobstructed = refine_candidates(
+            starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=4 * needed,
+            deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
+            orientation_tolerance_rad=config["orientation_tolerance_rad"])
+        solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
+        return self._exactly_accepted(solved.subset(self._reached_free(unobstructed, tensor_scene, deadline_at)), scene, needed)
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within

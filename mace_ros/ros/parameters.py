@@ -85,6 +85,13 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "ik.round_time_fraction": ParameterSpec(
         "Share of the time left that one solving round may take (all of it once less than 2 min_round_s is left).", 0.01, 1.0),
     "ik.min_round_s": ParameterSpec("Shortest solving round (s), unless less time is left.", 0.0, 600.0),
+    "ik.fast_stage_starts": ParameterSpec(
+        "Starts of GetIK's fast stage before any tuning: obstacle-ignoring LM, then the collision checks (half prior samples, "
+        "half uniform; 0 = none).", 0, 100000),
+    "ik.scene_warm_start_iterations": ParameterSpec(
+        "Background MACE iterations of the scene's tuned prior that each GetIK request earns (0 = no scene warm start).", 0, 100000),
+    "ik.scene_warm_start_goals": ParameterSpec("Recent goals of the scene that its background tuning tunes on.", 1, 10000),
+    "ik.scene_warm_start_samples": ParameterSpec("Prior samples per goal of one background tuning iteration.", 1, 100000),
     "ik.unobstructed_starts": ParameterSpec(
         "Starts per round for the obstacle-ignoring LM whose collision-free results count (half prior samples, half uniform).", 0, 100000),
     "ik.unobstructed_max_iterations": ParameterSpec("LM iterations of the obstacle-ignoring starts each round.", 0, 100000),
