@@ -28,7 +28,7 @@ from mace_ros.core.collision import (
     sphere_signed_distance,
 )
 from mace_ros.core.kinematics import LINK_NAMES, PandaKinematics
-from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
+from mace_ros.core.pybullet_backend import POINT_SPHERE_RADIUS_M, PyBulletCollisionChecker
 from mace_ros.core.scene import Box, Cylinder, Scene, Sphere, quaternion_wxyz_to_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +284,28 @@ def test_point_cloud_obstacles_against_exact(checker, exact):
     nearest = torch.cdist(centers.reshape(-1, 3), torch.as_tensor(points)).amin(-1).view(centers.shape[:2])
     assert bool((nearest >= radii).all())
     assert float((~free).float().mean()) > 0.1  # the plate does block configurations
+
+
+def test_exact_cloud_check_agrees_with_bullet_point_by_point(exact):
+    """The exact checker tests cloud points against the link hulls' facet planes; Bullet, colliding the
+    same hulls with each point as a tiny sphere, must agree on points near the links' surfaces."""
+    rng = np.random.default_rng(11)
+    count = 400
+    q = PandaKinematics().random_configurations(count, torch.Generator().manual_seed(12)).double()
+    hull_checker = TorchCollisionChecker(dtype=torch.float64)
+    centers = hull_checker.sphere_centers(q).numpy()  # [B, S, 3]
+    radii = hull_checker.spheres.radii.numpy()
+    sphere = rng.integers(0, centers.shape[1], count)
+    direction = rng.normal(size=(count, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    # Points in a shell around the link surfaces: about half hit a link.
+    points = centers[np.arange(count), sphere] + direction * (radii[sphere] * rng.uniform(0.5, 1.3, count))[:, None]
+    by_planes = np.array([bool(exact.check(q[i:i + 1], Scene(points=points[i:i + 1])).scene_collision[0]) for i in range(count)])
+    by_bullet = np.array([bool(exact.check(q[i:i + 1], Scene(spheres=[Sphere("point", points[i], POINT_SPHERE_RADIUS_M)])).scene_collision[0])
+                          for i in range(count)])
+    assert 0.2 < by_bullet.mean() < 0.9  # the points do probe the surfaces
+    assert not (by_bullet & ~by_planes).any()  # never free where Bullet collides
+    assert (by_planes & ~by_bullet).mean() <= 0.01
 
 
 # --- distance functions vs brute force ------------------------------------------------------------

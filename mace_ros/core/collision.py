@@ -531,20 +531,33 @@ class PointDistanceField:
         )
 
     @staticmethod
+    def _cache_key(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> tuple:
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and the tensors' "cuda:N" are one device
+            device = torch.device("cuda", torch.cuda.current_device())
+        return (hashlib.blake2b(points.data, digest_size=16).digest(), points.shape, resolution_m, truncation_m, str(device), dtype)
+
+    @staticmethod
     def cached(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> "PointDistanceField":
         """`build`, reused for a cloud of the same content: scenes are snapshots that copy their cloud,
         and a new snapshot (a marker moved) must not rebuild the field of an unchanged cloud."""
-        points = np.ascontiguousarray(points, dtype=np.float64)
-        key = (hashlib.blake2b(points.data, digest_size=16).digest(), points.shape, resolution_m, truncation_m, str(device), dtype)
+        key = PointDistanceField._cache_key(points, resolution_m, truncation_m, device, dtype)
         with _FIELD_CACHE_LOCK:
             field = _FIELD_CACHE.get(key)
         if field is None:
-            field = PointDistanceField.build(points, resolution_m, truncation_m, device, dtype)
-            with _FIELD_CACHE_LOCK:
-                _FIELD_CACHE[key] = field
-                while len(_FIELD_CACHE) > FIELD_CACHE_SIZE:
-                    _FIELD_CACHE.pop(next(iter(_FIELD_CACHE)))
+            field = PointDistanceField.build(np.asarray(points, dtype=np.float64), resolution_m, truncation_m, device, dtype)
+            field.remember(points, resolution_m, truncation_m)
         return field
+
+    def remember(self, points: np.ndarray, resolution_m: float, truncation_m: float) -> None:
+        """Caches this field, built elsewhere (e.g. in another process) by `build(points, resolution_m,
+        truncation_m, ...)`, so that `cached` finds it for its device and dtype."""
+        key = PointDistanceField._cache_key(points, resolution_m, truncation_m, self.values.device, self.values.dtype)
+        with _FIELD_CACHE_LOCK:
+            _FIELD_CACHE[key] = self
+            while len(_FIELD_CACHE) > FIELD_CACHE_SIZE:
+                _FIELD_CACHE.pop(next(iter(_FIELD_CACHE)))
 
     def lower_bound(self, points: torch.Tensor) -> torch.Tensor:
         """Lower bounds [N] of the distance from points [3, N] to the cloud (capped at truncation_m)."""
@@ -692,10 +705,20 @@ class TorchCollisionChecker:
             self._scene_link_slices.append(slice(start, start + self.spheres.link_slices[name].stop - self.spheres.link_slices[name].start))
         self._scene_link_rows = torch.tensor([self.polytopes.row_of_link[name] for name in scene_links], device=self.device)
         self._scene_radii = self.spheres.radii[self.scene_sphere_index]
+        # Bounding spheres of the link hulls (link frames), to find the cloud points near each link.
+        low, high = self.polytopes.hull.vertices.amin(1), self.polytopes.hull.vertices.amax(1)
+        self._hull_centers = (low + high) / 2  # [Lp, 3]
+        self._hull_radii = (self.polytopes.hull.vertices - self._hull_centers[:, None]).norm(dim=-1).amax(1)  # [Lp]
         # A cloud's distance field only has to be right below the largest distance that can decide a
         # collision; two cells more absorb the lookup's slack.
         self._point_truncation_m = float(self.spheres.radii.max()) + self.collision_margin_m + 2 * self.point_resolution_m
         self._prepared: tuple[Scene, TensorScene] | None = None
+
+    @property
+    def point_field_settings(self) -> tuple[float, float]:
+        """(resolution_m, truncation_m) of the distance fields this checker builds for clouds: a field
+        built elsewhere with these and `PointDistanceField.remember`ed is used as is."""
+        return self.point_resolution_m, self._point_truncation_m
 
     def prepare(self, scene: Scene) -> TensorScene:
         """Tensorize a scene for this checker's device/dtype (builds the point-cloud distance field)."""
@@ -844,6 +867,39 @@ class TorchCollisionChecker:
         planes = hull.planes[rows]  # [P, F, 4]
         plane_distance = (planes[..., :3] @ local[..., None])[..., 0] - planes[..., 3]
         return plane_distance.amax(-1) < radius + pad_m
+
+    def points_meet_links(self, q: torch.Tensor, points: torch.Tensor, pad_m: float) -> torch.Tensor:
+        """[B] whether any point [P, 3] (base frame) comes within pad_m of the hull of a link that collides with
+        the scene, at configurations q [B, 7]: a cloud against the links' exact collision hulls.
+
+        A point within pad_m of a convex hull is within pad_m of every facet plane, so the test never
+        misses a contact; beyond the hull's edges and vertices it reports up to pad_m x (sqrt(3) - 1)
+        more than the true distance would. Only the points inside a link's bounding sphere are tested.
+        """
+        q = q.to(device=self.device, dtype=self.dtype)
+        points = points.to(device=self.device, dtype=self.dtype)
+        hits = torch.zeros(q.shape[0], dtype=torch.bool, device=self.device)
+        if q.shape[0] == 0 or points.shape[0] == 0:
+            return hits
+        rows = self._scene_link_rows
+        planes = self.polytopes.hull.planes
+        reach = self._hull_radii[rows] + pad_m  # [Ls]
+        with torch.no_grad():
+            frames = self.kinematics.link_transforms(q)[:, self.polytopes.link_index[rows]]  # [B, Ls, 4, 4]
+            rotation, translation = frames[..., :3, :3], frames[..., :3, 3]
+            centers = (rotation @ self._hull_centers[rows][..., None])[..., 0] + translation  # [B, Ls, 3]
+            step = max(1, self._max_elements // (rows.numel() * points.shape[0]))
+            for start in range(0, q.shape[0], step):
+                block = centers[start:start + step].reshape(-1, 3)
+                pair, point = torch.nonzero(torch.cdist(block, points) < reach.repeat(block.shape[0] // rows.numel())[:, None], as_tuple=True)
+                config, link = pair // rows.numel() + start, pair % rows.numel()
+                for part in self._narrow_chunks(pair.numel(), planes.shape[1]):
+                    c, l = config[part], link[part]
+                    local = ((points[point[part]] - translation[c, l])[:, None] @ rotation[c, l])[:, 0]  # R^T (p - t)
+                    face = planes[rows[l]]  # [n, F, 4]
+                    inside = ((face[..., :3] @ local[..., None])[..., 0] - face[..., 3]).amax(-1) < pad_m
+                    hits[c[inside]] = True
+        return hits
 
     def _check_batch(self, q: torch.Tensor, tensor_scene: TensorScene, narrow_phase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scene collision, self collision, sphere scene clearance, sphere self clearance) [B] each."""
