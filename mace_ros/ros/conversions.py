@@ -19,7 +19,7 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
 from mace_ros.core.kinematics import JOINT_NAMES, LINK_NAMES
-from mace_ros.ros.frames import RigidTransform
+from mace_ros.ros.frames import JointStateHistory, RigidTransform
 
 if TYPE_CHECKING:
     from mace_ros.core.scene import Box, Cylinder, Sphere
@@ -305,6 +305,21 @@ def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()
     if not np.isfinite(ordered).all():
         raise ValueError("JointState positions contain NaN or infinite values")
     return ordered
+
+
+def record_joint_state(history: JointStateHistory, state: JointState, names: RobotNames, now_ns: int) -> str | None:
+    """Adds the arm's positions of a /joint_states message to `history` (stamped now_ns when the message
+    has no stamp); returns a warning when the message is malformed. Another joint group's state (e.g.
+    the gripper's) is skipped silently."""
+    try:
+        positions = joint_state_to_positions(state, names)
+    except ValueError as error:
+        if state.name and not set(state.name) & set(names.joint_names):
+            return None
+        return f"/joint_states ignored: {error}"
+    if positions is not None:
+        history.add(stamp_to_ns(state.header.stamp) or now_ns, positions)
+    return None
 
 
 # --- Markers -> scene primitives ---------------------------------------------------------------

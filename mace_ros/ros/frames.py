@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics
+from mace_ros.core.kinematics import LINK_INDEX, LINK_NAMES, PandaKinematics
 
 # Joint states kept to place data by its own stamp (a cloud arrives some 10-100 ms after its capture).
 JOINT_STATE_HISTORY_S = 2.0
@@ -162,6 +162,17 @@ class FrameTable:
                 raise ValueError(f"attached frame '{frame}': '{link}' is not a link of the robot")
             attached[frame] = AttachedFrame(core_link, pose)
         return attached
+
+    @staticmethod
+    def for_robot(
+        base_frame: str, static_transforms: str, attached_frames: str, to_ros: Callable[[str], str],
+        to_core: Callable[[str], str | None], robot: RobotFrames, fallback: Callable[[str, int], RigidTransform] | None,
+    ) -> FrameTable:
+        """The node's frames from its parameters' texts: the base frame, the static transforms, every robot
+        link (a goal in <prefix>hand_tcp) and the attached frames, then `fallback` (tf2)."""
+        attached = {to_ros(link): AttachedFrame(link, RigidTransform.identity()) for link in LINK_NAMES}
+        attached.update(FrameTable.parse_attached_frames(attached_frames, to_core))
+        return FrameTable(base_frame, FrameTable.parse_static_transforms(static_transforms), attached, robot, fallback)
 
     @property
     def accepted(self) -> list[str]:

@@ -23,15 +23,16 @@ from geometry_msgs.msg import PoseArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.publisher import Publisher
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile
 from sensor_msgs.msg import JointState, PointCloud2
 from std_msgs.msg import Header
-from visualization_msgs.msg import Marker, MarkerArray
+from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros import conversions, markers
-from mace_ros.core.kinematics import LINK_NAMES
-from mace_ros.ros.frames import AttachedFrame, FrameTable, RigidTransform, RobotFrames, Tf2Frames
-from mace_ros.ros.obstacles import ObstacleModel, SelfFilter, Workspace, voxel_downsample
+from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, Tf2Frames
+from mace_ros.ros.intake import CloudSettings, CloudUpdate, FieldSettings, IntakeSettings, MarkerUpdate, ObstacleIntake
+from mace_ros.ros.obstacles import ObstacleModel, Workspace
 from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
 from mace_ros.ros.shape_action import ShapeActionServer
@@ -59,8 +60,6 @@ RESPONSE_CONVERT_PER_SAMPLE_S = 2e-4
 RESPONSE_TRANSPORT_PER_SAMPLE_S = 1.5e-4
 RESPONSE_MAX_SHARE = 0.5
 RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
-# How often the obstacle cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
-CLOUD_QOS_CHECK_PERIOD_S = 1.0
 # GetIK error code of an unsolved IKResult by its failure_kind (mace_ros.core.ik_engine.FAILURE_KINDS).
 IK_FAILURE_CODES: dict[str, ErrorCode] = {
     "": "NO_IK_SOLUTION", "collision": "GOAL_IN_COLLISION", "unreachable": "NO_IK_SOLUTION",
@@ -188,16 +187,10 @@ class MaceNode(Node):
             self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
         self.names = RobotNames(self.get_parameter("robot_prefix").value)
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
-        # Robot links are frames too (a goal in panda_hand_tcp), placed like attached frames.
         self.robot = RobotFrames()
-        attached = {self.names.to_ros(link): AttachedFrame(link, RigidTransform.identity()) for link in LINK_NAMES}
-        attached.update(FrameTable.parse_attached_frames(self.get_parameter("attached_frames").value, self.names.to_core))
-        self.frames = FrameTable(
-            self.base_frame, FrameTable.parse_static_transforms(self.get_parameter("static_transforms").value),
-            attached, self.robot, Tf2Frames.create(self, self.base_frame))
-        self.workspace = Workspace.from_bounds(
-            self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
-        self.self_filter = SelfFilter()
+        self.frames = FrameTable.for_robot(
+            self.base_frame, self.get_parameter("static_transforms").value, self.get_parameter("attached_frames").value,
+            self.names.to_ros, self.names.to_core, self.robot, Tf2Frames.create(self, self.base_frame))
         self.obstacles = ObstacleModel(self.get_parameter("obstacles.max_markers").value)
         self._published_primitives = -1  # ObstacleModel.primitives_version last shown on ~/scene
         self._warmed_scene: Any = None  # the last snapshot the IK engine was prepared for (see _prepare_ik_engine)
@@ -207,18 +200,27 @@ class MaceNode(Node):
         self._requests_done = threading.Condition()
         self._requests_in_flight = 0
 
+        # Obstacle topics (~/obstacle_cloud, ~/obstacles) are received and processed by the intake
+        # process (mace_ros/ros/intake.py), so that clouds and marker floods never hold this one's GIL.
+        self._field_device: Any = None  # the IK engine's device, once it is loaded (see on_intake_update)
+        workspace = Workspace.from_bounds(self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
+        self.intake = ObstacleIntake(IntakeSettings(
+            node_name=f"{self.get_name()}_intake", namespace=self.get_namespace(),
+            cloud_topic=self.resolve_topic_name("~/obstacle_cloud"), markers_topic=self.resolve_topic_name("~/obstacles"),
+            joint_states_topic=self.resolve_topic_name("/joint_states"),
+            robot_prefix=self.names.prefix, base_frame=self.base_frame,
+            static_transforms=self.get_parameter("static_transforms").value,
+            attached_frames=self.get_parameter("attached_frames").value,
+            workspace_min_m=tuple(workspace.low.tolist()), workspace_max_m=tuple(workspace.high.tolist()),
+            voxel_size_m=self.get_parameter("obstacle_cloud.voxel_size_m").value,
+            self_filter_padding_m=self.get_parameter("obstacle_cloud.self_filter_padding_m").value,
+            use_sim_time=self.get_parameter("use_sim_time").value), self.on_intake_update, self.get_logger())
+        self.add_post_set_parameters_callback(self._send_cloud_settings)
         topics_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(MarkerArray, "~/obstacles", self.on_obstacles, 10, callback_group=topics_group)
         self.create_subscription(PoseArray, "~/contacts", self.on_contacts, 10, callback_group=topics_group)
-        # Joint states in a group of their own: a cloud being processed must not hold them back.
+        # Joint states in a group of their own: robot-attached frames of requests need the latest.
         self.create_subscription(
             JointState, "/joint_states", self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
-        # Clouds (seconds of work each at most) in their own group, with the QoS re-matching timer that
-        # replaces their subscription: the two never run at once.
-        self._cloud_group = MutuallyExclusiveCallbackGroup()
-        self._cloud_reliable = False
-        self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
-        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
         self.obstacle_points_publisher = self.create_publisher(PointCloud2, "~/obstacle_points", LATCHED)
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
@@ -249,10 +251,16 @@ class MaceNode(Node):
         from mace_ros.core.resources import scene_path
         from mace_ros.core.scene import Scene
 
+        static = Scene.load_yaml(scene_path(scene_name)) if scene_name else Scene()
         if scene_name:
-            self.obstacles.set_static_scene(Scene.load_yaml(scene_path(scene_name)))
+            self.obstacles.set_static_scene(static)
             self.publish_scene()
-        return IKEngine(config, resolve_device(device), resolve_dtype(dtype))
+        engine = IKEngine(config, resolve_device(device), resolve_dtype(dtype))
+        # From now on the intake process builds each new cloud's distance field as this engine would.
+        self._field_device = engine.checker.device
+        self.intake.send(FieldSettings(
+            static.points, *engine.checker.point_field_settings, str(engine.checker.dtype).removeprefix("torch.")))
+        return engine
 
     @staticmethod
     def _build_shape_engine(config: dict[str, Any], device: str, dtype: str):
@@ -261,47 +269,6 @@ class MaceNode(Node):
         return ShapeEngine(config, resolve_device(device), resolve_dtype(dtype))
 
     # --- Topics ---------------------------------------------------------------------------------
-
-    def on_obstacles(self, message: MarkerArray) -> None:
-        """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
-        operations: list = []
-        outside, invalid, first_error = 0, 0, ""
-        transforms: dict[tuple[str, int], Any] = {}  # per (frame_id, stamp): a message's markers share a few
-        for marker in message.markers:
-            try:
-                if marker.action == Marker.DELETEALL:
-                    operations.append(("clear", marker.ns, None))
-                elif marker.action == Marker.DELETE:
-                    operations.append(("remove", conversions.marker_key(marker), None))
-                elif marker.action == Marker.ADD:
-                    frame = (marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
-                    if frame not in transforms:
-                        transforms[frame] = self.frames.to_base(*frame)
-                    primitive = conversions.marker_to_primitive(marker, transforms[frame])
-                    if self.workspace.meets(primitive):
-                        operations.append(("put", conversions.marker_key(marker), primitive))
-                    else:  # beyond the robot's reach; one that moved out is removed
-                        operations.append(("remove", conversions.marker_key(marker), None))
-                        outside += 1
-                else:
-                    raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
-            except (ValueError, ImportError) as error:
-                invalid += 1
-                first_error = first_error or f"{conversions.marker_key(marker)}: {error}"
-        refused = self.obstacles.apply(operations)
-        count = len(message.markers)
-        if invalid:
-            self.get_logger().warning(
-                f"~/obstacles: ignored {invalid} of {count} marker(s) as invalid, e.g. {first_error}",
-                throttle_duration_sec=WARNING_PERIOD_S)
-        if refused:
-            self.get_logger().warning(
-                f"~/obstacles: refused {refused} of {count} marker(s): the model keeps at most "
-                f"{self.obstacles.max_primitives} (parameter obstacles.max_markers)", throttle_duration_sec=WARNING_PERIOD_S)
-        if outside:
-            self.get_logger().info(
-                f"~/obstacles: ignored {outside} of {count} marker(s) entirely outside the workspace "
-                f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
 
     def _on_model_timer(self) -> None:
         """Publishes ~/scene when the primitives changed, and prepares the IK engine for a changed model."""
@@ -312,9 +279,9 @@ class MaceNode(Node):
         self._prepare_ik_engine()
 
     def _prepare_ik_engine(self) -> None:
-        """While the IK engine is idle, builds the exact checker's body of the current model, so that the
-        next request finds it ready: pybullet builds it holding the GIL (~0.1-0.2 s for a 12k-point
-        cloud, one sphere per point), which inside a request delays even its timed-out answer."""
+        """While the IK engine is idle, builds the exact checker's body of the current model's primitives, so
+        that the next request finds it ready: pybullet builds it holding the GIL (256 markers: tens of
+        ms), which inside a request delays even its timed-out answer."""
         scene = self.obstacles.snapshot()
         if scene is self._warmed_scene:
             return
@@ -331,89 +298,50 @@ class MaceNode(Node):
             self._warmed_scene = scene
             self.get_logger().warning(f"could not prepare the IK engine's scene: {error}", throttle_duration_sec=WARNING_PERIOD_S)
 
-    def _subscribe_cloud(self, reliable: bool):
-        """Keep-last-1 (only the latest cloud matters), reliable or best effort."""
-        reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
-        return self.create_subscription(
-            PointCloud2, "~/obstacle_cloud", self.on_obstacle_cloud, QoSProfile(depth=1, reliability=reliability),
-            callback_group=self._cloud_group)
-
-    def _match_cloud_publishers(self) -> None:
-        """Subscribe reliably when every cloud publisher is reliable, best effort otherwise.
-
-        A camera cloud (~10 MB at 640 x 480) crosses Fast DDS's shared memory in many fragments; over
-        best effort one lost fragment loses the cloud, and in a busy process nearly all are lost
-        (measured: 0-4 of 20 arrive), while a reliable reader resends them (20 of 20). But a reliable
-        reader never matches a best-effort writer, so the reliability follows the publishers (as
-        `ros2 bag record` adapts its QoS).
-        """
-        publishers = self.get_publishers_info_by_topic(self._cloud_subscription.topic_name)
-        reliable = bool(publishers) and all(
-            publisher.qos_profile.reliability == ReliabilityPolicy.RELIABLE for publisher in publishers)
-        if reliable != self._cloud_reliable:
-            self.destroy_subscription(self._cloud_subscription)
-            self._cloud_reliable = reliable
-            self._cloud_subscription = self._subscribe_cloud(reliable)
-            self.get_logger().info(f"~/obstacle_cloud: subscribed {'reliable' if reliable else 'best effort'} to match its publishers")
-
-    def on_joint_states(self, message: JointState) -> None:
-        try:
-            positions = conversions.joint_state_to_positions(message, self.names)
-        except ValueError as error:
-            if message.name and not set(message.name) & set(self.names.joint_names):
-                return  # another joint group's state (e.g. the gripper's)
-            self.get_logger().warning(f"/joint_states ignored: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+    def on_intake_update(self, update: CloudUpdate | MarkerUpdate) -> None:
+        """An update from the intake process (mace_ros/ros/intake.py) enters the obstacle model."""
+        if isinstance(update, MarkerUpdate):
+            refused = self.obstacles.apply(update.operations)
+            if refused:
+                self.get_logger().warning(
+                    f"~/obstacles: refused {refused} marker(s): the model keeps at most {self.obstacles.max_primitives} "
+                    "(parameter obstacles.max_markers)", throttle_duration_sec=WARNING_PERIOD_S)
             return
-        if positions is not None:
-            self.robot.joint_states.add(
-                conversions.stamp_to_ns(message.header.stamp) or self.get_clock().now().nanoseconds, positions)
-
-    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
-        """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
-        points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
-        started = time.monotonic()
-        sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
-        try:
-            to_base = self.frames.to_base(sensor, stamp_ns)
-            points = to_base.apply(conversions.pointcloud2_to_xyz(cloud))
-        except ValueError as error:  # UnknownFrameError included
-            self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
-            return
-        inside = self.workspace.contains(points)
-        if not inside.all():
-            self.get_logger().info(
-                f"~/obstacle_cloud from '{sensor}': dropped {int((~inside).sum())} of {points.shape[0]} points outside "
-                f"the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
-                throttle_duration_sec=WARNING_PERIOD_S)
-            points = points[inside]
-        points = voxel_downsample(points, self.get_parameter("obstacle_cloud.voxel_size_m").value)
-        positions = self.robot.joint_states.at(stamp_ns)
-        if positions is None:
-            self.get_logger().warning(
-                "~/obstacle_cloud: no /joint_states yet, so the robot's own points are not filtered out",
-                throttle_duration_sec=WARNING_PERIOD_S)
-        elif points.shape[0]:
-            padding_m = self.get_parameter("obstacle_cloud.self_filter_padding_m").value
-            points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), padding_m)]
-        merged = self.obstacles.points_with(sensor, points)
-        self._prepare_cloud(merged)
-        self.obstacles.set_cloud(sensor, points)
+        points = update.points if update.points.shape[0] else None
+        merged = self.obstacles.points_with(update.sensor, points)
+        if update.field is not None and merged is not None and self._field_device is not None:
+            self._remember_field(merged, update.field)
+        self.obstacles.set_cloud(update.sensor, points)
         self._publish(self.obstacle_points_publisher, conversions.xyz_to_pointcloud2(
             np.zeros((0, 3)) if merged is None else merged, self._base_header()))
         self.get_logger().debug(
-            f"~/obstacle_cloud from '{sensor}': {points.shape[0]} points applied in {time.monotonic() - started:.3f} s")
+            f"~/obstacle_cloud from '{update.sensor}': {0 if points is None else points.shape[0]} points applied "
+            f"{(time.monotonic_ns() - update.received_ns) * 1e-9:.3f} s after it arrived")
 
-    def _prepare_cloud(self, points: np.ndarray | None) -> None:
-        """Builds the distance field of the model's next cloud before the model takes it, so that requests
-        find it ready (fields are cached by content) instead of building it within their deadline."""
-        try:
-            engine = self.ik_engine.get()
-        except EngineUnavailable:
-            return  # the first request builds it
-        if points is not None:
-            from mace_ros.core.scene import Scene
+    def _remember_field(self, points: np.ndarray, arrays: dict[str, Any]) -> None:
+        """Caches the distance field the intake process built for the model's next cloud, so that requests
+        find it ready (PointDistanceField.cached) instead of building it within their deadline."""
+        import torch
 
-            engine.checker.prepare(Scene(points=points))
+        from mace_ros.core.collision import PointDistanceField
+
+        field = PointDistanceField(
+            origin=torch.as_tensor(arrays["origin"], device=self._field_device), resolution_m=arrays["resolution_m"],
+            values=torch.as_tensor(arrays["values"], device=self._field_device), truncation_m=arrays["truncation_m"])
+        field.remember(points, *arrays["built_for"])
+
+    def _send_cloud_settings(self, parameters: list[Parameter]) -> None:
+        """Run-time changes of obstacle_cloud.* reach the intake process."""
+        if any(parameter.name.startswith("obstacle_cloud.") for parameter in parameters):
+            self.intake.send(CloudSettings(
+                self.get_parameter("obstacle_cloud.voxel_size_m").value,
+                self.get_parameter("obstacle_cloud.self_filter_padding_m").value))
+
+    def on_joint_states(self, message: JointState) -> None:
+        warning = conversions.record_joint_state(
+            self.robot.joint_states, message, self.names, self.get_clock().now().nanoseconds)
+        if warning:
+            self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
 
     def on_contacts(self, message: PoseArray) -> None:
         """Fingertip contacts as a PoseArray, added to those of earlier messages (several grasps) until an

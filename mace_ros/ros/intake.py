@@ -1,0 +1,351 @@
+"""The obstacle topics, received and processed in a process of their own.
+
+Camera clouds (10-30 MB each, up to 30 Hz) and marker floods cost Python time, and in the process
+that serves GetIK and InferShape that time is taken from requests: rclpy builds a 5000-marker
+MarkerArray's Python objects in 0.26 s with the GIL held, and a 640 x 480 cloud takes ~0.2 s to crop,
+thin, self-filter and turn into a distance field. bench/reliability.py measured 3 % of requests
+answered up to 1.5 s late while such messages were handled beside them. So the `mace` node starts
+this intake process (`ObstacleIntake`), which subscribes to ~/obstacle_cloud, ~/obstacles and
+/joint_states (for the self-filter and robot-attached frames) and sends the node small results:
+each sensor's cropped, thinned, self-filtered cloud with the merged cloud's distance field, and each
+marker message as operations on the obstacle model. The node only swaps them in.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import JointState, PointCloud2
+from visualization_msgs.msg import Marker, MarkerArray
+
+from mace_ros.ros import conversions
+from mace_ros.ros.frames import FrameTable, RobotFrames, Tf2Frames
+from mace_ros.ros.obstacles import SelfFilter, Workspace, voxel_downsample
+
+WARNING_PERIOD_S = 5.0
+# How often the cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
+CLOUD_QOS_CHECK_PERIOD_S = 1.0
+# A dead intake process (killed, out of memory) is started again after this long.
+RESTART_DELAY_S = 1.0
+PARENT_CHECK_PERIOD_S = 0.5
+INTAKE_EXECUTOR_THREADS = 3  # clouds, markers, joint states: each in its own callback group
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    """What the intake process needs of the node's configuration (topic names as the node resolved
+    them, remappings included)."""
+
+    node_name: str
+    namespace: str
+    cloud_topic: str
+    markers_topic: str
+    joint_states_topic: str
+    robot_prefix: str
+    base_frame: str
+    static_transforms: str
+    attached_frames: str
+    workspace_min_m: tuple[float, float, float]
+    workspace_max_m: tuple[float, float, float]
+    voxel_size_m: float
+    self_filter_padding_m: float
+    use_sim_time: bool
+
+
+# --- Messages between the node and its intake process (pickled through a pipe) ----------------------
+
+@dataclass(frozen=True)
+class FieldSettings:
+    """Node -> intake, once the IK engine is loaded: how its collision checker builds a cloud's
+    distance field, and the static scene's points that come first in the model's cloud."""
+
+    static_points: np.ndarray | None
+    resolution_m: float
+    truncation_m: float
+    dtype: str  # "float32" or "float64"
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """Node -> intake: the run-time parameters of cloud processing."""
+
+    voxel_size_m: float
+    self_filter_padding_m: float
+
+
+@dataclass(frozen=True)
+class CloudUpdate:
+    """Intake -> node: `sensor`'s (frame_id's) latest cloud in the base frame (empty: cleared), and the
+    distance field of the model's cloud once it holds it (None before FieldSettings arrive)."""
+
+    sensor: str
+    points: np.ndarray  # [N, 3] float64
+    field: dict[str, Any] | None  # PointDistanceField's arrays (see _field_arrays)
+    received_ns: int  # time.monotonic_ns() when the message arrived, to measure the intake's latency
+
+
+@dataclass(frozen=True)
+class MarkerUpdate:
+    """Intake -> node: one ~/obstacles message as ObstacleModel operations."""
+
+    operations: list
+
+
+class IntakeNode(Node):
+    """The intake process's node (named <node>_intake beside the `mace` node)."""
+
+    def __init__(self, settings: IntakeSettings, send: Callable[[Any], None]) -> None:
+        super().__init__(settings.node_name, namespace=settings.namespace,
+                         parameter_overrides=[Parameter("use_sim_time", value=settings.use_sim_time)])
+        self._send = send
+        self.names = conversions.RobotNames(settings.robot_prefix)
+        self.robot = RobotFrames()
+        self.frames = FrameTable.for_robot(
+            settings.base_frame, settings.static_transforms, settings.attached_frames, self.names.to_ros,
+            self.names.to_core, self.robot, Tf2Frames.create(self, settings.base_frame))
+        self.workspace = Workspace.from_bounds(list(settings.workspace_min_m), list(settings.workspace_max_m))
+        self.self_filter = SelfFilter()
+        self.cloud_settings = CloudSettings(settings.voxel_size_m, settings.self_filter_padding_m)
+        self.field_settings: FieldSettings | None = None
+        self._clouds: dict[str, np.ndarray] = {}  # the latest cloud of each sensor, as sent to the node
+
+        self.create_subscription(
+            JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(
+            MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
+        # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
+        self._cloud_topic = settings.cloud_topic
+        self._cloud_group = MutuallyExclusiveCallbackGroup()
+        self._cloud_reliable = False
+        self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
+        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
+
+    def on_joint_states(self, message: JointState) -> None:
+        warning = conversions.record_joint_state(self.robot.joint_states, message, self.names, self.get_clock().now().nanoseconds)
+        if warning:
+            self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
+
+    def _subscribe_cloud(self, reliable: bool):
+        """Keep-last-1 (only the latest cloud matters), reliable or best effort."""
+        reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+        return self.create_subscription(
+            PointCloud2, self._cloud_topic, self.on_obstacle_cloud, QoSProfile(depth=1, reliability=reliability),
+            callback_group=self._cloud_group)
+
+    def _match_cloud_publishers(self) -> None:
+        """Subscribe reliably when every cloud publisher is reliable, best effort otherwise.
+
+        A camera cloud (~10 MB at 640 x 480) crosses Fast DDS's shared memory in many fragments; over
+        best effort one lost fragment loses the cloud, and in a busy process nearly all are lost
+        (measured: 0-4 of 20 arrive), while a reliable reader resends them (20 of 20). But a reliable
+        reader never matches a best-effort writer, so the reliability follows the publishers (as
+        `ros2 bag record` adapts its QoS).
+        """
+        publishers = self.get_publishers_info_by_topic(self._cloud_subscription.topic_name)
+        reliable = bool(publishers) and all(
+            publisher.qos_profile.reliability == ReliabilityPolicy.RELIABLE for publisher in publishers)
+        if reliable != self._cloud_reliable:
+            self.destroy_subscription(self._cloud_subscription)
+            self._cloud_reliable = reliable
+            self._cloud_subscription = self._subscribe_cloud(reliable)
+            self.get_logger().info(f"{self._cloud_topic}: subscribed {'reliable' if reliable else 'best effort'} to match its publishers")
+
+    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+        """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
+        points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
+        received_ns = time.monotonic_ns()
+        sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
+        try:
+            to_base = self.frames.to_base(sensor, stamp_ns)
+            points = to_base.apply(conversions.pointcloud2_to_xyz(cloud))
+        except ValueError as error:  # UnknownFrameError included
+            self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        inside = self.workspace.contains(points)
+        if not inside.all():
+            self.get_logger().info(
+                f"~/obstacle_cloud from '{sensor}': dropped {int((~inside).sum())} of {points.shape[0]} points outside "
+                f"the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
+                throttle_duration_sec=WARNING_PERIOD_S)
+            points = points[inside]
+        settings = self.cloud_settings
+        points = voxel_downsample(points, settings.voxel_size_m)
+        positions = self.robot.joint_states.at(stamp_ns)
+        if positions is None:
+            self.get_logger().warning(
+                "~/obstacle_cloud: no /joint_states yet, so the robot's own points are not filtered out",
+                throttle_duration_sec=WARNING_PERIOD_S)
+        elif points.shape[0]:
+            points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), settings.self_filter_padding_m)]
+        if points.shape[0]:
+            self._clouds[sensor] = points
+        else:
+            self._clouds.pop(sensor, None)
+        self._send(CloudUpdate(sensor, points, self._merged_field(), received_ns))
+
+    def _merged_field(self) -> dict[str, Any] | None:
+        """The distance field of the model's cloud as the node will hold it: the static scene's points,
+        then each sensor's by name (ObstacleModel.snapshot's order), built as the IK engine would."""
+        import torch
+
+        from mace_ros.core.collision import PointDistanceField
+
+        settings = self.field_settings
+        if settings is None:
+            return None  # the engine is not loaded yet: its first request builds the field
+        parts = [settings.static_points] if settings.static_points is not None else []
+        parts += [self._clouds[name] for name in sorted(self._clouds)]
+        if not parts:
+            return None
+        points = np.concatenate(parts)
+        field = PointDistanceField.build(
+            points, settings.resolution_m, settings.truncation_m, torch.device("cpu"), getattr(torch, settings.dtype))
+        return {"origin": field.origin.numpy(), "resolution_m": field.resolution_m, "values": field.values.numpy(),
+                "truncation_m": field.truncation_m, "built_for": (settings.resolution_m, settings.truncation_m)}
+
+    def on_obstacles(self, message: MarkerArray) -> None:
+        """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
+        operations: list = []
+        outside, invalid, first_error = 0, 0, ""
+        transforms: dict[tuple[str, int], Any] = {}  # per (frame_id, stamp): a message's markers share a few
+        for marker in message.markers:
+            try:
+                if marker.action == Marker.DELETEALL:
+                    operations.append(("clear", marker.ns, None))
+                elif marker.action == Marker.DELETE:
+                    operations.append(("remove", conversions.marker_key(marker), None))
+                elif marker.action == Marker.ADD:
+                    frame = (marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
+                    if frame not in transforms:
+                        transforms[frame] = self.frames.to_base(*frame)
+                    primitive = conversions.marker_to_primitive(marker, transforms[frame])
+                    if self.workspace.meets(primitive):
+                        operations.append(("put", conversions.marker_key(marker), primitive))
+                    else:  # beyond the robot's reach; one that moved out is removed
+                        operations.append(("remove", conversions.marker_key(marker), None))
+                        outside += 1
+                else:
+                    raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
+            except (ValueError, ImportError) as error:
+                invalid += 1
+                first_error = first_error or f"{conversions.marker_key(marker)}: {error}"
+        if operations:
+            self._send(MarkerUpdate(operations))
+        count = len(message.markers)
+        if invalid:
+            self.get_logger().warning(
+                f"~/obstacles: ignored {invalid} of {count} marker(s) as invalid, e.g. {first_error}",
+                throttle_duration_sec=WARNING_PERIOD_S)
+        if outside:
+            self.get_logger().info(
+                f"~/obstacles: ignored {outside} of {count} marker(s) entirely outside the workspace "
+                f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
+
+
+def run_intake(settings: IntakeSettings, connection) -> None:
+    """The intake process: its node spins until the node's end of `connection` closes (the node exited)."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    # Ctrl-C reaches the whole process group: the node decides when this process ends (it exits when
+    # the node's end of the pipe closes, or the node is gone), so a SIGINT here must not print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    node_pid = os.getppid()
+
+    def watch_node() -> None:
+        while os.getppid() == node_pid:  # re-parented: the node died without closing its end
+            time.sleep(PARENT_CHECK_PERIOD_S)
+        os._exit(0)
+
+    threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
+    send_lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with send_lock:
+            connection.send(message)
+
+    rclpy.init(args=[], signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
+    node = IntakeNode(settings, send)
+
+    def receive() -> None:
+        try:
+            while True:
+                message = connection.recv()
+                if isinstance(message, FieldSettings):
+                    node.field_settings = message
+                elif isinstance(message, CloudSettings):
+                    node.cloud_settings = message
+        except (EOFError, OSError):
+            pass
+        os._exit(0)  # the node is gone: nothing left to serve (and no executor thread to join)
+
+    threading.Thread(target=receive, name="intake-receive", daemon=True).start()
+    executor = MultiThreadedExecutor(num_threads=INTAKE_EXECUTOR_THREADS)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    os._exit(0)
+
+
+class ObstacleIntake:
+    """The node's side of its intake process: starts it (again, should it die), keeps it informed of
+    settings, and hands every update it sends to `on_update`, in a thread of its own."""
+
+    def __init__(self, settings: IntakeSettings, on_update: Callable[[Any], None], logger) -> None:
+        self._settings = settings
+        self._on_update = on_update
+        self._logger = logger
+        self._lock = threading.Lock()
+        self._connection = None
+        self._latest: dict[type, Any] = {}  # the latest message of each kind, sent again to a restarted process
+        threading.Thread(target=self._serve, name="obstacle-intake", daemon=True).start()
+
+    def send(self, message: FieldSettings | CloudSettings) -> None:
+        with self._lock:
+            self._latest[type(message)] = message
+            if self._connection is not None:
+                try:
+                    self._connection.send(message)
+                except OSError:
+                    pass  # the process died; _serve restarts it with the latest settings
+
+    def _serve(self) -> None:
+        context = multiprocessing.get_context("spawn")  # fork would copy the node's DDS threads' state
+        while True:
+            node_end, intake_end = context.Pipe()
+            process = context.Process(target=run_intake, args=(self._settings, intake_end), daemon=True,
+                                      name=self._settings.node_name)
+            process.start()
+            intake_end.close()
+            with self._lock:
+                self._connection = node_end
+                for message in self._latest.values():
+                    node_end.send(message)
+            try:
+                while True:
+                    update = node_end.recv()
+                    try:
+                        self._on_update(update)
+                    except Exception as error:  # one bad update must not stop the intake
+                        self._logger.error(f"obstacle update not applied: {type(error).__name__}: {error}")
+            except (EOFError, OSError):
+                pass
+            with self._lock:
+                self._connection = None
+            process.join(timeout=1.0)
+            self._logger.error(
+                f"the obstacle intake process exited (code {process.exitcode}); starting it again in {RESTART_DELAY_S} s")
+            time.sleep(RESTART_DELAY_S)
