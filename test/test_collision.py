@@ -387,7 +387,8 @@ def test_point_field_is_a_tight_lower_bound():
     exact_distance, _ = cKDTree(cloud).query(queries)
     bound = field.lower_bound(torch.as_tensor(queries.T)).numpy()
     assert (bound <= exact_distance + 1e-9).all()
-    assert (bound >= np.minimum(exact_distance, 0.15) - 0.01 * math.sqrt(3) - 1e-9).all()
+    # At most twice the trilinear slack (h sqrt(3) / 2 each) plus the nodes' own (h sqrt(3) / 2) below.
+    assert (bound >= np.minimum(exact_distance, 0.15) - 0.01 * 1.5 * math.sqrt(3) - 1e-9).all()
     assert np.median(np.minimum(exact_distance, 0.15) - bound) < 0.005
 
 

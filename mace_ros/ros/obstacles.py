@@ -16,17 +16,36 @@ if TYPE_CHECKING:
     from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
 
 
+# Voxel grids up to this many cells are thinned with a dense lookup table (the workspace at 1 cm has
+# 9.3M): ~4x faster than sorting the voxel keys of a 1280 x 720 cloud.
+MAX_DENSE_VOXELS = 1 << 24
+
+
 def voxel_downsample(points: np.ndarray, voxel_size_m: float) -> np.ndarray:
-    """One point (the first) per occupied voxel; voxel_size_m <= 0 keeps every point."""
+    """One point (the first) per occupied voxel, in their original order; voxel_size_m <= 0 keeps every point."""
     if voxel_size_m <= 0.0 or points.shape[0] == 0:
         return points
-    cells = np.floor(points / voxel_size_m).astype(np.int64)
-    cells -= cells.min(0)
-    sizes = cells.max(0) + 1
-    if np.prod(sizes.astype(np.float64)) < 2.0**62:  # one int64 key per voxel: 1-D unique is ~10x faster
-        cells = (cells[:, 0] * sizes[1] + cells[:, 1]) * sizes[2] + cells[:, 2]
-    _, first = np.unique(cells, axis=0 if cells.ndim == 2 else None, return_index=True)
-    return points[np.sort(first)]
+    cells = []
+    for axis in range(3):  # 1-D passes: operations over an [N, 3] array's short rows cost ~2.5x more
+        column = np.floor(points[:, axis] * (1.0 / voxel_size_m)).astype(np.int64)
+        column -= column.min()
+        cells.append(column)
+    sizes = [int(column.max()) + 1 for column in cells]
+    count = float(np.prod(np.array(sizes, dtype=np.float64)))
+    if count > 2.0**62:  # no single int64 key per voxel
+        _, first = np.unique(np.stack(cells, 1), axis=0, return_index=True)
+        return points[np.sort(first)]
+    keys = (cells[0] * sizes[1] + cells[1]) * sizes[2] + cells[2]
+    if count > MAX_DENSE_VOXELS:
+        _, first = np.unique(keys, return_index=True)
+        return points[np.sort(first)]
+    owner = np.empty(int(count), dtype=np.int64)
+    owner[keys[::-1]] = np.arange(points.shape[0] - 1, -1, -1)  # repeated keys: the last write, the first point, stays
+    occupied = np.zeros(int(count), dtype=bool)
+    occupied[keys] = True
+    first = owner[np.flatnonzero(occupied)]
+    first.sort()
+    return points[first]
 
 
 @dataclass(frozen=True)
