@@ -312,8 +312,10 @@ class MaceNode(Node):
         if update.field is not None and merged is not None and self._field_device is not None:
             self._remember_field(merged, update.field)
         self.obstacles.set_cloud(update.sensor, points)
+        # Stamped as the cloud that changed it: a subscriber sees how old the model's view is.
+        header = Header(frame_id=self.base_frame, stamp=update.stamp)
         self._publish(self.obstacle_points_publisher, conversions.xyz_to_pointcloud2(
-            np.zeros((0, 3)) if merged is None else merged, self._base_header()))
+            np.zeros((0, 3)) if merged is None else merged, header))
         self.get_logger().debug(
             f"~/obstacle_cloud from '{update.sensor}': {0 if points is None else points.shape[0]} points applied "
             f"{(time.monotonic_ns() - update.received_ns) * 1e-9:.3f} s after it arrived")

@@ -1,0 +1,183 @@
+"""Depth-camera clouds streamed at a camera's rate while GetIK is called (issue 7, items 1 and 5).
+
+Starts the installed node (localhost-only DDS, a random ROS_DOMAIN_ID) and, for each cloud size,
+first calls GetIK without any cloud (the baseline), then publishes organized camera clouds
+(x, y, z, rgb float32 in 32-byte points: bench/reliability.py's `camera_cloud`, each stamped when
+sent) at --rate Hz for --seconds while calling GetIK one request at a time. Measures:
+- how often the node applies a cloud and how old the applied cloud is: ~/obstacle_points repeats
+  the stamp of the cloud it was built from, so its age on arrival is publish -> decoded, cropped,
+  thinned, self-filtered, distance field built, in the model -> echoed;
+- GetIK round trips and deadline violations (answered later than timeout_s + 0.1 s) with and without
+  the stream;
+- the node's RSS (the node and its intake process).
+
+    set +u; source install/setup.bash; set -u
+    .venv/bin/python bench/cloud_stream.py                 # -> bench/results/cloud_stream.json
+    .venv/bin/python bench/cloud_stream.py --seconds 5 --sizes 640x480 --out out/cloud_stream_small.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from geometry_msgs.msg import Point, Quaternion
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import JointState, PointCloud2
+
+from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
+from mace_ros.srv import GetIK
+from reliability import ARM_JOINTS, DEADLINE_SLACK_S, camera_cloud, percentile, repository_path, rss_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+# Goals above the streamed table top (z 0): the hand pointing down, 0.3-0.5 m up.
+GOALS = [(0.5, 0.0, 0.3), (0.4, 0.2, 0.4), (0.6, -0.2, 0.35), (0.45, -0.1, 0.5)]
+HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
+
+
+def node_rss_mb(pid: int) -> float | None:
+    """VmRSS of the node and its child processes (the intake), MB."""
+    own = rss_mb(pid)
+    if own is None:
+        return None
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = children.read_text().split() if children.exists() else []
+    return own + sum(rss_mb(int(child)) or 0.0 for child in pids)
+
+
+def ik_request(goal: tuple[float, float, float], timeout_s: float) -> GetIK.Request:
+    request = GetIK.Request()
+    request.goal.header.frame_id = "panda_link0"
+    request.goal.pose.position = Point(x=goal[0], y=goal[1], z=goal[2])
+    request.goal.pose.orientation = Quaternion(x=1.0, y=0.0, z=0.0, w=0.0)
+    request.timeout_s = timeout_s
+    return request
+
+
+def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, records: list[dict]) -> None:
+    """GetIK one request at a time until `stop`."""
+    index = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        response = client.get_ik(ik_request(GOALS[index % len(GOALS)], timeout_s), timeout_s=timeout_s + 30.0)
+        latency_s = time.monotonic() - started
+        records.append({"latency_s": latency_s, "success": bool(response.success), "code": int(response.error_code),
+                        "late": latency_s > timeout_s + DEADLINE_SLACK_S})
+        index += 1
+
+
+def summarize_requests(records: list[dict]) -> dict:
+    latencies = [record["latency_s"] for record in records]
+    return {"requests": len(records), "success": sum(record["success"] for record in records),
+            "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+            "max_s": max(latencies, default=None), "deadline_violations": sum(record["late"] for record in records)}
+
+
+def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespace, rng: np.random.Generator,
+             node_pid: int) -> dict:
+    publisher = client.node.create_publisher(PointCloud2, client.topic("obstacle_cloud"), QoSProfile(depth=1))
+    applied: list[tuple[float, float]] = []  # (arrival monotonic, age of the applied cloud s)
+
+    def on_points(message: PointCloud2) -> None:
+        stamp_ns = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
+        if stamp_ns and message.width:
+            applied.append((time.monotonic(), (client.node.get_clock().now().nanoseconds - stamp_ns) * 1e-9))
+
+    subscription = client.node.create_subscription(
+        PointCloud2, client.topic("obstacle_points"), on_points, QoSProfile(depth=10))
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    clouds = [camera_cloud(rng, width, height) for _ in range(3)]  # made before: the bench shares the CPU
+
+    baseline: list[dict] = []
+    stop = threading.Event()
+    timer = threading.Timer(args.seconds / 2, stop.set)
+    timer.start()
+    call_ik_until(client, stop, args.timeout, baseline)
+
+    streamed: list[dict] = []
+    stop = threading.Event()
+    caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed))
+    rss = [node_rss_mb(node_pid)]
+    published, started = 0, time.monotonic()
+    caller.start()
+    while time.monotonic() - started < args.seconds:
+        cloud = clouds[published % len(clouds)]
+        cloud.header.stamp = client.node.get_clock().now().to_msg()
+        publisher.publish(cloud)
+        published += 1
+        if published % int(args.rate) == 0:
+            rss.append(node_rss_mb(node_pid))
+        time.sleep(max(0.0, started + published / args.rate - time.monotonic()))
+    duration_s = time.monotonic() - started
+    stop.set()
+    caller.join()
+    time.sleep(1.0)  # the last clouds' echoes
+    in_window = [age for arrival, age in applied if started <= arrival <= started + duration_s]
+    client.node.destroy_subscription(subscription)
+    client.node.destroy_publisher(publisher)
+    return {
+        "cloud": f"{width}x{height}", "cloud_bytes": len(clouds[0].data), "rate_hz_asked": args.rate,
+        "published": published, "publish_rate_hz": published / duration_s,
+        "applied": len(in_window), "applied_rate_hz": len(in_window) / duration_s,
+        "applied_age_p50_s": percentile(in_window, 50), "applied_age_p95_s": percentile(in_window, 95),
+        "get_ik_without_stream": summarize_requests(baseline), "get_ik_while_streaming": summarize_requests(streamed),
+        "node_rss_mb": {"start": rss[0], "max": max(value for value in rss if value is not None), "end": rss[-1]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="640x480,1280x720", help="cloud sizes, WIDTHxHEIGHT, comma-separated")
+    parser.add_argument("--rate", type=float, default=30.0, help="clouds per second")
+    parser.add_argument("--seconds", type=float, default=20.0, help="streaming time per size")
+    parser.add_argument("--timeout", type=float, default=0.5, help="GetIK timeout_s")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cloud_stream.json")
+    parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "cloud_stream_node.log")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}
+    os.environ.update(isolation)
+    args.node_log.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    with args.node_log.open("w") as log:
+        node = NodeProcess(installed_executable(), [], env=isolation, log=log)
+        client = MaceClient("mace_cloud_stream")
+        try:
+            client.wait_for_services(300.0, alive=node)
+            MaceClient.when_loaded(lambda r: client.get_ik(r, timeout_s=60.0), ik_request(GOALS[0], 2.0), 300.0)
+            joints = client.node.create_publisher(JointState, "/joint_states", 10)
+            joints.publish(JointState(name=ARM_JOINTS, position=HOME))  # the self-filter's robot state
+            results = []
+            for size in args.sizes.split(","):
+                width, height = (int(v) for v in size.lower().split("x"))
+                joints.publish(JointState(name=ARM_JOINTS, position=HOME))
+                results.append(run_size(client, width, height, args, rng, node.process.pid))
+                print(json.dumps(results[-1], indent=1), flush=True)
+        finally:
+            client.close()
+            node.stop()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report = {"command": "bench/cloud_stream.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                             if k not in ("out", "node_log")),
+              "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "node_log": repository_path(args.node_log), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {repository_path(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
