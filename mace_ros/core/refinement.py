@@ -7,6 +7,7 @@ optionally without joint limits) the same solver diagnoses what blocks a goal.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,12 @@ from mace_ros.core.collision import TensorScene, TorchCollisionChecker
 from mace_ros.core.ik_domain import IKGoal, goal_errors
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector
 from mace_ros.core.scene import Scene
+
+
+@functools.lru_cache(maxsize=None)
+def float64_kinematics(device: torch.device) -> PandaKinematics:
+    """The float64 kinematics of a device, built once: building it (~10 ms on a CPU) cost every LM call that much."""
+    return PandaKinematics(device, torch.float64)
 
 
 def goal_cost(position_error_m: torch.Tensor, orientation_error_rad: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,7 @@ def refine_candidates(
     time.monotonic() reaches `deadline_at`. `checker` None ignores collisions; `respect_limits` False
     ignores the joint limits (both only to diagnose unsolvable goals).
     """
-    kinematics = PandaKinematics(q_initial.device, torch.float64)
+    kinematics = float64_kinematics(q_initial.device)
 
     def limited(q_new: torch.Tensor) -> torch.Tensor:
         return kinematics.clamp_to_limits(q_new) if respect_limits else q_new
@@ -132,7 +139,7 @@ def slide_clear(
     and those the full checker calls free are kept. Where random restarts rarely land in the few
     valid configurations (a hand deep in a cavity), this walks there from the many invalid ones.
     """
-    kinematics = PandaKinematics(q_initial.device, torch.float64)
+    kinematics = float64_kinematics(q_initial.device)
     q = kinematics.clamp_to_limits(q_initial.to(torch.float64)).clone()
     found = [(q.new_zeros(0, 7), q.new_zeros(0), q.new_zeros(0))]
     for iteration in range(1, iterations + 1):
