@@ -582,6 +582,7 @@ class TensorScene:
     cylinder_radius: torch.Tensor  # [Kc]
     cylinder_half_height: torch.Tensor  # [Kc]
     point_field: PointDistanceField | None
+    points: torch.Tensor  # [P, 3] the cloud, for the narrow phase ([0, 3] without one)
     box_polytopes: Polytopes  # [Kb] for the narrow phase
     cylinder_polytopes: Polytopes  # [Kc] circumscribed prisms
 
@@ -602,6 +603,7 @@ class TensorScene:
             cylinder_radius=tensor([c.radius for c in scene.cylinders], ()),
             cylinder_half_height=tensor([c.half_height for c in scene.cylinders], ()),
             point_field=None if scene.points is None else PointDistanceField.cached(scene.points, point_resolution_m, point_truncation_m, device, dtype),
+            points=torch.zeros((0, 3), dtype=dtype, device=device) if scene.points is None else torch.tensor(scene.points, dtype=dtype, device=device),
             box_polytopes=Polytopes.stack(
                 [_posed_polytope("box", np.asarray(b.half_extents), b.rotation, np.asarray(b.center)) for b in scene.boxes], device, dtype
             ),
@@ -699,6 +701,14 @@ class TorchCollisionChecker:
         low, high = self.polytopes.hull.vertices.amin(1), self.polytopes.hull.vertices.amax(1)
         self._hull_centers = (low + high) / 2  # [Lp, 3]
         self._hull_radii = (self.polytopes.hull.vertices - self._hull_centers[:, None]).norm(dim=-1).amax(1)  # [Lp]
+        # Each polytope row's spheres (link frame), padded with radius -inf: they contain the link's hull.
+        per_row = [self.spheres.link_slices[name] for name in sorted(self.polytopes.row_of_link, key=self.polytopes.row_of_link.get)]
+        most = max(part.stop - part.start for part in per_row)
+        self._row_sphere_centers = torch.zeros(len(per_row), most, 3, dtype=dtype, device=self.device)
+        self._row_sphere_radii = torch.full((len(per_row), most), -float("inf"), dtype=dtype, device=self.device)
+        for row, part in enumerate(per_row):
+            self._row_sphere_centers[row, :part.stop - part.start] = self.spheres.centers[part]
+            self._row_sphere_radii[row, :part.stop - part.start] = self.spheres.radii[part]
         # A cloud's distance field only has to be right below the largest distance that can decide a
         # collision; two cells more absorb the lookup's slack.
         self._point_truncation_m = float(self.spheres.radii.max()) + self.collision_margin_m + 2 * self.point_resolution_m
@@ -748,16 +758,18 @@ class TorchCollisionChecker:
         return torch.stack(gaps)
 
     def _scene_link_gaps(self, centers: torch.Tensor, tensor_scene: TensorScene) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sphere-model gaps to the scene: per (scene link, primitive) [Ls, K, B], and to the cloud [B] (+inf without one)."""
+        """Sphere-model gaps to the scene: per (scene link, primitive) [Ls, K, B], and per scene link to the
+        cloud [Ls, B] (+inf without one)."""
         scene_centers = centers.index_select(1, self.scene_sphere_index)  # [3, S', B]
         count, batch = scene_centers.shape[1], scene_centers.shape[2]
         flat = scene_centers.reshape(3, -1)
-        cloud_gap = torch.full((batch,), float("inf"), dtype=self.dtype, device=self.device)
+        cloud_gaps = torch.full((len(self._scene_link_slices), batch), float("inf"), dtype=self.dtype, device=self.device)
         if tensor_scene.point_field is not None:
-            cloud_gap = (tensor_scene.point_field.lower_bound(flat).view(count, batch) - self._scene_radii[:, None]).amin(0)
+            sphere_gaps = tensor_scene.point_field.lower_bound(flat).view(count, batch) - self._scene_radii[:, None]
+            cloud_gaps = torch.stack([sphere_gaps[link].amin(0) for link in self._scene_link_slices])
         gaps = tensor_scene.primitive_distances(flat).view(tensor_scene.num_primitives, count, batch) - self._scene_radii[None, :, None]
         link_gaps = torch.stack([gaps[:, link].amin(1) for link in self._scene_link_slices]) if gaps.shape[0] else gaps.new_zeros(len(self._scene_link_slices), 0, batch)
-        return link_gaps, cloud_gap
+        return link_gaps, cloud_gaps
 
     def clearances(self, q: torch.Tensor, scene: Scene | TensorScene | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sphere-model (scene clearance, self clearance) [B] each in metres, differentiable wrt q.
@@ -770,7 +782,8 @@ class TorchCollisionChecker:
         q = q.to(device=self.device, dtype=self.dtype)
         tensor_scene = self._tensor_scene(scene)
         centers = self.spheres.world_centers(self.kinematics.link_transforms(q))  # [3, S, B]
-        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
+        link_gaps, cloud_gaps = self._scene_link_gaps(centers, tensor_scene)
+        cloud_gap = cloud_gaps.amin(0)
         scene_clearance = torch.minimum(cloud_gap, link_gaps.flatten(0, 1).amin(0)) if link_gaps.shape[1] else cloud_gap
         self_clearance = torch.minimum(self.wrist_table.lower_bound(q[:, 5], q[:, 6]), self._self_pair_gaps(centers).amin(0))
         return scene_clearance, self_clearance
@@ -787,9 +800,9 @@ class TorchCollisionChecker:
         q = q.to(device=self.device, dtype=self.dtype)
         tensor_scene = self._tensor_scene(scene)
         centers = self.spheres.world_centers(self.kinematics.link_transforms(q))
-        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
+        link_gaps, cloud_gaps = self._scene_link_gaps(centers, tensor_scene)
         scene_target = clearance_m + self.collision_margin_m
-        cost = (scene_target - link_gaps).clamp_min(0.0).square().sum((0, 1)) + (scene_target - cloud_gap).clamp_min(0.0).square()
+        cost = (scene_target - link_gaps).clamp_min(0.0).square().sum((0, 1)) + (scene_target - cloud_gaps).clamp_min(0.0).square().sum(0)
         cost = cost + (clearance_m - self._self_pair_gaps(centers)).clamp_min(0.0).square().sum(0)
         return cost + (-self.wrist_table.lower_bound(q[:, 5], q[:, 6])).clamp_min(0.0).square()
 
@@ -860,52 +873,74 @@ class TorchCollisionChecker:
 
     def points_meet_links(self, q: torch.Tensor, points: torch.Tensor, pad_m: float) -> torch.Tensor:
         """[B] whether any point [P, 3] (base frame) comes within pad_m of the hull of a link that collides with
-        the scene, at configurations q [B, 7]: a cloud against the links' exact collision hulls.
+        the scene, at configurations q [B, 7]: a cloud against the links' exact collision hulls (see
+        `_links_meet_points`)."""
+        q = q.to(device=self.device, dtype=self.dtype)
+        points = points.to(device=self.device, dtype=self.dtype)
+        rows = self._scene_link_rows
+        config = torch.arange(q.shape[0], device=self.device).repeat_interleave(rows.numel())
+        hits = torch.zeros(q.shape[0], dtype=torch.bool, device=self.device)
+        with torch.no_grad():
+            meet = self._links_meet_points(self.kinematics.link_transforms(q), config, rows.repeat(q.shape[0]), points, pad_m)
+        hits[config[meet]] = True
+        return hits
+
+    def _links_meet_points(
+        self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, points: torch.Tensor, pad_m: float
+    ) -> torch.Tensor:
+        """[P] whether any cloud point [N, 3] comes within pad_m of the hull of link rows[p] at configuration config[p].
 
         A point within pad_m of a convex hull is within pad_m of every facet plane, so the test never
         misses a contact; beyond the hull's edges and vertices it reports up to pad_m x (sqrt(3) - 1)
-        more than the true distance would. Only the points inside a link's bounding sphere are tested.
+        more than the true distance would. Only the points inside the link's bounding sphere, and then
+        inside one of its collision spheres (which contain the hull), meet the planes.
         """
-        q = q.to(device=self.device, dtype=self.dtype)
-        points = points.to(device=self.device, dtype=self.dtype)
-        hits = torch.zeros(q.shape[0], dtype=torch.bool, device=self.device)
-        if q.shape[0] == 0 or points.shape[0] == 0:
+        hits = torch.zeros(config.shape[0], dtype=torch.bool, device=self.device)
+        if config.numel() == 0 or points.shape[0] == 0:
             return hits
-        rows = self._scene_link_rows
         planes = self.polytopes.hull.planes
-        reach = self._hull_radii[rows] + pad_m  # [Ls]
-        with torch.no_grad():
-            frames = self.kinematics.link_transforms(q)[:, self.polytopes.link_index[rows]]  # [B, Ls, 4, 4]
-            rotation, translation = frames[..., :3, :3], frames[..., :3, 3]
-            centers = (rotation @ self._hull_centers[rows][..., None])[..., 0] + translation  # [B, Ls, 3]
-            step = max(1, self._max_elements // (rows.numel() * points.shape[0]))
-            for start in range(0, q.shape[0], step):
-                block = centers[start:start + step].reshape(-1, 3)
-                pair, point = torch.nonzero(torch.cdist(block, points) < reach.repeat(block.shape[0] // rows.numel())[:, None], as_tuple=True)
-                config, link = pair // rows.numel() + start, pair % rows.numel()
-                for part in self._narrow_chunks(pair.numel(), planes.shape[1]):
-                    c, l = config[part], link[part]
-                    local = ((points[point[part]] - translation[c, l])[:, None] @ rotation[c, l])[:, 0]  # R^T (p - t)
-                    face = planes[rows[l]]  # [n, F, 4]
-                    inside = ((face[..., :3] @ local[..., None])[..., 0] - face[..., 3]).amax(-1) < pad_m
-                    hits[c[inside]] = True
+        frame = frames[config, self.polytopes.link_index[rows]]  # [P, 4, 4]
+        rotation, translation = frame[:, :3, :3], frame[:, :3, 3]
+        centers = (rotation @ self._hull_centers[rows][..., None])[..., 0] + translation  # [P, 3]
+        reach = self._hull_radii[rows] + pad_m
+        step = max(1, self._max_elements // points.shape[0])
+        for start in range(0, config.shape[0], step):
+            pair, point = torch.nonzero(
+                torch.cdist(centers[start:start + step], points) < reach[start:start + step, None], as_tuple=True)
+            pair = pair + start
+            for part in self._narrow_chunks(pair.numel(), self._row_sphere_radii.shape[1]):
+                near = pair[part]
+                local = ((points[point[part]] - translation[near])[:, None] @ rotation[near])[:, 0]  # R^T (p - t)
+                row = rows[near]
+                close = ((local[:, None] - self._row_sphere_centers[row]).norm(dim=-1) < self._row_sphere_radii[row] + pad_m).any(-1)
+                near, local = near[close], local[close]
+                for within in self._narrow_chunks(near.numel(), planes.shape[1]):
+                    face = planes[rows[near[within]]]  # [n, F, 4]
+                    inside = ((face[..., :3] @ local[within, :, None])[..., 0] - face[..., 3]).amax(-1) < pad_m
+                    hits[near[within][inside]] = True
         return hits
 
     def _check_batch(self, q: torch.Tensor, tensor_scene: TensorScene, narrow_phase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scene collision, self collision, sphere scene clearance, sphere self clearance) [B] each."""
         frames = self.kinematics.link_transforms(q)  # [B, L, 4, 4]
         centers = self.spheres.world_centers(frames)  # [3, S, B]
-        link_gaps, cloud_gap = self._scene_link_gaps(centers, tensor_scene)
-        # Clouds: the sphere model decides. Primitives: spheres clear a (link, obstacle) pair, or the narrow phase decides it.
-        scene_collision = cloud_gap < self.collision_margin_m
+        link_gaps, cloud_gaps = self._scene_link_gaps(centers, tensor_scene)
+        cloud_gap = cloud_gaps.amin(0)
+        # Spheres clear a (link, obstacle) pair or a (link, cloud) pair, or the narrow phase decides it.
         scene_clearance = torch.minimum(cloud_gap, link_gaps.flatten(0, 1).amin(0)) if link_gaps.shape[1] else cloud_gap
         undecided = link_gaps < self.collision_margin_m
+        cloud_undecided = cloud_gaps < self.collision_margin_m  # [Ls, B]
+        pad_m = self.collision_margin_m + BULLET_HULL_MARGIN_M + NARROW_PHASE_SLACK_M
         if not narrow_phase:
-            scene_collision |= undecided.flatten(0, 1).any(0)
+            scene_collision = undecided.flatten(0, 1).any(0) | cloud_undecided.any(0)
         else:
+            scene_collision = torch.zeros_like(cloud_gap, dtype=torch.bool)
+            link, config = torch.nonzero(cloud_undecided, as_tuple=True)
+            if config.numel():
+                hits = self._links_meet_points(frames, config, self._scene_link_rows[link], tensor_scene.points, pad_m)
+                scene_collision[config[hits]] = True
             link, obstacle, config = torch.nonzero(undecided, as_tuple=True)
             if config.numel():
-                pad_m = self.collision_margin_m + BULLET_HULL_MARGIN_M + NARROW_PHASE_SLACK_M
                 rows = self._scene_link_rows[link]
                 hits = torch.zeros_like(config, dtype=torch.bool)
                 num_boxes, num_spheres = tensor_scene.box_center.shape[0], tensor_scene.sphere_center.shape[0]
