@@ -35,22 +35,12 @@ from sensor_msgs.msg import JointState, PointCloud2
 
 from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
 from mace_ros.srv import GetIK
-from reliability import ARM_JOINTS, DEADLINE_SLACK_S, camera_cloud, percentile, repository_path, rss_mb
+from reliability import ARM_JOINTS, DEADLINE_SLACK_S, camera_cloud, node_rss_mb, percentile, repository_path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Goals above the streamed table top (z 0): the hand pointing down, 0.3-0.5 m up.
 GOALS = [(0.5, 0.0, 0.3), (0.4, 0.2, 0.4), (0.6, -0.2, 0.35), (0.45, -0.1, 0.5)]
 HOME = [0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]
-
-
-def node_rss_mb(pid: int) -> float | None:
-    """VmRSS of the node and its child processes (the intake), MB."""
-    own = rss_mb(pid)
-    if own is None:
-        return None
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    pids = children.read_text().split() if children.exists() else []
-    return own + sum(rss_mb(int(child)) or 0.0 for child in pids)
 
 
 def ik_request(goal: tuple[float, float, float], timeout_s: float) -> GetIK.Request:

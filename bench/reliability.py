@@ -11,7 +11,8 @@ Reports answers by error code (per service and per category), crashes (the node 
 restarted, up to --max-restarts), requests left unanswered, "engine error" messages (an input that
 reached an engine and broke it), p50/p95 latency (client round trip), deadline violations (an answer
 later than its timeout_s + 0.1 s; timeout_s 0 or invalid means the configured default), the node's
-RSS over time (VmRSS of /proc/<pid>/status) and how long it took to exit on SIGINT.
+RSS over time (VmRSS of the node and its child processes, the obstacle intake included) and how long
+it took to exit on SIGINT.
 
     set +u; source install/setup.bash; set -u
     .venv/bin/python bench/reliability.py --requests 10000      # -> bench/results/reliability.json
@@ -90,8 +91,18 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def node_rss_mb(pid: int) -> float | None:
+    """VmRSS of the node and its child processes (its obstacle intake), MB."""
+    own = rss_mb(pid)
+    if own is None:
+        return None
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = children.read_text().split() if children.exists() else []
+    return own + sum(rss_mb(int(child)) or 0.0 for child in pids)
+
+
 class RssSampler(threading.Thread):
-    """VmRSS of the current node process every `interval_s`, as (seconds since start, MB)."""
+    """VmRSS of the current node process and its children every `interval_s`, as (seconds since start, MB)."""
 
     def __init__(self, pid: Callable[[], int], interval_s: float) -> None:
         super().__init__(daemon=True)
@@ -102,7 +113,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            value = rss_mb(self.pid())
+            value = node_rss_mb(self.pid())
             if value is not None:
                 self.samples.append((round(time.monotonic() - self.start_time, 1), round(value, 1)))
 
