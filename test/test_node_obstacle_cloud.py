@@ -46,7 +46,7 @@ def node(ros_isolation, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def topics(node):
-    """(publish cloud, publish joint state, wait for ~/obstacle_points)."""
+    """(publish a cloud until applied, publish joint state, wait for ~/obstacle_points to satisfy a test)."""
     cloud_publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 1)
     joint_publisher = node.node.create_publisher(JointState, "/joint_states", 10)
     received: list[PointCloud2] = []
@@ -73,7 +73,16 @@ def topics(node):
                 return points
         pytest.fail(f"the node did not apply the cloud in {timeout_s} s")
 
-    yield apply_cloud, publish_joints
+    def wait_for_points(applied, timeout_s: float = 30.0) -> np.ndarray:
+        """~/obstacle_points once it satisfies applied(points [N, 3]), publishing nothing."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            node.executor.spin_once(timeout_sec=0.1)
+            if received and applied(points := pointcloud2_to_xyz(received[-1])):
+                return points
+        pytest.fail(f"~/obstacle_points did not show the expected points in {timeout_s} s")
+
+    yield apply_cloud, publish_joints, wait_for_points
     node.node.destroy_publisher(cloud_publisher)
     node.node.destroy_publisher(joint_publisher)
 
@@ -118,7 +127,7 @@ def get_ik(node, position: np.ndarray = GOAL) -> tuple[GetIK.Response, float]:
 
 
 def test_far_and_absurd_points_leave_get_ik_working(node, topics):
-    apply_cloud, publish_joints = topics
+    apply_cloud, publish_joints, _ = topics
     publish_joints(READY)
     far = np.array([[8.0, 0.0, 0.5], [1e6, 0.0, 0.0], [0.0, -1e6, 3e5], [-3e4, 2e4, -1e4]])
     points = apply_cloud(camera_cloud(np.concatenate([table(-0.01), far]), "panda_link0"),
@@ -131,7 +140,7 @@ def test_far_and_absurd_points_leave_get_ik_working(node, topics):
 
 
 def test_camera_cloud_at_the_goal_blocks_it_until_removed(node, topics):
-    apply_cloud, publish_joints = topics
+    apply_cloud, publish_joints, _ = topics
     publish_joints(READY)
     obstacle = blob(GOAL)
     apply_cloud(camera_cloud(np.concatenate([table(-0.01), obstacle]), "panda_link0"),
@@ -154,7 +163,7 @@ def hand_camera_pose(q: np.ndarray) -> np.ndarray:
 
 
 def test_eye_in_hand_camera_places_its_points_by_the_joint_state(node, topics):
-    apply_cloud, publish_joints = topics
+    apply_cloud, publish_joints, _ = topics
     seen = np.array([[0.0, 0.0, 0.35], [0.05, -0.03, 0.4]])  # in front of the camera (its z), clear of the fingers
     for q in (READY, READY + np.array([0.6, 0.2, 0.0, 0.3, 0.0, -0.2, 0.4])):
         publish_joints(q)
@@ -185,7 +194,7 @@ def robot_surface_points(q: np.ndarray, per_link: int = 400) -> np.ndarray:
 
 
 def test_the_robots_own_points_are_filtered_out(node, topics):
-    apply_cloud, publish_joints = topics
+    apply_cloud, publish_joints, _ = topics
     response, _ = get_ik(node)
     assert response.success, response.message
     q = np.array(response.solutions[0].position)  # the arm stands at the goal, seen by the camera
@@ -196,3 +205,24 @@ def test_the_robots_own_points_are_filtered_out(node, topics):
     assert np.linalg.norm(points[:, None] - robot[None, ::10], axis=2).min() > 0.02  # none of the robot's points kept
     response, _ = get_ik(node)
     assert response.success, response.message
+
+
+def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
+    """A hand camera streaming fast does not displace a table camera's one cloud on the same topic."""
+    apply_cloud, publish_joints, wait_for_points = topics
+    publish_joints(READY)
+    apply_cloud(camera_cloud(np.zeros((0, 3)), "panda_link0"), lambda p: p.shape[0] < 2000)  # no table yet
+    seen = np.array([[0.0, 0.0, 0.35]])
+    pose = hand_camera_pose(READY)
+    expected = seen @ pose[:3, :3].T + pose[:3, 3]
+    publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 10)
+    try:
+        hand, table_cloud = camera_cloud(seen, CAMERA_FRAME, 64, 48), camera_cloud(table(-0.01), "panda_link0")
+        for index in range(100):  # ~100 Hz for about a second, the table cloud once in the middle
+            cloud = table_cloud if index == 30 else hand
+            cloud.header.stamp = node.node.get_clock().now().to_msg()
+            publisher.publish(cloud)
+            node.executor.spin_once(timeout_sec=0.01)
+        wait_for_points(lambda p: p.shape[0] >= 2000 and np.linalg.norm(p - expected[0], axis=1).min() < 0.011)
+    finally:
+        node.node.destroy_publisher(publisher)

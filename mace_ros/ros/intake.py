@@ -41,7 +41,9 @@ RESTART_DELAY_S = 1.0
 PARENT_CHECK_PERIOD_S = 0.5
 # Environment variables through which a user configures Fast DDS's transports (see run_intake).
 DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
-INTAKE_EXECUTOR_THREADS = 3  # clouds, markers, joint states: each in its own callback group
+INTAKE_EXECUTOR_THREADS = 3
+# Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
+CLOUD_HISTORY_DEPTH = 4  # clouds, markers, joint states: each in its own callback group
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class IntakeNode(Node):
             JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
+        self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
+        self._pending_changed = threading.Condition()
+        threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
         # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
         self._cloud_topic = settings.cloud_topic
         self._cloud_group = MutuallyExclusiveCallbackGroup()
@@ -140,11 +145,32 @@ class IntakeNode(Node):
             self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
 
     def _subscribe_cloud(self, reliable: bool):
-        """Keep-last-1 (only the latest cloud matters), reliable or best effort."""
+        """Reliable or best effort, keeping a few clouds: one topic's history is shared by all its
+        publishers, and with keep-last-1 one camera's clouds could displace another's every time."""
         reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
         return self.create_subscription(
-            PointCloud2, self._cloud_topic, self.on_obstacle_cloud, QoSProfile(depth=1, reliability=reliability),
-            callback_group=self._cloud_group)
+            PointCloud2, self._cloud_topic, self.on_obstacle_cloud,
+            QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability), callback_group=self._cloud_group)
+
+    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+        """Keeps the cloud as its sensor's (frame_id's) latest, replacing one still waiting, for the
+        processing thread: the queue never holds stale clouds, and every sensor gets its turn."""
+        with self._pending_changed:
+            self._pending.pop(cloud.header.frame_id, None)  # re-inserted last: sensors are served in arrival order
+            self._pending[cloud.header.frame_id] = (cloud, time.monotonic_ns())
+            self._pending_changed.notify()
+
+    def _process_clouds(self) -> None:
+        """The processing thread: the longest-waiting sensor's latest cloud, one at a time."""
+        while True:
+            with self._pending_changed:
+                self._pending_changed.wait_for(lambda: bool(self._pending))
+                sensor = next(iter(self._pending))
+                cloud, received_ns = self._pending.pop(sensor)
+            try:
+                self.process_cloud(cloud, received_ns)
+            except Exception as error:  # a bad cloud must not end the thread
+                self.get_logger().error(f"~/obstacle_cloud from '{sensor}' not processed: {type(error).__name__}: {error}")
 
     def _match_cloud_publishers(self) -> None:
         """Subscribe reliably when every cloud publisher is reliable, best effort otherwise.
@@ -164,10 +190,9 @@ class IntakeNode(Node):
             self._cloud_subscription = self._subscribe_cloud(reliable)
             self.get_logger().info(f"{self._cloud_topic}: subscribed {'reliable' if reliable else 'best effort'} to match its publishers")
 
-    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+    def process_cloud(self, cloud: PointCloud2, received_ns: int) -> None:
         """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
         points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
-        received_ns = time.monotonic_ns()
         sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
         try:
             to_base = self.frames.to_base(sensor, stamp_ns)
