@@ -3,16 +3,21 @@
 For each observation (an unseen object grasped by simulated fingers), each method draws 49 shapes;
 we report their mean grasp score and diversity (mean pairwise Chamfer distance), averaged over
 observations, in three settings:
-- in distribution: objects of the training families, the default 5 horizontal fingers (the CVAE's);
+- in distribution: objects of the training families, the paper's 5 horizontal fingers (the CVAE's,
+  `cvae.PAPER_NUM_FINGERS`; not the node's default Panda hand);
 - OOD fingers: the same kind of objects grasped by a finger set the CVAE never saw (four fingers
   from 30° above on the diagonals and one from the top), still 5 fingers so the CVAE can be fed;
-- OOD object: objects of the held-out family (`datasets.HELD_OUT_FAMILY`) with the default fingers.
+- OOD object: objects of the held-out family (`datasets.HELD_OUT_FAMILY`) with the paper's fingers.
 MACE tunes the VAE's latent prior with the paper's grasp preset (N 256, M 32, q 1/16, lr 2e-4;
 `--learning-rate` overrides the lr for short CPU budgets) for `--iterations` iterations; IS gets the
 same preset and the same wall-clock time as MACE had on that observation; the CVAE samples given the
 contacts; the prior ignores them.
 Tuning time to reach a target score: the first iteration whose batch of N samples scores at least
 `--target-score` on average (and the CVAE's in-distribution mean score, the baseline to beat).
+`--record-at 0,25,50` also records the returned posterior's score and diversity against iterations:
+after each listed number of MACE iterations, 49 samples of θ then (of the best θ seen so far with
+`--best-theta`, as the engine returns), drawn with the observation's seed, so that 0 gives the prior's
+samples; the time spent recording is left out of MACE's tuning time (and so of IS's budget).
 
     # the engine's CPU setting (lr 1e-3): bench/results/shape_inference.json, shape_fig1.png
     PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 20 --num-ood 10 --iterations 50 \
@@ -20,10 +25,15 @@ Tuning time to reach a target score: the first iteration whose batch of N sample
     # the paper's lr 2e-4 with the same budget: bench/results/shape_inference_paper_lr.json, shape_fig1_paper_lr.png
     PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 20 --num-ood 10 --iterations 50 \
         --threads 1 --out bench/results/shape_inference_paper_lr.json --figure bench/results/shape_fig1_paper_lr.png
+    # the engine's settings, score and diversity against iterations (BENCHMARKS.md, issue 9 item 2)
+    PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 3 --num-ood 2 --iterations 300 \
+        --learning-rate 1e-3 --best-theta --min-std-ratio 0.8 --record-at 0,25,50,100,200,300 --threads 1 \
+        --out bench/results/shape_iterations.json --figure bench/results/shape_iterations.png
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -37,7 +47,7 @@ import torch
 
 from mace_ros.core.mace import PAPER_PRESETS, MacePreset, importance_sampling_tune, mace_tune
 from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
-from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, load_shape_cvae
+from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, PAPER_NUM_FINGERS, load_shape_cvae
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_dataset
 from mace_ros.core.shape.simulators import DEFAULT_LENGTH_SCALE_M, GraspDomain, finger_directions
 from mace_ros.core.shape.training import device_name
@@ -50,7 +60,15 @@ GROUND_TRUTH_POINTS = 2048  # observations come from dense clouds, closer to a r
 
 
 def ood_finger_directions() -> torch.Tensor:
-    return finger_directions(5, from_above=True, elevation_rad=math.pi / 6, azimuth_offset_rad=math.pi / 4)
+    return finger_directions(PAPER_NUM_FINGERS, from_above=True, elevation_rad=math.pi / 6, azimuth_offset_rad=math.pi / 4)
+
+
+def iteration_counts(text: str) -> list[int]:
+    """'0,25,50' -> [0, 25, 50] (sorted, unique, non-negative)."""
+    counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    if counts and counts[0] < 0:
+        raise argparse.ArgumentTypeError(f"iteration counts must be >= 0, got {text}")
+    return counts
 
 
 def tuning_preset(args: argparse.Namespace) -> MacePreset:
@@ -65,6 +83,13 @@ def time_to_target(history: list[float], iteration_times: list[float], target: f
         if mean_score >= target:
             return elapsed
     return None
+
+
+def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, num_samples: int, seed: int) -> dict[str, float]:
+    """Mean score and diversity of `num_samples` samples of `prior`, drawn with `seed`."""
+    with torch.no_grad():
+        samples = prior.sample(num_samples, torch.Generator().manual_seed(seed))
+        return {"score": float(domain.score(samples).mean()), "diversity_m2": pairwise_chamfer_diversity(samples)}
 
 
 def run_observation(
@@ -85,20 +110,35 @@ def run_observation(
     iteration_times: list[float] = []
     prior.bound_std(args.min_std_ratio)
     best_theta: dict = {"mean": -math.inf, "theta": None}
+    curve: list[dict] = []  # the returned posterior after each of args.record_at iterations
+    recording = {"s": 0.0}
 
-    def on_iteration(_: int, scores: torch.Tensor) -> None:
-        iteration_times.append(time.monotonic() - started)
+    def returned_posterior() -> MaceVAEPrior:
+        """θ now, or (--best-theta) a copy holding the best-scoring θ seen, θ_0 included, as the engine returns."""
+        if best_theta["theta"] is None:
+            return prior
+        best = copy.deepcopy(prior)
+        with torch.no_grad():
+            for parameter, value in zip(best.tunable_parameters(), best_theta["theta"]):
+                parameter.copy_(value)
+        return best
+
+    def on_iteration(iteration: int, scores: torch.Tensor) -> None:
+        iteration_times.append(time.monotonic() - started - recording["s"])
         if args.best_theta and float(scores.mean()) > best_theta["mean"]:
             best_theta.update(mean=float(scores.mean()), theta=[p.detach().clone() for p in prior.tunable_parameters()])
+        if iteration in args.record_at:
+            recording_started = time.monotonic()
+            curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args.num_samples, seed)})
+            recording["s"] += time.monotonic() - recording_started
 
     result = mace_tune(prior, domain, preset, generator=generator, on_iteration=on_iteration, after_step=prior.project)
-    if best_theta["theta"] is not None:  # as the engine does: the best-scoring θ seen, θ_0 included
-        with torch.no_grad():
-            for parameter, value in zip(prior.tunable_parameters(), best_theta["theta"]):
-                parameter.copy_(value)
+    prior = returned_posterior()
+    if result.iterations_done in args.record_at:
+        curve.append({"iterations": result.iterations_done, **score_and_diversity(prior, domain, args.num_samples, seed)})
     samples["mace"] = prior.sample(args.num_samples, generator)
-    row.update(mace_tuning_s=result.elapsed_s, mace_iterations=result.iterations_done,
-               mace_history=result.mean_score_history, mace_iteration_times_s=iteration_times)
+    row.update(mace_tuning_s=result.elapsed_s - recording["s"], mace_iterations=result.iterations_done,
+               mace_history=result.mean_score_history, mace_iteration_times_s=iteration_times, mace_curve=curve)
     prior = MaceVAEPrior(vae)
     generator = torch.Generator().manual_seed(seed)
     result = importance_sampling_tune(prior, domain, preset, deadline_s=row["mace_tuning_s"], generator=generator)
@@ -130,6 +170,11 @@ def summarize(rows: list[dict], target_scores: dict[str, float]) -> dict:
         summary[method]["tuning_s_mean"] = float(np.mean([row[f"{method}_tuning_s"] for row in rows]))
         summary[method]["iterations_mean"] = float(np.mean([row[f"{method}_iterations"] for row in rows]))
     summary["mace"]["mean_score_history"] = np.mean([row["mace_history"] for row in rows], axis=0).tolist()
+    summary["mace"]["curve"] = [
+        {"iterations": points[0]["iterations"], "score_mean": float(np.mean([p["score"] for p in points])),
+         "diversity_m2_mean": float(np.mean([p["diversity_m2"] for p in points]))}
+        for points in zip(*(row["mace_curve"] for row in rows))
+    ]
     for name, target in target_scores.items():
         times = [time_to_target(row["mace_history"], row["mace_iteration_times_s"], target) for row in rows]
         reached = [t for t in times if t is not None]
@@ -198,11 +243,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
     parser.add_argument("--best-theta", action="store_true",
                         help="MACE samples from the best-scoring theta seen (theta_0 included), as the engine does")
+    parser.add_argument("--record-at", type=iteration_counts, default=[], metavar="T1,T2,...",
+                        help="also record the returned posterior's score and diversity after these MACE iteration counts "
+                             "(each at most --iterations)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_inference.json")
     parser.add_argument("--figure", type=Path, default=ROOT / "bench/results/shape_fig1.png")
     args = parser.parse_args(argv)
+    if any(count > args.iterations for count in args.record_at):
+        parser.error(f"--record-at {args.record_at} goes beyond --iterations {args.iterations}")
 
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
@@ -214,9 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     in_distribution, _ = generate_tabletop_dataset(args.num_observations, GROUND_TRUTH_POINTS, seed=1000 + args.seed)
     ood_objects, _ = generate_tabletop_dataset(args.num_ood, GROUND_TRUTH_POINTS, seed=2000 + args.seed, families=[HELD_OUT_FAMILY])
     settings = {
-        "in_distribution": (in_distribution, finger_directions(5)),
+        "in_distribution": (in_distribution, finger_directions(PAPER_NUM_FINGERS)),
         "ood_fingers": (in_distribution[: args.num_ood], ood_finger_directions()),
-        "ood_object": (ood_objects, finger_directions(5)),
+        "ood_object": (ood_objects, finger_directions(PAPER_NUM_FINGERS)),
     }
     results: dict = {
         "command": command,
@@ -226,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": dataclasses.asdict(tuning_preset(args)),
         "min_std_ratio": args.min_std_ratio,
         "best_theta": args.best_theta,
+        "record_at": args.record_at,
         "finger_radius_m": density_matched_finger_radius(vae.num_points),
         "length_scale_m": DEFAULT_LENGTH_SCALE_M,
         "settings": {},
@@ -259,6 +310,13 @@ def main(argv: list[str] | None = None) -> None:
             for m in METHODS))
         times = {k: v for k, v in summary["mace"].items() if k.startswith("time_to")}
         print(f"  MACE {summary['mace']['tuning_s_mean']:.1f} s, IS {summary['is']['iterations_mean']:.1f} iterations in the same time; {json.dumps(times)}")
+        cvae = summary["cvae"]
+        for point in summary["mace"]["curve"]:
+            ratio = point["diversity_m2_mean"] / cvae["diversity_m2_mean"]
+            meets = ratio >= 3.0 and point["score_mean"] >= cvae["score_mean"]
+            print(f"  MACE after {point['iterations']} iterations: score {point['score_mean']:.3f}, diversity "
+                  f"{point['diversity_m2_mean'] * 1e4:.2f} cm² = {ratio:.1f}x the CVAE's (CVAE score {cvae['score_mean']:.3f}): "
+                  f"diversity >= 3x the CVAE's at a score >= the CVAE's {'holds' if meets else 'does not hold'}")
     print(f"wrote {args.out} and {args.figure} ({results['wall_time_s']:.0f} s on {device})")
 
 

@@ -1,14 +1,15 @@
 """The paper's CVAE baseline (§4.1): shapes conditioned on grasp contacts.
 
-Same encoder and decoder as the VAE prior (`vae.py`); the condition is the k observed contacts of the
-default finger set (`simulators.finger_directions(DEFAULT_NUM_FINGERS)`), relative to the object
-origin in network units, flattened (k·3), plus a per-finger validity flag (a finger that touched
-nothing has a NaN contact, fed as zeros with flag 0). The encoder sees (cloud, condition): the
-condition joins the pooled PointNet feature. The decoder sees (z, embedded condition). The latent
-prior is the standard CVAE's fixed N(0, σ_z² I), for training and sampling. (The VAE's ex-post fit
-of the aggregate posterior, `vae.LatentPriorFit`, does not suit a conditional model: after a short
-training its z still carries what c says, so z drawn from the aggregate contradicts the contacts;
-measured on 12 objects: mean score 0.62 with the fit, 0.68 without, diversity 12.7 vs 1.2 cm².)
+Same encoder and decoder as the VAE prior (`vae.py`); the condition is the k observed contacts of
+the paper's finger set (`simulators.finger_directions(PAPER_NUM_FINGERS)`: 5 horizontal fingers, not
+the node's default Panda hand), relative to the object origin in network units, flattened (k·3),
+plus a per-finger validity flag (a finger that touched nothing has a NaN contact, fed as zeros with
+flag 0). The encoder sees (cloud, condition): the condition joins the pooled PointNet feature. The
+decoder sees (z, embedded condition). The latent prior is the standard CVAE's fixed N(0, σ_z² I),
+for training and sampling. (The VAE's ex-post fit of the aggregate posterior, `vae.LatentPriorFit`,
+does not suit a conditional model: after a short training its z still carries what c says, so z
+drawn from the aggregate contradicts the contacts; measured on 12 objects: mean score 0.62 with the
+fit, 0.68 without, diversity 12.7 vs 1.2 cm².)
 
 Trained on (object, simulated contacts) pairs (`training.py --model cvae`). It only understands the
 finger set it was trained with: that is the baseline's weakness the paper's Fig. 1 shows out of
@@ -33,7 +34,7 @@ from mace_ros.core.shape.vae import (
 from mace_ros.core.weights import DATA_DIR, load_sized_model
 
 DEFAULT_CVAE_WEIGHTS = DATA_DIR / "shape_cvae.safetensors"
-DEFAULT_NUM_FINGERS = 5  # the paper's hand: 5 horizontal fingers
+PAPER_NUM_FINGERS = 5  # the paper's hand, which the CVAE is trained on: 5 horizontal fingers
 CONDITION_EMBEDDING_WIDTH = 128  # the authors' conditional model's `cond_size`
 
 
@@ -52,7 +53,7 @@ class ContactCVAE(nn.Module):
     def __init__(
         self,
         num_points: int,
-        num_contacts: int = DEFAULT_NUM_FINGERS,
+        num_contacts: int = PAPER_NUM_FINGERS,
         latent_dim: int = DEFAULT_LATENT_DIM,
         prior_std: float = PAPER_PRIOR_STD,
         scale_m: float = DEFAULT_SCALE_M,
@@ -101,7 +102,7 @@ class ContactCVAE(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Clouds [n, P, 3] in metres around `origin`, given contacts [k, 3] in metres ordered like the
-        default finger set (NaN rows for fingers that touched nothing)."""
+        paper's finger set (NaN rows for fingers that touched nothing)."""
         if contacts_m.shape != (self.num_contacts, 3):
             raise ValueError(f"the CVAE takes the contacts of its {self.num_contacts} fingers [k, 3], got {tuple(contacts_m.shape)}")
         scale_m = float(self.scale_m)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from mace_ros.core.shape.chamfer import chamfer_distance
-from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, DEFAULT_NUM_FINGERS, ContactCVAE, contact_features
+from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, PAPER_NUM_FINGERS, ContactCVAE, contact_features
 from mace_ros.core.shape.datasets import FAMILIES, HELD_OUT_FAMILY, TRAINING_FAMILIES, ShapeDataset, generate_box_dataset, generate_tabletop_dataset
 from mace_ros.core.shape.vae import DEFAULT_LATENT_DIM, DEFAULT_SCALE_M, DEFAULT_VAE_WEIGHTS, PAPER_PRIOR_STD, PointCloudVAE
 from mace_ros.core.shape.simulators import finger_directions, grasp_contacts
@@ -101,13 +101,13 @@ def load_or_generate(kind: str, num_objects: int, num_points: int, seed: int, fa
 def contact_conditions(
     train_clouds: torch.Tensor, validation_clouds: torch.Tensor, held_out_clouds: torch.Tensor, scale_m: float
 ) -> ConditionSet:
-    """The CVAE's conditions: each object's contacts with the default finger set, from the grasp simulator.
+    """The CVAE's conditions: each object's contacts with the paper's finger set, from the grasp simulator.
 
     Clouds are in network units; the simulator works in metres, with the finger radius matched to
     the clouds' point density as the engine does.
     """
     num_points = train_clouds.shape[1]
-    directions = finger_directions(DEFAULT_NUM_FINGERS, dtype=train_clouds.dtype, device=train_clouds.device)
+    directions = finger_directions(PAPER_NUM_FINGERS, dtype=train_clouds.dtype, device=train_clouds.device)
     radius_m = density_matched_finger_radius(num_points)
 
     def features(clouds: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ def contact_conditions(
         return contact_features(contacts, None, scale_m)
 
     metadata = {
-        "num_contacts": DEFAULT_NUM_FINGERS,
+        "num_contacts": PAPER_NUM_FINGERS,
         "finger_directions": directions.tolist(),
         "finger_radius_m": radius_m,
     }
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out or DEFAULT_VAE_WEIGHTS
     else:
         conditions = contact_conditions(train_clouds, validation_clouds, held_out_clouds, args.scale_m)
-        model = ContactCVAE(num_points, DEFAULT_NUM_FINGERS, args.latent_dim, args.prior_std, args.scale_m, encoder_points).to(device)
+        model = ContactCVAE(num_points, PAPER_NUM_FINGERS, args.latent_dim, args.prior_std, args.scale_m, encoder_points).to(device)
         out = args.out or DEFAULT_CVAE_WEIGHTS
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate)
