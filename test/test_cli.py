@@ -10,7 +10,7 @@ import pytest
 
 from mace_ros.__main__ import main, write_shapes
 
-CONTACTS = "0.04,0,0;-0.04,0,0;0,0.03,0;0,-0.03,0"
+CONTACTS = "0,0.04,0;0,-0.04,0"  # a Panda hand grasp (the default fingers)
 
 
 def read_ply(path):

@@ -28,7 +28,7 @@ NODE_NAME = "mace_fr3"
 ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5"]
 ENGINE_WAIT_S = 180.0
 FR3_JOINTS = [f"fr3_joint{i}" for i in range(1, 8)]
-CONTACTS = [Point(x=0.54, y=0.0, z=0.1), Point(x=0.46, y=0.0, z=0.1), Point(x=0.5, y=0.04, z=0.1)]
+CONTACTS = [Point(x=0.5, y=0.04, z=0.1), Point(x=0.5, y=-0.04, z=0.1)]  # a Panda hand's top-down grasp
 
 
 @pytest.fixture(scope="module")

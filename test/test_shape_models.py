@@ -14,11 +14,18 @@ import torch
 pytest.importorskip("trimesh")
 
 from mace_ros.core.mace import PAPER_PRESETS, importance_sampling_tune, mace_tune  # noqa: E402
+from mace_ros.core.resources import default_parameters  # noqa: E402
 from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, load_shape_cvae  # noqa: E402
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, sample_object  # noqa: E402
 from mace_ros.core.shape.simulators import GraspDomain, finger_directions, grasp_contacts  # noqa: E402
 from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, LatentPriorFit, MaceVAEPrior, gaussian_kl, load_shape_vae  # noqa: E402
-from mace_ros.core.shape_engine import CPU_BUDGET_LEARNING_RATE, ShapeEngine, ShapeRequest, density_matched_finger_radius  # noqa: E402
+from mace_ros.core.shape_engine import (  # noqa: E402
+    CPU_BUDGET_LEARNING_RATE,
+    DEFAULT_SHAPE_CONFIG,
+    ShapeEngine,
+    ShapeRequest,
+    density_matched_finger_radius,
+)
 from mace_ros.core.weights import WeightsError, metadata_path  # noqa: E402
 
 
@@ -214,7 +221,7 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
         ({"contacts": np.zeros((0, 3))}, "no observation"),
         ({"contacts": None}, "no observation"),
         ({"contacts": np.zeros((4, 2))}, r"\[k, 3\]"),
-        ({"contacts": np.ones((6, 3))}, "only 5 fingers"),
+        ({"contacts": np.ones((3, 3))}, "only 2 fingers"),
         ({"contacts": np.zeros((1, 3))}, "at the object origin"),
         ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "away from the side"),
         ({"contacts": None, "partial_cloud": np.zeros((3, 3))}, "fewer than"),
@@ -231,7 +238,7 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
     ],
 )
 def test_engine_refuses_invalid_requests(engine, change, reason):
-    fields = {"contacts": np.array([[0.05, 0.0, 0.0]]), "partial_cloud": None, "object_origin": np.zeros(3)}
+    fields = {"contacts": np.array([[0.0, 0.05, 0.0]]), "partial_cloud": None, "object_origin": np.zeros(3)}
     result = engine.infer(ShapeRequest(**{**fields, **change}))
     assert not result.success
     assert result.message.startswith("invalid request") and re.search(reason, result.message), result.message
@@ -247,6 +254,22 @@ def test_engine_config_checks_keys_and_takes_explicit_fingers():
     three_fingers = ShapeEngine({"finger_directions": [-2.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, -1.0, 0.0]})
     assert three_fingers.finger_directions.shape == (3, 3)
     assert np.allclose(np.linalg.norm(three_fingers.finger_directions, axis=1), 1.0)
+
+
+def test_default_fingers_are_the_panda_hand_and_other_hands_are_configurable(engine):
+    """Contacts without a direction are matched to a Panda hand pointing down: 2 fingers closing toward
+    each other along y. The engine's defaults are config/mace.yaml's, and the paper's 5 fingers are a
+    parameter away."""
+    assert default_parameters("shape") == {key: value for key, value in DEFAULT_SHAPE_CONFIG.items()
+                                           if key in default_parameters("shape")}
+    assert np.allclose(engine.finger_directions, [[0.0, -1.0, 0.0], [0.0, 1.0, 0.0]], atol=1e-12)
+    centre = np.array([0.5, 0.0, 0.1])
+    grasp = ShapeRequest(centre + [[0.0, -0.03, 0.0], [0.0, 0.03, 0.0]], None, centre)
+    assert engine.validate(grasp).fingers.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="away from the side"):
+        engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.03, 0.0, 0.0], [-0.03, 0.0, 0.0]]))
+    paper_hand = ShapeEngine({"num_fingers": 5, "finger_azimuth_offset_rad": 0.0})
+    assert np.allclose(paper_hand.finger_directions, finger_directions(5, dtype=torch.float64).numpy())
 
 
 def test_finger_lines_through_their_contacts():
@@ -298,7 +321,7 @@ def test_engine_takes_side_and_combined_grasps_with_their_own_directions(engine)
     assert combined.success, combined.message
     # A zero direction marks a contact without one: matched to the configured fingers like before.
     mixed = np.vstack([directions[:2], np.zeros((1, 3))])
-    observation = engine.validate(ShapeRequest(np.vstack([contacts[:2], centre + [0.04, 0.0, 0.0]]), None, centre, contact_directions=mixed))
+    observation = engine.validate(ShapeRequest(np.vstack([contacts[:2], centre + [0.0, 0.04, 0.0]]), None, centre, contact_directions=mixed))
     assert observation.fingers.tolist() == [-1, -1, 0] and observation.anchored.tolist() == [True, True, False]
 
 

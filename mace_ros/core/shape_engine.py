@@ -9,8 +9,10 @@ Frames and conventions (the request's frame is the robot base frame, z up):
 - shapes are generated the way the training objects were made: the object's bounding-box centre at
   `object_origin`, resting direction +z, any yaw;
 - the fingers close toward `object_origin` along the configured travel directions
-  (`finger_directions`, default: `simulators.finger_directions(num_fingers, ...)`, the paper's
-  5 horizontal fingers);
+  (`finger_directions`, default: `simulators.finger_directions(num_fingers, ...)` with the Panda
+  hand's 2 fingers closing toward each other along the base y axis, its closing axis when it points
+  down at the package's default orientation, quaternion (x, y, z, w) = (1, 0, 0, 0); the paper's 5
+  horizontal fingers are num_fingers 5, finger_azimuth_offset_rad 0);
 - a contact that comes with its finger's travel direction (`ShapeRequest.contact_directions`, a
   gripper's own report: any number of fingers and grasps) is simulated by a finger moving along that
   direction on the line through the contact itself; it needs no finger set and no angle to the
@@ -113,6 +115,11 @@ MIN_DIRECTION_NORM = 1e-9
 FINAL_SAMPLING_SAFETY = 1.5
 DIVERSITY_TIME_SHARE = 0.1
 
+# The default finger set, for contacts without a direction: the Panda hand pointing down, its two
+# fingers starting at +y and -y and closing toward each other.
+PANDA_HAND_NUM_FINGERS = 2
+PANDA_HAND_AZIMUTH_OFFSET_RAD = math.pi / 2
+
 DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "weights_path": "",
     "num_samples": 16,
@@ -125,9 +132,9 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "tuning_grad_steps": 0,
     "tuning_elite_quantile": 0.0,
     "result_samples": "posterior",
-    "num_fingers": 5,
+    "num_fingers": PANDA_HAND_NUM_FINGERS,
     "finger_elevation_rad": 0.0,
-    "finger_azimuth_offset_rad": 0.0,
+    "finger_azimuth_offset_rad": PANDA_HAND_AZIMUTH_OFFSET_RAD,
     "finger_from_above": False,
     "finger_directions": [],
     "finger_matching": "direction",
