@@ -9,8 +9,9 @@ requests with different random seeds to `IKEngine.solve` (default config, `--tim
 validity check (`bench/ik_baselines.py`) answers the same goals in the same run.
 
 Scene warm start: `--passes 2` sends the same goal set of a scene twice in a row to the same engine
-(pass 2 right after pass 1, no pause: requests never wait for the scene's background tuning), and
-reports each pass's p50. With `--node`, the same requests also go through the installed node over
+(pass 2 right after pass 1: requests never wait for the scene's background tuning), and reports each
+pass's p50. The background tunes only while no request runs: here in the `--gap` s after each request
+(a client planning or moving between IK queries); the baseline's requests pause it too. With `--node`, the same requests also go through the installed node over
 ROS 2 (`install/setup.bash` sourced), one node per scene: the round trip's p50 per pass, and the ROS
 overhead (round trip minus the engine time the response reports).
 
@@ -103,7 +104,9 @@ def engine_rows(args: argparse.Namespace, engine: IKEngine, baseline: RandomRest
                     result = engine.solve(request, scene)
                     rng = np.random.default_rng(repeat + 1)
                     rotation = None if target.rotation is None else target.rotation.numpy()
-                    q, _, baseline_s = baseline.solve(np.asarray(goal.position), rotation, scene, args.timeout, rng)
+                    with engine.warm_start.request():  # the background pauses for the baseline as for a request
+                        q, _, baseline_s = baseline.solve(np.asarray(goal.position), rotation, scene, args.timeout, rng)
+                    time.sleep(args.gap)
                     rows.append({
                         "scene": name, "goal": goal_index, "kind": "position" if rotation is None else "pose", "repeat": repeat, "pass": pass_index,
                         "getik": {"success": result.success and all_solved(result.solutions, target, scene, exact, kinematics),
@@ -129,6 +132,8 @@ def node_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for scene_name in args.scenes:
         _, goals = scene_and_goals(scene_name)
         parameters = [] if scene_name == "open" else ["-p", f"scene:={scene_name}"]
+        if args.warm_start_iterations is not None:
+            parameters += ["-p", f"ik.scene_warm_start_iterations:={args.warm_start_iterations}"]
         node = NodeProcess(installed_executable(), parameters, env=isolation)
         client = MaceClient("ik_latency_bench")
         try:
@@ -155,6 +160,7 @@ def node_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                             continue
                         rows.append({"scene": scene_name, "goal": goal_index, "repeat": repeat, "pass": pass_index, "success": bool(response.success),
                                      "round_trip_s": round_trip_s, "overhead_s": round_trip_s - response.elapsed_s})
+                        time.sleep(args.gap)
                 print(f"node {scene_name} pass {pass_index} done", flush=True)
         finally:
             client.close()
@@ -166,31 +172,34 @@ def summary_of(rows: list[dict[str, Any]], node: list[dict[str, Any]], scenes: t
     summary: dict[str, Any] = {}
     for name in scenes:
         mine = [row for row in rows if row["scene"] == name]
+        through_node = [row for row in node if row["scene"] == name]
         first = [row for row in mine if row["pass"] == 1]
-        entry: dict[str, Any] = {
-            "requests_per_pass": len(first),
-            "getik_success": statistics.fmean(row["getik"]["success"] for row in first),
-            "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in first]),
-            "getik_stage_p50_s": {stage: float(np.percentile([row["getik"]["stage_times_s"].get(stage, 0.0) for row in first], 50)) for stage in STAGES},
-            "getik_solutions_p50": float(np.percentile([row["getik"]["solutions"] for row in first], 50)),
-            "random_restart_success": statistics.fmean(row["random_restart_lm"]["success"] for row in first),
-            "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in first]),
-            "passes": {},
-        }
-        for pass_index in sorted({row["pass"] for row in mine}):
+        entry: dict[str, Any] = {"passes": {}}
+        if first:
+            entry.update({
+                "requests_per_pass": len(first),
+                "getik_stage_p50_s": {stage: float(np.percentile([row["getik"]["stage_times_s"].get(stage, 0.0) for row in first], 50))
+                                      for stage in STAGES},
+                "getik_solutions_p50": float(np.percentile([row["getik"]["solutions"] for row in first], 50)),
+                "random_restart_success": statistics.fmean(row["random_restart_lm"]["success"] for row in first),
+            })
+        for pass_index in sorted({row["pass"] for row in mine + through_node}):
             this = [row for row in mine if row["pass"] == pass_index]
-            through_node = [row for row in node if row["scene"] == name and row["pass"] == pass_index]
-            entry["passes"][pass_index] = {
-                "getik_success": statistics.fmean(row["getik"]["success"] for row in this),
-                "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in this]),
-                "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in this]),
-            }
-            if through_node:
-                entry["passes"][pass_index].update({
-                    "node_success": statistics.fmean(row["success"] for row in through_node),
-                    "node_round_trip_s": percentiles([row["round_trip_s"] for row in through_node]),
-                    "ros_overhead_s": percentiles([row["overhead_s"] for row in through_node]),
+            this_node = [row for row in through_node if row["pass"] == pass_index]
+            results: dict[str, Any] = {}
+            if this:
+                results.update({
+                    "getik_success": statistics.fmean(row["getik"]["success"] for row in this),
+                    "getik_latency_s": percentiles([row["getik"]["elapsed_s"] for row in this]),
+                    "random_restart_latency_s": percentiles([row["random_restart_lm"]["elapsed_s"] for row in this]),
                 })
+            if this_node:
+                results.update({
+                    "node_success": statistics.fmean(row["success"] for row in this_node),
+                    "node_round_trip_s": percentiles([row["round_trip_s"] for row in this_node]),
+                    "ros_overhead_s": percentiles([row["overhead_s"] for row in this_node]),
+                })
+            entry["passes"][pass_index] = results
         summary[name] = entry
     return summary
 
@@ -200,18 +209,22 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=3, help="requests per goal (random seeds 1..repeats)")
     parser.add_argument("--passes", type=int, default=1, help="times each scene's goal set is sent in a row (2: scene warm start)")
+    parser.add_argument("--gap", type=float, default=0.05, help="idle seconds after each request (the scene warm start tunes only then)")
     parser.add_argument("--num-solutions", type=int, default=0, help="solutions asked per request (0 = the node's default, ik.num_solutions)")
     parser.add_argument("--scenes", nargs="+", choices=SCENES, default=list(SCENES))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="torch device of the engine (the baseline runs on the CPU)")
     parser.add_argument("--node", action="store_true", help="also send the requests through the installed node")
+    parser.add_argument("--warm-start-iterations", type=int, help="ik.scene_warm_start_iterations of engine and node (default: the config's)")
+    parser.add_argument("--no-engine", action="store_true", help="only the node's requests (with --node)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_latency.json")
     args = parser.parse_args()
     args.scenes = tuple(args.scenes)
     torch.set_num_threads(args.threads)
 
     exact = PyBulletCollisionChecker()
-    rows = engine_rows(args, IKEngine(device=args.device), RandomRestartIK(exact), exact)
+    config = {} if args.warm_start_iterations is None else {"scene_warm_start_iterations": args.warm_start_iterations}
+    rows = [] if args.no_engine else engine_rows(args, IKEngine(config, device=args.device), RandomRestartIK(exact), exact)
     node = node_rows(args) if args.node else []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
