@@ -52,7 +52,7 @@ from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_data
 from mace_ros.core.shape.simulators import DEFAULT_LENGTH_SCALE_M, GraspDomain, finger_directions
 from mace_ros.core.shape.training import device_name
 from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, MaceVAEPrior, load_shape_vae
-from mace_ros.core.shape_engine import density_matched_finger_radius
+from mace_ros.core.shape_engine import BestTheta, density_matched_finger_radius
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prior", "mace", "is", "cvae")
@@ -109,24 +109,22 @@ def run_observation(
     started = time.monotonic()
     iteration_times: list[float] = []
     prior.bound_std(args.min_std_ratio)
-    best_theta: dict = {"mean": -math.inf, "theta": None}
+    best_theta = BestTheta(prior.tunable_parameters())
     curve: list[dict] = []  # the returned posterior after each of args.record_at iterations
     recording = {"s": 0.0}
 
     def returned_posterior() -> MaceVAEPrior:
         """θ now, or (--best-theta) a copy holding the best-scoring θ seen, θ_0 included, as the engine returns."""
-        if best_theta["theta"] is None:
+        if not args.best_theta:
             return prior
         best = copy.deepcopy(prior)
-        with torch.no_grad():
-            for parameter, value in zip(best.tunable_parameters(), best_theta["theta"]):
-                parameter.copy_(value)
+        best_theta.restore(best.tunable_parameters())
         return best
 
     def on_iteration(iteration: int, scores: torch.Tensor) -> None:
         iteration_times.append(time.monotonic() - started - recording["s"])
-        if args.best_theta and float(scores.mean()) > best_theta["mean"]:
-            best_theta.update(mean=float(scores.mean()), theta=[p.detach().clone() for p in prior.tunable_parameters()])
+        if args.best_theta:
+            best_theta.update(iteration, scores)
         if iteration in args.record_at:
             recording_started = time.monotonic()
             curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args.num_samples, seed)})

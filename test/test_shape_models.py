@@ -22,6 +22,7 @@ from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, LatentPriorFit, MaceVAE
 from mace_ros.core.shape_engine import (  # noqa: E402
     CPU_BUDGET_LEARNING_RATE,
     DEFAULT_SHAPE_CONFIG,
+    BestTheta,
     ShapeEngine,
     ShapeRequest,
     density_matched_finger_radius,
@@ -336,6 +337,24 @@ def test_tuning_never_returns_worse_than_the_prior():
         tuned = engine.infer(request)
         assert tuned.tuning_iterations_done == 6
         assert tuned.mean_score >= prior.mean_score, (prior.message, tuned.message)
+
+
+def test_best_theta_keeps_the_best_scoring_iterations_theta_without_reading_back():
+    theta = torch.zeros(3)
+    best = BestTheta([theta])
+    for iteration, (value, mean_score) in enumerate([(1.0, 0.2), (2.0, 0.5), (3.0, 0.3), (4.0, 0.5)]):
+        theta.fill_(value)
+        best.update(iteration, torch.tensor([mean_score - 0.1, mean_score + 0.1]))
+    theta.fill_(5.0)
+    best.restore()
+    assert torch.equal(theta, torch.full((3,), 2.0))  # the first of two equal means
+    assert int(best.iteration) == 1 and float(best.mean) == pytest.approx(0.5)
+    # On the meta device any read-back (float(), .item(), a tensor in an `if`) raises: an update has none,
+    # so on a GPU it does not synchronise the tuning loop with the host.
+    meta = BestTheta([torch.zeros(128, device="meta"), torch.zeros(128, device="meta")])
+    meta.update(0, torch.empty(256, device="meta"))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        float(meta.mean)
 
 
 def test_min_std_ratio_bounds_sigma_while_tuning(vae):

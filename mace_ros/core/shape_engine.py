@@ -74,7 +74,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -236,6 +236,37 @@ def match_contacts_to_fingers(
             f"{fingers[worst]} (at most {max_angle_deg:.0f}°): it does not fit the configured finger directions"
         )
     return fingers
+
+
+class BestTheta:
+    """The best-scoring θ seen while tuning, by its iteration's mean score (θ_0, the prior, by the first).
+
+    Kept on θ's device: `update` compares and selects there, without reading anything back to the
+    host, so a GPU's tuning loop is not synchronised by it. `iteration` and `mean` are 0-d tensors.
+    """
+
+    def __init__(self, parameters: Iterable[torch.Tensor]):
+        self.parameters = list(parameters)
+        self.values = [parameter.detach().clone() for parameter in self.parameters]
+        reference = self.parameters[0]
+        self.mean = torch.full((), -math.inf, dtype=reference.dtype, device=reference.device)
+        self.iteration = torch.zeros((), dtype=torch.long, device=reference.device)
+
+    def update(self, iteration: int, scores: torch.Tensor) -> None:
+        """Keep the current θ if its iteration's scores have a higher mean than the best so far."""
+        mean = scores.mean().to(self.mean.dtype)
+        better = mean > self.mean
+        self.mean = torch.where(better, mean, self.mean)
+        self.iteration.masked_fill_(better, iteration)
+        with torch.no_grad():
+            for value, parameter in zip(self.values, self.parameters):
+                value.copy_(torch.where(better, parameter, value))
+
+    def restore(self, parameters: Iterable[torch.Tensor] | None = None) -> None:
+        """Set θ, or `parameters` (a copy's θ), to the best kept (θ as it was at construction if no update came)."""
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters if parameters is None else parameters, self.values):
+                parameter.copy_(value)
 
 
 class ShapeEngine:
@@ -416,13 +447,10 @@ class ShapeEngine:
         tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
         # Never worse than the prior: θ_t is scored by its iteration's N samples (θ_0 = the prior by the
         # first), and the final samples come from the best-scoring θ seen, not from the last one.
-        best_theta: dict[str, Any] = {"mean": -math.inf, "iteration": 0, "theta": None}
+        best_theta = BestTheta(prior.tunable_parameters())
 
         def remember_best_theta(iteration: int, scores: torch.Tensor) -> None:
-            mean = float(scores.mean())
-            if mean > best_theta["mean"]:
-                best_theta.update(mean=mean, iteration=iteration,
-                                  theta=[parameter.detach().clone() for parameter in prior.tunable_parameters()])
+            best_theta.update(iteration, scores)
             if on_iteration is not None:
                 on_iteration(iteration, scores)
 
@@ -431,10 +459,7 @@ class ShapeEngine:
             prior.bound_std(float(config["min_std_ratio"]))
             tuning = mace_tune(prior, domain, preset, deadline_s=tuning_s, generator=generator, keep_best=num_samples,
                                chunk_size=chunk, on_iteration=remember_best_theta, after_step=prior.project)
-            if best_theta["theta"] is not None:
-                with torch.no_grad():
-                    for parameter, value in zip(prior.tunable_parameters(), best_theta["theta"]):
-                        parameter.copy_(value)
+            best_theta.restore()
         sampling_deadline_at = deadline_at - min(diversity_reserve_s, max(0.0, deadline_at - time.monotonic()) / 2)
         if tuning is not None and config["result_samples"] == "best":
             samples, scores, complete = tuning.best_samples, tuning.best_scores, True
@@ -464,8 +489,9 @@ class ShapeEngine:
         if iterations > 0 and tuning is None:
             what += ": no time left for tuning within the timeout"
         elif tuning is not None and config["result_samples"] == "posterior":
-            what += (f", θ of iteration {best_theta['iteration']} (the best mean score seen while tuning, "
-                     f"{best_theta['mean']:.3f}{'; 0 = the prior' if best_theta['iteration'] == 0 else ''})")
+            best_iteration = int(best_theta.iteration)
+            what += (f", θ of iteration {best_iteration} (the best mean score seen while tuning, "
+                     f"{float(best_theta.mean):.3f}{'; 0 = the prior' if best_iteration == 0 else ''})")
         if fell_back_to_prior:
             what += "; the tuned samples scored below the prior's, so the prior's samples are returned"
         message = f"{what}: mean score {mean_score:.3f}, best {float(scores.max()):.3f}"
