@@ -125,9 +125,11 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.partial_cloud_preset": ParameterSpec("MACE preset for partial-cloud-only observations."),
     "shape.result_samples": ParameterSpec(
         "posterior: fresh samples of the tuned prior, ranked; best: the best samples seen while tuning."),
-    "shape.num_fingers": ParameterSpec("Fingers of the default finger set, closing toward the object origin.", 1, 32),
+    "shape.num_fingers": ParameterSpec(
+        "Fingers of the finger set for contacts without directions, closing toward the object origin (2: the Panda hand).", 1, 32),
     "shape.finger_elevation_rad": ParameterSpec("Elevation of the fingers' travel directions (rad).", -1.5708, 1.5708),
-    "shape.finger_azimuth_offset_rad": ParameterSpec("Azimuth of the first finger (rad).", -3.1416, 3.1416),
+    "shape.finger_azimuth_offset_rad": ParameterSpec(
+        "Azimuth of the first finger's start (rad); pi/2 with 2 fingers: the Panda hand pointing down.", -3.1416, 3.1416),
     "shape.finger_from_above": ParameterSpec("Add a finger coming down from above."),
     "shape.finger_directions": ParameterSpec(
         "Explicit finger travel directions, flat [x1, y1, z1, x2, ...]; empty = the finger set of the four parameters above.",
