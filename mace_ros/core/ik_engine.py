@@ -41,6 +41,9 @@ EXACT_CHECK_BLOCK = 4
 # Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks of this many
 # with the clock read between blocks: deep in obstacles the narrow phase takes up to ~2 ms each on a CPU.
 NARROW_CHECK_BLOCK = 64
+# The fast stage's LM stops once this many times the solutions asked for reached the goal: some of
+# them collide, and distinct ones are wanted.
+FAST_STAGE_SURPLUS = 2
 DIAGNOSIS_STARTS = 8
 DIAGNOSIS_ITERATIONS = 20
 DIAGNOSIS_RESERVE_S = 0.2
@@ -496,11 +499,11 @@ class IKEngine:
         self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,
     ) -> tuple[_Solutions, int]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
-        four times `needed` converged; the fast checker, then the exact check of those until `needed`
+        FAST_STAGE_SURPLUS times `needed` converged; the fast checker, then the exact check of those until `needed`
         pass. Returns the accepted solutions and how many the exact check rejected."""
         config = self.config
         unobstructed = refine_candidates(
-            starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=4 * needed,
+            starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
             deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
             orientation_tolerance_rad=config["orientation_tolerance_rad"])
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
