@@ -25,10 +25,11 @@ samples; the time spent recording is left out of MACE's tuning time (and so of I
     # the paper's lr 2e-4 with the same budget: bench/results/shape_inference_paper_lr.json, shape_fig1_paper_lr.png
     PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 20 --num-ood 10 --iterations 50 \
         --threads 1 --out bench/results/shape_inference_paper_lr.json --figure bench/results/shape_fig1_paper_lr.png
-    # the engine's settings, score and diversity against iterations (BENCHMARKS.md, issue 9 item 2)
+    # the engine's settings, score and diversity against iterations: bench/results/shape_iterations.json
+    # (BENCHMARKS.md, issue 9 item 2; the figure, Fig. 1's bars again, was not kept)
     PYTHONPATH=. .venv/bin/python bench/shape_inference.py --num-observations 3 --num-ood 2 --iterations 300 \
         --learning-rate 1e-3 --best-theta --min-std-ratio 0.8 --record-at 0,25,50,100,200,300 --threads 1 \
-        --out bench/results/shape_iterations.json --figure bench/results/shape_iterations.png
+        --out bench/results/shape_iterations.json --figure /tmp/shape_iterations.png
 """
 from __future__ import annotations
 
