@@ -80,7 +80,9 @@ def topics(node):
             node.executor.spin_once(timeout_sec=0.1)
             if received and applied(points := pointcloud2_to_xyz(received[-1])):
                 return points
-        pytest.fail(f"~/obstacle_points did not show the expected points in {timeout_s} s")
+        last = pointcloud2_to_xyz(received[-1]) if received else np.zeros((0, 3))
+        pytest.fail(f"~/obstacle_points did not show the expected points in {timeout_s} s (last: {last.shape[0]} points, "
+                    f"{last[:3].tolist()} ...)")
 
     yield apply_cloud, publish_joints, wait_for_points
     node.node.destroy_publisher(cloud_publisher)
@@ -209,20 +211,28 @@ def test_the_robots_own_points_are_filtered_out(node, topics):
 
 def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
     """A hand camera streaming fast does not displace a table camera's one cloud on the same topic."""
-    apply_cloud, publish_joints, wait_for_points = topics
+    _, publish_joints, wait_for_points = topics
     publish_joints(READY)
-    apply_cloud(camera_cloud(np.zeros((0, 3)), "panda_link0"), lambda p: p.shape[0] < 2000)  # no table yet
     seen = np.array([[0.0, 0.0, 0.35]])
     pose = hand_camera_pose(READY)
     expected = seen @ pose[:3, :3].T + pose[:3, 3]
-    publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 10)
+    # Two cameras, two publishers (a driver each), one topic.
+    hand_publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 10)
+    table_publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 1)
     try:
-        hand, table_cloud = camera_cloud(seen, CAMERA_FRAME, 64, 48), camera_cloud(table(-0.01), "panda_link0")
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and min(
+                publisher.get_subscription_count() for publisher in (hand_publisher, table_publisher)) == 0:
+            node.executor.spin_once(timeout_sec=0.05)
+        # The table camera's sensor is frame "" (the base frame), a table at a height no other test uses.
+        hand, table_cloud = camera_cloud(seen, CAMERA_FRAME, 64, 48), camera_cloud(table(-0.05), "")
         for index in range(100):  # ~100 Hz for about a second, the table cloud once in the middle
-            cloud = table_cloud if index == 30 else hand
+            publisher, cloud = (table_publisher, table_cloud) if index == 30 else (hand_publisher, hand)
             cloud.header.stamp = node.node.get_clock().now().to_msg()
             publisher.publish(cloud)
             node.executor.spin_once(timeout_sec=0.01)
-        wait_for_points(lambda p: p.shape[0] >= 2000 and np.linalg.norm(p - expected[0], axis=1).min() < 0.011)
+        wait_for_points(lambda p: (np.abs(p[:, 2] + 0.05) < 0.005).sum() >= 2000
+                        and np.linalg.norm(p - expected[0], axis=1).min() < 0.011)
     finally:
-        node.node.destroy_publisher(publisher)
+        node.node.destroy_publisher(hand_publisher)
+        node.node.destroy_publisher(table_publisher)

@@ -12,13 +12,17 @@ marker message as operations on the obstacle model. The node only swaps them in.
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -29,9 +33,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
-from mace_ros.ros import conversions
-from mace_ros.ros.frames import FrameTable, RobotFrames, Tf2Frames
-from mace_ros.ros.obstacles import SelfFilter, Workspace, voxel_downsample
+# Deliberately no mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
+# the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
 
 WARNING_PERIOD_S = 5.0
 # How often the cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
@@ -42,6 +45,8 @@ PARENT_CHECK_PERIOD_S = 0.5
 # Environment variables through which a user configures Fast DDS's transports (see run_intake).
 DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 INTAKE_EXECUTOR_THREADS = 3
+# /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
+EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
 CLOUD_HISTORY_DEPTH = 4  # clouds, markers, joint states: each in its own callback group
 
@@ -113,7 +118,36 @@ class IntakeNode(Node):
     def __init__(self, settings: IntakeSettings, send: Callable[[Any], None]) -> None:
         super().__init__(settings.node_name, namespace=settings.namespace,
                          parameter_overrides=[Parameter("use_sim_time", value=settings.use_sim_time)])
+        self._settings = settings
         self._send = send
+        self.cloud_settings = CloudSettings(settings.voxel_size_m, settings.self_filter_padding_m)
+        self.field_settings: FieldSettings | None = None
+        self._clouds: dict[str, np.ndarray] = {}  # the latest cloud of each sensor, as sent to the node
+        # Subscribed at once; what arrives before _set_up has run waits for it (see the callbacks).
+        self._ready = threading.Event()
+        self._early_joint_states: deque[JointState] = deque(maxlen=EARLY_JOINT_STATES)
+        self._early_lock = threading.Lock()
+        self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
+        self._pending_changed = threading.Condition()
+        self.create_subscription(
+            JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(
+            MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
+        # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
+        self._cloud_topic = settings.cloud_topic
+        self._cloud_group = MutuallyExclusiveCallbackGroup()
+        self._cloud_reliable = False
+        self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
+        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
+        threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
+
+    def _set_up(self) -> None:
+        """The frames, workspace and self-filter (imports torch), then the joint states that came meanwhile."""
+        from mace_ros.ros import conversions
+        from mace_ros.ros.frames import FrameTable, RobotFrames, Tf2Frames
+        from mace_ros.ros.obstacles import SelfFilter, Workspace
+
+        settings = self._settings
         self.names = conversions.RobotNames(settings.robot_prefix)
         self.robot = RobotFrames()
         self.frames = FrameTable.for_robot(
@@ -121,25 +155,23 @@ class IntakeNode(Node):
             self.names.to_core, self.robot, Tf2Frames.create(self, settings.base_frame))
         self.workspace = Workspace.from_bounds(list(settings.workspace_min_m), list(settings.workspace_max_m))
         self.self_filter = SelfFilter()
-        self.cloud_settings = CloudSettings(settings.voxel_size_m, settings.self_filter_padding_m)
-        self.field_settings: FieldSettings | None = None
-        self._clouds: dict[str, np.ndarray] = {}  # the latest cloud of each sensor, as sent to the node
-
-        self.create_subscription(
-            JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_subscription(
-            MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
-        self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
-        self._pending_changed = threading.Condition()
-        threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
-        # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
-        self._cloud_topic = settings.cloud_topic
-        self._cloud_group = MutuallyExclusiveCallbackGroup()
-        self._cloud_reliable = False
-        self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
-        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
+        with self._early_lock:  # in order: a state older than the history's latest would reset it
+            for message in self._early_joint_states:
+                self._record_joint_state(message)
+            self._early_joint_states.clear()
+            self._ready.set()
 
     def on_joint_states(self, message: JointState) -> None:
+        if not self._ready.is_set():
+            with self._early_lock:
+                if not self._ready.is_set():
+                    self._early_joint_states.append(message)
+                    return
+        self._record_joint_state(message)
+
+    def _record_joint_state(self, message: JointState) -> None:
+        from mace_ros.ros import conversions
+
         warning = conversions.record_joint_state(self.robot.joint_states, message, self.names, self.get_clock().now().nanoseconds)
         if warning:
             self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
@@ -161,7 +193,8 @@ class IntakeNode(Node):
             self._pending_changed.notify()
 
     def _process_clouds(self) -> None:
-        """The processing thread: the longest-waiting sensor's latest cloud, one at a time."""
+        """The processing thread: sets the intake up, then the longest-waiting sensor's latest cloud, one at a time."""
+        self._set_up()
         while True:
             with self._pending_changed:
                 self._pending_changed.wait_for(lambda: bool(self._pending))
@@ -193,6 +226,9 @@ class IntakeNode(Node):
     def process_cloud(self, cloud: PointCloud2, received_ns: int) -> None:
         """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
         points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
+        from mace_ros.ros import conversions
+        from mace_ros.ros.obstacles import voxel_downsample
+
         sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
         try:
             to_base = self.frames.to_base(sensor, stamp_ns)
@@ -244,6 +280,9 @@ class IntakeNode(Node):
 
     def on_obstacles(self, message: MarkerArray) -> None:
         """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
+        self._ready.wait()  # holds only this callback's group while the intake sets up
+        from mace_ros.ros import conversions
+
         operations: list = []
         outside, invalid, first_error = 0, 0, ""
         transforms: dict[tuple[str, int], Any] = {}  # per (frame_id, stamp): a message's markers share a few
@@ -281,13 +320,14 @@ class IntakeNode(Node):
                 f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
 
 
-def run_intake(settings: IntakeSettings, connection) -> None:
-    """The intake process: its node spins until the node's end of `connection` closes (the node exited)."""
+def run_intake(connection: Connection) -> None:
+    """The intake process: receives its IntakeSettings, then its node spins until the node's end of
+    `connection` closes (the node exited) or the node is gone."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-    # Ctrl-C reaches the whole process group: the node decides when this process ends (it exits when
-    # the node's end of the pipe closes, or the node is gone), so a SIGINT here must not print a traceback.
+    # Ctrl-C reaches the whole process group: the node decides when this process ends, so a SIGINT
+    # here must not print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     node_pid = os.getppid()
 
@@ -297,6 +337,7 @@ def run_intake(settings: IntakeSettings, connection) -> None:
         os._exit(0)
 
     threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
+    settings: IntakeSettings = connection.recv()
     send_lock = threading.Lock()
 
     def send(message: Any) -> None:
@@ -336,14 +377,18 @@ def run_intake(settings: IntakeSettings, connection) -> None:
 
 class ObstacleIntake:
     """The node's side of its intake process: starts it (again, should it die), keeps it informed of
-    settings, and hands every update it sends to `on_update`, in a thread of its own."""
+    settings, and hands every update it sends to `on_update`, in a thread of its own.
+
+    The process is `python -m mace_ros.ros.intake <fd>` with one end of a socket pair: it imports only
+    what it needs (multiprocessing's spawn would first re-import the node's own script).
+    """
 
     def __init__(self, settings: IntakeSettings, on_update: Callable[[Any], None], logger) -> None:
         self._settings = settings
         self._on_update = on_update
         self._logger = logger
         self._lock = threading.Lock()
-        self._connection = None
+        self._connection: Connection | None = None
         self._latest: dict[type, Any] = {}  # the latest message of each kind, sent again to a restarted process
         threading.Thread(target=self._serve, name="obstacle-intake", daemon=True).start()
 
@@ -356,21 +401,27 @@ class ObstacleIntake:
                 except OSError:
                     pass  # the process died; _serve restarts it with the latest settings
 
+    def _start(self) -> tuple[subprocess.Popen, Connection]:
+        node_end, intake_end = socket.socketpair()
+        # The intake imports mace_ros as this process does, wherever that came from.
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        process = subprocess.Popen([sys.executable, "-m", __name__, str(intake_end.fileno())],
+                                   pass_fds=[intake_end.fileno()], env=environment)
+        intake_end.close()
+        connection = Connection(node_end.detach())
+        connection.send(self._settings)
+        return process, connection
+
     def _serve(self) -> None:
-        context = multiprocessing.get_context("spawn")  # fork would copy the node's DDS threads' state
         while True:
-            node_end, intake_end = context.Pipe()
-            process = context.Process(target=run_intake, args=(self._settings, intake_end), daemon=True,
-                                      name=self._settings.node_name)
-            process.start()
-            intake_end.close()
+            process, connection = self._start()
             with self._lock:
-                self._connection = node_end
+                self._connection = connection
                 for message in self._latest.values():
-                    node_end.send(message)
+                    connection.send(message)
             try:
                 while True:
-                    update = node_end.recv()
+                    update = connection.recv()
                     try:
                         self._on_update(update)
                     except Exception as error:  # one bad update must not stop the intake
@@ -379,7 +430,18 @@ class ObstacleIntake:
                 pass
             with self._lock:
                 self._connection = None
-            process.join(timeout=1.0)
-            self._logger.error(
-                f"the obstacle intake process exited (code {process.exitcode}); starting it again in {RESTART_DELAY_S} s")
+            connection.close()
+            try:
+                code = process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = process.wait()
+            self._logger.error(f"the obstacle intake process exited (code {code}); starting it again in {RESTART_DELAY_S} s")
             time.sleep(RESTART_DELAY_S)
+
+
+if __name__ == "__main__":
+    # Through the importable module, not this __main__ copy: messages pickle by their classes' module.
+    from mace_ros.ros import intake
+
+    intake.run_intake(Connection(int(sys.argv[1])))
