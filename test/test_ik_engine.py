@@ -139,3 +139,21 @@ def test_the_scene_warm_start_tunes_a_copy_per_scene_in_the_background():
     assert engine.warm_start.model(changed) is None
     assert engine.solve(goal, changed).warm_start_iterations == 0
     engine.warm_start.close()
+
+
+def test_a_batch_of_goals_gets_one_exact_solution_each_and_unreachable_ones_none(engine):
+    kinematics = PandaKinematics("cpu", torch.float64)
+    q = torch.tensor([[0.4, 0.5, 0.6, -1.9, 0.3, 1.9, 0.7], [-0.5, 0.2, 0.0, -2.2, 0.0, 2.4, 0.8],
+                      [0.0, -0.3, 0.0, -2.4, 0.0, 2.1, 0.8]], dtype=torch.float64)
+    position, rotation = kinematics.forward(q)
+    positions = torch.cat([position, torch.tensor([[1.5, 0.0, 0.4]], dtype=torch.float64)])  # the last is out of reach
+    quaternions = torch.cat([matrix_to_quaternion(rotation), torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)])
+    result = engine.solve_batch(positions.numpy(), quaternions.numpy(), Scene(), timeout_s=2.0)
+    assert result.success.tolist() == [True, True, True, False]
+    assert np.isnan(result.solutions[3]).all()
+    solved = torch.as_tensor(result.solutions[:3])
+    reached, reached_rotation = kinematics.forward(solved)
+    assert float((reached - position).norm(dim=-1).max()) <= 1e-6
+    assert result.orientation_errors_rad[:3].max() <= engine.config["orientation_tolerance_rad"]
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(solved, Scene()).in_collision.any()

@@ -17,11 +17,18 @@ from mace_ros.core.scene import Scene
 
 @dataclass(frozen=True)
 class IKGoal:
-    """A goal for `tip_link` in the base frame; rotation None means position only."""
+    """A goal for `tip_link` in the base frame; rotation None means position only. A batch of goals,
+    one per configuration scored or refined, has position [B, 3] and rotation [B, 3, 3]."""
 
-    position: torch.Tensor  # [3]
-    rotation: torch.Tensor | None  # [3, 3]
+    position: torch.Tensor  # [3] or [B, 3]
+    rotation: torch.Tensor | None  # [3, 3] or [B, 3, 3]
     tip_link: str = "panda_hand"
+
+    def rows(self, index: torch.Tensor) -> "IKGoal":
+        """The goals of the configurations `index` of a batch; a single goal is every configuration's."""
+        if self.position.dim() == 1:
+            return self
+        return IKGoal(self.position[index], None if self.rotation is None else self.rotation[index], self.tip_link)
 
     @staticmethod
     def from_quaternion(position: torch.Tensor, quaternion_wxyz: torch.Tensor | None, tip_link: str) -> "IKGoal":

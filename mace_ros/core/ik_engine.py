@@ -89,6 +89,18 @@ class IKResult:
     warm_start_iterations: int = 0
 
 
+@dataclass
+class BatchIKResult:
+    """One solution per goal of a batch: rows of unsolved goals are NaN, their errors inf."""
+
+    success: np.ndarray  # [G] bool
+    solutions: np.ndarray  # [G, 7]
+    position_errors_m: np.ndarray  # [G]
+    orientation_errors_rad: np.ndarray  # [G]
+    elapsed_s: float
+    attempts: int  # rounds of starts drawn for the goals still unsolved
+
+
 @contextmanager
 def _timed(stage_times_s: dict[str, float], stage: str) -> Iterator[None]:
     """Adds the time spent in the block to stage_times_s[stage]."""
@@ -244,9 +256,11 @@ class IKEngine:
         """Goal features for the prior, which was trained on panda_hand poses.
 
         A pose goal for a link rigidly attached to the hand is converted exactly; otherwise the tip's
-        position stands in for the hand's (tuning and refinement correct the difference).
+        position stands in for the hand's (tuning and refinement correct the difference). One row per
+        goal of a batch.
         """
-        position, rotation = goal.position[None], None if goal.rotation is None else goal.rotation[None]
+        position = goal.position.reshape(-1, 3).to(self.dtype)
+        rotation = None if goal.rotation is None else goal.rotation.reshape(-1, 3, 3).to(self.dtype)
         tip_index = LINK_INDEX[goal.tip_link]
         if goal.rotation is not None and tip_index >= LINK_INDEX[PRIOR_TIP_LINK]:
             hand_to_tip = torch.linalg.inv(self._hand_frame_at_zero) @ self._frames_at_zero[tip_index]
@@ -286,10 +300,11 @@ class IKEngine:
         # Work stops a little before the deadline: the final exact check of best efforts and the ranking follow.
         work_deadline = started + request.timeout_s - min(config["deadline_reserve_s"], 0.5 * request.timeout_s)
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
-        position = torch.as_tensor(request.goal_position, dtype=self.dtype, device=self.device)
+        # The goal in float64: in float32 it moves by up to ~5e-8 m, and answers must be within 1e-6 m of the requested one.
+        position = torch.as_tensor(request.goal_position, dtype=torch.float64, device=self.device)
         quaternion = None
         if request.goal_quaternion_wxyz is not None:
-            quaternion = torch.as_tensor(request.goal_quaternion_wxyz, dtype=self.dtype, device=self.device)
+            quaternion = torch.as_tensor(request.goal_quaternion_wxyz, dtype=torch.float64, device=self.device)
         goal = IKGoal.from_quaternion(position, quaternion, request.tip_link)
         stage_times_s: dict[str, float] = {}
         tensor_scene = self._tensor_scene(scene)
@@ -494,6 +509,64 @@ class IKEngine:
             accepted += block[exactly_free].tolist()
             rejected += int((~exactly_free).sum())
         return solved.subset(torch.tensor(accepted, dtype=torch.long, device=self.device)), rejected
+
+    def solve_batch(
+        self, positions: np.ndarray, quaternions_wxyz: np.ndarray | None, scene: Scene, tip_link: str = PRIOR_TIP_LINK,
+        timeout_s: float = 10.0, random_seed: int = 0, starts_per_goal: int = 16,
+    ) -> BatchIKResult:
+        """One exactly collision-free solution for each of many goals (positions [G, 3], quaternions [G, 4]
+        or None for position-only goals), solved together: each attempt draws `starts_per_goal` starts per
+        unsolved goal (half plain prior samples for that goal, half uniform), runs one batched
+        obstacle-ignoring LM over all of them, the fast checker over the converged ones, and the exact
+        check of at most one candidate per goal at a time, until every goal is solved or `timeout_s`."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        config = self.config
+        generator = torch.Generator(device=self.device).manual_seed(int(random_seed))
+        position = torch.as_tensor(positions, dtype=torch.float64, device=self.device).reshape(-1, 3)
+        quaternion = None if quaternions_wxyz is None else torch.as_tensor(quaternions_wxyz, dtype=torch.float64, device=self.device).reshape(-1, 4)
+        goals = IKGoal.from_quaternion(position, quaternion, tip_link)
+        features = self.prior_goal_features(goals)
+        count = position.shape[0]
+        solutions = _Solutions(
+            torch.full((count, 7), float("nan"), dtype=torch.float64, device=self.device),
+            torch.full((count,), float("inf"), dtype=torch.float64, device=self.device),
+            torch.full((count,), float("inf"), dtype=torch.float64, device=self.device))
+        solved = torch.zeros(count, dtype=torch.bool, device=self.device)
+        tensor_scene = self._tensor_scene(scene)
+        attempts = 0
+        while not bool(solved.all()) and (attempts == 0 or time.monotonic() < deadline):
+            attempts += 1
+            unsolved = torch.nonzero(~solved).squeeze(-1)
+            from_prior = starts_per_goal - starts_per_goal // 2
+            with torch.no_grad():
+                prior_starts = self.prior.sample(features[unsolved].repeat_interleave(from_prior, 0), generator)
+            uniform_starts = self.kinematics.random_configurations(unsolved.numel() * (starts_per_goal // 2), generator)
+            starts = torch.cat([prior_starts, uniform_starts])
+            owner = torch.cat([unsolved.repeat_interleave(from_prior), unsolved.repeat_interleave(starts_per_goal // 2)])
+            refined = refine_candidates(
+                starts, goals.rows(owner), None, None, max_iterations=config["unobstructed_max_iterations"], deadline_at=deadline,
+                position_tolerance_m=config["position_tolerance_m"], orientation_tolerance_rad=config["orientation_tolerance_rad"])
+            candidates = self._reached_free(refined, tensor_scene, deadline)
+            # The exact check, one candidate per goal at a time, until each goal has one that passes.
+            while candidates.numel() and time.monotonic() < deadline:
+                goal_of = owner[candidates]
+                order = torch.argsort(goal_of, stable=True)  # grouped by goal: the first of each group is tried
+                candidates, goal_of = candidates[order], goal_of[order]
+                first = torch.ones_like(goal_of, dtype=torch.bool)
+                first[1:] = goal_of[1:] != goal_of[:-1]
+                trial = candidates[first]
+                passed = self._exactly_free(refined.q[trial], scene)
+                accepted, accepted_goals = trial[passed], goal_of[first][passed]
+                solutions.q[accepted_goals] = refined.q[accepted]
+                solutions.position_error_m[accepted_goals] = refined.position_error_m[accepted]
+                solutions.orientation_error_rad[accepted_goals] = refined.orientation_error_rad[accepted]
+                solved[accepted_goals] = True
+                remaining = ~first & ~solved[goal_of]
+                candidates = candidates[remaining]
+        return BatchIKResult(
+            solved.cpu().numpy(), solutions.q.cpu().numpy(), solutions.position_error_m.cpu().numpy(),
+            solutions.orientation_error_rad.cpu().numpy(), time.monotonic() - started, attempts)
 
     def _fast_stage(
         self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,

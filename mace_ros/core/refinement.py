@@ -64,7 +64,8 @@ def refine_candidates(
     deadline_at: float | None = None,
     respect_limits: bool = True,
 ) -> RefineResult:
-    """Polish candidates q_initial [K, 7] toward `goal`, keeping joint limits and collision freedom.
+    """Polish candidates q_initial [K, 7] toward `goal` (one goal, or a batch of K: one per candidate),
+    keeping joint limits and collision freedom.
 
     Stops early once `enough_solved` candidates are within tolerance and collision-free, or when
     time.monotonic() reaches `deadline_at`. `checker` None ignores collisions; `respect_limits` False
@@ -96,13 +97,14 @@ def refine_candidates(
             break
         # Work on the active rows only: most candidates converge within a few iterations.
         q_active, active_damping = q[active], damping[active]
-        residual, jacobian, _ = _goal_residual(kinematics, q_active, goal)
+        goal_active = goal.rows(active)
+        residual, jacobian, _ = _goal_residual(kinematics, q_active, goal_active)
         rows = residual.shape[1]
         jjt = jacobian @ jacobian.transpose(1, 2)
         identity = torch.eye(rows, dtype=q.dtype, device=q.device)
         step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
         q_trial = limited(q_active + step.squeeze(-1))
-        trial_position_error, trial_orientation_error = goal_errors(kinematics, q_trial, goal)
+        trial_position_error, trial_orientation_error = goal_errors(kinematics, q_trial, goal_active)
         improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(position_error[active], orientation_error[active])
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
