@@ -22,7 +22,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from mace_ros.action import InferShape as InferShapeAction
-from mace_ros.srv import GetIK, InferShape
+from mace_ros.srv import GetIK, GetIKBatch, InferShape
 
 NODE_NAME = "mace"
 
@@ -66,15 +66,16 @@ def server_prefix(node_name: str = NODE_NAME, namespace: str = "") -> str:
 
 
 class MaceClient:
-    """A client of the mace node's get_ik and infer_shape services, in its own rclpy context.
+    """A client of the mace node's get_ik, get_ik_batch and infer_shape services, in its own rclpy context.
 
-    The services are `<namespace>/<server_name>/get_ik` and `.../infer_shape` (`/mace/...` by default, as
-    `ros2 launch mace_ros mace.launch.py namespace:=NS` serves them under `/NS/mace/...`); explicit service
-    names (e.g. after a remapping) take precedence.
+    The services are `<namespace>/<server_name>/get_ik`, `.../get_ik_batch` and `.../infer_shape`
+    (`/mace/...` by default, as `ros2 launch mace_ros mace.launch.py namespace:=NS` serves them under
+    `/NS/mace/...`); explicit service names (e.g. after a remapping) take precedence.
     """
 
     def __init__(self, node_name: str = "mace_client", server_name: str = NODE_NAME, namespace: str = "",
-                 get_ik_service: str | None = None, infer_shape_service: str | None = None) -> None:
+                 get_ik_service: str | None = None, infer_shape_service: str | None = None,
+                 get_ik_batch_service: str | None = None) -> None:
         self.server = server_prefix(server_name, namespace)
         self.context = Context()
         rclpy.init(context=self.context)
@@ -83,6 +84,7 @@ class MaceClient:
         self.executor.add_node(self.node)
         self.get_ik_client = self.node.create_client(GetIK, get_ik_service or self.topic("get_ik"))
         self.infer_shape_client = self.node.create_client(InferShape, infer_shape_service or self.topic("infer_shape"))
+        self.get_ik_batch_client = self.node.create_client(GetIKBatch, get_ik_batch_service or self.topic("get_ik_batch"))
 
     def topic(self, name: str) -> str:
         """The server's `~/<name>` (a service or topic) as an absolute name."""
@@ -118,6 +120,9 @@ class MaceClient:
 
     def get_ik(self, request: GetIK.Request, timeout_s: float = 60.0) -> GetIK.Response:
         return self.call(self.get_ik_client, request, timeout_s)
+
+    def get_ik_batch(self, request: GetIKBatch.Request, timeout_s: float = 60.0) -> GetIKBatch.Response:
+        return self.call(self.get_ik_batch_client, request, timeout_s)
 
     def infer_shape(self, request: InferShape.Request, timeout_s: float = 60.0) -> InferShape.Response:
         return self.call(self.infer_shape_client, request, timeout_s)

@@ -21,9 +21,10 @@ from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.frames import FrameTable, RigidTransform, UnknownFrameError
 
 if TYPE_CHECKING:
-    from mace_ros.srv import GetIK, InferShape
+    from mace_ros.srv import GetIK, GetIKBatch, InferShape
 
 MAX_NUM_SOLUTIONS = 1000
+MAX_BATCH_GOALS = 10_000
 MAX_IK_SAMPLES = 100_000
 MAX_SHAPE_SAMPLES = 1000
 MAX_TUNING_ITERATIONS = 100_000
@@ -145,42 +146,78 @@ def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> Non
             f"object_origin (the farthest, {distances[farthest]:.3g} m); give only the object's points, in the header's frame")
 
 
-def ik_request_arguments(
-    request: GetIK.Request, defaults: RequestDefaults, frames: FrameTable, names: RobotNames = RobotNames(),
-) -> dict[str, Any]:
-    """Keyword arguments of mace_ros.core.ik_engine.IKRequest for a GetIK request, in the base frame."""
-    to_base = _to_base(frames, request.goal.header.frame_id, "goal")
+def _goal_in_base(goal: Any, position_only: bool, frames: FrameTable, what: str = "goal") -> tuple[np.ndarray, np.ndarray | None]:
+    """(position [3], quaternion wxyz [4] or None when position_only) of a PoseStamped goal in the base frame."""
+    to_base = _to_base(frames, goal.header.frame_id, what)
     try:
-        position = conversions.point_to_array(request.goal.pose.position, "goal position")
-        if request.position_only:
+        position = conversions.point_to_array(goal.pose.position, f"{what} position")
+        if position_only:
             quaternion = None
             position = to_base.apply(position)
         else:
             quaternion = conversions.quaternion_to_array(
-                request.goal.pose.orientation, "goal orientation (set position_only to ignore it)")
+                goal.pose.orientation, f"{what} orientation (set position_only to ignore it)")
             position, quaternion = to_base.apply_pose(position, quaternion)
     except ValueError as error:
         raise InvalidRequest(str(error), "INVALID_GOAL") from None
-
     distance = float(np.linalg.norm(position - SHOULDER_POSITION_M))
     if distance > MAX_REACH_M:
         raise InvalidRequest(
-            f"goal out of reach: {distance:.3f} m from the shoulder (0, 0, 0.333) in {frames.base_frame}, "
+            f"{what} out of reach: {distance:.3f} m from the shoulder (0, 0, 0.333) in {frames.base_frame}, "
             f"more than {MAX_REACH_M} m", "INVALID_GOAL")
-    tip_link = request.tip_link or defaults.tip_link
+    return position, quaternion
+
+
+def _tip_link(requested: str, defaults: RequestDefaults, names: RobotNames) -> str:
+    """The core name of the requested tip link ('' = the default)."""
+    tip_link = requested or defaults.tip_link
     core_tip_link = names.to_core(tip_link)
     if core_tip_link not in LINK_NAMES:
         raise InvalidRequest(
             f"unknown tip_link '{tip_link}'; links of this robot: {', '.join(names.link_names)}", "INVALID_LINK_NAME")
+    return core_tip_link
+
+
+def ik_request_arguments(
+    request: GetIK.Request, defaults: RequestDefaults, frames: FrameTable, names: RobotNames = RobotNames(),
+) -> dict[str, Any]:
+    """Keyword arguments of mace_ros.core.ik_engine.IKRequest for a GetIK request, in the base frame."""
+    position, quaternion = _goal_in_base(request.goal, request.position_only, frames)
     return {
         "goal_position": position,
         "goal_quaternion_wxyz": quaternion,
-        "tip_link": core_tip_link,
+        "tip_link": _tip_link(request.tip_link, defaults, names),
         "num_solutions": _count(request.num_solutions, defaults.num_solutions, MAX_NUM_SOLUTIONS, "num_solutions"),
         "num_samples": _count(request.num_samples, defaults.num_samples, MAX_IK_SAMPLES, "num_samples"),
         "tuning_iterations": _tuning_iterations(request.tuning_iterations, defaults.tuning_iterations),
         "timeout_s": _timeout(request.timeout_s, defaults.timeout_s),
         "seed_state": _seed_state(request.seed_state, names),
+        "random_seed": int(request.random_seed or defaults.random_seed),
+    }
+
+
+def ik_batch_arguments(
+    request: GetIKBatch.Request, defaults: RequestDefaults, frames: FrameTable, names: RobotNames = RobotNames(),
+) -> dict[str, Any]:
+    """Keyword arguments of mace_ros.core.ik_engine.IKEngine.solve_batch for a GetIKBatch request (base
+    frame); a single invalid goal refuses the whole batch, naming it."""
+    count = len(request.goals)
+    if count == 0:
+        raise InvalidRequest("no goals", "INVALID_GOAL")
+    if count > MAX_BATCH_GOALS:
+        raise InvalidRequest(f"{count} goals is too many (at most {MAX_BATCH_GOALS} per request)")
+    positions = np.empty((count, 3))
+    quaternions = None if request.position_only else np.empty((count, 4))
+    for index, goal in enumerate(request.goals):
+        position, quaternion = _goal_in_base(goal, request.position_only, frames, f"goals[{index}]")
+        positions[index] = position
+        if quaternions is not None:
+            quaternions[index] = quaternion
+    return {
+        "positions": positions,
+        "quaternions_wxyz": quaternions,
+        "tip_link": _tip_link(request.tip_link, defaults, names),
+        "timeout_s": _timeout(request.timeout_s, defaults.timeout_s),
         "random_seed": int(request.random_seed or defaults.random_seed),
     }
 
