@@ -96,8 +96,12 @@ def node_rss_mb(pid: int) -> float | None:
     own = rss_mb(pid)
     if own is None:
         return None
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    pids = children.read_text().split() if children.exists() else []
+    pids = []
+    try:  # children are listed per thread: the intake is started by one of the node's threads
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += (task / "children").read_text().split()
+    except OSError:  # the process or a thread exited meanwhile
+        pass
     return own + sum(rss_mb(int(child)) or 0.0 for child in pids)
 
 

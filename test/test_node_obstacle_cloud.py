@@ -9,6 +9,8 @@ node's ~/obstacle_points shows its cloud applied.
 from __future__ import annotations
 
 import array
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -40,7 +42,8 @@ _kinematics = PandaKinematics(dtype=torch.float64)
 @pytest.fixture(scope="module")
 def node(ros_isolation, tmp_path_factory):
     log_path = tmp_path_factory.mktemp(NODE_NAME) / "mace_node.log"
-    with running_node(ARGUMENTS, ros_isolation, log_path, NODE_NAME) as (client, _):
+    with running_node(ARGUMENTS, ros_isolation, log_path, NODE_NAME) as (client, process):
+        client.node_process = process  # for the test that kills the node's intake process
         yield client
 
 
@@ -236,3 +239,18 @@ def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
     finally:
         node.node.destroy_publisher(hand_publisher)
         node.node.destroy_publisher(table_publisher)
+
+
+def test_a_killed_intake_process_is_restarted(node, topics):
+    """The node restarts its obstacle intake process (mace_ros/ros/intake.py) when it dies."""
+    apply_cloud, publish_joints, _ = topics
+    pid = node.node_process.process.pid
+    # Children are listed per thread: the intake is started by one of the node's threads.
+    children = [child for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
+    intakes = [child for child in children if "mace_ros.ros.intake" in Path(f"/proc/{child}/cmdline").read_text()]
+    assert len(intakes) == 1, children
+    os.kill(int(intakes[0]), signal.SIGKILL)
+    publish_joints(READY)
+    marker = np.array([[0.6, -0.4, 0.6]])  # a point no other test uses
+    apply_cloud(camera_cloud(marker, "panda_link0", 64, 48), lambda p: np.linalg.norm(p - marker, axis=1).min() < 0.011)
+    assert node.node_process.running()
