@@ -224,7 +224,8 @@ def main() -> None:
 
     exact = PyBulletCollisionChecker()
     config = {} if args.warm_start_iterations is None else {"scene_warm_start_iterations": args.warm_start_iterations}
-    rows = [] if args.no_engine else engine_rows(args, IKEngine(config, device=args.device), RandomRestartIK(exact), exact)
+    engine = IKEngine(config, device=args.device)
+    rows = [] if args.no_engine else engine_rows(args, engine, RandomRestartIK(exact), exact)
     node = node_rows(args) if args.node else []
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
@@ -233,6 +234,7 @@ def main() -> None:
         "command": ".venv/bin/python bench/ik_latency.py " + " ".join(sys.argv[1:]),
         "commit": commit,
         "working_tree_modified": dirty,
+        "engine_config": engine.config,
         "device": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                    "torch_threads": args.threads, "load_average_at_end": os.getloadavg(), "engine_device": args.device,
                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},

@@ -1,10 +1,15 @@
-"""GetIK without ROS: rounds of MACE tuning -> LM polish -> exact mesh check, until solved or the deadline.
+"""GetIK without ROS: a fast stage, then rounds of MACE tuning -> LM polish -> exact mesh check, until
+solved or the deadline.
 
-Each round tunes the goal-conditioned prior for a short block of iterations (warm: the same model and
-optimizer carry over), refines the best new samples plus a few fresh ones with the collision-aware
-LM, exact-checks what converged and keeps the distinct solutions. The search ends once enough
-distinct solutions are solved, or at the deadline (timeout_s from the call: the node passes what is
-left of the request's); only then does a request fail, saying what blocked it.
+The fast stage is random-restart IK before any tuning: the obstacle-ignoring LM from a few plain prior
+samples and uniform starts (and the seed), the fast checker, then the exact check. It answers when it
+has num_solutions distinct solutions, or some and too little of the bounded wait for more is left for
+a round (as after any round). Otherwise each round tunes the goal-conditioned prior for a short block
+of iterations (warm: the same model and optimizer carry over), refines the best new samples plus a few
+fresh ones with the collision-aware LM, exact-checks what converged and keeps the distinct solutions.
+The search ends once enough distinct solutions are solved, or at the deadline (timeout_s from the
+call: the node passes what is left of the request's); only then does a request fail, saying what
+blocked it.
 """
 from __future__ import annotations
 
@@ -82,7 +87,7 @@ class IKResult:
     elapsed_s: float = 0.0
     failure_kind: str = ""  # one of FAILURE_KINDS; "" when solved
     rounds: int = 0  # tuning + refinement rounds done
-    # Seconds per stage: setup (per-request prior copy, scene), tuning (MACE and prior sampling),
+    # Seconds per stage: setup (scene), fast (the fast stage), tuning (MACE and prior sampling),
     # polish (the LM passes and their exact check), diagnosis, answer (ranking, exact check of best efforts).
     stage_times_s: dict[str, float] = field(default_factory=dict)
     # Background iterations of the scene's tuned prior that the request started from (0 = the trained prior).
