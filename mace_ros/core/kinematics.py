@@ -97,6 +97,10 @@ class PandaKinematics:
         self.dtype = dtype
         self.origins = torch.stack([_origin_transform(link, dtype, self.device) for link in PANDA_LINKS])
         self.parent_index = [LINK_INDEX[link.parent] if link.parent else -1 for link in PANDA_LINKS]
+        # Origins of the joints' links in joint order [7, 4, 4], for the batched joint rotations.
+        self._joint_origins = torch.stack([
+            self.origins[index] for joint in range(self.num_joints)
+            for index, link in enumerate(PANDA_LINKS) if link.joint_index == joint])
         self.joint_lower = torch.tensor(JOINT_LOWER, dtype=dtype, device=self.device)
         self.joint_upper = torch.tensor(JOINT_UPPER, dtype=dtype, device=self.device)
 
@@ -104,23 +108,23 @@ class PandaKinematics:
         """Poses of every link in the base frame: q [B, 7] -> [B, L, 4, 4] (order of LINK_NAMES)."""
         q = q.to(device=self.device, dtype=self.dtype)
         batch = q.shape[0]
-        cos, sin = q.cos(), q.sin()
+        # Every joint's local transform at once: its fixed origin, then the rotation about its local z.
+        # (Per link, the same took ~10 small ops each: ~1 ms per call for small batches on a CPU.)
+        c, s = q.cos()[..., None], q.sin()[..., None]  # [B, 7, 1]
+        origins = self._joint_origins
+        x_axis, y_axis = origins[:, :3, 0], origins[:, :3, 1]  # [7, 3]
+        top = torch.stack([
+            x_axis * c + y_axis * s, y_axis * c - x_axis * s,  # the origin's x and y axes turned by q about its z
+            origins[:, :3, 2].expand(batch, -1, -1), origins[:, :3, 3].expand(batch, -1, -1)], -1)  # [B, 7, 3, 4]
+        joint_locals = torch.cat([top, origins[:, 3:, :].expand(batch, -1, -1, -1)], -2)  # [B, 7, 4, 4]
         frames: list[torch.Tensor] = []
         for index, link in enumerate(PANDA_LINKS):
-            origin = self.origins[index].expand(batch, 4, 4)
             if link.parent is None:
-                frames.append(origin)
-                continue
-            local = origin
-            if link.joint_index is not None:
-                # Rotation about the joint's local z applied after the fixed origin transform.
-                c, s = cos[:, link.joint_index], sin[:, link.joint_index]
-                rot = origin[:, :3, :3]
-                new_x = rot[:, :, 0] * c[:, None] + rot[:, :, 1] * s[:, None]
-                new_y = -rot[:, :, 0] * s[:, None] + rot[:, :, 1] * c[:, None]
-                top = torch.stack([new_x, new_y, rot[:, :, 2], origin[:, :3, 3]], -1)
-                local = torch.cat([top, origin[:, 3:, :]], 1)
-            frames.append(frames[self.parent_index[index]] @ local)
+                frames.append(self.origins[index].expand(batch, 4, 4))
+            elif link.joint_index is not None:
+                frames.append(frames[self.parent_index[index]] @ joint_locals[:, link.joint_index])
+            else:
+                frames.append(frames[self.parent_index[index]] @ self.origins[index])
         return torch.stack(frames, 1)
 
     def forward(self, q: torch.Tensor, tip_link: str = "panda_hand") -> tuple[torch.Tensor, torch.Tensor]:

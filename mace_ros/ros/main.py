@@ -44,17 +44,8 @@ def bound_malloc() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
 
 
-# How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). Topic
-# callbacks run seconds of Python (5000 markers deserialized and converted), while a request's
-# engine thread releases the GIL around every torch op and waits up to the interval to get it back:
-# with 5 ms, GetIK right after a marker flood answered 0.3-0.4 s past its 0.2-0.5 s timeout; with
-# 1 ms, within it (and a timed-out answer is sent on time).
-GIL_SWITCH_INTERVAL_S = 0.001
-
-
 def main(args: list[str] | None = None) -> int:
     bound_malloc()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     node: MaceNode | None = None
     try:
         with rclpy.init(args=args):
