@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -79,3 +80,15 @@ def test_invalid_batches_are_refused_with_the_goal_named(mace):
     assert response.error_code == GetIKBatch.Response.INVALID_REQUEST and "too many" in response.message
     response = mace.get_ik_batch(batch_request(positions, quaternions, tip_link="panda_nose"))
     assert response.error_code == GetIKBatch.Response.INVALID_LINK_NAME, response.message
+
+
+def test_a_batch_too_large_for_its_timeout_answers_in_time_with_what_is_solved(mace):
+    positions, quaternions = reachable_poses(100, seed=9)
+    when_ready(mace.get_ik_batch, batch_request(positions[:2], quaternions[:2]))  # the engine is loaded
+    request = batch_request(np.tile(positions, (20, 1)), np.tile(quaternions, (20, 1)), timeout_s=0.5)  # 2000 goals
+    started = time.monotonic()
+    response = mace.get_ik_batch(request)
+    assert time.monotonic() - started <= 0.5 + 0.1 + 0.1  # slack for this test process sharing a busy CPU
+    assert response.elapsed_s <= 0.5 + 0.1
+    assert response.error_code in (GetIKBatch.Response.NO_IK_SOLUTION, GetIKBatch.Response.TIMED_OUT), response.message
+    assert len(response.solved) in (0, 2000) and response.solved_count == sum(response.solved)
