@@ -1,9 +1,9 @@
 """Depth-camera clouds streamed at a camera's rate while GetIK is called (issue 7, items 1 and 5).
 
 Starts the installed node (localhost-only DDS, a random ROS_DOMAIN_ID) and, for each cloud size,
-first calls GetIK without any cloud (the baseline), then publishes organized camera clouds
-(x, y, z, rgb float32 in 32-byte points: bench/reliability.py's `camera_cloud`, each stamped when
-sent) at --rate Hz for --seconds while calling GetIK one request at a time. Measures:
+first calls GetIK without any cloud (the baseline), then, from a camera process of its own, publishes
+organized camera clouds (x, y, z, rgb float32 in 32-byte points: bench/reliability.py's `camera_cloud`,
+each stamped when sent) at --rate Hz for --seconds while calling GetIK one request at a time. Measures:
 - how often the node applies a cloud and how old the applied cloud is: ~/obstacle_points repeats
   the stamp of the cloud it was built from, so its age on arrival is publish -> decoded, cropped,
   thinned, self-filtered, distance field built, in the model -> echoed;
@@ -23,6 +23,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -59,8 +60,8 @@ def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, r
         started = time.monotonic()
         response = client.get_ik(ik_request(GOALS[index % len(GOALS)], timeout_s), timeout_s=timeout_s + 30.0)
         latency_s = time.monotonic() - started
-        records.append({"latency_s": latency_s, "success": bool(response.success), "code": int(response.error_code),
-                        "late": latency_s > timeout_s + DEADLINE_SLACK_S})
+        records.append({"latency_s": latency_s, "node_elapsed_s": float(response.elapsed_s), "success": bool(response.success),
+                        "code": int(response.error_code), "late": latency_s > timeout_s + DEADLINE_SLACK_S})
         index += 1
 
 
@@ -68,12 +69,12 @@ def summarize_requests(records: list[dict]) -> dict:
     latencies = [record["latency_s"] for record in records]
     return {"requests": len(records), "success": sum(record["success"] for record in records),
             "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
-            "max_s": max(latencies, default=None), "deadline_violations": sum(record["late"] for record in records)}
+            "max_s": max(latencies, default=None), "deadline_violations": sum(record["late"] for record in records),
+            "late": [record for record in records if record["late"]][:10]}
 
 
 def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespace, rng: np.random.Generator,
              node_pid: int) -> dict:
-    publisher = client.node.create_publisher(PointCloud2, client.topic("obstacle_cloud"), QoSProfile(depth=1))
     applied: list[tuple[float, float]] = []  # (arrival monotonic, age of the applied cloud s)
 
     def on_points(message: PointCloud2) -> None:
@@ -83,46 +84,68 @@ def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespa
 
     subscription = client.node.create_subscription(
         PointCloud2, client.topic("obstacle_points"), on_points, QoSProfile(depth=10))
-    deadline = time.monotonic() + 10.0
-    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    clouds = [camera_cloud(rng, width, height) for _ in range(3)]  # made before: the bench shares the CPU
-
     baseline: list[dict] = []
     stop = threading.Event()
     timer = threading.Timer(args.seconds / 2, stop.set)
     timer.start()
     call_ik_until(client, stop, args.timeout, baseline)
 
+    # The camera is a process of its own, as a driver is: publishing 10-30 MB clouds at 30 Hz from this
+    # process would hold its interpreter and delay the client's own GetIK calls.
     streamed: list[dict] = []
     stop = threading.Event()
     caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed))
     rss = [node_rss_mb(node_pid)]
-    published, started = 0, time.monotonic()
+    camera = subprocess.Popen(
+        [sys.executable, __file__, "--camera", f"{width}x{height}", "--rate", str(args.rate), "--seconds", str(args.seconds),
+         "--seed", str(int(rng.integers(1 << 30))), "--topic", client.topic("obstacle_cloud")],
+        stdout=subprocess.PIPE, text=True)
+    started = time.monotonic()
     caller.start()
-    while time.monotonic() - started < args.seconds:
-        cloud = clouds[published % len(clouds)]
-        cloud.header.stamp = client.node.get_clock().now().to_msg()
-        publisher.publish(cloud)
-        published += 1
-        if published % int(args.rate) == 0:
-            rss.append(node_rss_mb(node_pid))
-        time.sleep(max(0.0, started + published / args.rate - time.monotonic()))
+    while camera.poll() is None:
+        time.sleep(1.0)
+        rss.append(node_rss_mb(node_pid))
     duration_s = time.monotonic() - started
     stop.set()
     caller.join()
-    time.sleep(1.0)  # the last clouds' echoes
+    published = json.loads(camera.stdout.read())["published"]
     in_window = [age for arrival, age in applied if started <= arrival <= started + duration_s]
     client.node.destroy_subscription(subscription)
-    client.node.destroy_publisher(publisher)
     return {
-        "cloud": f"{width}x{height}", "cloud_bytes": len(clouds[0].data), "rate_hz_asked": args.rate,
+        "cloud": f"{width}x{height}", "cloud_bytes": 32 * width * height, "rate_hz_asked": args.rate,
         "published": published, "publish_rate_hz": published / duration_s,
         "applied": len(in_window), "applied_rate_hz": len(in_window) / duration_s,
         "applied_age_p50_s": percentile(in_window, 50), "applied_age_p95_s": percentile(in_window, 95),
         "get_ik_without_stream": summarize_requests(baseline), "get_ik_while_streaming": summarize_requests(streamed),
         "node_rss_mb": {"start": rss[0], "max": max(value for value in rss if value is not None), "end": rss[-1]},
     }
+
+
+def camera(size: str, rate: float, seconds: float, seed: int, topic: str) -> int:
+    """--camera mode: publish camera clouds on `topic` at `rate` Hz for `seconds` (a driver's default,
+    reliable QoS), each stamped when sent; prints {"published": count}."""
+    import rclpy
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    rclpy.init()
+    node = rclpy.create_node("camera_stream")
+    publisher = node.create_publisher(PointCloud2, topic, QoSProfile(depth=1))
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rng = np.random.default_rng(seed)
+    clouds = [camera_cloud(rng, width, height) for _ in range(3)]
+    published, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        cloud = clouds[published % len(clouds)]
+        cloud.header.stamp = node.get_clock().now().to_msg()
+        publisher.publish(cloud)
+        published += 1
+        time.sleep(max(0.0, started + published / rate - time.monotonic()))
+    print(json.dumps({"published": published}))
+    node.destroy_node()
+    rclpy.shutdown()
+    return 0
 
 
 def main() -> int:
@@ -134,7 +157,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cloud_stream.json")
     parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "cloud_stream_node.log")
+    parser.add_argument("--camera", help=argparse.SUPPRESS)  # internal: the camera process (see camera())
+    parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.camera:
+        return camera(args.camera, args.rate, args.seconds, args.seed, args.topic)
 
     torch.set_num_threads(1)
     isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}
@@ -160,7 +187,7 @@ def main() -> int:
             node.stop()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"command": "bench/cloud_stream.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                             if k not in ("out", "node_log")),
+                                                             if k not in ("out", "node_log", "camera", "topic")),
               "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "node_log": repository_path(args.node_log), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
