@@ -19,7 +19,7 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
 
 from mace_ros.core.kinematics import JOINT_NAMES, LINK_NAMES
-from mace_ros.ros.frames import JointStateHistory, RigidTransform
+from mace_ros.ros.frames import RigidTransform
 
 if TYPE_CHECKING:
     from mace_ros.core.scene import Box, Cylinder, Sphere
@@ -307,19 +307,19 @@ def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()
     return ordered
 
 
-def record_joint_state(history: JointStateHistory, state: JointState, names: RobotNames, now_ns: int) -> str | None:
-    """Adds the arm's positions of a /joint_states message to `history` (stamped now_ns when the message
-    has no stamp); returns a warning when the message is malformed. Another joint group's state (e.g.
-    the gripper's) is skipped silently."""
+def joint_state_entry(state: JointState, names: RobotNames, now_ns: int) -> tuple[int, np.ndarray] | None:
+    """(stamp ns, arm positions [7]) of a /joint_states message (stamped now_ns when it has no stamp);
+    None for a state without positions or another joint group's (e.g. the gripper's). ValueError, with
+    what was wrong, for a malformed one."""
     try:
         positions = joint_state_to_positions(state, names)
     except ValueError as error:
         if state.name and not set(state.name) & set(names.joint_names):
             return None
-        return f"/joint_states ignored: {error}"
-    if positions is not None:
-        history.add(stamp_to_ns(state.header.stamp) or now_ns, positions)
-    return None
+        raise ValueError(f"/joint_states ignored: {error}") from None
+    if positions is None:
+        return None
+    return stamp_to_ns(state.header.stamp) or now_ns, positions
 
 
 # --- Markers -> scene primitives ---------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""The obstacle topics, received and processed in a process of their own.
+"""The node's input topics, received and processed in a process of their own.
 
 Camera clouds (10-30 MB each, up to 30 Hz) and marker floods cost Python time, and in the process
 that serves GetIK and InferShape that time is taken from requests: rclpy builds a 5000-marker
 MarkerArray's Python objects in 0.26 s with the GIL held, and a 640 x 480 cloud takes ~0.2 s to crop,
 thin, self-filter and turn into a distance field. bench/reliability.py measured 3 % of requests
 answered up to 1.5 s late while such messages were handled beside them. So the `mace` node starts
-this intake process (`ObstacleIntake`), which subscribes to ~/obstacle_cloud, ~/obstacles and
-/joint_states (for the self-filter and robot-attached frames) and sends the node small results:
-each sensor's cropped, thinned, self-filtered cloud with the merged cloud's distance field, and each
-marker message as operations on the obstacle model. The node only swaps them in.
+this intake process (`ObstacleIntake`), which subscribes to ~/obstacle_cloud, ~/obstacles,
+~/contacts and /joint_states and sends the node small results: each sensor's cropped, thinned,
+self-filtered cloud with the merged cloud's distance field, each marker message as operations on the
+obstacle model, contacts in the base frame, and the arm's joint positions. The node only swaps them
+in; it subscribes to nothing itself (a fuzzed 10000-pose PoseArray or 100000-name JointState also
+took the serving process's interpreter for 0.1-0.3 s).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from geometry_msgs.msg import PoseArray
 from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
@@ -42,9 +45,13 @@ CLOUD_QOS_CHECK_PERIOD_S = 1.0
 # A dead intake process (killed, out of memory) is started again after this long.
 RESTART_DELAY_S = 1.0
 PARENT_CHECK_PERIOD_S = 0.5
+# Marker operations per MarkerUpdate (see on_obstacles).
+MARKER_OPERATIONS_PER_UPDATE = 128
+# The intake's scheduling priority below the node's (see run_intake).
+INTAKE_NICENESS = 10
 # Environment variables through which a user configures Fast DDS's transports (see run_intake).
 DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
-INTAKE_EXECUTOR_THREADS = 3
+INTAKE_EXECUTOR_THREADS = 4  # clouds, markers, contacts, joint states: each in its own callback group
 # /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
 EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
@@ -60,6 +67,7 @@ class IntakeSettings:
     namespace: str
     cloud_topic: str
     markers_topic: str
+    contacts_topic: str
     joint_states_topic: str
     robot_prefix: str
     base_frame: str
@@ -106,6 +114,22 @@ class CloudUpdate:
 
 
 @dataclass(frozen=True)
+class JointStateUpdate:
+    """Intake -> node: the arm's positions [7] of one /joint_states message, at its stamp (ns)."""
+
+    stamp_ns: int
+    positions: np.ndarray
+
+
+@dataclass(frozen=True)
+class ContactsUpdate:
+    """Intake -> node: one ~/contacts message in the base frame (no rows: clear the contacts)."""
+
+    contacts: np.ndarray  # [k, 3]
+    directions: np.ndarray  # [k, 3] finger travel directions, zero rows = none
+
+
+@dataclass(frozen=True)
 class MarkerUpdate:
     """Intake -> node: one ~/obstacles message as ObstacleModel operations."""
 
@@ -133,6 +157,8 @@ class IntakeNode(Node):
             JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_subscription(
+            PoseArray, settings.contacts_topic, self.on_contacts, 10, callback_group=MutuallyExclusiveCallbackGroup())
         # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
         self._cloud_topic = settings.cloud_topic
         self._cloud_group = MutuallyExclusiveCallbackGroup()
@@ -170,9 +196,17 @@ class IntakeNode(Node):
         self._record_joint_state(message)
 
     def _record_joint_state(self, message: JointState) -> None:
+        """Into this process's history (self-filter, cloud frames), and to the node (request frames)."""
         from mace_ros.ros import conversions
 
-        warning = conversions.record_joint_state(self.robot.joint_states, message, self.names, self.get_clock().now().nanoseconds)
+        warning = ""
+        try:
+            entry = conversions.joint_state_entry(message, self.names, self.get_clock().now().nanoseconds)
+        except ValueError as error:
+            entry, warning = None, str(error)
+        if entry is not None:
+            self.robot.joint_states.add(*entry)
+            self._send(JointStateUpdate(*entry))
         if warning:
             self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
 
@@ -278,6 +312,22 @@ class IntakeNode(Node):
         return {"origin": field.origin.numpy(), "resolution_m": field.resolution_m, "values": field.values.numpy(),
                 "truncation_m": field.truncation_m, "built_for": (settings.resolution_m, settings.truncation_m)}
 
+    def on_contacts(self, message: PoseArray) -> None:
+        """Fingertip contacts in the base frame, with their fingers' travel directions, for the node:
+        positions are the contacts, each pose's +z axis its finger's travel direction (identity
+        orientation = no direction; conversions.contact_travel_directions)."""
+        self._ready.wait()  # holds only this callback's group while the intake sets up
+        from mace_ros.ros import conversions
+
+        try:
+            to_base = self.frames.to_base(message.header.frame_id)
+            contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
+            directions = conversions.contact_travel_directions(message.poses) @ to_base.rotation.T
+        except ValueError as error:
+            self.get_logger().warning(f"~/contacts rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            return
+        self._send(ContactsUpdate(contacts, directions))
+
     def on_obstacles(self, message: MarkerArray) -> None:
         """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
         self._ready.wait()  # holds only this callback's group while the intake sets up
@@ -307,8 +357,9 @@ class IntakeNode(Node):
             except (ValueError, ImportError) as error:
                 invalid += 1
                 first_error = first_error or f"{conversions.marker_key(marker)}: {error}"
-        if operations:
-            self._send(MarkerUpdate(operations))
+        # In pieces: unpickling one message holds the node's GIL, and 5000 primitives took ~0.1-0.2 s.
+        for start in range(0, len(operations), MARKER_OPERATIONS_PER_UPDATE):
+            self._send(MarkerUpdate(operations[start:start + MARKER_OPERATIONS_PER_UPDATE]))
         count = len(message.markers)
         if invalid:
             self.get_logger().warning(
@@ -337,6 +388,9 @@ def run_intake(connection: Connection) -> None:
         os._exit(0)
 
     threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
+    # Requests before obstacles: where cores are short, the intake's work (a 200k-point cloud's field
+    # takes a core for a second) must not delay the serving process (3-4 s late answers without this).
+    os.nice(INTAKE_NICENESS)
     settings: IntakeSettings = connection.recv()
     send_lock = threading.Lock()
 

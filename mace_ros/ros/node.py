@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from geometry_msgs.msg import PoseArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.publisher import Publisher
@@ -32,7 +31,8 @@ from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros import conversions, markers
 from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, Tf2Frames
-from mace_ros.ros.intake import CloudSettings, CloudUpdate, FieldSettings, IntakeSettings, MarkerUpdate, ObstacleIntake
+from mace_ros.ros.intake import (
+    CloudSettings, CloudUpdate, ContactsUpdate, FieldSettings, IntakeSettings, JointStateUpdate, MarkerUpdate, ObstacleIntake)
 from mace_ros.ros.obstacles import ObstacleModel, Workspace
 from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
@@ -215,7 +215,7 @@ class MaceNode(Node):
         self.intake = ObstacleIntake(IntakeSettings(
             node_name=f"{self.get_name()}_intake", namespace=self.get_namespace(),
             cloud_topic=self.resolve_topic_name("~/obstacle_cloud"), markers_topic=self.resolve_topic_name("~/obstacles"),
-            joint_states_topic=self.resolve_topic_name("/joint_states"),
+            contacts_topic=self.resolve_topic_name("~/contacts"), joint_states_topic=self.resolve_topic_name("/joint_states"),
             robot_prefix=self.names.prefix, base_frame=self.base_frame,
             static_transforms=self.get_parameter("static_transforms").value,
             attached_frames=self.get_parameter("attached_frames").value,
@@ -225,10 +225,6 @@ class MaceNode(Node):
             use_sim_time=self.get_parameter("use_sim_time").value), self.on_intake_update, self.get_logger())
         self.add_post_set_parameters_callback(self._send_cloud_settings)
         topics_group = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(PoseArray, "~/contacts", self.on_contacts, 10, callback_group=topics_group)
-        # Joint states in a group of their own: robot-attached frames of requests need the latest.
-        self.create_subscription(
-            JointState, "/joint_states", self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
         self.obstacle_points_publisher = self.create_publisher(PointCloud2, "~/obstacle_points", LATCHED)
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
@@ -307,8 +303,14 @@ class MaceNode(Node):
             self._warmed_scene = scene
             self.get_logger().warning(f"could not prepare the IK engine's scene: {error}", throttle_duration_sec=WARNING_PERIOD_S)
 
-    def on_intake_update(self, update: CloudUpdate | MarkerUpdate) -> None:
-        """An update from the intake process (mace_ros/ros/intake.py) enters the obstacle model."""
+    def on_intake_update(self, update: CloudUpdate | MarkerUpdate | ContactsUpdate | JointStateUpdate) -> None:
+        """An update from the intake process (mace_ros/ros/intake.py) enters the node's state."""
+        if isinstance(update, JointStateUpdate):
+            self.robot.joint_states.add(update.stamp_ns, update.positions)
+            return
+        if isinstance(update, ContactsUpdate):
+            self._add_contacts(update.contacts, update.directions)
+            return
         if isinstance(update, MarkerUpdate):
             refused = self.obstacles.apply(update.operations)
             if refused:
@@ -348,23 +350,9 @@ class MaceNode(Node):
                 self.get_parameter("obstacle_cloud.voxel_size_m").value,
                 self.get_parameter("obstacle_cloud.self_filter_padding_m").value))
 
-    def on_joint_states(self, message: JointState) -> None:
-        warning = conversions.record_joint_state(
-            self.robot.joint_states, message, self.names, self.get_clock().now().nanoseconds)
-        if warning:
-            self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
-
-    def on_contacts(self, message: PoseArray) -> None:
-        """Fingertip contacts as a PoseArray, added to those of earlier messages (several grasps) until an
-        empty PoseArray clears them: positions are the contacts, each pose's +z axis its finger's travel
-        direction (identity orientation = no direction; conversions.contact_travel_directions)."""
-        try:
-            to_base = self.frames.to_base(message.header.frame_id)
-            contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
-            directions = conversions.contact_travel_directions(message.poses) @ to_base.rotation.T
-        except ValueError as error:
-            self.get_logger().warning(f"~/contacts rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
-            return
+    def _add_contacts(self, contacts: np.ndarray, directions: np.ndarray) -> None:
+        """A ~/contacts message's contacts (base frame), added to those of earlier messages (several grasps)
+        until an empty one clears them."""
         limit = int(self.get_parameter("shape.max_contacts").value)
         with self._contacts_lock:
             if contacts.shape[0] == 0:
