@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion
+from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion, Vector3
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
@@ -277,8 +277,14 @@ class Fuzzer:
         request = InferShape.Request()
         request.header.frame_id = self.rng.choice([BASE, ""])
         request.object_origin = Point(x=origin[0], y=origin[1], z=origin[2])
-        offsets = [(0.04, 0.0), (-0.04, 0.0), (0.0, 0.03), (0.0, -0.03)][:self.rng.randint(2, 4)]
-        request.contacts = [Point(x=origin[0] + dx, y=origin[1] + dy, z=origin[2]) for dx, dy in offsets]
+        # Grasps the default gripper (the Panda hand pointing down) makes: top-down with fingertips at +-y
+        # (no directions needed), along x with each finger's travel direction, or both.
+        top_down = [((0.0, 0.04), Vector3(y=-1.0)), ((0.0, -0.04), Vector3(y=1.0))]
+        along_x = [((0.04, 0.0), Vector3(x=-1.0)), ((-0.04, 0.0), Vector3(x=1.0))]
+        kind = self.rng.randrange(3)
+        grasp = top_down if kind == 0 else along_x if kind == 1 else top_down + along_x
+        request.contacts = [Point(x=origin[0] + dx, y=origin[1] + dy, z=origin[2]) for (dx, dy), _ in grasp]
+        request.contact_directions = [] if kind == 0 else [direction for _, direction in grasp]
         if self.rng.random() < 0.3:
             points = origin + self.np_rng.normal(0.0, 0.03, (self.rng.choice([50, 500, 5000]), 3))
             request.partial_cloud = xyz_cloud(points, request.header.frame_id, self.rng.choice([np.float32, np.float64]))
