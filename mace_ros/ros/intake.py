@@ -36,7 +36,9 @@ from geometry_msgs.msg import PoseArray
 from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
-# Deliberately no mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
+from mace_ros.ros.memory import bound_malloc
+
+# Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
 
 WARNING_PERIOD_S = 5.0
@@ -391,6 +393,7 @@ def run_intake(connection: Connection) -> None:
     # Requests before obstacles: where cores are short, the intake's work (a 200k-point cloud's field
     # takes a core for a second) must not delay the serving process (3-4 s late answers without this).
     os.nice(INTAKE_NICENESS)
+    bound_malloc()  # this process now handles the camera clouds (see mace_ros/ros/memory.py)
     settings: IntakeSettings = connection.recv()
     send_lock = threading.Lock()
 
