@@ -68,6 +68,7 @@ def test_get_ik_right_after_a_marker_flood_keeps_its_deadline(mace):
         shown = scene.wait_for(lambda message: len(message.markers) > 100, timeout_s=20.0)
         assert len(shown.markers) <= 1 + 256
     finally:
+        scene.messages.clear()  # wait for a ~/scene published after the DELETEALL, not an earlier one
         publisher.publish(MarkerArray(markers=[Marker(ns=FLOOD_NAMESPACE, action=Marker.DELETEALL)]))
         scene.wait_for(lambda message: len(message.markers) <= 1, timeout_s=20.0)
         mace.node.destroy_publisher(publisher)

@@ -6,6 +6,8 @@ hand on the goal within the requested tolerance according to PyBullet's own kine
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pybullet
 import pybullet_data
@@ -70,9 +72,13 @@ def box_obstacles(mace):
     publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", QoSProfile(depth=10))
     scene_topic = Latest(mace, MarkerArray, "/mace/scene")
     expected = len(BOX_SCENE.boxes)
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     publisher.publish(box_markers(BOX_SCENE))
     scene_topic.wait_for(lambda markers: sum(m.type == Marker.CUBE for m in markers.markers) >= expected, timeout_s=20.0)
     yield BOX_SCENE
+    scene_topic.messages.clear()  # wait for a ~/scene published after the DELETEALL, not an earlier one
     publisher.publish(MarkerArray(markers=[Marker(ns="test_box", action=Marker.DELETEALL)]))
     scene_topic.wait_for(lambda markers: sum(m.type == Marker.CUBE for m in markers.markers) == 0, timeout_s=20.0)
     mace.node.destroy_publisher(publisher)

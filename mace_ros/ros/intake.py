@@ -116,6 +116,12 @@ class CloudUpdate:
 
 
 @dataclass(frozen=True)
+class IntakeReady:
+    """Intake -> node: its subscriptions exist (the node creates its services only then, so that a client
+    that finds the services finds the topics' subscriber too)."""
+
+
+@dataclass(frozen=True)
 class JointStateUpdate:
     """Intake -> node: the arm's positions [7] of one /joint_states message, at its stamp (ns)."""
 
@@ -409,6 +415,7 @@ def run_intake(connection: Connection) -> None:
         os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
     rclpy.init(args=[], signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
     node = IntakeNode(settings, send)
+    send(IntakeReady())
 
     def receive() -> None:
         try:
@@ -447,6 +454,7 @@ class ObstacleIntake:
         self._lock = threading.Lock()
         self._connection: Connection | None = None
         self._latest: dict[type, Any] = {}  # the latest message of each kind, sent again to a restarted process
+        self.subscribed = threading.Event()  # set once the (first) intake process has subscribed
         threading.Thread(target=self._serve, name="obstacle-intake", daemon=True).start()
 
     def send(self, message: FieldSettings | CloudSettings) -> None:
@@ -479,6 +487,9 @@ class ObstacleIntake:
             try:
                 while True:
                     update = connection.recv()
+                    if isinstance(update, IntakeReady):
+                        self.subscribed.set()
+                        continue
                     try:
                         self._on_update(update)
                     except Exception as error:  # one bad update must not stop the intake

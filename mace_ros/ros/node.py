@@ -62,6 +62,7 @@ RESPONSE_CONVERT_PER_SAMPLE_S = 2e-4
 RESPONSE_TRANSPORT_PER_SAMPLE_S = 1.5e-4
 RESPONSE_MAX_SHARE = 0.5
 RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
+INTAKE_START_WAIT_S = 20.0
 # GetIKBatch: per goal, what a batch costs outside the engine on the 2-core CPU (10k goals: the request's
 # deserialization before the callback 0.26 s, building the response 0.1 s, its serialization 0.06 s and
 # the client's deserialization 0.34 s), kept from the engine's share of timeout_s.
@@ -230,13 +231,7 @@ class MaceNode(Node):
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
         self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
         self.create_timer(SCENE_PUBLISH_PERIOD_S, self._on_model_timer, callback_group=topics_group)
-        # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
-        services_group = ReentrantCallbackGroup()
-        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
-        self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, callback_group=services_group)
-        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
-        self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
-
+        # The engines load in background threads meanwhile.
         device = self.get_parameter("device").value
         dtype = self.get_parameter("dtype").value
         set_torch_threads(self.get_parameter("torch_threads").value)
@@ -246,6 +241,17 @@ class MaceNode(Node):
             "IK", lambda: self._build_ik_engine(ik_config, scene_name, device, dtype), self.get_logger())
         self.shape_engine = EngineSlot(
             "shape", lambda: self._build_shape_engine(shape_config, device, dtype), self.get_logger())
+        # Services only once the intake has subscribed: a client that finds them and publishes obstacles
+        # at once must find a subscriber (the intake starts in ~1-2 s; not waited for beyond INTAKE_START_WAIT_S).
+        if not self.intake.subscribed.wait(INTAKE_START_WAIT_S):
+            self.get_logger().warning(f"the obstacle intake has not subscribed after {INTAKE_START_WAIT_S} s; serving anyway")
+        # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
+        services_group = ReentrantCallbackGroup()
+        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
+        self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, callback_group=services_group)
+        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
+        self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
+
         self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
 
     # --- Engines --------------------------------------------------------------------------------
