@@ -102,7 +102,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_times_out_unworked(fr3):
     assert client.when_loaded(client.infer_shape, long_shape_request(0.5), ENGINE_WAIT_S).error_code != \
         InferShape.Response.ENGINE_LOADING
     long_call = client.infer_shape_client.call_async(long_shape_request(3.0))
-    client.executor.spin_once(timeout_sec=0.3)  # the long request is taken first
+    time.sleep(0.3)  # the long request reaches the node first (call_async sent it; spin_once may return at once)
     sent = time.monotonic()
     short_call = client.infer_shape_client.call_async(long_shape_request(0.5))
     client.executor.spin_until_future_complete(short_call, timeout_sec=10.0)

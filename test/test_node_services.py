@@ -158,7 +158,7 @@ def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(m
 
     def publish(poses: list[Pose]) -> None:
         publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=poses))
-        time.sleep(0.5)
+        time.sleep(2.0)  # contacts reach the node through its (niced) intake process
 
     # The pose's +z axis is the finger's travel direction: a rotation of +-90° about x turns +z into -+y.
     half = math.sqrt(0.5)
