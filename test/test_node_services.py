@@ -81,16 +81,25 @@ def test_infer_shape_uses_the_latest_contacts_topic_until_cleared(mace):
     while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=[Pose(position=p) for p in CONTACTS]))
-    time.sleep(0.5)
+
+    def answer_once(request, done, timeout_s: float = 20.0):
+        """The answer to `request`, asked again until done(answer): topics reach the node through its intake
+        process, which right after start-up is still importing torch."""
+        deadline = time.monotonic() + timeout_s
+        response = when_ready(mace.infer_shape, request)
+        while not done(response) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            response = mace.infer_shape(request)
+        return response
+
     try:
-        response = when_ready(mace.infer_shape, shape_request(contacts=[], num_samples=2, tuning_iterations=0))
+        response = answer_once(shape_request(contacts=[], num_samples=2, tuning_iterations=0), lambda r: r.success)
         assert response.success, response.message
         assert len(response.samples) == 2
     finally:
         # An empty PoseArray clears them (and leaves the node as the other tests expect it).
         publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
-        time.sleep(0.5)
-    assert "no observation" in mace.infer_shape(shape_request(contacts=[])).message
+    assert "no observation" in answer_once(shape_request(contacts=[]), lambda r: "no observation" in r.message).message
 
 
 def test_a_long_request_does_not_block_the_other_service(mace):
