@@ -122,6 +122,12 @@ class IntakeReady:
 
 
 @dataclass(frozen=True)
+class IntakeSetUp:
+    """Intake -> node: frames, workspace and self-filter are set up (torch imported), so messages are applied
+    as they come from now on (the node's engines report ready only then; see MaceNode._wait_for_intake)."""
+
+
+@dataclass(frozen=True)
 class JointStateUpdate:
     """Intake -> node: the arm's positions [7] of one /joint_states message, at its stamp (ns)."""
 
@@ -194,6 +200,7 @@ class IntakeNode(Node):
                 self._record_joint_state(message)
             self._early_joint_states.clear()
             self._ready.set()
+        self._send(IntakeSetUp())
 
     def on_joint_states(self, message: JointState) -> None:
         if not self._ready.is_set():
@@ -455,6 +462,7 @@ class ObstacleIntake:
         self._connection: Connection | None = None
         self._latest: dict[type, Any] = {}  # the latest message of each kind, sent again to a restarted process
         self.subscribed = threading.Event()  # set once the (first) intake process has subscribed
+        self.set_up = threading.Event()  # set once it has also set up (IntakeSetUp)
         threading.Thread(target=self._serve, name="obstacle-intake", daemon=True).start()
 
     def send(self, message: FieldSettings | CloudSettings) -> None:
@@ -489,6 +497,9 @@ class ObstacleIntake:
                     update = connection.recv()
                     if isinstance(update, IntakeReady):
                         self.subscribed.set()
+                        continue
+                    if isinstance(update, IntakeSetUp):
+                        self.set_up.set()
                         continue
                     try:
                         self._on_update(update)

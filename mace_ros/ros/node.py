@@ -271,13 +271,22 @@ class MaceNode(Node):
         self._field_device = engine.checker.device
         self.intake.send(FieldSettings(
             static.points, *engine.checker.point_field_settings, str(engine.checker.dtype).removeprefix("torch.")))
+        self._wait_for_intake()
         return engine
 
-    @staticmethod
-    def _build_shape_engine(config: dict[str, Any], device: str, dtype: str):
+    def _build_shape_engine(self, config: dict[str, Any], device: str, dtype: str):
         from mace_ros.core.shape_engine import ShapeEngine
 
-        return ShapeEngine(config, resolve_device(device), resolve_dtype(dtype))
+        engine = ShapeEngine(config, resolve_device(device), resolve_dtype(dtype))
+        self._wait_for_intake()
+        return engine
+
+    def _wait_for_intake(self) -> None:
+        """An engine reports ready only once the intake applies messages as they come: obstacles or contacts
+        a client published at start-up are then in the model before the first answer that could use them
+        (the intake's set-up, niced, may end after the engines have loaded)."""
+        if not self.intake.set_up.wait(INTAKE_START_WAIT_S):
+            self.get_logger().warning(f"the obstacle intake has not set up after {INTAKE_START_WAIT_S} s; serving anyway")
 
     # --- Topics ---------------------------------------------------------------------------------
 
