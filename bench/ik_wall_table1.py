@@ -38,7 +38,7 @@ def evaluate(prior: GoalConditionedPrior, domain: IKDomain, exact: PyBulletColli
     exact_free = ~exact.check(q, scene).in_collision
     return {
         "score": float(scores.mean()),
-        "collision_free_rate_torch": domain.last_collision_free_rate,
+        "collision_free_rate_torch": float(domain.last_collision_free_rate),
         "collision_free_rate_exact": float(exact_free.float().mean()),
     }
 

@@ -107,6 +107,7 @@ def test_an_open_goal_is_answered_by_the_fast_stage_before_any_tuning(engine):
     result = engine.solve(request((0.5, 0.2, 0.4), DOWN, timeout_s=5.0), Scene())
     assert result.success, result.message
     assert result.rounds == 0 and result.tuning_iterations_done == 0, result.stage_times_s
+    assert 0.0 < result.collision_free_rate <= 1.0  # the fast stage's own rate, not "no batch sampled" (NaN)
     assert result.position_errors_m.max() <= 1e-6
     with PyBulletCollisionChecker() as exact:
         assert not exact.check(torch.as_tensor(result.solutions), Scene()).in_collision.any()
@@ -117,6 +118,7 @@ def test_the_fast_stage_off_still_solves_by_tuning_rounds():
     result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0), BOX_SCENE)
     assert result.success, result.message
     assert result.rounds >= 1 and "fast" not in result.stage_times_s
+    assert 0.0 <= result.collision_free_rate <= 1.0
 
 
 def test_the_scene_warm_start_tunes_a_copy_per_scene_in_the_background():

@@ -74,7 +74,8 @@ class IKDomain:
         self.position_length_scale_m = position_length_scale_m
         self.orientation_length_scale_rad = orientation_length_scale_rad
         self.narrow_phase_fraction = narrow_phase_fraction
-        self.last_collision_free_rate = float("nan")
+        # The collision-free fraction of the last scored batch, a 0-d tensor (no host sync per batch); None before one.
+        self.last_collision_free_rate: torch.Tensor | None = None
 
     def score(self, q: torch.Tensor) -> torch.Tensor:
         proximity = self.score_from_errors(*goal_errors(self.kinematics, q, self.goal))
@@ -85,7 +86,7 @@ class IKDomain:
             rejected = nearest[~free[nearest]]
             if rejected.numel():
                 free[rejected] = ~self.checker.check(q[rejected], self.scene).in_collision
-        self.last_collision_free_rate = float(free.float().mean())
+        self.last_collision_free_rate = free.float().mean()
         return proximity * free
 
     def score_from_errors(self, position_error: torch.Tensor, orientation_error: torch.Tensor) -> torch.Tensor:

@@ -344,6 +344,7 @@ class IKEngine:
         failure_kind = "timeout"  # until a failed round is diagnosed
         diagnosed = False
         first_solved_s: float | None = None
+        fast_free_rate = float("nan")  # the fast stage's, reported when no tuning round samples
         diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
         stage_times_s["setup"] = time.monotonic() - started
         if refining and config["fast_stage_starts"] > 0:
@@ -353,7 +354,8 @@ class IKEngine:
                     starts = self._unobstructed_starts(GoalConditionedPrior(source, features), generator, config["fast_stage_starts"])
                 if seed is not None:
                     starts = torch.cat([seed, starts])
-                fast_solved, exact_rejections = self._fast_stage(starts, goal, scene, tensor_scene, request.num_solutions, work_deadline)
+                fast_solved, exact_rejections, fast_free_rate = self._fast_stage(
+                    starts, goal, scene, tensor_scene, request.num_solutions, work_deadline)
                 solved = self._merged(solved, fast_solved)
             if len(solved):
                 first_solved_s = time.monotonic() - started
@@ -423,7 +425,7 @@ class IKEngine:
         with _timed(stage_times_s, "answer"):
             result = self._result(
                 request, scene, domain, solved, best_efforts, seed, failure_kind, exact_rejections,
-                iterations_done, tuning_time_s, rounds, started,
+                iterations_done, tuning_time_s, rounds, started, fast_free_rate,
             )
         result.stage_times_s = stage_times_s
         result.warm_start_iterations = warm_start_iterations
@@ -590,17 +592,21 @@ class IKEngine:
 
     def _fast_stage(
         self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,
-    ) -> tuple[_Solutions, int]:
+    ) -> tuple[_Solutions, int, float]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
         FAST_STAGE_SURPLUS times `needed` converged; the fast checker, then the exact check of those until `needed`
-        pass. Returns the accepted solutions and how many the exact check rejected."""
+        pass. Returns the accepted solutions, how many the exact check rejected, and the fraction of the
+        converged configurations that the fast checker called free (NaN when none converged)."""
         config = self.config
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
             deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
             orientation_tolerance_rad=config["orientation_tolerance_rad"])
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
-        return self._exactly_accepted(solved.subset(self._reached_free(unobstructed, tensor_scene, deadline_at)), scene, needed)
+        reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
+        converged = int(unobstructed.converged.sum())
+        free_rate = len(reached_free) / converged if converged else float("nan")
+        return *self._exactly_accepted(solved.subset(reached_free), scene, needed), free_rate
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within
@@ -648,7 +654,7 @@ class IKEngine:
     def _result(
         self, request: IKRequest, scene: Scene, domain: IKDomain, solved: _Solutions, best_efforts: _Solutions,
         seed: torch.Tensor | None, failure_kind: str, exact_rejections: int, iterations_done: int, tuning_time_s: float,
-        rounds: int, started: float,
+        rounds: int, started: float, fast_free_rate: float,
     ) -> IKResult:
         count = request.num_solutions
         success = len(solved) > 0
@@ -682,7 +688,8 @@ class IKEngine:
             scores=scores.cpu().numpy(),
             position_errors_m=answer.position_error_m.cpu().numpy(),
             orientation_errors_rad=answer.orientation_error_rad.cpu().numpy(),
-            collision_free_rate=domain.last_collision_free_rate,
+            # The last sampled batch's; the fast stage's converged configurations' when no round sampled.
+            collision_free_rate=fast_free_rate if domain.last_collision_free_rate is None else float(domain.last_collision_free_rate),
             tuning_iterations_done=iterations_done,
             tuning_time_s=tuning_time_s,
             elapsed_s=time.monotonic() - started,

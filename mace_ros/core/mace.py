@@ -146,7 +146,7 @@ def _tuning_loop(
     start = time.monotonic()
     deadline_at = None if deadline_s is None else start + deadline_s
     best = _BestKeeper(keep_best)
-    history: list[float] = []
+    history: list[torch.Tensor] = []  # each iteration's mean score, read back once at the end (no host sync per iteration)
     iterations_done = 0
     stopped_by_deadline = False
     for iteration in range(preset.iterations):
@@ -164,7 +164,7 @@ def _tuning_loop(
             # The deadline came mid-batch: keep what was scored, but a partial batch moves no elite threshold.
             stopped_by_deadline = True
             break
-        history.append(float(scores.mean()))
+        history.append(scores.mean())
         if on_iteration is not None:
             on_iteration(iteration, scores)
         update(samples, scores, deadline_at)
@@ -173,7 +173,8 @@ def _tuning_loop(
         # No time even for one iteration: still answer with straight prior samples (one chunk at most).
         samples, scores, _ = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at)
         best.update(samples, scores)
-    return TuneResult(best.samples, best.scores, iterations_done, time.monotonic() - start, history, stopped_by_deadline)
+    mean_scores = torch.stack(history).tolist() if history else []
+    return TuneResult(best.samples, best.scores, iterations_done, time.monotonic() - start, mean_scores, stopped_by_deadline)
 
 
 def tuning_optimizer(prior: TunablePrior, preset: MacePreset) -> torch.optim.Optimizer:
