@@ -11,6 +11,7 @@ import torch
 import trimesh
 from scipy.spatial import ConvexHull, cKDTree
 
+from mace_ros.core import collision
 from mace_ros.core.collision import (
     DISABLED_COLLISION_PAIRS,
     WRIST_LINK,
@@ -427,6 +428,38 @@ def test_batching_and_scene_reuse_do_not_change_results():
         assert torch.allclose(result.signed_distance, whole.signed_distance)
     empty = chunked_checker.check(q[:0], scene)
     assert empty.in_collision.shape == (0,)
+
+
+def scattered_primitives_scene(count: int, seed: int) -> Scene:
+    """Many small tilted primitives spread over the workspace, as a marker flood brings them."""
+    rng = np.random.default_rng(seed)
+
+    def pose() -> tuple[np.ndarray, np.ndarray]:
+        quaternion = rng.normal(size=4)
+        return rng.uniform([-0.8, -0.8, 0.0], [0.8, 0.8, 1.1]), quaternion / np.linalg.norm(quaternion)
+
+    boxes = [Box(f"b{i}", *pose(), rng.uniform(0.005, 0.04, 3)) for i in range(count)]
+    spheres = [Sphere(f"s{i}", pose()[0], rng.uniform(0.01, 0.05)) for i in range(count // 4)]
+    cylinders = [Cylinder(f"c{i}", *pose(), rng.uniform(0.01, 0.04), rng.uniform(0.01, 0.08)) for i in range(count // 4)]
+    return Scene(boxes=boxes, spheres=spheres, cylinders=cylinders)
+
+
+@pytest.mark.parametrize("count", [16, 64])
+def test_the_sparse_broad_phase_decides_as_the_dense_one(checker, exact, count, monkeypatch):
+    """Among many scattered primitives only the (link, primitive) pairs whose bounding spheres meet get
+    per-sphere distances: flags and penetration costs stay those of the dense pass, and exact."""
+    scene = scattered_primitives_scene(count, seed=count)
+    q = PandaKinematics().random_configurations(600, torch.Generator().manual_seed(count))
+    sparse = checker.check(q, scene)
+    sparse_broad = checker.check(q, scene, narrow_phase=False)
+    sparse_penetration = checker.penetration(q, scene, clearance_m=0.03)
+    monkeypatch.setattr(collision, "SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION", -1.0)  # every call takes the dense pass
+    assert torch.equal(sparse.in_collision, checker.check(q, scene).in_collision)
+    assert torch.equal(sparse_broad.in_collision, checker.check(q, scene, narrow_phase=False).in_collision)
+    assert torch.allclose(sparse_penetration, checker.penetration(q, scene, clearance_m=0.03), atol=1e-6)
+    assert 0.05 < float(sparse.in_collision.float().mean()) < 0.95  # both outcomes occur
+    rates = compare(checker, exact, q, scene)
+    assert rates["false_free"] == 0.0, rates
 
 
 def test_collision_margin_pads_the_world_only():
