@@ -305,7 +305,8 @@ class IKEngine:
         started = time.monotonic()  # the caller passes what is left of the request's timeout
         config = self.config
         # Work stops a little before the deadline: the final exact check of best efforts and the ranking follow.
-        work_deadline = started + request.timeout_s - min(config["deadline_reserve_s"], 0.5 * request.timeout_s)
+        answer_deadline = started + request.timeout_s
+        work_deadline = answer_deadline - min(config["deadline_reserve_s"], 0.5 * request.timeout_s)
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
         # The goal in float64: in float32 it moves by up to ~5e-8 m, and answers must be within 1e-6 m of the requested one.
         position = torch.as_tensor(request.goal_position, dtype=torch.float64, device=self.device)
@@ -355,14 +356,16 @@ class IKEngine:
                 if seed is not None:
                     starts = torch.cat([seed, starts])
                 fast_solved, exact_rejections, fast_free_rate = self._fast_stage(
-                    starts, goal, scene, tensor_scene, request.num_solutions, work_deadline)
+                    starts, goal, scene, tensor_scene, request.num_solutions, work_deadline, answer_deadline)
                 solved = self._merged(solved, fast_solved)
             if len(solved):
                 first_solved_s = time.monotonic() - started
                 work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
         # Rounds of tuning and refinement, unless the fast stage answered: as after any solving round, more
         # distinct solutions get a round only when the bounded wait for them leaves half a minimum round.
-        finished = len(solved) >= request.num_solutions or (len(solved) > 0 and work_deadline - time.monotonic() < 0.5 * config["min_round_s"])
+        # As everywhere, a round needs half a minimum round: its first chunk of samples is drawn whatever the
+        # time left, so with a tiny timeout that the fast stage has used up it would only overrun the deadline.
+        finished = len(solved) >= request.num_solutions or work_deadline - time.monotonic() < 0.5 * config["min_round_s"]
         prior = None if finished else self._tunable(tuning_model, source, features)
         optimizer = None if prior is None else tuning_optimizer(prior, preset)
         while not finished:
@@ -402,7 +405,7 @@ class IKEngine:
             with _timed(stage_times_s, "polish"):
                 new_solved, new_efforts, rejected = self._polished_candidates(
                     torch.cat(candidates), free_starts, goal, scene, tensor_scene,
-                    config["refine_max_iterations"], round_deadline, enough_solved=2 * request.num_solutions)
+                    config["refine_max_iterations"], round_deadline, answer_deadline, enough_solved=2 * request.num_solutions)
             exact_rejections += rejected
             solved = self._merged(solved, new_solved)
             best_efforts = self._merged(best_efforts, new_efforts)
@@ -448,7 +451,7 @@ class IKEngine:
 
     def _polished_candidates(
         self, candidates: torch.Tensor, free_starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene,
-        max_iterations: int, deadline_at: float, enough_solved: int | None = None,
+        max_iterations: int, deadline_at: float, exact_deadline_at: float, enough_solved: int | None = None,
     ) -> tuple[_Solutions, _Solutions, int]:
         """LM-refine two ways; returns the solved configurations that pass the exact check, the unsolved
         but collision-free ones (best efforts), and how many solved ones the exact check rejected.
@@ -492,7 +495,8 @@ class IKEngine:
             everything = _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad)
             solved = solved.cat(everything.subset(torch.nonzero(refined.converged).squeeze(-1)))
             efforts = everything.subset(torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1))
-        accepted, rejected = self._exactly_accepted(solved, scene, len(solved) if enough_solved is None else enough_solved)
+        accepted, rejected = self._exactly_accepted(
+            solved, scene, len(solved) if enough_solved is None else enough_solved, exact_deadline_at)
         return accepted, efforts, rejected
 
     def _reached_free(self, unobstructed: RefineResult, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
@@ -505,14 +509,15 @@ class IKEngine:
             reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
         return torch.cat(reached_free)
 
-    def _exactly_accepted(self, solved: _Solutions, scene: Scene, needed: int) -> tuple[_Solutions, int]:
+    def _exactly_accepted(self, solved: _Solutions, scene: Scene, needed: int, deadline_at: float) -> tuple[_Solutions, int]:
         """The solutions that pass the exact check, and how many it rejected. It (~0.2-1.5 ms a
-        configuration on a CPU) stops once `needed` passed, taking the solutions farthest apart first,
-        so that what it passes covers distinct modes."""
+        configuration on a CPU, several ms among thousands of markers) stops once `needed` passed, or
+        at `deadline_at` (the request's end: what is unchecked then cannot be returned), taking the
+        solutions farthest apart first, so that what it passes covers distinct modes."""
         accepted, rejected = [], 0
         spread = torch.tensor(farthest_point_selection(solved.q, [], list(range(len(solved))), 0.0, len(solved)), dtype=torch.long)
         for block in spread.to(self.device).split(EXACT_CHECK_BLOCK):
-            if len(accepted) >= needed:
+            if len(accepted) >= needed or time.monotonic() >= deadline_at:
                 break
             exactly_free = self._exactly_free(solved.q[block], scene)
             accepted += block[exactly_free].tolist()
@@ -592,6 +597,7 @@ class IKEngine:
 
     def _fast_stage(
         self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,
+        exact_deadline_at: float,
     ) -> tuple[_Solutions, int, float]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
         FAST_STAGE_SURPLUS times `needed` converged; the fast checker, then the exact check of those until `needed`
@@ -606,7 +612,7 @@ class IKEngine:
         reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
         converged = int(unobstructed.converged.sum())
         free_rate = len(reached_free) / converged if converged else float("nan")
-        return *self._exactly_accepted(solved.subset(reached_free), scene, needed), free_rate
+        return *self._exactly_accepted(solved.subset(reached_free), scene, needed, exact_deadline_at), free_rate
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within
@@ -672,8 +678,13 @@ class IKEngine:
             failure_kind = ""
         else:
             # Best efforts must pass the exact check too: no returned configuration may collide.
-            efforts = best_efforts.subset(torch.argsort(best_efforts.cost()))
-            answer = efforts.subset(torch.nonzero(self._exactly_free(efforts.q, scene)).squeeze(-1)[:count])
+            # Nearest the goal first, in blocks until `count` pass or the request's end.
+            free = []
+            for block in torch.argsort(best_efforts.cost()).split(EXACT_CHECK_BLOCK):
+                if len(free) >= count or time.monotonic() >= started + request.timeout_s:
+                    break
+                free += block[self._exactly_free(best_efforts.q[block], scene)].tolist()
+            answer = best_efforts.subset(torch.tensor(free[:count], dtype=torch.long, device=self.device))
             best = f"best position error {float(answer.position_error_m.min()):.4g} m" if len(answer) else "no collision-free configuration near the goal"
             rejected = f"; {exact_rejections} solution(s) rejected by the exact mesh check" if exact_rejections else ""
             message = (
