@@ -91,8 +91,8 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def node_rss_mb(pid: int) -> float | None:
-    """VmRSS of the node and its child processes (its obstacle intake), MB."""
+def node_rss_mb(pid: int) -> tuple[float, float] | None:
+    """VmRSS of the node and of its child processes (its obstacle intake), MB."""
     own = rss_mb(pid)
     if own is None:
         return None
@@ -102,16 +102,17 @@ def node_rss_mb(pid: int) -> float | None:
             pids += (task / "children").read_text().split()
     except OSError:  # the process or a thread exited meanwhile
         pass
-    return own + sum(rss_mb(int(child)) or 0.0 for child in pids)
+    return own, sum(rss_mb(int(child)) or 0.0 for child in pids)
 
 
 class RssSampler(threading.Thread):
-    """VmRSS of the current node process and its children every `interval_s`, as (seconds since start, MB)."""
+    """VmRSS of the current node process and its children every `interval_s`, as (seconds since start,
+    total MB, node MB, children MB)."""
 
     def __init__(self, pid: Callable[[], int], interval_s: float) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval_s = pid, interval_s
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float, float]] = []
         self.stopped = threading.Event()
         self.start_time = time.monotonic()
 
@@ -119,7 +120,9 @@ class RssSampler(threading.Thread):
         while not self.stopped.wait(self.interval_s):
             value = node_rss_mb(self.pid())
             if value is not None:
-                self.samples.append((round(time.monotonic() - self.start_time, 1), round(value, 1)))
+                own, children = value
+                self.samples.append((round(time.monotonic() - self.start_time, 1), round(own + children, 1), round(own, 1),
+                                     round(children, 1)))
 
 
 # ---- clouds -------------------------------------------------------------------------------------
@@ -562,7 +565,7 @@ def main() -> int:
         if sent % 500 == 0:
             print(f"{sent} requests, {time.monotonic() - started:.0f} s: crashes {len(crashes)}, engine errors "
                   f"{len(engine_errors)}, deadline violations {len(violations)}, unanswered {len(unanswered)}, "
-                  f"RSS {sampler.samples[-1][1] if sampler.samples else '?'} MB", file=sys.stderr, flush=True)
+                  f"RSS {sampler.samples[-1][1:] if sampler.samples else '?'} MB (total, node, intake)", file=sys.stderr, flush=True)
     duration = time.monotonic() - started
 
     sampler.stopped.set()
@@ -573,8 +576,14 @@ def main() -> int:
     sigint_exit_s = time.monotonic() - sigint_start
     node.log.close()
 
-    rss = [value for _, value in sampler.samples]
+    rss = [sample[1] for sample in sampler.samples]
     tenth = max(1, len(rss) // 10)
+
+    def tenths(column: int) -> list[float | None]:
+        """The median of each tenth of the run: growth that levels off (allocator warm-up) and a leak differ here."""
+        values = [sample[column] for sample in sampler.samples]
+        return [percentile(values[part * len(values) // 10:(part + 1) * len(values) // 10], 50) for part in range(10)]
+
     all_latencies = [value for values in latencies.values() for value in values]
     log_text = node.log_path.read_text(errors="replace")
     result = {
@@ -604,6 +613,8 @@ def main() -> int:
         "rss_mb": {"first": rss[0] if rss else None, "median_first_tenth": percentile(rss[:tenth], 50),
                    "median_last_tenth": percentile(rss[-tenth:], 50), "max": max(rss, default=None),
                    "last": rss[-1] if rss else None, "interval_s": args.rss_interval,
+                   "median_per_tenth": {"total": tenths(1), "node": tenths(2), "intake": tenths(3)},
+                   "samples_columns": ["s", "total", "node", "intake"],
                    "samples": sampler.samples[::max(1, len(sampler.samples) // 500)]},
         "sigint": {"exit_s": round(sigint_exit_s, 2), "return_code": return_code},
         "node_log": {"path": repository_path(node.log_path), "tracebacks": log_text.count("Traceback"),
@@ -615,7 +626,7 @@ def main() -> int:
     print(json.dumps(summary | {"crashes": len(crashes), "unanswered": len(unanswered),
                                 "engine_errors": len(engine_errors), "deadline_violations": len(violations),
                                 "latency_all": result["latency_s"]["all"], "rss_mb": {k: v for k, v in result["rss_mb"].items()
-                                                                                     if k != "samples"},
+                                                                                     if k not in ("samples", "samples_columns")},
                                 "sigint": result["sigint"]}, indent=1))
     print(f"wrote {args.out}")
     return 0 if not crashes and not engine_errors and not violations and not unanswered else 1
