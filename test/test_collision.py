@@ -430,33 +430,36 @@ def test_batching_and_scene_reuse_do_not_change_results():
     assert empty.in_collision.shape == (0,)
 
 
-def scattered_primitives_scene(count: int, seed: int) -> Scene:
-    """Many small tilted primitives spread over the workspace, as a marker flood brings them."""
-    rng = np.random.default_rng(seed)
-
-    def pose() -> tuple[np.ndarray, np.ndarray]:
-        quaternion = rng.normal(size=4)
-        return rng.uniform([-0.8, -0.8, 0.0], [0.8, 0.8, 1.1]), quaternion / np.linalg.norm(quaternion)
-
-    boxes = [Box(f"b{i}", *pose(), rng.uniform(0.005, 0.04, 3)) for i in range(count)]
-    spheres = [Sphere(f"s{i}", pose()[0], rng.uniform(0.01, 0.05)) for i in range(count // 4)]
-    cylinders = [Cylinder(f"c{i}", *pose(), rng.uniform(0.01, 0.04), rng.uniform(0.01, 0.08)) for i in range(count // 4)]
-    return Scene(boxes=boxes, spheres=spheres, cylinders=cylinders)
-
-
 @pytest.mark.parametrize("count", [16, 64])
 def test_the_sparse_broad_phase_decides_as_the_dense_one(checker, exact, count, monkeypatch):
     """Among many scattered primitives only the (link, primitive) pairs whose bounding spheres meet get
-    per-sphere distances: flags and penetration costs stay those of the dense pass, and exact."""
-    scene = scattered_primitives_scene(count, seed=count)
+    per-sphere distances: flags, penetration costs and their gradients stay those of the dense pass."""
+    scene = Scene().with_clutter(count, seed=count)
     q = PandaKinematics().random_configurations(600, torch.Generator().manual_seed(count))
+    q[:100, 0] = 0.0
+    # Plus a sphere centred where panda_link1's bounding sphere is at q1 = 0: distances of ~0 between the
+    # prefilter's centres, whose gradient would be NaN, must not reach slide_clear's gradient.
+    link1 = checker._scene_link_frame_index.tolist().index(LINK_NAMES.index("panda_link1"))
+    frame = PandaKinematics().link_transforms(q[:1])[0, LINK_NAMES.index("panda_link1")]
+    center = (frame[:3, :3] @ checker._scene_link_bound_centers[link1] + frame[:3, 3]).numpy()
+    touching = Scene(boxes=scene.boxes, spheres=(*scene.spheres, Sphere("on_link1", center, 0.01)), cylinders=scene.cylinders)
+
+    def penetration_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        q_grad = q.clone().requires_grad_(True)  # as slide_clear takes it
+        cost = checker.penetration(q_grad, touching, clearance_m=0.03)
+        (gradient,) = torch.autograd.grad(cost.sum(), q_grad)
+        return cost.detach(), gradient
+
     sparse = checker.check(q, scene)
     sparse_broad = checker.check(q, scene, narrow_phase=False)
-    sparse_penetration = checker.penetration(q, scene, clearance_m=0.03)
+    sparse_penetration, sparse_gradient = penetration_and_gradient()
+    assert torch.isfinite(sparse_gradient).all()
     monkeypatch.setattr(collision, "SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION", -1.0)  # every call takes the dense pass
     assert torch.equal(sparse.in_collision, checker.check(q, scene).in_collision)
     assert torch.equal(sparse_broad.in_collision, checker.check(q, scene, narrow_phase=False).in_collision)
-    assert torch.allclose(sparse_penetration, checker.penetration(q, scene, clearance_m=0.03), atol=1e-6)
+    dense_penetration, dense_gradient = penetration_and_gradient()
+    assert torch.allclose(sparse_penetration, dense_penetration, atol=1e-6)
+    assert torch.allclose(sparse_gradient, dense_gradient, atol=1e-4)
     assert 0.05 < float(sparse.in_collision.float().mean()) < 0.95  # both outcomes occur
     rates = compare(checker, exact, q, scene)
     assert rates["false_free"] == 0.0, rates

@@ -853,11 +853,16 @@ class TorchCollisionChecker:
         configuration) triples whose bounding spheres come within exact_below_m; None when too many do
         (SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION), for the dense pass."""
         link_frames = frames[:, self._scene_link_frame_index]  # [B, Ls, 4, 4]
-        link_centers = (link_frames[..., :3, :3] @ self._scene_link_bound_centers[None, :, :, None]).squeeze(-1) + link_frames[..., :3, 3]
         primitive_centers, primitive_radii = tensor_scene.primitive_bounding_spheres()
-        # [Ls, K, B]: a lower bound of every sphere gap of the link to the primitive.
-        bound = (torch.cdist(link_centers.transpose(0, 1), primitive_centers[None].expand(link_centers.shape[1], -1, -1)).transpose(1, 2)
-                 - self._scene_link_bound_radii[:, None, None] - primitive_radii[None, :, None])
+        # [Ls, K, B]: a lower bound of every sphere gap of the link to the primitive. Without gradients: where
+        # it stands in for the gaps they are at least exact_below_m, where callers' costs are flat (and the
+        # gradient of a distance is NaN where it is 0). Differences, not the matrix-product expansion, which
+        # loses ~0.3 mm to cancellation in float32.
+        with torch.no_grad():
+            link_centers = (link_frames[..., :3, :3] @ self._scene_link_bound_centers[None, :, :, None]).squeeze(-1) + link_frames[..., :3, 3]
+            distances = torch.cdist(link_centers.transpose(0, 1), primitive_centers[None].expand(link_centers.shape[1], -1, -1),
+                                    compute_mode="donot_use_mm_for_euclid_dist")
+            bound = distances.transpose(1, 2) - self._scene_link_bound_radii[:, None, None] - primitive_radii[None, :, None]
         near = bound < exact_below_m
         link, primitive, config = torch.nonzero(near, as_tuple=True)
         if link.numel() > SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION * near.numel():
