@@ -215,3 +215,33 @@ def test_garbage_on_topics_leaves_the_node_serving(mace):
     refused(mace.infer_shape(shape_request(contacts=[])), "no observation")
     response = mace.get_ik(ik_request(timeout_s=1.0))
     assert response.message  # answered: solved, or why not (e.g. engine unavailable)
+
+
+def test_a_marker_of_absurd_size_is_refused_and_get_ik_keeps_working(mace):
+    """A cube of 1e300 m would swallow the robot (and overflow float32 distances into NaN gradients):
+    it is refused like any invalid marker, while a normal marker of the same message is applied."""
+    from test_node_services import Latest, when_ready
+
+    publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", 10)
+    scene_topic = Latest(mace, MarkerArray, "/mace/scene")
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    absurd = Marker(header=Header(frame_id="panda_link0"), ns="absurd", id=1, type=Marker.CUBE, action=Marker.ADD,
+                    pose=Pose(position=Point(x=0.5, z=0.3), orientation=Quaternion(w=1.0)))
+    absurd.scale.x = absurd.scale.y = absurd.scale.z = 1e300
+    sentinel = Marker(header=Header(frame_id="panda_link0"), ns="absurd", id=2, type=Marker.SPHERE, action=Marker.ADD,
+                      pose=Pose(position=Point(x=-0.5, y=-0.5, z=0.05), orientation=Quaternion(w=1.0)))
+    sentinel.scale.x = sentinel.scale.y = sentinel.scale.z = 0.0123
+    publisher.publish(MarkerArray(markers=[absurd, sentinel]))
+    try:
+        applied = scene_topic.wait_for(
+            lambda markers: any(m.type == Marker.SPHERE and abs(m.scale.x - 0.0123) < 1e-6 for m in markers.markers), timeout_s=20.0)
+        assert max(max(m.scale.x, m.scale.y, m.scale.z) for m in applied.markers) < 1e3
+        response = when_ready(mace.get_ik, ik_request(timeout_s=2.0))
+        assert response.success, response.message
+    finally:  # the node is shared by the session: wait until the sentinel is gone again
+        scene_topic.messages.clear()
+        publisher.publish(MarkerArray(markers=[Marker(ns="absurd", action=Marker.DELETEALL)]))
+        scene_topic.wait_for(lambda markers: not any(abs(m.scale.x - 0.0123) < 1e-6 for m in markers.markers), timeout_s=20.0)
+        mace.node.destroy_publisher(publisher)

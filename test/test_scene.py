@@ -26,6 +26,12 @@ def test_primitives_validate_and_normalize():
         Sphere("s", [0, 0, 0], 0.0)
     with pytest.raises(ValueError):
         Cylinder("c", [0, 0, 0], [0, 0, 0, 0], 0.1, 0.1)
+    with pytest.raises(ValueError):  # absurd sizes and places (float32 distances would overflow)
+        Box("b", [0, 0, 0], [1, 0, 0, 0], [0.1, 1e300, 0.1])
+    with pytest.raises(ValueError):
+        Sphere("s", [1e30, 0, 0], 0.1)
+    with pytest.raises(ValueError):
+        Cylinder("c", [0, 0, 0], [1, 0, 0, 0], 0.1, 3.4e38)
     with pytest.raises(ValueError):
         Scene(points=np.zeros((4, 2)))
     with pytest.raises(TypeError):

@@ -20,6 +20,10 @@ import numpy as np
 import yaml
 
 BASE_FRAME = "panda_link0"
+# Larger centres or sizes are refused: nothing near a robot is that big or that far, and in float32 their
+# squares overflow, turning collision costs and their gradients into inf and NaN.
+MAX_COORDINATE_M = 1e4
+MAX_SIZE_M = 1e4
 
 
 def _vector(value: Any, size: int, what: str) -> np.ndarray:
@@ -31,9 +35,16 @@ def _vector(value: Any, size: int, what: str) -> np.ndarray:
 
 def _positive(value: Any, what: str) -> float:
     number = float(value)
-    if not (np.isfinite(number) and number > 0.0):
-        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    if not (np.isfinite(number) and 0.0 < number <= MAX_SIZE_M):
+        raise ValueError(f"{what} must be a positive number of at most {MAX_SIZE_M:g} m, got {value!r}")
     return number
+
+
+def _center(value: Any, what: str) -> np.ndarray:
+    center = _vector(value, 3, what)
+    if np.abs(center).max() > MAX_COORDINATE_M:
+        raise ValueError(f"{what} must lie within ±{MAX_COORDINATE_M:g} m, got {center.tolist()}")
+    return center
 
 
 def _unit_quaternion(value: Any, what: str) -> np.ndarray:
@@ -65,11 +76,11 @@ class Box:
     half_extents: np.ndarray
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "center", _vector(self.center, 3, f"box {self.name} center"))
+        object.__setattr__(self, "center", _center(self.center, f"box {self.name} center"))
         object.__setattr__(self, "quaternion_wxyz", _unit_quaternion(self.quaternion_wxyz, f"box {self.name} quaternion_wxyz"))
         half_extents = _vector(self.half_extents, 3, f"box {self.name} half_extents")
-        if not (half_extents > 0).all():
-            raise ValueError(f"box {self.name} half_extents must be positive, got {half_extents.tolist()}")
+        if not ((half_extents > 0).all() and (half_extents <= MAX_SIZE_M).all()):
+            raise ValueError(f"box {self.name} half_extents must be positive, at most {MAX_SIZE_M:g} m, got {half_extents.tolist()}")
         object.__setattr__(self, "half_extents", half_extents)
 
     @property
@@ -88,7 +99,7 @@ class Sphere:
     radius: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "center", _vector(self.center, 3, f"sphere {self.name} center"))
+        object.__setattr__(self, "center", _center(self.center, f"sphere {self.name} center"))
         object.__setattr__(self, "radius", _positive(self.radius, f"sphere {self.name} radius"))
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -106,7 +117,7 @@ class Cylinder:
     half_height: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "center", _vector(self.center, 3, f"cylinder {self.name} center"))
+        object.__setattr__(self, "center", _center(self.center, f"cylinder {self.name} center"))
         object.__setattr__(self, "quaternion_wxyz", _unit_quaternion(self.quaternion_wxyz, f"cylinder {self.name} quaternion_wxyz"))
         object.__setattr__(self, "radius", _positive(self.radius, f"cylinder {self.name} radius"))
         object.__setattr__(self, "half_height", _positive(self.half_height, f"cylinder {self.name} half_height"))
@@ -164,6 +175,20 @@ class Scene:
     def with_points(self, points: np.ndarray | None) -> "Scene":
         """The same primitives with the obstacle cloud replaced (None or an empty array removes it)."""
         return replace(self, points=points)
+
+    def with_clutter(self, count: int, seed: int, low: Sequence[float] = (-0.8, -0.8, 0.0), high: Sequence[float] = (0.8, 0.8, 1.1)) -> "Scene":
+        """This scene plus `count` small boxes and count // 4 spheres and cylinders each (1-8 cm, random poses
+        between `low` and `high`), as a marker flood or a voxelized sensor brings them: for stress tests."""
+        rng = np.random.default_rng(seed)
+
+        def pose() -> tuple[np.ndarray, np.ndarray]:
+            quaternion = rng.normal(size=4)
+            return rng.uniform(low, high), quaternion / np.linalg.norm(quaternion)
+
+        boxes = [Box(f"clutter_box_{i}", *pose(), rng.uniform(0.005, 0.04, 3)) for i in range(count)]
+        spheres = [Sphere(f"clutter_sphere_{i}", pose()[0], rng.uniform(0.01, 0.05)) for i in range(count // 4)]
+        cylinders = [Cylinder(f"clutter_cylinder_{i}", *pose(), rng.uniform(0.01, 0.04), rng.uniform(0.01, 0.08)) for i in range(count // 4)]
+        return replace(self, boxes=(*self.boxes, *boxes), spheres=(*self.spheres, *spheres), cylinders=(*self.cylinders, *cylinders))
 
     def to_yaml_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
