@@ -12,6 +12,10 @@ with 1 intra-op thread and with torch's default).
 
     PYTHONPATH=. python bench/collision_accuracy.py                      # 10,000 configurations per scene
     PYTHONPATH=. python bench/collision_accuracy.py --num-configs 2000   # quicker
+
+With `--clutter N`, every scene also holds N small boxes and N/4 spheres and cylinders scattered around
+the arm (Scene.with_clutter), as a marker flood brings them; `--dense-broad-phase` turns the broad
+phase's link-level prefilter off, for comparison.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mace_ros.core import collision
 from mace_ros.core.collision import TorchCollisionChecker
 from mace_ros.core.kinematics import PandaKinematics
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
@@ -72,8 +77,13 @@ def main() -> None:
     parser.add_argument("--num-near", type=int, default=2500, help="configurations near the goals' solutions per scene")
     parser.add_argument("--timing-batch", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES)
+    parser.add_argument("--clutter", type=int, default=0, help="small primitives added to every scene (Scene.with_clutter)")
+    parser.add_argument("--dense-broad-phase", action="store_true", help="no link-level prefilter in the broad phase")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/collision_accuracy.json")
     args = parser.parse_args()
+    if args.dense_broad_phase:
+        collision.SPARSE_BROAD_PHASE_MIN_PRIMITIVES = 1 << 62
 
     kinematics = PandaKinematics()
     checker = TorchCollisionChecker(dtype=torch.float32)
@@ -81,9 +91,11 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     default_threads = torch.get_num_threads()
     rows = []
-    for name in SCENES:
+    for name in args.scenes:
         scene_file = ROOT / "config/scenes" / f"{name}.yaml"
         scene = Scene.load_yaml(scene_file)
+        if args.clutter:
+            scene = scene.with_clutter(args.clutter, seed=args.seed)
         row: dict = {"scene": name}
         for kind, q in (
             ("uniform", kinematics.random_configurations(args.num_configs, generator)),
@@ -124,7 +136,8 @@ def main() -> None:
     }
     result = {
         "command": "PYTHONPATH=. python bench/collision_accuracy.py " + " ".join(
-            f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key != "out"
+            f"--{key.replace('_', '-')}" + ("" if value is True else f" {' '.join(value) if isinstance(value, list) else value}")
+            for key, value in vars(args).items() if key != "out" and value is not False
         ),
         "device": device,
         "num_robot_spheres": int(checker.spheres.radii.shape[0]),

@@ -12,7 +12,7 @@ from mace_ros.core.ik_engine import IKEngine, IKRequest
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics, matrix_to_quaternion
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
 from mace_ros.core.resources import scene_path
-from mace_ros.core.scene import Box, Scene
+from mace_ros.core.scene import Scene
 
 BOX_SCENE = Scene.load_yaml(scene_path("box"))
 DOWN = np.array([0.0, 1.0, 0.0, 0.0])  # hand z axis pointing down (w, x, y, z)
@@ -69,11 +69,10 @@ def test_oversized_sample_counts_are_chunked_within_the_timeout(engine):
 
 
 def test_tiny_timeouts_hold_among_hundreds_of_markers(engine):
-    """256 small boxes scattered around the arm (a marker flood): every stage, the exact checks included,
+    """384 small primitives scattered around the arm (a marker flood): every stage, the exact checks included,
     stays within the timeout instead of finishing a chunk of work it started too late."""
     rng = np.random.default_rng(3)
-    markers = tuple(Box(f"m{i}", rng.uniform([-1, -1, 0], [1, 1, 1.2]), [1, 0, 0, 0], rng.uniform(0.005, 0.03, 3)) for i in range(256))
-    scene = Scene(boxes=tuple(BOX_SCENE.boxes) + markers, spheres=BOX_SCENE.spheres, cylinders=BOX_SCENE.cylinders)
+    scene = BOX_SCENE.with_clutter(256, seed=3)
     engine.solve(request((0.5, 0.0, 0.4), DOWN, timeout_s=0.3), scene)  # the scene's tensors and exact body, once
     for index in range(12):
         goal = rng.uniform([0.2, -0.5, 0.05], [0.7, 0.5, 0.8])
