@@ -88,7 +88,9 @@ def test_a_batch_too_large_for_its_timeout_answers_in_time_with_what_is_solved(m
     request = batch_request(np.tile(positions, (20, 1)), np.tile(quaternions, (20, 1)), timeout_s=0.5)  # 2000 goals
     started = time.monotonic()
     response = mace.get_ik_batch(request)
-    assert time.monotonic() - started <= 0.5 + 0.1 + 0.1  # slack for this test process sharing a busy CPU
+    # The node answers within timeout_s + 0.1 s; the round trip carries 2000 results through this test
+    # process, which shares the 2-core CPU with the node (0.75 s seen once in a full test run).
     assert response.elapsed_s <= 0.5 + 0.1
+    assert time.monotonic() - started <= 0.5 + 0.1 + 0.25
     assert response.error_code in (GetIKBatch.Response.NO_IK_SOLUTION, GetIKBatch.Response.TIMED_OUT), response.message
     assert len(response.solved) in (0, 2000) and response.solved_count == sum(response.solved)

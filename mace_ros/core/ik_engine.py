@@ -363,9 +363,12 @@ class IKEngine:
                 work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
         # Rounds of tuning and refinement, unless the fast stage answered: as after any solving round, more
         # distinct solutions get a round only when the bounded wait for them leaves half a minimum round.
-        # As everywhere, a round needs half a minimum round: its first chunk of samples is drawn whatever the
-        # time left, so with a tiny timeout that the fast stage has used up it would only overrun the deadline.
-        finished = len(solved) >= request.num_solutions or work_deadline - time.monotonic() < 0.5 * config["min_round_s"]
+        # A first round needs half a minimum round or half the request's timeout: its first chunk of samples is
+        # drawn whatever the time left, so with a tiny timeout that the fast stage has used up it would only
+        # overrun the deadline, while a short one (0.1 s) still gets its round.
+        time_left = work_deadline - time.monotonic()
+        finished = len(solved) >= request.num_solutions or (
+            len(solved) > 0 and time_left < 0.5 * config["min_round_s"]) or time_left < min(0.5 * config["min_round_s"], 0.5 * request.timeout_s)
         prior = None if finished else self._tunable(tuning_model, source, features)
         optimizer = None if prior is None else tuning_optimizer(prior, preset)
         while not finished:

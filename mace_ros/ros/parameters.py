@@ -84,7 +84,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "Plain samples of the tuned prior refined each round, as a share of refine_candidates (other solution modes).", 0.0, 1.0),
     "ik.round_time_fraction": ParameterSpec(
         "Share of the time left that one solving round may take (all of it once less than 2 min_round_s is left).", 0.01, 1.0),
-    "ik.min_round_s": ParameterSpec("Shortest solving round (s), unless less time is left; none starts with less than half of it left.", 0.0, 600.0),
+    "ik.min_round_s": ParameterSpec("Shortest solving round (s), unless less time is left; a round starts only with half of it left (a first one also with half the request's timeout).", 0.0, 600.0),
     "ik.fast_stage_starts": ParameterSpec(
         "Starts of GetIK's fast stage before any tuning: obstacle-ignoring LM, then the collision checks (half prior samples, "
         "half uniform; 0 = none).", 0, 100000),
