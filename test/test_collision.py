@@ -437,8 +437,8 @@ def test_the_sparse_broad_phase_decides_as_the_dense_one(checker, exact, count, 
     scene = Scene().with_clutter(count, seed=count)
     q = PandaKinematics().random_configurations(600, torch.Generator().manual_seed(count))
     q[:100, 0] = 0.0
-    # Plus a sphere centred where panda_link1's bounding sphere is at q1 = 0: distances of ~0 between the
-    # prefilter's centres, whose gradient would be NaN, must not reach slide_clear's gradient.
+    # Plus a sphere centred where panda_link1's bounding sphere is at q1 = 0, so that some of the prefilter's
+    # centre distances are ~0 (a distance's gradient is undefined there): the gradient must stay finite.
     link1 = checker._scene_link_frame_index.tolist().index(LINK_NAMES.index("panda_link1"))
     frame = PandaKinematics().link_transforms(q[:1])[0, LINK_NAMES.index("panda_link1")]
     center = (frame[:3, :3] @ checker._scene_link_bound_centers[link1] + frame[:3, 3]).numpy()

@@ -864,9 +864,9 @@ class TorchCollisionChecker:
                                     compute_mode="donot_use_mm_for_euclid_dist")
             bound = distances.transpose(1, 2) - self._scene_link_bound_radii[:, None, None] - primitive_radii[None, :, None]
         near = bound < exact_below_m
+        if int(near.sum()) > SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION * near.numel():
+            return None  # before gathering indices that the dense pass would not use
         link, primitive, config = torch.nonzero(near, as_tuple=True)
-        if link.numel() > SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION * near.numel():
-            return None
         gaps = bound.clone()
         if link.numel():
             exact = []
