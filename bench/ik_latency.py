@@ -38,32 +38,17 @@ import torch
 # The repository last on the path: `bench` comes from it, `mace_ros` from an install when one is on the
 # path (only the installed package has the generated service types that --node needs).
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.goal_sets import SCENES, TIP_LINK, ik_goal, percentiles, scene_and_goals  # noqa: E402
 from bench.ik_baselines import RandomRestartIK  # noqa: E402
 from mace_ros.core.ik_domain import IKGoal, goal_errors  # noqa: E402
 from mace_ros.core.ik_engine import IKEngine, IKRequest  # noqa: E402
-from mace_ros.core.kinematics import PandaKinematics, quaternion_to_matrix  # noqa: E402
+from mace_ros.core.kinematics import PandaKinematics  # noqa: E402
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker  # noqa: E402
-from mace_ros.core.scene import Scene, SceneGoal, load_goals  # noqa: E402
+from mace_ros.core.scene import Scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("wall", "window", "box", "shelf", "table")
-SCENES = ("open", *SHIPPED)
-TIP_LINK = "panda_hand"
 POSITION_TOLERANCE_M, ORIENTATION_TOLERANCE_RAD = 1e-4, 1e-3
 STAGES = ("setup", "fast", "tuning", "polish", "diagnosis", "answer")
-
-
-def scene_and_goals(name: str) -> tuple[Scene, list[SceneGoal]]:
-    """`open`: all shipped goals without obstacles; otherwise the scene file and its goals."""
-    if name == "open":
-        return Scene(), [goal for shipped in SHIPPED for goal in load_goals(ROOT / "config/scenes" / f"{shipped}.yaml")]
-    path = ROOT / "config/scenes" / f"{name}.yaml"
-    return Scene.load_yaml(path), load_goals(path)
-
-
-def ik_goal(goal: SceneGoal) -> IKGoal:
-    rotation = None if goal.quaternion_wxyz is None else quaternion_to_matrix(torch.as_tensor(goal.quaternion_wxyz, dtype=torch.float64))
-    return IKGoal(torch.as_tensor(goal.position, dtype=torch.float64), rotation, TIP_LINK)
 
 
 def solved(q: np.ndarray | None, goal: IKGoal, scene: Scene, exact: PyBulletCollisionChecker, kinematics: PandaKinematics) -> bool:
@@ -78,12 +63,6 @@ def solved(q: np.ndarray | None, goal: IKGoal, scene: Scene, exact: PyBulletColl
 def all_solved(solutions: np.ndarray, goal: IKGoal, scene: Scene, exact: PyBulletCollisionChecker, kinematics: PandaKinematics) -> bool:
     """Every returned configuration within tolerance and exactly collision-free (at least one returned)."""
     return len(solutions) > 0 and all(solved(q, goal, scene, exact, kinematics) for q in solutions)
-
-
-def percentiles(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None}
-    return {"p50": float(np.percentile(values, 50)), "p95": float(np.percentile(values, 95))}
 
 
 def engine_rows(args: argparse.Namespace, engine: IKEngine, baseline: RandomRestartIK, exact: PyBulletCollisionChecker) -> list[dict[str, Any]]:
