@@ -28,7 +28,9 @@ Frames and conventions (the request's frame is the robot base frame, z up):
   "ordered": contact i belongs to finger i (the request may give fewer contacts than fingers).
 
 Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
-  weights_path            safetensors file of the VAE ("" = the shipped mace_ros/core/data/shape_vae.safetensors)
+  weights_path            safetensors file of the VAE ("" = the shipped one for the engine's device: the
+                          2048-point shape_vae_2048.safetensors on a GPU, the 512-point shape_vae.safetensors
+                          on a CPU)
   num_samples             samples returned when a request says 0
   tuning_iterations       MACE iterations when a request says -1 (0 = no tuning)
   timeout_s               wall-clock budget when a request says 0
@@ -90,7 +92,7 @@ from mace_ros.core.shape.simulators import (
     PartialCloudDomain,
     finger_directions,
 )
-from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, MaceVAEPrior, load_shape_vae
+from mace_ros.core.shape.vae import MaceVAEPrior, default_vae_weights, load_shape_vae
 
 # The simulator's finger radius was chosen for 2048-point clouds (simulators.DEFAULT_FINGER_RADIUS_M).
 REFERENCE_POINTS_FOR_FINGER_RADIUS = 2048
@@ -286,7 +288,7 @@ class ShapeEngine:
             raise ValueError(f"finger_matching must be 'direction' or 'ordered', got {self.config['finger_matching']!r}")
         self.device = torch.device(device)
         self.dtype = dtype
-        self.vae = load_shape_vae(Path(self.config["weights_path"] or DEFAULT_VAE_WEIGHTS), self.device, dtype)
+        self.vae = load_shape_vae(Path(self.config["weights_path"] or default_vae_weights(self.device)), self.device, dtype)
         if len(self.config["finger_directions"]):
             # Rows [[x, y, z], ...] or, as a ROS double-array parameter holds them, flat [x1, y1, z1, x2, ...].
             directions = torch.as_tensor(self.config["finger_directions"], dtype=torch.float64).reshape(-1)

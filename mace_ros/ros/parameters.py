@@ -120,7 +120,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.num_samples": ParameterSpec("Default number of InferShape samples.", 1, 1000, read_only=False),
     "shape.tuning_iterations": ParameterSpec("Default MACE iterations for InferShape; 0 = no tuning.", 0, 100000, read_only=False),
     "shape.timeout_s": ParameterSpec("Default wall-clock budget (s) of an InferShape request.", 0.001, 600.0, read_only=False),
-    "shape.weights_path": ParameterSpec("Shape VAE weights (.safetensors); '' = the weights shipped in the package."),
+    "shape.weights_path": ParameterSpec("Shape VAE weights (.safetensors); '' = the weights shipped in the package: "
+                                        "the 2048-point model when the node runs on a GPU, the reduced 512-point one on a CPU."),
     "shape.grasp_preset": ParameterSpec("MACE preset (mace_ros.core.mace.PAPER_PRESETS) for contact observations."),
     "shape.partial_cloud_preset": ParameterSpec("MACE preset for partial-cloud-only observations."),
     "shape.result_samples": ParameterSpec(

@@ -33,7 +33,8 @@ from mace_ros.core.shape.vae import (
 )
 from mace_ros.core.weights import DATA_DIR, load_sized_model
 
-DEFAULT_CVAE_WEIGHTS = DATA_DIR / "shape_cvae.safetensors"
+DEFAULT_CVAE_WEIGHTS = DATA_DIR / "shape_cvae.safetensors"  # the reduced CPU model (512 points)
+FULL_CVAE_WEIGHTS = DATA_DIR / "shape_cvae_2048.safetensors"  # the paper's size, trained on the lent GPU
 PAPER_NUM_FINGERS = 5  # the paper's hand, which the CVAE is trained on: 5 horizontal fingers
 CONDITION_EMBEDDING_WIDTH = 128  # the authors' conditional model's `cond_size`
 

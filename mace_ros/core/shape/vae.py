@@ -29,7 +29,8 @@ from mace_ros.core.weights import DATA_DIR, load_sized_model
 PAPER_PRIOR_STD = 0.2
 DEFAULT_LATENT_DIM = 128
 DEFAULT_SCALE_M = 0.1  # 2-25 cm objects span ~0.2-2.5 network units
-DEFAULT_VAE_WEIGHTS = DATA_DIR / "shape_vae.safetensors"
+DEFAULT_VAE_WEIGHTS = DATA_DIR / "shape_vae.safetensors"  # the reduced CPU model (512 points)
+FULL_VAE_WEIGHTS = DATA_DIR / "shape_vae_2048.safetensors"  # the paper's size, trained on the lent GPU
 ENCODER_CHANNELS = (3, 64, 128, 256, 256, 512)
 DECODER_WIDTHS = (64, 128, 512, 1024)
 
@@ -192,6 +193,15 @@ class PointCloudVAE(nn.Module):
 def training_kl(mean_q: torch.Tensor, log_variance_q: torch.Tensor, prior_std: float) -> torch.Tensor:
     """KL(q || N(0, prior_std² I)) [B]: the prior the networks train against."""
     return gaussian_kl(mean_q, log_variance_q, torch.zeros_like(mean_q[0]), torch.full_like(mean_q[0], math.log(prior_std)))
+
+
+def shipped_weights(full: Path, reduced: Path, device: torch.device | str) -> Path:
+    """The paper-size model on a GPU; on a CPU the reduced one, whose decoding and scoring cost a quarter."""
+    return full if torch.device(device).type == "cuda" else reduced
+
+
+def default_vae_weights(device: torch.device | str) -> Path:
+    return shipped_weights(FULL_VAE_WEIGHTS, DEFAULT_VAE_WEIGHTS, device)
 
 
 def load_shape_vae(
