@@ -223,39 +223,98 @@ def run(args: argparse.Namespace) -> None:
 
 
 def shape_speed(args: argparse.Namespace) -> None:
-    """MACE iterations per second of ShapeEngine on one 5-finger grasp of an unseen training-family object."""
-    from mace_ros.core.shape.cvae import PAPER_NUM_FINGERS
+    """Shape tuning speed on `args.device` (issue 9 item 4), all with the paper's 5 fingers grasping unseen
+    training-family objects (seed 3000 on) and 49 samples:
+    1. the tuning loop alone, autograd vs closed-form M steps (`mace_tune(closed_form=...)`), 100
+       iterations of the paper's grasp preset each, same observation, prior and seed;
+    2. ShapeEngine end to end: `--iterations` of the paper's preset (lr `--learning-rate`);
+    3. time until a MACE iteration's batch mean reaches the CVAE's mean score on that observation (the
+       engine's default config; `--cvae-objects` observations), from the start of the request."""
+    import dataclasses
+
+    from mace_ros.core.mace import PAPER_PRESETS, mace_tune
+    from mace_ros.core.shape.cvae import PAPER_NUM_FINGERS, load_shape_cvae
     from mace_ros.core.shape.datasets import generate_tabletop_dataset
-    from mace_ros.core.shape.simulators import finger_directions, grasp_contacts
-    from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest
+    from mace_ros.core.shape.simulators import GraspDomain, finger_directions, grasp_contacts
+    from mace_ros.core.shape.vae import MaceVAEPrior
+    from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest, density_matched_finger_radius
 
     device = torch.device(args.device)
     deadline = time.monotonic() + args.budget_s
-    rows = []
-    for weights in args.weights:
-        engine = ShapeEngine({"weights_path": str(weights), "tuning_learning_rate": args.learning_rate}, device=device)
-        clouds, _ = generate_tabletop_dataset(1, 2048, seed=3000)
-        directions = finger_directions(PAPER_NUM_FINGERS, dtype=torch.float64)
-        contacts, valid = grasp_contacts(torch.from_numpy(clouds).double(), directions, None, engine.finger_radius_m)
+    out: dict[str, Any] = {"device": device_description(device), "torch": torch.__version__, "commit": git_commit(),
+                           "weights": str(args.weights), "cvae_weights": str(args.cvae_weights), "learning_rate": args.learning_rate}
+    paper = ShapeEngine({"weights_path": str(args.weights), "tuning_learning_rate": args.learning_rate}, device=device)
+    default = ShapeEngine({"weights_path": str(args.weights)}, device=device)
+    clouds, _ = generate_tabletop_dataset(max(args.cvae_objects, 1), 2048, seed=3000)
+    directions = finger_directions(PAPER_NUM_FINGERS, dtype=torch.float64)
+
+    def request(index: int, iterations: int) -> ShapeRequest:
+        contacts, valid = grasp_contacts(torch.from_numpy(clouds[index : index + 1]).double(), directions, None, paper.finger_radius_m)
         keep = valid[0]
-        request = ShapeRequest(contacts=contacts[0, keep].numpy(), partial_cloud=None, object_origin=np.zeros(3), num_samples=49,
-                               tuning_iterations=10, timeout_s=600.0, random_seed=1, contact_directions=directions[keep].numpy())
-        engine.infer(request)  # warm-up
-        per_iteration = None
-        for iterations in args.iterations:
-            if per_iteration is not None and iterations * per_iteration > deadline - time.monotonic():
-                print(f"shape {weights}: {iterations} iterations would pass the budget ({1000 * per_iteration:.1f} ms each)", flush=True)
-                continue
-            result = engine.infer(ShapeRequest(**{**request.__dict__, "tuning_iterations": iterations}))
-            per_iteration = result.tuning_time_s / max(result.tuning_iterations_done, 1)
-            rows.append({"weights": str(Path(weights)), "iterations": iterations, "iterations_done": result.tuning_iterations_done,
-                         "tuning_time_s": result.tuning_time_s, "elapsed_s": result.elapsed_s, "ms_per_iteration": 1000 * per_iteration,
-                         "mean_score": result.mean_score, "diversity_m2": result.diversity, "message": result.message[:200]})
-            print(f"shape {weights} {iterations} iterations: {result.tuning_time_s:.2f} s ({1000 * per_iteration:.1f} ms each), "
-                  f"score {result.mean_score:.3f}", flush=True)
+        return ShapeRequest(contacts=contacts[0, keep].numpy(), partial_cloud=None, object_origin=np.zeros(3), num_samples=49,
+                            tuning_iterations=iterations, timeout_s=600.0, random_seed=index + 1, contact_directions=directions[keep].numpy())
+
+    paper.infer(request(0, 10))  # warm-up (allocations, kernels)
+    default.infer(request(0, 10))
+
+    # 1. The tuning loop, autograd vs closed form.
+    observation = paper.validate(request(0, 0))
+    preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], iterations=args.loop_iterations, learning_rate=args.learning_rate)
+    loop = []
+    for closed_form in (False, True):
+        prior = MaceVAEPrior(paper.vae, torch.zeros(3, device=device))
+        domain = paper.build_domain(observation)
+        synchronize(device)
+        started = time.perf_counter()
+        result = mace_tune(prior, domain, preset, generator=torch.Generator(device=device).manual_seed(1), chunk_size=preset.num_samples,
+                           closed_form=closed_form)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        loop.append({"closed_form": closed_form, "iterations": result.iterations_done, "seconds": seconds,
+                     "ms_per_iteration": 1000 * seconds / max(result.iterations_done, 1), "last_mean_score": result.mean_score_history[-1]})
+        print(f"tuning loop closed_form={closed_form}: {loop[-1]['ms_per_iteration']:.2f} ms per iteration", flush=True)
+    out["tuning_loop"] = loop
+
+    # 2. The engine end to end.
+    engine_rows = []
+    per_iteration = None
+    for iterations in args.iterations:
+        if per_iteration is not None and iterations * per_iteration > deadline - time.monotonic():
+            print(f"engine: {iterations} iterations would pass the budget ({1000 * per_iteration:.1f} ms each)", flush=True)
+            continue
+        result = paper.infer(request(0, iterations))
+        per_iteration = result.tuning_time_s / max(result.tuning_iterations_done, 1)
+        engine_rows.append({"iterations": iterations, "iterations_done": result.tuning_iterations_done, "tuning_time_s": result.tuning_time_s,
+                            "elapsed_s": result.elapsed_s, "ms_per_iteration": 1000 * per_iteration, "mean_score": result.mean_score,
+                            "diversity_m2": result.diversity, "message": result.message[:200]})
+        print(f"engine {iterations} iterations: {result.tuning_time_s:.2f} s tuning ({1000 * per_iteration:.2f} ms each), "
+              f"{result.elapsed_s:.2f} s in all, score {result.mean_score:.3f}", flush=True)
+    out["engine"] = engine_rows
+
+    # 3. Time to the CVAE's score.
+    cvae = load_shape_cvae(args.cvae_weights, device)
+    reach = []
+    for index in range(args.cvae_objects):
+        if time.monotonic() > deadline:
+            break
+        cloud = torch.from_numpy(clouds[index]).to(device)
+        domain = GraspDomain.from_ground_truth(cloud, directions.to(device, torch.float32), None, default.finger_radius_m)
+        with torch.no_grad():
+            cvae_contacts, _ = grasp_contacts(cloud[None], finger_directions(PAPER_NUM_FINGERS, device=device), None,
+                                              density_matched_finger_radius(cvae.num_points))
+            target = float(domain.score(cvae.sample(cvae_contacts[0], 49, torch.zeros(3, device=device),
+                                                    torch.Generator(device=device).manual_seed(index))).mean())
+        marks: list[tuple[float, torch.Tensor]] = []
+        started = time.perf_counter()
+        result = default.infer(dataclasses.replace(request(index, args.cvae_max_iterations), timeout_s=args.cvae_timeout),
+                               lambda iteration, scores: marks.append((time.perf_counter() - started, scores.mean())))
+        reached = next((seconds for seconds, mean in marks if float(mean) >= target), None)
+        reach.append({"object": index, "cvae_score": target, "seconds_to_cvae_score": reached, "iterations_done": result.tuning_iterations_done,
+                      "final_mean_score": result.mean_score})
+        print(f"object {index}: CVAE {target:.3f}, reached after {reached if reached is None else round(reached, 3)} s", flush=True)
+    out["time_to_cvae_score"] = reach
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": device_description(device), "torch": torch.__version__, "commit": git_commit(),
-                                    "learning_rate": args.learning_rate, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps(out, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -352,8 +411,13 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     s = commands.add_parser("shape-speed")
     s.add_argument("--device", default="cuda")
-    s.add_argument("--weights", type=Path, nargs="+", required=True)
+    s.add_argument("--weights", type=Path, default=ROOT / "mace_ros/core/data/shape_vae_2048.safetensors")
+    s.add_argument("--cvae-weights", type=Path, default=ROOT / "mace_ros/core/data/shape_cvae_2048.safetensors")
     s.add_argument("--iterations", type=int, nargs="+", default=[100, 2500])
+    s.add_argument("--loop-iterations", type=int, default=100)
+    s.add_argument("--cvae-objects", type=int, default=5)
+    s.add_argument("--cvae-max-iterations", type=int, default=300)
+    s.add_argument("--cvae-timeout", type=float, default=5.0)
     s.add_argument("--learning-rate", type=float, default=2e-4, help="the paper's grasp lr")
     s.add_argument("--budget-s", type=float, default=120.0, help="iteration counts whose estimated time passes this are skipped")
     s.add_argument("--out", type=Path, required=True)

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("trimesh")
 
-from mace_ros.core.mace import PAPER_PRESETS, importance_sampling_tune, mace_tune  # noqa: E402
+from mace_ros.core.mace import PAPER_PRESETS, importance_sampling_tune, mace_tune, tuning_optimizer  # noqa: E402
 from mace_ros.core.resources import default_parameters  # noqa: E402
 from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, FULL_CVAE_WEIGHTS, load_shape_cvae  # noqa: E402
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, sample_object  # noqa: E402
@@ -147,6 +147,50 @@ def test_mace_raises_the_grasp_score_on_a_held_out_object(vae):
     mace_tune(prior, domain, preset, generator=generator)
     tuned_score = float(domain.score(prior.sample(128, generator)).mean())
     assert tuned_score > prior_score + 0.1, (prior_score, tuned_score)
+
+
+def test_closed_form_elite_gradient_is_autograds(vae):
+    """MaceVAEPrior's exact gradient of the elites' mean KL, from their statistics, is autograd's (any θ)."""
+    prior = MaceVAEPrior(vae)
+    generator = torch.Generator().manual_seed(4)
+    elites = prior.sample(12, generator)
+    with torch.no_grad():
+        prior.mean.add_(0.3 * torch.randn(vae.latent_dim, generator=generator))
+        prior.log_std.add_(0.3 * torch.randn(vae.latent_dim, generator=generator))
+    (-prior.tuning_log_likelihood(elites[:9]).mean()).backward()
+    expected = torch.cat([prior.mean.grad, prior.log_std.grad]).double().numpy()
+    weights = torch.tensor([1.0] * 9 + [0.0] * 3)  # zero-weight elites (scored 0) do not count
+    theta = torch.cat([prior.mean, prior.log_std]).detach().double().numpy()
+    closed = prior.elite_loss_gradient(theta, prior.elite_statistics(elites, weights).double().numpy())
+    assert np.allclose(closed, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("min_std_ratio", [0.0, 0.8])
+def test_closed_form_tuning_takes_autograds_steps(vae, min_std_ratio):
+    """Same observation, prior, seed and preset: the closed-form path's θ, Adam moments and score history
+    are the autograd path's (up to float32 vs float64 rounding), σ bound included."""
+    domain = GraspDomain.from_ground_truth(torch.from_numpy(object_cloud("bottle", 3)), finger_directions(5), None,
+                                           density_matched_finger_radius(vae.num_points))
+    preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], num_samples=64, iterations=6, learning_rate=1e-2)
+    runs = []
+    for closed_form in (False, True):
+        prior = MaceVAEPrior(vae)
+        prior.bound_std(min_std_ratio)
+        optimizer = tuning_optimizer(prior, preset)
+        result = mace_tune(prior, domain, preset, generator=torch.Generator().manual_seed(5), optimizer=optimizer,
+                           after_step=prior.project, closed_form=closed_form)
+        state = [optimizer.state[p] for p in prior.tunable_parameters()]
+        runs.append((torch.cat([prior.mean, prior.log_std]).detach(), result, state))
+    (theta_a, result_a, state_a), (theta_b, result_b, state_b) = runs
+    assert result_a.iterations_done == result_b.iterations_done == 6
+    assert np.allclose(result_a.mean_score_history, result_b.mean_score_history, atol=1e-5)
+    assert (theta_a - torch.cat([vae.prior_mean, vae.prior_log_std])).abs().max() > 0.05  # it did move
+    assert torch.allclose(theta_a, theta_b, atol=2e-5)
+    for a, b in zip(state_a, state_b):
+        assert float(a["step"]) == float(b["step"]) == 6 * preset.grad_steps_per_iteration
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-4) and torch.allclose(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-3, atol=1e-6)
+    if min_std_ratio:
+        assert float(torch.exp(theta_b[vae.latent_dim:] - vae.prior_log_std).min()) >= min_std_ratio - 1e-6
 
 
 def test_importance_sampling_runs_on_the_vae_prior(vae):

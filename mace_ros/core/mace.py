@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,26 @@ class TunablePrior(Protocol):
     def tuning_log_likelihood(self, samples: torch.Tensor) -> torch.Tensor: ...
 
     def tunable_parameters(self) -> Iterable[torch.nn.Parameter]: ...
+
+
+class ClosedFormElitePrior(TunablePrior, Protocol):
+    """A prior whose elite loss, −mean log p(x; θ) over (weighted) elites, has a closed-form gradient in θ
+    given a few statistics of the elites (MaceVAEPrior: its surrogate is a Gaussian KL). θ is the
+    tunable parameters flattened in order; it is small, so MACE's M Adam steps run on the host over a
+    copy of it (`_HostAdam`): no autograd, and one read from θ's device per iteration instead of
+    M × dozens of tiny kernels and their launches."""
+
+    def elite_statistics(self, elites: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Flat statistics (θ's device) of elites [k, ...] weighted by weights [k] (0 or 1, not all 0)."""
+        ...
+
+    def elite_loss_gradient(self, theta: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+        """d(−mean log-likelihood of the elites)/dθ at θ (float64, flat), from `elite_statistics`."""
+        ...
+
+    def project_host(self, theta: np.ndarray) -> np.ndarray:
+        """θ onto its allowed set (e.g. a lower bound on σ), as `after_step` does on the device."""
+        ...
 
 
 class Domain(Protocol):
@@ -194,6 +215,7 @@ def mace_tune(
     optimizer: torch.optim.Optimizer | None = None,
     chunk_size: int | None = None,
     after_step: Callable[[], None] | None = None,
+    closed_form: bool = True,
 ) -> TuneResult:
     """Algorithm 1. Fine-tunes `prior` in place; stops after `preset.iterations` or at the deadline.
 
@@ -203,8 +225,14 @@ def mace_tune(
     between chunks and between gradient steps; more elites than that are subsampled per gradient step
     (an unbiased estimate of the same mean). `after_step` runs after every optimizer step (e.g. a
     projection of θ onto its allowed set, such as a lower bound on σ).
+
+    A `ClosedFormElitePrior` (unless `closed_form` is False) takes `_closed_form_mace_tune`: the same
+    iterations and Adam steps, with its exact gradient instead of autograd's.
     """
     optimizer = optimizer or tuning_optimizer(prior, preset)
+    if closed_form and all(hasattr(prior, name) for name in ("elite_statistics", "elite_loss_gradient", "project_host")):
+        return _closed_form_mace_tune(prior, domain, preset, deadline_s, generator, keep_best, on_iteration, stop_rule, optimizer,
+                                      chunk_size, after_step)
 
     def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
         delta = elite_threshold(scores, preset.num_elites)
@@ -226,6 +254,99 @@ def mace_tune(
                 after_step()
 
     return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size)
+
+
+class _HostAdam:
+    """torch.optim.Adam's update (the single-tensor and foreach rule, without weight decay or AMSGrad)
+    on a float64 host copy of θ and of the optimizer's moments: read once, θ written back to its device
+    after every iteration, the moments and step count at the end (`write_back`), so the optimizer can
+    continue as if it had taken the steps itself."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter]):
+        group = optimizer.param_groups[0]
+        if not isinstance(optimizer, torch.optim.Adam) or group["weight_decay"] or group["amsgrad"] or group["maximize"]:
+            raise ValueError("the closed-form tuning path takes plain Adam (no weight decay, AMSGrad or maximize)")
+        self.optimizer, self.parameters = optimizer, parameters
+        self.learning_rate, (self.beta1, self.beta2), self.eps = float(group["lr"]), group["betas"], float(group["eps"])
+        self.sizes = [parameter.numel() for parameter in parameters]
+        states = [optimizer.state.get(parameter, {}) for parameter in parameters]
+
+        def flat(tensors: list[torch.Tensor | None]) -> np.ndarray:
+            return np.concatenate([np.zeros(size) if t is None else t.detach().double().cpu().numpy().ravel()
+                                   for t, size in zip(tensors, self.sizes)])
+
+        self.theta = flat(list(parameters))
+        self.exp_avg = flat([state.get("exp_avg") for state in states])
+        self.exp_avg_sq = flat([state.get("exp_avg_sq") for state in states])
+        self.step_count = int(float(states[0]["step"])) if "step" in states[0] else 0
+
+    def steps(self, gradient: Callable[[np.ndarray], np.ndarray], count: int, project: Callable[[np.ndarray], np.ndarray]) -> None:
+        for _ in range(count):
+            grad = gradient(self.theta)
+            self.step_count += 1
+            self.exp_avg += (1.0 - self.beta1) * (grad - self.exp_avg)
+            self.exp_avg_sq = self.beta2 * self.exp_avg_sq + (1.0 - self.beta2) * grad * grad
+            step_size = self.learning_rate / (1.0 - self.beta1**self.step_count)
+            denominator = np.sqrt(self.exp_avg_sq) / math.sqrt(1.0 - self.beta2**self.step_count) + self.eps
+            self.theta = project(self.theta - step_size * self.exp_avg / denominator)
+
+    def _pieces(self, values: np.ndarray) -> list[torch.Tensor]:
+        return [torch.from_numpy(piece).to(device=p.device, dtype=p.dtype).reshape(p.shape)
+                for piece, p in zip(np.split(values, np.cumsum(self.sizes)[:-1]), self.parameters)]
+
+    def write_theta(self) -> None:
+        with torch.no_grad():
+            for parameter, value in zip(self.parameters, self._pieces(self.theta)):
+                parameter.copy_(value)
+
+    def write_back(self) -> None:
+        self.write_theta()
+        if self.step_count == 0:
+            return
+        for parameter, exp_avg, exp_avg_sq in zip(self.parameters, self._pieces(self.exp_avg), self._pieces(self.exp_avg_sq)):
+            state = self.optimizer.state[parameter]
+            state["step"] = torch.tensor(float(self.step_count), dtype=torch.float32)
+            state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+
+
+def _closed_form_mace_tune(
+    prior: ClosedFormElitePrior,
+    domain: Domain,
+    preset: MacePreset,
+    deadline_s: float | None,
+    generator: torch.Generator | None,
+    keep_best: int,
+    on_iteration: Callable[[int, torch.Tensor], None] | None,
+    stop_rule: StopRule | None,
+    optimizer: torch.optim.Optimizer,
+    chunk_size: int | None,
+    after_step: Callable[[], None] | None,
+) -> TuneResult:
+    """`mace_tune` for a ClosedFormElitePrior. The elites are the top ⌊qN⌋ samples by score, those
+    scoring 0 weighted 0 (a fixed shape: no data-dependent indexing; it differs from 1[S ≥ δ] only when
+    several samples tie exactly at δ). Their statistics are read to the host once per iteration, the M
+    Adam steps run there on θ's exact gradient (the full elite mean: no per-step subsampling), and θ is
+    written back. The prior's `project_host` bounds θ after every step; `after_step` then runs once on
+    the device θ. Same deadline rule as the autograd path: no step starts past the deadline."""
+    host = _HostAdam(optimizer, list(prior.tunable_parameters()))
+
+    def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
+        top = torch.topk(scores, min(preset.num_elites, scores.shape[0]))
+        weights = (top.values > 0).to(scores.dtype)
+        with torch.no_grad():
+            statistics = torch.cat([weights.sum().reshape(1).to(scores.dtype), prior.elite_statistics(samples[top.indices], weights).to(scores.dtype)])
+        statistics_host = statistics.double().cpu().numpy()
+        if statistics_host[0] == 0 or (deadline_at is not None and time.monotonic() >= deadline_at):
+            return
+        host.steps(lambda theta: prior.elite_loss_gradient(theta, statistics_host[1:]), preset.grad_steps_per_iteration, prior.project_host)
+        host.write_theta()
+        if after_step is not None:
+            after_step()
+
+    try:
+        return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size)
+    finally:
+        host.write_back()
 
 
 def importance_sampling_tune(

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -289,6 +290,32 @@ class MaceVAEPrior:
         posteriors are narrow, and an unbounded σ_z shrinks until every sample is the same shape."""
         self.min_log_std = None if min_std_ratio <= 0 else self.vae.prior_log_std.detach() + math.log(min_std_ratio)
         self.project()
+
+    def project_host(self, theta: np.ndarray) -> np.ndarray:
+        """`project` on a flat host θ = (μ_z, log σ_z) (mace.ClosedFormElitePrior)."""
+        if self.min_log_std is None:
+            return theta
+        latent = self.vae.latent_dim
+        return np.concatenate([theta[:latent], np.maximum(theta[latent:], self.min_log_std.double().cpu().numpy())])
+
+    def elite_statistics(self, elites: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[3 × latent]: the weighted means of q(u|x)'s means, their spread about it and q's variances
+        (mace.ClosedFormElitePrior; weights 0 or 1, not all 0). The spread is centred here, on the
+        device, so that a collapsing posterior keeps its precision."""
+        mean_q, log_variance_q = self.posterior(elites)
+        share = (weights / weights.sum().clamp_min(1.0)).unsqueeze(-1)
+        centre = (share * mean_q).sum(0)
+        spread = (share * (mean_q - centre).pow(2)).sum(0)
+        return torch.cat([centre, spread, (share * log_variance_q.exp()).sum(0)])
+
+    def elite_loss_gradient(self, theta: np.ndarray, statistics: np.ndarray) -> np.ndarray:
+        """Gradient of the elites' mean KL(q(u|x) || N(μ_z, σ_z²)) (−`tuning_log_likelihood`) in (μ_z, log σ_z):
+        per latent, (μ − m̄)/σ² and 1 − (v̄ + spread + (m̄ − μ)²)/σ²."""
+        mean, log_std = np.split(theta, 2)
+        centre, spread, variance = np.split(statistics, 3)
+        inverse_variance = np.exp(-2.0 * log_std)
+        offset = mean - centre
+        return np.concatenate([offset * inverse_variance, 1.0 - (variance + spread + offset * offset) * inverse_variance])
 
     def project(self) -> None:
         """Clamp θ onto its allowed set (pass as mace_tune's `after_step`)."""
