@@ -315,6 +315,14 @@ def shape_speed(args: argparse.Namespace) -> None:
     out["time_to_cvae_score"] = reach
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
+    if args.profile:  # where an engine iteration's time goes, for the next optimisation
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            paper.infer(request(0, 20))
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        args.out.with_suffix(".profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=60))
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -418,6 +426,7 @@ def main() -> None:
     s.add_argument("--cvae-objects", type=int, default=5)
     s.add_argument("--cvae-max-iterations", type=int, default=300)
     s.add_argument("--cvae-timeout", type=float, default=5.0)
+    s.add_argument("--profile", action="store_true", help="also write a torch profile of a 20-iteration request beside --out")
     s.add_argument("--learning-rate", type=float, default=2e-4, help="the paper's grasp lr")
     s.add_argument("--budget-s", type=float, default=120.0, help="iteration counts whose estimated time passes this are skipped")
     s.add_argument("--out", type=Path, required=True)
