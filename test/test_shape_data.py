@@ -149,7 +149,8 @@ def test_knn_chamfer_matches_brute_force(random_clouds) -> None:
 def test_brute_force_and_kd_tree_neighbour_searches_agree(random_clouds) -> None:
     # CPU uses k-d trees, CUDA the chunked brute force: both must find the same neighbours.
     queries, references = random_clouds
-    torch.testing.assert_close(chamfer._knn_kd_tree(queries, references, 5), chamfer._knn_brute_force(queries, references, 5))
+    for k in (1, 5):  # k = 1 takes the argmin path
+        torch.testing.assert_close(chamfer._knn_kd_tree(queries, references, k), chamfer._knn_brute_force(queries, references, k))
 
 
 def test_knn_chamfer_does_not_penalize_the_unobserved_part() -> None:

@@ -127,6 +127,17 @@ def test_latent_prior_fit_whitens_and_keeps_the_kl_gradient():
         assert torch.allclose(mine, reference, rtol=1e-3, atol=1e-3)
 
 
+def test_latent_prior_fit_inverse_follows_its_basis():
+    fit = LatentPriorFit(4, 0.2)
+    means, log_variances = torch.randn(64, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(64, 4)
+    first = fit.basis_inverse()
+    assert fit.basis_inverse() is first  # cached
+    fit.fit(means, log_variances)  # a new basis: a new inverse
+    torch.testing.assert_close(fit.basis_inverse() @ fit.basis, torch.eye(4), atol=1e-5, rtol=0)
+    fit.to(torch.float64)
+    assert fit.basis_inverse().dtype == torch.float64
+
+
 def test_prior_copies_share_the_network_and_reset(vae):
     prior = MaceVAEPrior(vae)
     with torch.no_grad():

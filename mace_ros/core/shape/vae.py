@@ -124,9 +124,17 @@ class LatentPriorFit(nn.Module):
     def to_native(self, whitened: torch.Tensor) -> torch.Tensor:
         return self.offset + whitened @ self.basis.T
 
+    def basis_inverse(self) -> torch.Tensor:
+        """basis⁻¹, computed once per basis (a GPU inverse costs a solver launch and a host sync): the
+        cache follows the buffer's storage and version, so `fit`, `load_state_dict` and `.to` renew it."""
+        key = (self.basis.data_ptr(), self.basis._version, self.basis.device, self.basis.dtype)
+        if getattr(self, "_inverse_key", None) != key:
+            self._inverse, self._inverse_key = torch.linalg.inv(self.basis), key
+        return self._inverse
+
     def posterior(self, mean_native: torch.Tensor, log_variance_native: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q(u|x): mean and log of the covariance's diagonal, from the native diagonal posterior."""
-        basis_inverse = torch.linalg.inv(self.basis)
+        basis_inverse = self.basis_inverse()
         mean = (mean_native - self.offset) @ basis_inverse.T
         variance = log_variance_native.exp() @ basis_inverse.square().T
         return mean, variance.log()
@@ -265,12 +273,13 @@ class MaceVAEPrior:
         self.posterior_cache = posterior_cache or PosteriorCache()
         # Lower bound on log σ_z (None = unbounded), enforced by `project` after each tuning step.
         self.min_log_std: torch.Tensor | None = None
+        self._min_log_std_host: np.ndarray | None = None  # the same on the host (project_host runs M times per iteration)
 
     def __deepcopy__(self, memo: dict) -> "MaceVAEPrior":
         # The importance-sampling baseline deep-copies the prior as θ_0: share the frozen network and
         # its posterior cache (q(z|x) does not depend on θ), copy θ.
         twin = MaceVAEPrior(self.vae, self.origin, self.posterior_cache)
-        twin.min_log_std = self.min_log_std
+        twin.min_log_std, twin._min_log_std_host = self.min_log_std, self._min_log_std_host
         with torch.no_grad():
             twin.mean.copy_(self.mean)
             twin.log_std.copy_(self.log_std)
@@ -289,14 +298,15 @@ class MaceVAEPrior:
         """Keep σ_z >= min_std_ratio · the shipped prior's σ_z while tuning (0 = no bound): the elites'
         posteriors are narrow, and an unbounded σ_z shrinks until every sample is the same shape."""
         self.min_log_std = None if min_std_ratio <= 0 else self.vae.prior_log_std.detach() + math.log(min_std_ratio)
+        self._min_log_std_host = None if self.min_log_std is None else self.min_log_std.double().cpu().numpy()
         self.project()
 
     def project_host(self, theta: np.ndarray) -> np.ndarray:
         """`project` on a flat host θ = (μ_z, log σ_z) (mace.ClosedFormElitePrior)."""
-        if self.min_log_std is None:
+        if self._min_log_std_host is None:
             return theta
         latent = self.vae.latent_dim
-        return np.concatenate([theta[:latent], np.maximum(theta[latent:], self.min_log_std.double().cpu().numpy())])
+        return np.concatenate([theta[:latent], np.maximum(theta[latent:], self._min_log_std_host)])
 
     def elite_statistics(self, elites: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """[3 × latent]: the weighted means of q(u|x)'s means, their spread about it and q's variances
