@@ -10,11 +10,17 @@
 # train_{vae,cvae}.log and one tar per model (weights + metadata).
 #   bash bench/device_run.sh "$OUT"
 # DEVICE, TOTAL_S, SUITE_ARGS, TRAIN_ARGS and SHAPE_ARGS override the defaults (a CPU smoke test uses tiny sizes).
+# The device's image has torch, scipy, PyYAML and safetensors but not trimesh (the shape datasets need
+# it): download its wheel here first, into .whl (ignored; pass carry [".whl", "out/device"]):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh==5.2.0
 set -uo pipefail
 out=${1:?usage: bench/device_run.sh OUT_DIR}
 device=${DEVICE:-cuda}
 total_s=${TOTAL_S:-560}
-export PYTHONUNBUFFERED=1 PYTHONPATH=.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONUNBUFFERED=1 PYTHONPATH=.:/tmp/site
 log=$out/run.log
 mkdir -p "$out"
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
