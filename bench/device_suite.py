@@ -223,6 +223,17 @@ def run(args: argparse.Namespace) -> None:
             out["batch"] = batch_rows(engine, {name: goals for name, goals in inputs["batch_goals"].items()}, args.batch_timeout, deadline)
         out.setdefault("section_wall_s", {})[section] = time.monotonic() - section_started
         save()
+    if args.profile:  # where a GetIK request's time goes (the shelf goals, 1 solution), for the next optimisation
+        from torch.profiler import ProfilerActivity, profile
+
+        scene, goals = scene_and_goals("shelf")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            for goal in goals:
+                quaternion = None if goal.quaternion_wxyz is None else np.asarray(goal.quaternion_wxyz)
+                engine.solve(request_for(np.asarray(goal.position), quaternion, engine, 1, args.timeout, 7), scene)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        args.out.with_suffix(".profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=80))
     print(f"run done in {time.monotonic() - started:.0f} s", flush=True)
 
 
@@ -426,6 +437,7 @@ def main() -> None:
     r.add_argument("--box-timeout", type=float, default=2.0)
     r.add_argument("--max-box-goals", type=int, default=0, help="0 = all")
     r.add_argument("--batch-timeout", type=float, default=30.0)
+    r.add_argument("--profile", action="store_true", help="also write a torch profile of the shelf goals' requests beside --out")
     r.add_argument("--out", type=Path, required=True)
     s = commands.add_parser("shape-speed")
     s.add_argument("--device", default="cuda")
