@@ -172,3 +172,30 @@ def test_a_batch_of_goals_gets_one_exact_solution_each_and_unreachable_ones_none
     assert result.orientation_errors_rad[:3].max() <= engine.config["orientation_tolerance_rad"]
     with PyBulletCollisionChecker() as exact:
         assert not exact.check(solved, Scene()).in_collision.any()
+
+
+# A configuration the exact meshes call free and the fast checker (1.2 mm padding) calls colliding: the hand
+# pose of goal 9888 of the 10,000-goal GPU batch run (q4 near its lower limit, links within ~1 mm).
+GRAZING_Q = torch.tensor([[-0.6251617866717956, 1.412917070789066, -2.8520874592728176, -3.052978665366165,
+                           -0.30253549053548, 1.4362911880869815, 2.8942053066835967]], dtype=torch.float64)
+
+
+def grazing_goal() -> tuple[torch.Tensor, torch.Tensor]:
+    position, rotation = PandaKinematics("cpu", torch.float64).forward(GRAZING_Q)
+    return position, matrix_to_quaternion(rotation)
+
+
+def test_the_exact_check_decides_where_the_fast_checker_pads_contact(engine):
+    """Where the fast model and the exact check disagree, the exact check wins: a goal whose free solutions
+    lie within the fast checker's padding is solved by GetIK and by the batch, exactly collision-free."""
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(GRAZING_Q, Scene()).in_collision.any()
+        assert engine.checker.check(GRAZING_Q.float(), Scene()).in_collision.all()  # the premise
+        position, quaternion = grazing_goal()
+        result = engine.solve(request(position[0].numpy(), quaternion[0].numpy(), timeout_s=4.0, num_solutions=1), Scene())
+        assert result.success, result.message
+        assert result.position_errors_m.max() <= 1e-6
+        assert not exact.check(torch.as_tensor(result.solutions), Scene()).in_collision.any()
+        batch = engine.solve_batch(position.numpy(), quaternion.numpy(), Scene(), timeout_s=4.0, random_seed=1)
+        assert batch.success.all()
+        assert not exact.check(torch.as_tensor(batch.solutions), Scene()).in_collision.any()

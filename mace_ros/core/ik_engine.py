@@ -46,6 +46,8 @@ EXACT_CHECK_BLOCK = 4
 # Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks of this many
 # with the clock read between blocks: deep in obstacles the narrow phase takes up to ~2 ms each on a CPU.
 NARROW_CHECK_BLOCK = 64
+# Goal-reaching configurations that the fast checker rejected but the exact check gets to decide on, per failing round.
+NEAR_CONTACT_EXACT_CHECKS = 4
 # The fast stage's LM stops once this many times the solutions asked for reached the goal: some of
 # them collide, and distinct ones are wanted.
 FAST_STAGE_SURPLUS = 2
@@ -500,7 +502,27 @@ class IKEngine:
             efforts = everything.subset(torch.nonzero(refined.collision_free & ~refined.converged).squeeze(-1))
         accepted, rejected = self._exactly_accepted(
             solved, scene, len(solved) if enough_solved is None else enough_solved, exact_deadline_at)
+        if len(accepted) == 0:
+            accepted = self._near_contact_accepted(unobstructed, colliding, scene, tensor_scene, exact_deadline_at)
         return accepted, efforts, rejected
+
+    def _near_contact_accepted(self, unobstructed: RefineResult, rejected: torch.Tensor, scene: Scene, tensor_scene: TensorScene,
+                               deadline_at: float) -> _Solutions:
+        """Of the goal-reaching configurations the fast checker rejected (indices `rejected` into
+        `unobstructed`), the few least penetrating that the exact check passes. The fast checker pads
+        contact by ~1 mm, so a goal whose free solutions all lie that close (a link grazing another near a
+        joint limit, say) would never be solved: the exact check decides. Called when nothing else passed,
+        so rarely paid."""
+        if self.exact_checker is None or rejected.numel() == 0:
+            return _Solutions.empty(self.device)
+        near = rejected[self._least_penetrating_first(unobstructed.q[rejected], tensor_scene)[:NEAR_CONTACT_EXACT_CHECKS]]
+        solutions = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad).subset(near)
+        return self._exactly_accepted(solutions, scene, len(near), deadline_at)[0]
+
+    def _least_penetrating_first(self, q: torch.Tensor, tensor_scene: TensorScene) -> torch.Tensor:
+        """Order of q [N, 7] by the sphere model's penetration cost, smallest first."""
+        with torch.no_grad():
+            return torch.argsort(self.checker.penetration(q.to(self.dtype), tensor_scene))
 
     def _reached_free(self, unobstructed: RefineResult, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
         """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free,
@@ -581,6 +603,18 @@ class IKEngine:
             starts, goals.rows(owner), None, None, max_iterations=config["unobstructed_max_iterations"], deadline_at=deadline,
             position_tolerance_m=config["position_tolerance_m"], orientation_tolerance_rad=config["orientation_tolerance_rad"])
         candidates = self._reached_free(refined, tensor_scene, deadline)
+        if self.exact_checker is not None:
+            # The fast checker pads contact by ~1 mm: a goal whose free solutions all lie that close would never
+            # be solved. Per goal, the least penetrating converged configuration it rejects goes to the exact
+            # check too, after that goal's free ones; the exact check decides.
+            rejected = torch.nonzero(refined.converged).squeeze(-1)
+            rejected = rejected[~torch.isin(rejected, candidates)]
+            rejected = rejected[self._least_penetrating_first(refined.q[rejected], tensor_scene)]
+            rejected = rejected[torch.argsort(owner[rejected], stable=True)]  # by goal, each goal's least penetrating first
+            goal_of = owner[rejected]
+            first = torch.ones_like(goal_of, dtype=torch.bool)
+            first[1:] = goal_of[1:] != goal_of[:-1]
+            candidates = torch.cat([candidates, rejected[first]])
         # The exact check, one candidate per goal at a time, until each goal has one that passes.
         while candidates.numel() and time.monotonic() < deadline:
             goal_of = owner[candidates]
@@ -615,7 +649,12 @@ class IKEngine:
         reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
         converged = int(unobstructed.converged.sum())
         free_rate = len(reached_free) / converged if converged else float("nan")
-        return *self._exactly_accepted(solved.subset(reached_free), scene, needed, exact_deadline_at), free_rate
+        accepted, rejected = self._exactly_accepted(solved.subset(reached_free), scene, needed, exact_deadline_at)
+        if len(accepted) == 0:
+            fast_rejected = torch.nonzero(unobstructed.converged).squeeze(-1)
+            accepted = self._near_contact_accepted(
+                unobstructed, fast_rejected[~torch.isin(fast_rejected, reached_free)], scene, tensor_scene, exact_deadline_at)
+        return accepted, rejected, free_rate
 
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within
