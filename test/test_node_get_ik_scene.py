@@ -115,3 +115,25 @@ def test_get_ik_inside_the_box_is_collision_free_for_exact_meshes(mace, box_obst
         goal_rotation = np.array(pybullet.getMatrixFromQuaternion((x, y, z, w))).reshape(3, 3)
         cosine = np.clip((np.einsum("kij,ij->k", rotations, goal_rotation) - 1) / 2, -1, 1)
         assert np.arccos(cosine).max() < 1e-3
+
+
+def test_get_ik_lets_the_exact_check_decide_within_the_fast_checkers_padding(mace):
+    """A goal whose free solutions graze the fast checker's ~1 mm padding (no obstacles): GetIK answers with
+    an exactly collision-free solution instead of failing at the deadline."""
+    from test_ik_engine import grazing_goal
+
+    position, quaternion = grazing_goal()
+    request = GetIK.Request()
+    request.goal.header.frame_id = "panda_link0"
+    request.goal.pose.position = Point(**dict(zip("xyz", position[0].tolist())))
+    orientation = request.goal.pose.orientation
+    orientation.w, orientation.x, orientation.y, orientation.z = quaternion[0].tolist()
+    request.num_solutions = 1
+    request.timeout_s = 5.0
+    response = when_ready(mace.get_ik, request)
+    assert response.success, response.message
+    q = np.array([state.position for state in response.solutions])
+    with PyBulletCollisionChecker() as exact:
+        assert not exact.check(torch.as_tensor(q), Scene()).in_collision.any()
+    positions, _ = pybullet_hand_poses(q)
+    assert np.linalg.norm(positions - position.numpy(), axis=1).max() < 1e-5
