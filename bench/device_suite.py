@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
             goals = inputs["box_goals"][: args.max_box_goals or None]
             out["box"] = box_rows(engine, goals, args.box_timeout, deadline)
         else:
-            out["batch"] = batch_rows(engine, {name: goals for name, goals in inputs["batch_goals"].items()}, args.batch_timeout, deadline)
+            out["batch"] = batch_rows(engine, inputs["batch_goals"], args.batch_timeout, deadline)
         out.setdefault("section_wall_s", {})[section] = time.monotonic() - section_started
         save()
     if args.profile:  # where a GetIK request's time goes (the shelf goals, 1 solution), for the next optimisation
@@ -349,7 +349,7 @@ def shape_speed(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- verify
 def verify(args: argparse.Namespace) -> None:
     from bench.ik_batch import checked
-    from bench.ik_box import Judge, BoxGoal
+    from bench.ik_box import BoxGoal, Judge
     from bench.ik_latency import STAGES, all_solved
     from mace_ros.core.kinematics import quaternion_to_matrix
     from mace_ros.core.pybullet_backend import PyBulletCollisionChecker

@@ -605,10 +605,10 @@ class IKEngine:
         candidates = self._reached_free(refined, tensor_scene, deadline)
         if self.exact_checker is not None:
             # The fast checker pads contact by ~1 mm: a goal whose free solutions all lie that close would never
-            # be solved. Per goal, the least penetrating converged configuration it rejects goes to the exact
-            # check too, after that goal's free ones; the exact check decides.
+            # be solved. For each goal it found no free configuration for, the least penetrating converged one
+            # it rejected goes to the exact check, which decides.
             rejected = torch.nonzero(refined.converged).squeeze(-1)
-            rejected = rejected[~torch.isin(rejected, candidates)]
+            rejected = rejected[~torch.isin(owner[rejected], owner[candidates])]
             rejected = rejected[self._least_penetrating_first(refined.q[rejected], tensor_scene)]
             rejected = rejected[torch.argsort(owner[rejected], stable=True)]  # by goal, each goal's least penetrating first
             goal_of = owner[rejected]

@@ -106,8 +106,8 @@ CPU_BUDGET_LEARNING_RATE = 1e-3
 # to its points (~13 ms for 4096 points, ~0.1 ms for a grasp), at most CHUNK_PARTIAL_POINTS partial-cloud
 # points times samples. Chunks depend on the request and the device only, so that a seed gives the same
 # samples whatever the machine's speed. On a GPU a chunk costs mostly kernel launches, whatever its size:
-# its chunks are GPU_CHUNK_FACTOR times larger (the paper's N = 256 in one chunk). The diversity's Chamfer pairs go at most DIVERSITY_PAIR_CHUNK at a
-# time (~0.8 ms each at 512 points).
+# its chunks are GPU_CHUNK_FACTOR times larger (the paper's N = 256 in one chunk). The diversity's
+# Chamfer pairs go at most DIVERSITY_PAIR_CHUNK at a time (~0.8 ms each at 512 points).
 SAMPLE_CHUNK = 128
 CHUNK_PARTIAL_POINTS = 1 << 13
 GPU_CHUNK_FACTOR = 8
