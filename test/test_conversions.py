@@ -6,6 +6,7 @@ import struct
 
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
@@ -15,7 +16,7 @@ from mace_ros.core.kinematics import LINK_INDEX
 from mace_ros.core.scene import Box, Cylinder, Sphere
 from mace_ros.ros import conversions
 from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, UnknownFrameError
-from mace_ros.ros.obstacles import ObstacleModel, Workspace, voxel_downsample
+from mace_ros.ros.obstacles import CloudVoxelizer, ObstacleModel, Workspace
 
 F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
 
@@ -183,16 +184,44 @@ def test_obstacle_model_caps_marker_primitives_and_applies_a_message_in_order():
     assert not model.snapshot().boxes
 
 
-def test_voxel_downsample_keeps_one_point_per_voxel():
-    points = np.array([[0.001, 0.001, 0.001], [0.002, 0.002, 0.002], [0.5, 0.5, 0.5]])
-    np.testing.assert_array_equal(voxel_downsample(points, 0.01), points[[0, 2]])
-    np.testing.assert_array_equal(voxel_downsample(points, 0.0), points)
+def _columns(points: np.ndarray, dtype=np.float32) -> list[np.ndarray]:
+    """x, y, z as strided views of 32-byte points, as a camera driver's padded cloud gives them."""
+    padded = np.zeros((points.shape[0], 8), dtype=dtype)
+    padded[:, :3] = points
+    return [padded[:, axis] for axis in range(3)]
 
 
-def test_workspace_drops_far_points_and_primitives():
+def test_cloud_voxelizer_keeps_occupied_voxel_centres_inside_the_workspace():
     workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
-    points = np.array([[0.5, 0, 0.5], [8.0, 0, 0.5], [1e6, 0, 0], [0, 0, -0.01]])
-    np.testing.assert_array_equal(workspace.contains(points), [True, False, False, False])
+    points = np.array([[0.501, 0.002, 0.503], [0.508, 0.009, 0.507],  # one voxel
+                       [0.203, -0.296, 0.254], [8.0, 0, 0.5], [1e30, 0, 0], [0, 0, -0.01], [np.nan, 0.1, 0.1], [0.1, np.inf, 0.1]])
+    cropped = CloudVoxelizer(workspace, 0.01).voxelize(_columns(points), RigidTransform.identity())
+    assert (cropped.inside, cropped.outside) == (3, 3)  # NaN and inf are neither
+    np.testing.assert_allclose(cropped.points[np.lexsort(cropped.points.T[::-1])],
+                               [[0.205, -0.295, 0.255], [0.505, 0.005, 0.505]], atol=1e-9)
+    unthinned = CloudVoxelizer(workspace, 0.0).voxelize(_columns(points, np.float64), RigidTransform.identity())
+    np.testing.assert_allclose(unthinned.points, points[:3], atol=1e-12)
+
+
+def test_cloud_voxelizer_transforms_into_the_base_frame_like_a_reference():
+    rng = np.random.default_rng(3)
+    workspace = Workspace.from_bounds([-1.15, -1.15, -0.3], [1.15, 1.15, 1.45])
+    to_base = RigidTransform(Rotation.from_rotvec([0.3, -1.1, 0.7]).as_matrix(), np.array([0.4, -0.2, 0.9]))
+    for voxel_size_m in (0.02, 1e-4):  # a dense occupancy array, then sorted keys (2.3e4 cells per axis)
+        # Near voxel centres in the base frame (no ties at voxel faces), some beyond the workspace.
+        spread = (rng.integers(-70, 70, (4000, 3)) + 0.5) * 0.02
+        cells = np.floor((spread - workspace.low) / voxel_size_m)
+        base = workspace.low + (cells + 0.5 + rng.uniform(-0.3, 0.3, cells.shape)) * voxel_size_m
+        cropped = CloudVoxelizer(workspace, voxel_size_m).voxelize(_columns(to_base.inverse().apply(base), np.float64), to_base)
+        inside = ((base >= workspace.low) & (base <= workspace.high)).all(1)
+        occupied = np.unique(cells[inside], axis=0)
+        np.testing.assert_allclose(cropped.points[np.lexsort(cropped.points.T[::-1])],
+                                   workspace.low + (occupied + 0.5) * voxel_size_m, atol=1e-9)
+        assert 0 < cropped.outside == int((~inside).sum()) and cropped.inside == int(inside.sum())
+
+
+def test_workspace_drops_far_primitives():
+    workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
     assert workspace.meets(Box("edge", (1.05, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1)))
     assert not workspace.meets(Sphere("far", (2.0, 0, 0.5), 0.05))
     with pytest.raises(ValueError):

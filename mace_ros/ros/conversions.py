@@ -95,12 +95,9 @@ def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
     return _points_view(cloud, dtype).astype(dtype.newbyteorder("="))
 
 
-def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
-    """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped.
-
-    Only x, y, z are read, straight from the message's buffer (a 1280 x 720 camera cloud of 32-byte
-    points takes ~20 ms): other fields and padding are never copied.
-    """
+def pointcloud2_xyz_columns(cloud: PointCloud2) -> list[np.ndarray]:
+    """The x, y, z fields [N] as views of the message's buffer (strided, in the fields' own dtype and
+    byte order; NaN and infinite values kept): nothing is copied unless rows are padded."""
     missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
     if missing:
         present = ", ".join(field.name for field in cloud.fields) or "none"
@@ -110,8 +107,13 @@ def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
         "names": list(XYZ), "formats": [dtype.fields[name][0] for name in XYZ],
         "offsets": [dtype.fields[name][1] for name in XYZ], "itemsize": dtype.itemsize})
     points = _points_view(cloud, xyz_dtype)
+    return [points[name] if points[name].ndim == 1 else points[name][:, 0] for name in XYZ]  # count > 1: the first
+
+
+def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
+    """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped."""
+    columns = pointcloud2_xyz_columns(cloud)
     # Per-coordinate 1-D passes: a mask over an [N, 3] array's short rows costs ~3x more.
-    columns = [points[name] if points[name].ndim == 1 else points[name][:, 0] for name in XYZ]  # count > 1: the first
     finite = np.isfinite(columns[0]) & np.isfinite(columns[1]) & np.isfinite(columns[2])
     xyz = np.empty((int(np.count_nonzero(finite)), 3), dtype=np.float64)
     for axis, column in enumerate(columns):

@@ -195,6 +195,7 @@ class IntakeNode(Node):
             self.names.to_core, self.robot, Tf2Frames.create(self, settings.base_frame))
         self.workspace = Workspace.from_bounds(list(settings.workspace_min_m), list(settings.workspace_max_m))
         self.self_filter = SelfFilter()
+        self._voxelizer = None  # CloudVoxelizer for the current voxel size, used by the processing thread only
         with self._early_lock:  # in order: a state older than the history's latest would reset it
             for message in self._early_joint_states:
                 self._record_joint_state(message)
@@ -276,24 +277,23 @@ class IntakeNode(Node):
         """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
         points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
         from mace_ros.ros import conversions
-        from mace_ros.ros.obstacles import voxel_downsample
+        from mace_ros.ros.obstacles import CloudVoxelizer
 
         sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
+        settings = self.cloud_settings
+        if self._voxelizer is None or self._voxelizer.voxel_size_m != settings.voxel_size_m:
+            self._voxelizer = CloudVoxelizer(self.workspace, settings.voxel_size_m)
         try:
-            to_base = self.frames.to_base(sensor, stamp_ns)
-            points = to_base.apply(conversions.pointcloud2_to_xyz(cloud))
+            cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz_columns(cloud), self.frames.to_base(sensor, stamp_ns))
         except ValueError as error:  # UnknownFrameError included
             self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return
-        inside = self.workspace.contains(points)
-        if not inside.all():
+        if cropped.outside:
             self.get_logger().info(
-                f"~/obstacle_cloud from '{sensor}': dropped {int((~inside).sum())} of {points.shape[0]} points outside "
-                f"the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
+                f"~/obstacle_cloud from '{sensor}': dropped {cropped.outside} of {cropped.outside + cropped.inside} points "
+                f"outside the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
                 throttle_duration_sec=WARNING_PERIOD_S)
-            points = points[inside]
-        settings = self.cloud_settings
-        points = voxel_downsample(points, settings.voxel_size_m)
+        points = cropped.points
         positions = self.robot.joint_states.at(stamp_ns)
         if positions is None:
             self.get_logger().warning(

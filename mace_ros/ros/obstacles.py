@@ -14,38 +14,12 @@ import numpy as np
 
 if TYPE_CHECKING:
     from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
+    from mace_ros.ros.frames import RigidTransform
 
 
-# Voxel grids up to this many cells are thinned with a dense lookup table (the workspace at 1 cm has
-# 9.3M): ~4x faster than sorting the voxel keys of a 1280 x 720 cloud.
+# Workspace voxel grids up to this many cells are thinned with a reusable occupancy array (the
+# default workspace at 1 cm has 9.3M cells, 9.3 MB); larger grids sort the occupied cells' keys.
 MAX_DENSE_VOXELS = 1 << 24
-
-
-def voxel_downsample(points: np.ndarray, voxel_size_m: float) -> np.ndarray:
-    """One point (the first) per occupied voxel, in their original order; voxel_size_m <= 0 keeps every point."""
-    if voxel_size_m <= 0.0 or points.shape[0] == 0:
-        return points
-    cells = []
-    for axis in range(3):  # 1-D passes: operations over an [N, 3] array's short rows cost ~2.5x more
-        column = np.floor(points[:, axis] * (1.0 / voxel_size_m)).astype(np.int64)
-        column -= column.min()
-        cells.append(column)
-    sizes = [int(column.max()) + 1 for column in cells]
-    count = float(np.prod(np.array(sizes, dtype=np.float64)))
-    if count > 2.0**62:  # no single int64 key per voxel
-        _, first = np.unique(np.stack(cells, 1), axis=0, return_index=True)
-        return points[np.sort(first)]
-    keys = (cells[0] * sizes[1] + cells[1]) * sizes[2] + cells[2]
-    if count > MAX_DENSE_VOXELS:
-        _, first = np.unique(keys, return_index=True)
-        return points[np.sort(first)]
-    owner = np.empty(int(count), dtype=np.int64)
-    owner[keys[::-1]] = np.arange(points.shape[0] - 1, -1, -1)  # repeated keys: the last write, the first point, stays
-    occupied = np.zeros(int(count), dtype=bool)
-    occupied[keys] = True
-    first = owner[np.flatnonzero(occupied)]
-    first.sort()
-    return points[first]
 
 
 @dataclass(frozen=True)
@@ -66,13 +40,6 @@ class Workspace:
             raise ValueError(f"workspace bounds must be [x, y, z] with min < max, got {low} and {high}")
         return Workspace(low_array, high_array)
 
-    def contains(self, points: np.ndarray) -> np.ndarray:
-        """[N] bool: points [N, 3] inside the box."""
-        inside = np.ones(points.shape[0], dtype=bool)
-        for axis in range(3):  # 1-D passes: ~4x faster than a reduction over [N, 3] rows
-            inside &= (points[:, axis] >= self.low[axis]) & (points[:, axis] <= self.high[axis])
-        return inside
-
     def meets(self, primitive: Box | Sphere | Cylinder) -> bool:
         """Whether the primitive's bounding sphere reaches into the box."""
         from mace_ros.core.scene import Box, Sphere
@@ -85,6 +52,88 @@ class Workspace:
             radius = float(np.hypot(primitive.radius, primitive.half_height))
         center = np.asarray(primitive.center, dtype=np.float64)
         return bool(np.linalg.norm(center - np.clip(center, self.low, self.high)) <= radius)
+
+
+@dataclass(frozen=True)
+class CroppedCloud:
+    """A cloud cropped to the workspace and thinned (CloudVoxelizer.voxelize)."""
+
+    points: np.ndarray  # [M, 3] float64 in the base frame: occupied voxels' centres (every point if unthinned)
+    inside: int  # points that fell inside the workspace
+    outside: int  # finite points that fell outside it (dropped)
+
+
+class CloudVoxelizer:
+    """Camera clouds into the obstacle model's points: into the base frame, cropped to the workspace
+    and thinned to the centre of each occupied voxel of a grid fixed to the workspace, in one pass over
+    the message's coordinates in their own precision.
+
+    Why one pass: a 640 x 480 cloud took ~17 ms (1280 x 720: ~60 ms) as separate steps (decode to
+    float64, transform, crop, thin), each copying every point; this takes ~9 (~29) ms, measured on the
+    2-core development CPU. Voxel centres (as OctoMap keeps) lie within sqrt(3)/2 voxel of every point
+    they stand for, half the distance a voxel's first point can lie from the others.
+    Not thread-safe: one instance per processing thread (the occupancy array is reused).
+    """
+
+    def __init__(self, workspace: Workspace, voxel_size_m: float) -> None:
+        self.workspace = workspace
+        self.voxel_size_m = voxel_size_m
+        if voxel_size_m > 0.0:
+            self._cells = (np.floor((workspace.high - workspace.low) / voxel_size_m).astype(np.int64) + 1)
+            self._cell_count = float(np.prod(self._cells.astype(np.float64)))
+        self._occupied: np.ndarray | None = None  # allocated on first use, for dense grids
+
+    def voxelize(self, columns: list[np.ndarray], to_base: RigidTransform) -> CroppedCloud:
+        """columns: x, y, z [N] in the sensor frame (any real dtype, strided views welcome; NaN = no
+        return); to_base: the sensor-to-base RigidTransform."""
+        low = self.workspace.low
+        if self.voxel_size_m > 0.0:
+            scale, extent = 1.0 / self.voxel_size_m, self._cells.astype(np.float64)
+        else:
+            scale, extent = 1.0, self.workspace.high - low
+        scaled, inside = [], None
+        for axis in range(3):
+            # Base-frame coordinate, relative to the workspace's corner, in voxels (or metres, unthinned).
+            dtype = np.result_type(columns[axis].dtype, np.float32)
+            offset = dtype.type((to_base.translation[axis] - low[axis]) * scale)
+            if to_base.is_identity:
+                value = columns[axis] * dtype.type(scale) + offset
+            else:
+                row = to_base.rotation[axis] * scale
+                value = columns[0] * dtype.type(row[0]) + columns[1] * dtype.type(row[1]) + columns[2] * dtype.type(row[2]) + offset
+            bound = dtype.type(extent[axis])  # in the values' dtype: a float64 bound would promote a float32 column
+            within = (value >= 0) & ((value < bound) if self.voxel_size_m > 0.0 else (value <= bound))
+            inside = within if inside is None else inside & within
+            scaled.append(value)
+        kept = np.flatnonzero(inside)
+        outside = 0
+        if kept.size < inside.size:  # NaN compares false, so count the finite points among those dropped
+            dropped = np.flatnonzero(~inside)
+            outside = int(np.count_nonzero(np.isfinite(columns[0][dropped]) & np.isfinite(columns[1][dropped])
+                                           & np.isfinite(columns[2][dropped])))
+        if self.voxel_size_m <= 0.0:
+            points = np.empty((kept.size, 3), dtype=np.float64)
+            for axis in range(3):
+                points[:, axis] = scaled[axis][kept] + low[axis]
+            return CroppedCloud(points, kept.size, outside)
+        cells = [scaled[axis][kept].astype(np.int64) for axis in range(3)]
+        if self._cell_count > 2.0**62:  # no single int64 key per voxel
+            occupied_cells = np.unique(np.stack(cells, 1), axis=0)
+        else:
+            keys = (cells[0] * self._cells[1] + cells[1]) * self._cells[2] + cells[2]
+            if self._cell_count <= MAX_DENSE_VOXELS:
+                if self._occupied is None:
+                    self._occupied = np.zeros(int(self._cell_count), dtype=bool)
+                self._occupied[keys] = True
+                keys = np.flatnonzero(self._occupied)
+                self._occupied[keys] = False  # cleared for the next cloud at the cost of the occupied cells only
+            else:
+                keys = np.unique(keys)
+            occupied_cells = np.empty((keys.size, 3), dtype=np.int64)
+            for axis in (2, 1, 0):
+                keys, occupied_cells[:, axis] = np.divmod(keys, self._cells[axis])
+        points = (occupied_cells + 0.5) * self.voxel_size_m + low
+        return CroppedCloud(points, kept.size, outside)
 
 
 class SelfFilter:
