@@ -53,8 +53,8 @@ def ik_request(goal: tuple[float, float, float], timeout_s: float) -> GetIK.Requ
     return request
 
 
-def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, records: list[dict]) -> None:
-    """GetIK one request at a time until `stop`."""
+def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, records: list[dict], gap_s: float = 0.0) -> None:
+    """GetIK one request at a time, `gap_s` idle after each, until `stop`."""
     index = 0
     while not stop.is_set():
         started = time.monotonic()
@@ -63,6 +63,7 @@ def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, r
         records.append({"latency_s": latency_s, "node_elapsed_s": float(response.elapsed_s), "success": bool(response.success),
                         "code": int(response.error_code), "late": latency_s > timeout_s + DEADLINE_SLACK_S})
         index += 1
+        stop.wait(gap_s)
 
 
 def summarize_requests(records: list[dict]) -> dict:
@@ -88,13 +89,13 @@ def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespa
     stop = threading.Event()
     timer = threading.Timer(args.seconds / 2, stop.set)
     timer.start()
-    call_ik_until(client, stop, args.timeout, baseline)
+    call_ik_until(client, stop, args.timeout, baseline, args.gap)
 
     # The camera is a process of its own, as a driver is: publishing 10-30 MB clouds at 30 Hz from this
     # process would hold its interpreter and delay the client's own GetIK calls.
     streamed: list[dict] = []
     stop = threading.Event()
-    caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed))
+    caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed, args.gap))
     rss = [node_rss_mb(node_pid)]
     camera = subprocess.Popen(
         [sys.executable, __file__, "--camera", f"{width}x{height}", "--rate", str(args.rate), "--seconds", str(args.seconds),
@@ -154,6 +155,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=30.0, help="clouds per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="streaming time per size")
     parser.add_argument("--timeout", type=float, default=0.5, help="GetIK timeout_s")
+    parser.add_argument("--gap", type=float, default=0.0, help="idle seconds after each GetIK (0: back to back)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cloud_stream.json")
     parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "cloud_stream_node.log")

@@ -3,9 +3,10 @@
 Starts install/mace_ros/lib/mace_ros/mace_node (localhost-only DDS, a random ROS_DOMAIN_ID) and sends
 it, one at a time, fuzzed GetIK and InferShape requests: NaN/inf, huge and tiny values, bad frames
 and tip links, absurd counts and timeouts, malformed seeds and partial clouds, and random valid ones
-with short timeouts. Between requests, spread evenly, it publishes topic abuse: malformed, far, huge
-(200k points) and camera-sized (640 x 480, 32-byte points) obstacle clouds, marker floods (5000)
-and garbage markers, garbage and valid /joint_states, garbage contacts.
+with short timeouts. Between requests, spread evenly, a process of its own publishes topic abuse:
+malformed, far, huge (200k points) and camera-sized (640 x 480, 32-byte points) obstacle clouds,
+marker floods (5000) and garbage markers, garbage and valid /joint_states, garbage contacts. Before
+the measured run, a warm-up sends the largest answers and messages a few times (see warm_up).
 
 Reports answers by error code (per service and per category), crashes (the node process died; it is
 restarted, up to --max-restarts), requests left unanswered, "engine error" messages (an input that
@@ -49,11 +50,13 @@ from visualization_msgs.msg import Marker, MarkerArray
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics, matrix_to_quaternion
 from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
 from mace_ros.ros.parameters import default_parameters_file, load_defaults
+from mace_ros.ros.requests import MAX_NUM_SOLUTIONS, MAX_SHAPE_SAMPLES
 from mace_ros.srv import GetIK, InferShape
 
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SLACK_S = 0.1
 CLIENT_GRACE_S = 30.0  # beyond its deadline, a request counts as unanswered
+WARMUP_ROUNDS = 12  # above the depth of every history the largest messages pass through (services keep 10)
 BASE = "panda_link0"
 ARM_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
 ABSURD = [1e300, -1e308, 1e-300, 5e-324, 1e10, -1e6, 1e4, 3.4e38]
@@ -421,7 +424,7 @@ class Fuzzer:
 # ---- the run ------------------------------------------------------------------------------------
 
 class NodeUnderTest:
-    """The node under test and a client with the abusive publishers, restartable after a crash."""
+    """The node under test and its client, restartable after a crash."""
 
     def __init__(self, arguments: list[str], isolation: dict[str, str], log_path: Path) -> None:
         self.arguments, self.isolation = arguments, isolation
@@ -432,23 +435,18 @@ class NodeUnderTest:
         self.log = log_path.open("w")
         self.process = NodeProcess(installed_executable(), self.arguments, env=self.isolation, log=self.log)
         self.client = MaceClient("mace_reliability")
-        publisher = self.client.node.create_publisher
-        self.publishers = {
-            "cloud": publisher(PointCloud2, self.client.topic("obstacle_cloud"), QoSProfile(depth=1)),
-            "markers": publisher(MarkerArray, self.client.topic("obstacles"), 10),
-            "joint_states": publisher(JointState, "/joint_states", 10),
-            "contacts": publisher(PoseArray, self.client.topic("contacts"), 10),
-        }
+
+    def topics(self) -> dict[str, str]:
+        """The abused topics by key, as the node resolves them."""
+        return {"cloud": self.client.topic("obstacle_cloud"), "markers": self.client.topic("obstacles"),
+                "joint_states": "/joint_states", "contacts": self.client.topic("contacts")}
 
     def ready(self, fuzzer: Fuzzer, wait_s: float = 300.0) -> None:
-        """Services up, both engines loaded, topic subscriptions matched."""
+        """Services up, both engines loaded."""
         self.client.wait_for_services(wait_s, alive=self.process)
         for call, request in ((self.client.get_ik, fuzzer.valid_ik()), (self.client.infer_shape, fuzzer.valid_shape())):
             request.timeout_s = 2.0
             MaceClient.when_loaded(lambda r, call=call: call(r, timeout_s=60.0), request, wait_s)
-        deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in self.publishers.values()):
-            time.sleep(0.05)
 
     def restart(self) -> None:
         """A fresh node after a crash, logging to a new file (the crashed one's log is kept)."""
@@ -460,6 +458,104 @@ class NodeUnderTest:
     def log_tail(self, lines: int = 30) -> str:
         self.log.flush()
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Traffic:
+    """The topic abuse, published by a process of its own (as cameras and other nodes are): 10 MB clouds
+    published from this process would hold its interpreter and delay the client's own answers.
+
+    `send(count)` asks for `count` more messages (the process publishes them at once, without blocking
+    this one); each published message's kind comes back on the process's stdout (`kinds`, `recent`).
+    """
+
+    WARMUP = "warmup"
+
+    def __init__(self, seed: int, topics: dict[str, str], environment: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--traffic", json.dumps({"seed": seed, "topics": topics})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **environment})
+        self.kinds: Counter = Counter()
+        self.recent: deque[str] = deque(maxlen=5)  # what the node was last sent, when a deadline is missed
+        self.ready = threading.Event()
+        self.done = threading.Event()
+        self.index = 0  # the request index the latest messages were asked for at
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            line = line.strip()
+            if line == "ready":
+                self.ready.set()
+            elif line == "done":
+                self.done.set()
+            elif line:
+                self.kinds[line] += 1
+                self.recent.append(f"{self.index}:{line}")
+
+    def send(self, count: int | str, index: int = 0) -> None:
+        self.index = index
+        self.process.stdin.write(f"{count}\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(60.0)
+
+
+def traffic(options: str) -> int:
+    """--traffic mode: publishes fuzzed topic messages as the main process asks (see Traffic)."""
+    import rclpy
+
+    settings = json.loads(options)
+    fuzzer = Fuzzer(settings["seed"])
+    rclpy.init()
+    node = rclpy.create_node("mace_reliability_traffic")
+    types = {"cloud": PointCloud2, "markers": MarkerArray, "joint_states": JointState, "contacts": PoseArray}
+    publishers = {key: node.create_publisher(types[key], topic, QoSProfile(depth=1) if key == "cloud" else 10)
+                  for key, topic in settings["topics"].items()}
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and any(p.get_subscription_count() == 0 for p in publishers.values()):
+        time.sleep(0.05)
+    print("ready", flush=True)
+
+    def publish(kind: str, key: str, message: Any) -> None:
+        if hasattr(message, "header"):
+            message.header.stamp = node.get_clock().now().to_msg()
+        publishers[key].publish(message)
+        print(kind, flush=True)
+
+    for line in sys.stdin:
+        if line.strip() == Traffic.WARMUP:
+            # Each kind of large message, a few times over: the DDS histories that keep a buffer per slot,
+            # grown to the largest sample seen, reach their size here (see "warm-up" in main()).
+            for _ in range(WARMUP_ROUNDS):
+                publish("cloud_camera", "cloud", fuzzer.camera)
+                publish("cloud_huge", "cloud", xyz_cloud(fuzzer.np_rng.uniform(-3.0, 3.0, (200000, 3))))
+                publish("markers_flood", "markers", fuzzer.flood)
+                time.sleep(0.5)
+            print("done", flush=True)
+            continue
+        for _ in range(int(line)):
+            publish(*fuzzer.topic_message())
+    node.destroy_node()
+    rclpy.shutdown()
+    return 0
+
+
+def warm_up(node: NodeUnderTest, fuzzer: Fuzzer, traffic_process: Traffic) -> None:
+    """The largest answers and messages, each a few times, before the measured run: rmw_fastrtps keeps a
+    buffer per history slot, grown to the largest sample seen and then kept (its default
+    PREALLOCATED_WITH_REALLOC memory policy), so RSS rises until every slot has held a largest
+    sample; growth after that would be a leak. InferShape answers are the largest service responses."""
+    traffic_process.send(Traffic.WARMUP)
+    for _ in range(WARMUP_ROUNDS):
+        request = fuzzer.valid_shape()
+        request.num_samples, request.tuning_iterations, request.timeout_s = MAX_SHAPE_SAMPLES, 0, 10.0
+        node.client.infer_shape(request, timeout_s=60.0)
+        request = fuzzer.valid_ik()
+        request.num_solutions, request.timeout_s = MAX_NUM_SOLUTIONS, 2.0
+        node.client.get_ik(request, timeout_s=60.0)
+    traffic_process.done.wait(120.0)
 
 
 def repository_path(path: Path) -> str:
@@ -479,7 +575,11 @@ def main() -> int:
     parser.add_argument("--max-restarts", type=int, default=3, help="stop after this many crashes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "reliability.json")
     parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "reliability_node.log")
+    parser.add_argument("--no-warmup", action="store_true", help="measure RSS from the start (see warm_up)")
+    parser.add_argument("--traffic", help=argparse.SUPPRESS)  # internal: the topic-abuse process (see Traffic)
     args = parser.parse_args()
+    if args.traffic:
+        return traffic(args.traffic)
     topic_total = args.requests // 4 if args.topic_messages is None else args.topic_messages
 
     torch.set_num_threads(1)  # the bench shares the CPU with the node
@@ -493,14 +593,22 @@ def main() -> int:
     args.node_log.parent.mkdir(parents=True, exist_ok=True)
     node = NodeUnderTest(["-p", f"scene:={args.scene}"], isolation, args.node_log)
     node.ready(fuzzer)
+    # Topic messages from their own fuzzer: the requests' sequence stays the same for any --topic-messages.
+    traffic_process = Traffic(args.seed + 1, node.topics(), isolation)
+    traffic_process.ready.wait(120.0)
+    warmup_started = time.monotonic()
+    warmup_rss = node_rss_mb(node.process.process.pid)
+    if not args.no_warmup:
+        warm_up(node, fuzzer, traffic_process)
+    warmup = {"skipped": args.no_warmup, "seconds": round(time.monotonic() - warmup_started, 1),
+              "rss_mb_before": warmup_rss, "rss_mb_after": node_rss_mb(node.process.process.pid)}
     sampler = RssSampler(lambda: node.process.process.pid, args.rss_interval)
     sampler.start()
 
     codes: dict[str, Counter] = {"get_ik": Counter(), "infer_shape": Counter()}
     by_category: dict[str, Counter] = defaultdict(Counter)
     latencies: dict[str, list[float]] = defaultdict(list)
-    topics: Counter = Counter()
-    recent_topics: deque[str] = deque(maxlen=5)  # what the node was digesting when a deadline was missed
+    warmup_kinds = Counter(traffic_process.kinds)
     examples: dict[str, list[str]] = defaultdict(list)
     engine_errors: list[dict] = []
     violations: list[dict] = []
@@ -514,13 +622,9 @@ def main() -> int:
         if time.monotonic() - started > args.seconds:
             stopped_by = "seconds"
             break
-        for _ in range((index + 1) * topic_total // args.requests - index * topic_total // args.requests):
-            kind, key, message = fuzzer.topic_message()
-            if hasattr(message, "header"):
-                message.header.stamp = node.client.node.get_clock().now().to_msg()
-            node.publishers[key].publish(message)
-            topics[kind] += 1
-            recent_topics.append(f"{index}:{kind}")
+        count = (index + 1) * topic_total // args.requests - index * topic_total // args.requests
+        if count:
+            traffic_process.send(count, index)
 
         service = "get_ik" if fuzzer.rng.random() < 0.55 else "infer_shape"
         category, request = fuzzer.get_ik() if service == "get_ik" else fuzzer.infer_shape()
@@ -561,7 +665,7 @@ def main() -> int:
         if latency > budget + DEADLINE_SLACK_S:
             violations.append({"index": index, "service": service, "category": category, "timeout_s": timeout,
                                "budget_s": budget, "latency_s": round(latency, 3), "node_elapsed_s": response.elapsed_s,
-                               "code": code, "request": sizes(request), "recent_topic_messages": list(recent_topics)})
+                               "code": code, "request": sizes(request), "recent_topic_messages": list(traffic_process.recent)})
         if sent % 500 == 0:
             print(f"{sent} requests, {time.monotonic() - started:.0f} s: crashes {len(crashes)}, engine errors "
                   f"{len(engine_errors)}, deadline violations {len(violations)}, unanswered {len(unanswered)}, "
@@ -570,6 +674,8 @@ def main() -> int:
 
     sampler.stopped.set()
     sampler.join()
+    traffic_process.close()
+    topics = traffic_process.kinds - warmup_kinds
     node.client.close()
     sigint_start = time.monotonic()
     return_code = node.process.stop(30.0)
@@ -594,6 +700,7 @@ def main() -> int:
         "requests_sent": sent,
         "requests_answered": sum(sum(counter.values()) for counter in codes.values()),
         "topic_messages": dict(topics),
+        "warmup": warmup | {"topic_messages": dict(warmup_kinds)},
         "duration_s": round(duration, 1),
         "stopped_by": stopped_by,
         "codes": {service: dict(counter) for service, counter in codes.items()},
@@ -610,7 +717,7 @@ def main() -> int:
         "deadline": {"rule": f"answered later than timeout_s + {DEADLINE_SLACK_S} s (0 or invalid: the default "
                              f"{default_timeout})", "checked": len(all_latencies), "violations": len(violations),
                      # Answered by the node in time (its elapsed_s within timeout_s + the slack), late at the client:
-                     # the transport, on a CPU shared with this process's own camera clouds and marker floods.
+                     # the transport, on a CPU shared with the traffic process's camera clouds and marker floods.
                      "late_in_transport": sum(v["node_elapsed_s"] <= v["budget_s"] + DEADLINE_SLACK_S for v in violations),
                      "worst": sorted(violations, key=lambda v: v["latency_s"] - v["budget_s"])[-20:]},
         "rss_mb": {"first": rss[0] if rss else None, "median_first_tenth": percentile(rss[:tenth], 50),

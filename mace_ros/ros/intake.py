@@ -244,6 +244,7 @@ class IntakeNode(Node):
 
     def _process_clouds(self) -> None:
         """The processing thread: sets the intake up, then the longest-waiting sensor's latest cloud, one at a time."""
+        os.nice(INTAKE_NICENESS)  # this thread only (see run_intake)
         self._set_up()
         while True:
             with self._pending_changed:
@@ -403,9 +404,6 @@ def run_intake(connection: Connection) -> None:
         os._exit(0)
 
     threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
-    # Requests before obstacles: where cores are short, the intake's work (a 200k-point cloud's field
-    # takes a core for a second) must not delay the serving process (3-4 s late answers without this).
-    os.nice(INTAKE_NICENESS)
     bound_malloc()  # this process now handles the camera clouds (see mace_ros/ros/memory.py)
     settings: IntakeSettings = connection.recv()
     send_lock = threading.Lock()
@@ -423,6 +421,11 @@ def run_intake(connection: Connection) -> None:
     rclpy.init(args=[], signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
     node = IntakeNode(settings, send)
     send(IntakeReady())
+    # Requests before obstacles: where cores are short, the intake's work (a 200k-point cloud's field
+    # takes a core for a second) must not delay the serving process (3-4 s late answers without this).
+    # Linux priorities are per thread: the DDS threads, created with the node above, keep the normal
+    # one, so that a camera cloud's fragments are taken as they come.
+    os.nice(INTAKE_NICENESS)  # this thread, and the executor's worker threads it starts below
 
     def receive() -> None:
         try:

@@ -50,8 +50,10 @@ WARNING_PERIOD_S = 5.0
 SCENE_PUBLISH_PERIOD_S = 0.2
 # An engine that overruns a request's deadline by this much (one chunk of its work taking longer than
 # planned, e.g. on a CPU shared with topic processing) is not waited for: the request is answered
-# TIMED_OUT, and the engine finishes in its thread before serving the next request.
-ENGINE_OVERRUN_GRACE_S = 0.07
+# TIMED_OUT, and the engine finishes in its thread before serving the next request. What is left of
+# the 0.1 s a caller may wait beyond timeout_s is for the answer's way out: with 0.07 s, 2 of 20,000
+# fuzzed requests were answered 0.10-0.11 s late on the busy 2-core CPU (bench/reliability.py).
+ENGINE_OVERRUN_GRACE_S = 0.05
 # InferShape keeps part of its timeout for its response: converting each 512-point sample to a
 # PointCloud2 (70-200 us on this busy 2-core CPU) and carrying it to the client (serialization,
 # transport, the client's deserialization: ~120 us, plus ~10 ms per response), at most
