@@ -10,10 +10,13 @@ each stamped when sent) at --rate Hz for --seconds while calling GetIK one reque
 - GetIK round trips and deadline violations (answered later than timeout_s + 0.1 s) with and without
   the stream;
 - the node's RSS (the node and its intake process).
+`--delivery-only` measures what DDS alone delivers instead, with no node: the same camera process and a
+plain subscription with the intake's QoS (reliable, depth 4) in this otherwise idle process.
 
     set +u; source install/setup.bash; set -u
     .venv/bin/python bench/cloud_stream.py                 # -> bench/results/cloud_stream.json
     .venv/bin/python bench/cloud_stream.py --seconds 5 --sizes 640x480 --out out/cloud_stream_small.json
+    .venv/bin/python bench/cloud_stream.py --delivery-only --seconds 10 --out bench/results/cloud_delivery.json
 """
 from __future__ import annotations
 
@@ -97,10 +100,7 @@ def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespa
     stop = threading.Event()
     caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed, args.gap))
     rss = [node_rss_mb(node_pid)]
-    camera = subprocess.Popen(
-        [sys.executable, __file__, "--camera", f"{width}x{height}", "--rate", str(args.rate), "--seconds", str(args.seconds),
-         "--seed", str(int(rng.integers(1 << 30))), "--topic", client.topic("obstacle_cloud")],
-        stdout=subprocess.PIPE, text=True)
+    camera = start_camera(width, height, args, rng, client.topic("obstacle_cloud"))
     started = time.monotonic()
     caller.start()
     while camera.poll() is None:
@@ -149,6 +149,50 @@ def camera(size: str, rate: float, seconds: float, seed: int, topic: str) -> int
     return 0
 
 
+def start_camera(width: int, height: int, args: argparse.Namespace, rng: np.random.Generator, topic: str) -> subprocess.Popen:
+    """The camera process (see camera()); its stdout gives {"published": count} when it ends."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--camera", f"{width}x{height}", "--rate", str(args.rate), "--seconds", str(args.seconds),
+         "--seed", str(int(rng.integers(1 << 30))), "--topic", topic],
+        stdout=subprocess.PIPE, text=True)
+
+
+def delivery(args: argparse.Namespace, rng: np.random.Generator) -> list[dict]:
+    """--delivery-only: for each size, the clouds DDS delivers to an idle subscriber with the intake's QoS."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import ReliabilityPolicy
+
+    from mace_ros.ros.intake import CLOUD_HISTORY_DEPTH
+
+    rclpy.init()
+    node = rclpy.create_node("cloud_delivery_probe")
+    arrivals: list[float] = []
+    node.create_subscription(PointCloud2, "/cloud_delivery_probe", lambda message: arrivals.append(time.monotonic()),
+                             QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=ReliabilityPolicy.RELIABLE))
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    results = []
+    for size in args.sizes.split(","):
+        width, height = (int(v) for v in size.lower().split("x"))
+        arrivals.clear()
+        camera = start_camera(width, height, args, rng, "/cloud_delivery_probe")
+        output, _ = camera.communicate()
+        time.sleep(0.5)  # the last clouds in flight
+        published = json.loads(output)["published"]
+        delivered = len(arrivals)
+        span_s = (arrivals[-1] - arrivals[0]) if delivered > 1 else None
+        results.append({"cloud": size, "cloud_bytes": 32 * width * height, "rate_hz_asked": args.rate, "published": published,
+                        "delivered": delivered, "delivered_share": delivered / max(published, 1),
+                        "delivered_rate_hz": (delivered - 1) / span_s if span_s else None})
+        print(json.dumps(results[-1]), flush=True)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown()
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="640x480,1280x720", help="cloud sizes, WIDTHxHEIGHT, comma-separated")
@@ -159,6 +203,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cloud_stream.json")
     parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "cloud_stream_node.log")
+    parser.add_argument("--delivery-only", action="store_true", help="no node: what DDS delivers to an idle subscriber")
     parser.add_argument("--camera", help=argparse.SUPPRESS)  # internal: the camera process (see camera())
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -170,6 +215,23 @@ def main() -> int:
     os.environ.update(isolation)
     args.node_log.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
+    if args.delivery_only:
+        results = delivery(args, rng)
+    else:
+        results = with_node(args, rng, isolation)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report = {"command": "bench/cloud_stream.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                             if k not in ("out", "node_log", "camera", "topic")),
+              "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "node_log": None if args.delivery_only else repository_path(args.node_log), "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {repository_path(args.out)}")
+    return 0
+
+
+def with_node(args: argparse.Namespace, rng: np.random.Generator, isolation: dict[str, str]) -> list[dict]:
+    """The node under the stream, size by size (see run_size)."""
     with args.node_log.open("w") as log:
         node = NodeProcess(installed_executable(), [], env=isolation, log=log)
         client = MaceClient("mace_cloud_stream")
@@ -187,15 +249,7 @@ def main() -> int:
         finally:
             client.close()
             node.stop()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    report = {"command": "bench/cloud_stream.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                             if k not in ("out", "node_log", "camera", "topic")),
-              "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-              "node_log": repository_path(args.node_log), "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {repository_path(args.out)}")
-    return 0
+    return results
 
 
 if __name__ == "__main__":
