@@ -48,7 +48,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "random_seed": ParameterSpec("Random seed used when a request's random_seed is 0.", 1, INT32_MAX, read_only=False),
     "scene": ParameterSpec("Static obstacles loaded at start: a scene name from config/scenes/ or a YAML path; '' = none."),
     "obstacle_cloud.voxel_size_m": ParameterSpec(
-        "Voxel edge (m) the obstacle cloud is thinned to, one point per voxel; 0 keeps every point.", 0.0, 1.0, read_only=False),
+        "Voxel edge (m) the obstacle cloud is thinned to: the centre of each occupied voxel of a grid fixed to the workspace; "
+        "0 keeps every point.", 0.0, 1.0, read_only=False),
     "obstacle_cloud.self_filter_padding_m": ParameterSpec(
         "Cloud points closer than this (m) to the robot's collision spheres at its joint state are its own and removed.",
         0.0, 0.5, read_only=False),
@@ -126,6 +127,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.partial_cloud_preset": ParameterSpec("MACE preset for partial-cloud-only observations."),
     "shape.result_samples": ParameterSpec(
         "posterior: fresh samples of the tuned prior, ranked; best: the best samples seen while tuning."),
+    "shape.result_oversampling": ParameterSpec(
+        "posterior: the best num_samples of this many times num_samples draws of the tuned prior (1 = plain draws).", 1, 64),
     "shape.num_fingers": ParameterSpec(
         "Fingers of the finger set for contacts without directions, closing toward the object origin (2: the Panda hand).", 1, 32),
     "shape.finger_elevation_rad": ParameterSpec("Elevation of the fingers' travel directions (rad).", -1.5708, 1.5708),
