@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mace_ros.core.mace import PAPER_PRESETS, MacePreset, importance_sampling_tune, mace_tune
+from mace_ros.core.mace import PAPER_PRESETS, MacePreset, importance_sampling_tune, mace_tune, sample_best_of
 from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
 from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, PAPER_NUM_FINGERS, load_shape_cvae
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_dataset
@@ -86,11 +86,11 @@ def time_to_target(history: list[float], iteration_times: list[float], target: f
     return None
 
 
-def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, num_samples: int, seed: int) -> dict[str, float]:
-    """Mean score and diversity of `num_samples` samples of `prior`, drawn with `seed`."""
-    with torch.no_grad():
-        samples = prior.sample(num_samples, torch.Generator().manual_seed(seed))
-        return {"score": float(domain.score(samples).mean()), "diversity_m2": pairwise_chamfer_diversity(samples)}
+def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, num_samples: int, oversampling: int, seed: int) -> dict[str, float]:
+    """Mean score and diversity of the best `num_samples` of `oversampling` x as many samples of `prior`
+    (the engine's result_oversampling), drawn with `seed`."""
+    samples, scores, _ = sample_best_of(prior, domain, num_samples, oversampling, torch.Generator().manual_seed(seed))
+    return {"score": float(scores.mean()), "diversity_m2": pairwise_chamfer_diversity(samples)}
 
 
 def run_observation(
@@ -128,14 +128,14 @@ def run_observation(
             best_theta.update(iteration, scores)
         if iteration in args.record_at:
             recording_started = time.monotonic()
-            curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args.num_samples, seed)})
+            curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args.num_samples, args.oversampling, seed)})
             recording["s"] += time.monotonic() - recording_started
 
     result = mace_tune(prior, domain, preset, generator=generator, on_iteration=on_iteration, after_step=prior.project)
     prior = returned_posterior()
     if result.iterations_done in args.record_at:
-        curve.append({"iterations": result.iterations_done, **score_and_diversity(prior, domain, args.num_samples, seed)})
-    samples["mace"] = prior.sample(args.num_samples, generator)
+        curve.append({"iterations": result.iterations_done, **score_and_diversity(prior, domain, args.num_samples, args.oversampling, seed)})
+    samples["mace"] = sample_best_of(prior, domain, args.num_samples, args.oversampling, generator)[0]
     row.update(mace_tuning_s=result.elapsed_s - recording["s"], mace_iterations=result.iterations_done,
                mace_history=result.mean_score_history, mace_iteration_times_s=iteration_times, mace_curve=curve)
     prior = MaceVAEPrior(vae)
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-score", type=float, default=0.9)
     parser.add_argument("--min-std-ratio", type=float, default=0.0,
                         help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
+    parser.add_argument("--oversampling", type=int, default=1,
+                        help="MACE returns the best num-samples of this many times as many draws (the engine's shape.result_oversampling)")
     parser.add_argument("--best-theta", action="store_true",
                         help="MACE samples from the best-scoring theta seen (theta_0 included), as the engine does")
     parser.add_argument("--record-at", type=iteration_counts, default=[], metavar="T1,T2,...",
@@ -275,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         "preset": dataclasses.asdict(tuning_preset(args)),
         "min_std_ratio": args.min_std_ratio,
         "best_theta": args.best_theta,
+        "oversampling": args.oversampling,
         "record_at": args.record_at,
         "finger_radius_m": density_matched_finger_radius(vae.num_points),
         "length_scale_m": DEFAULT_LENGTH_SCALE_M,

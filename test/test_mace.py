@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mace_ros.core.mace import MacePreset, StopRule, importance_sampling_tune, mace_tune
+from mace_ros.core.mace import MacePreset, StopRule, importance_sampling_tune, mace_tune, sample_and_score, sample_best_of
 
 TARGET = torch.tensor([1.5, -1.0])
 RADIUS = 0.4
@@ -93,3 +93,18 @@ def test_expired_deadline_still_answers(deadline):
     result = mace_tune(GaussianPrior(), DiskDomain(), preset, deadline_s=deadline)
     assert result.iterations_done == 0
     assert result.best_samples.shape == (32, 2)
+
+
+def test_sample_best_of_keeps_the_best_scoring_draws():
+    prior, domain = GaussianPrior(), DiskDomain()
+    draws, draw_scores, _ = sample_and_score(prior, domain, 64, torch.Generator().manual_seed(5), chunk_size=10)
+    best, scores, complete = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=10)
+    assert complete and best.shape == (16, 2)
+    torch.testing.assert_close(scores, draw_scores.sort(descending=True).values[:16])
+    torch.testing.assert_close(domain.score(best), scores)
+    assert float(scores.mean()) > float(draw_scores.mean())
+    plain, plain_scores, _ = sample_best_of(prior, domain, 64, 1, torch.Generator().manual_seed(5), chunk_size=10)
+    torch.testing.assert_close(plain_scores, draw_scores.sort(descending=True).values)  # the same draws, ranked
+    # A deadline that has passed still answers with the first chunk, and says it is short.
+    short, _, complete = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=8, deadline_at=0.0)
+    assert short.shape[0] == 8 and not complete

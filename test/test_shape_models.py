@@ -438,6 +438,20 @@ def test_tuning_never_returns_worse_than_the_prior():
         assert tuned.mean_score >= prior.mean_score, (prior.message, tuned.message)
 
 
+def test_a_tuned_answer_is_the_best_of_its_oversampled_draws():
+    """result_oversampling k: the best num_samples of k x num_samples draws of the tuned prior. The
+    plain answer's draws are the first of the oversampled ones (same seed), so rank by rank the
+    oversampled answer scores at least as well."""
+    plain = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 1})
+    oversampled = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 4})
+    request = grasp_request(plain, "box", 14, (0.0, 0.0, 0.0))
+    first, best = plain.infer(request), oversampled.infer(request)
+    assert best.samples.shape == first.samples.shape and "best of 4 x as many draws" in best.message
+    assert np.all(best.scores >= first.scores - 1e-5) and best.mean_score > first.mean_score
+    with pytest.raises(ValueError, match="result_oversampling"):
+        ShapeEngine({"result_oversampling": 0})
+
+
 def test_best_theta_keeps_the_best_scoring_iterations_theta_without_reading_back():
     theta = torch.zeros(3)
     best = BestTheta([theta])

@@ -41,6 +41,8 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           default lr is CPU_BUDGET_LEARNING_RATE, for budgets of tens of iterations
   result_samples          "posterior": fresh samples of the tuned prior, ranked (diverse; the paper's
                           posterior) or "best": the highest-scoring samples seen while tuning
+  result_oversampling     "posterior" returns the best num_samples of this many times num_samples
+                          draws of the tuned prior (mace.sample_best_of; 1 = plain draws)
   num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
                           the default finger set (simulators.finger_directions)
   finger_directions       explicit travel directions [[x, y, z], ...] or flat [x1, y1, z1, x2, ...]
@@ -82,7 +84,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mace_ros.core.mace import PAPER_PRESETS, MacePreset, TuneResult, mace_tune, sample_and_score
+from mace_ros.core.mace import PAPER_PRESETS, MacePreset, TuneResult, mace_tune, sample_and_score, sample_best_of
 from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.simulators import (
     DEFAULT_FINGER_RADIUS_M,
@@ -136,6 +138,7 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "tuning_grad_steps": 0,
     "tuning_elite_quantile": 0.0,
     "result_samples": "posterior",
+    "result_oversampling": 1,
     "num_fingers": PANDA_HAND_NUM_FINGERS,
     "finger_elevation_rad": 0.0,
     "finger_azimuth_offset_rad": PANDA_HAND_AZIMUTH_OFFSET_RAD,
@@ -284,6 +287,8 @@ class ShapeEngine:
         for key in ("grasp_preset", "partial_cloud_preset"):
             if self.config[key] not in PAPER_PRESETS:
                 raise ValueError(f"{key} {self.config[key]!r} is not one of {sorted(PAPER_PRESETS)}")
+        if int(self.config["result_oversampling"]) < 1:
+            raise ValueError(f"result_oversampling must be at least 1, got {self.config['result_oversampling']}")
         if self.config["result_samples"] not in ("posterior", "best"):
             raise ValueError(f"result_samples must be 'posterior' or 'best', got {self.config['result_samples']!r}")
         if self.config["finger_matching"] not in ("direction", "ordered"):
@@ -447,7 +452,8 @@ class ShapeEngine:
         seconds_per_sample = (time.monotonic() - probe_started) / first_samples.shape[0]
         diversity_count = min(num_samples, int(config["diversity_max_samples"]))
         diversity_reserve_s = min(DIVERSITY_TIME_SHARE * timeout_s, self._seconds_per_pair * diversity_count * (diversity_count - 1) / 2)
-        final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples if posterior else 0.0
+        oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
+        final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
         tuning: TuneResult | None = None
         tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
         # Never worse than the prior: θ_t is scored by its iteration's N samples (θ_0 = the prior by the
@@ -475,7 +481,8 @@ class ShapeEngine:
                     prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
-            samples, scores, complete = sample_and_score(prior, domain, num_samples, generator, chunk, sampling_deadline_at)
+            samples, scores, complete = sample_best_of(
+                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -488,7 +495,9 @@ class ShapeEngine:
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
-            f"{config['result_samples']} samples after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
+            f"{config['result_samples']} samples"
+            + (f" (the best of {oversampling} x as many draws)" if config["result_samples"] == "posterior" and oversampling > 1 else "")
+            + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
             + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
         )
         if iterations > 0 and tuning is None:
