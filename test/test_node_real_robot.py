@@ -25,7 +25,9 @@ from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace_fr3"
 # An integer for the double ik.timeout_s crashed the node at start-up (InvalidParameterTypeException).
-ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5"]
+# The shape engine's answer oversampled (a config the shipped one leaves at 1) reaches requests too.
+ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5",
+             "-p", "shape.result_oversampling:=3"]
 ENGINE_WAIT_S = 180.0
 FR3_JOINTS = [f"fr3_joint{i}" for i in range(1, 8)]
 CONTACTS = [Point(x=0.5, y=0.04, z=0.1), Point(x=0.5, y=-0.04, z=0.1)]  # a Panda hand's top-down grasp
@@ -94,6 +96,16 @@ def test_get_ik_for_the_hand_tcp_in_the_robot_names(fr3):
         assert list(solution.name) == FR3_JOINTS and solution.header.frame_id == "fr3_link0"
         position, _ = kinematics.forward(torch.tensor([list(solution.position)]), "panda_hand_tcp")
         np.testing.assert_allclose(position[0].numpy(), [0.5, 0.0, 0.3], atol=1e-3)
+
+
+def test_the_configured_oversampling_shapes_the_answer(fr3):
+    client, _ = fr3
+    request = InferShape.Request(header=Header(frame_id="fr3_link0"), contacts=CONTACTS, object_origin=Point(x=0.5, z=0.1),
+                                 num_samples=4, tuning_iterations=2, timeout_s=20.0)
+    response = client.when_loaded(client.infer_shape, request, ENGINE_WAIT_S)
+    assert response.success, response.message
+    assert "best of 3 x as many draws" in response.message and len(response.samples) == 4
+    assert list(response.scores) == sorted(response.scores, reverse=True)
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_times_out_unworked(fr3):
