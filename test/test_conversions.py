@@ -255,16 +255,3 @@ def test_contact_poses_carry_their_fingers_travel_direction_on_their_z_axis():
     assert np.allclose(directions, [[0, 0, 0], [0, 0, 0], [0, -1, 0], [0, 0, 1], [-1, 0, 0]])
     with pytest.raises(ValueError, match=r"contacts\[0\] orientation"):
         contact_travel_directions([Pose(orientation=Quaternion(x=math.nan))])
-
-
-@pytest.mark.parametrize("frame_id", ["panda_link0", "", "camera_ñ_optical_frame"])
-def test_a_serialized_clouds_frame_is_read_without_deserializing_it(frame_id):
-    from rclpy.serialization import serialize_message
-
-    from mace_ros.ros.intake import serialized_frame_id
-
-    cloud = conversions.xyz_to_pointcloud2(np.array(POINTS), Header(frame_id=frame_id))
-    cloud.header.stamp.sec, cloud.header.stamp.nanosec = 1234, 5678
-    assert serialized_frame_id(serialize_message(cloud)) == frame_id
-    assert serialized_frame_id(b"\x00\x01\x00\x00") is None
-    assert serialized_frame_id(b"\x00\x01\x00\x00" + bytes(8) + (1000).to_bytes(4, "little") + b"short\x00") is None

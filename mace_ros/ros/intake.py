@@ -32,7 +32,6 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.serialization import deserialize_message
 from geometry_msgs.msg import PoseArray
 from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
@@ -151,22 +150,6 @@ class MarkerUpdate:
     operations: list
 
 
-def serialized_frame_id(data: bytes) -> str | None:
-    """The header's frame_id of a serialized message that starts with a std_msgs/Header (CDR: a 4-byte
-    encapsulation whose second byte's low bit is little-endian, the stamp's 8 bytes, then the string's
-    length with its NUL and its bytes), without deserializing the rest; None if `data` is not such a message.
-    Here, not in conversions (which imports torch): clouds are taken before the intake has imported it."""
-    if len(data) < 16:
-        return None
-    length = int.from_bytes(data[12:16], "little" if data[1] & 1 else "big")
-    if length < 1 or 16 + length > len(data) or data[15 + length] != 0:
-        return None
-    try:
-        return data[16:15 + length].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
 class IntakeNode(Node):
     """The intake process's node (named <node>_intake beside the `mace` node)."""
 
@@ -182,7 +165,7 @@ class IntakeNode(Node):
         self._ready = threading.Event()
         self._early_joint_states: deque[JointState] = deque(maxlen=EARLY_JOINT_STATES)
         self._early_lock = threading.Lock()
-        self._pending: dict[str, tuple[bytes, int]] = {}  # each sensor's latest unprocessed cloud, serialized
+        self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
         self._pending_changed = threading.Condition()
         self.create_subscription(
             JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
@@ -247,22 +230,16 @@ class IntakeNode(Node):
         """Reliable or best effort, keeping a few clouds: one topic's history is shared by all its
         publishers, and with keep-last-1 one camera's clouds could displace another's every time."""
         reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
-        # Serialized (raw): most clouds of a 30 Hz camera are replaced before they are processed, and
-        # deserializing each (10-30 ms of this process's interpreter per 10-30 MB cloud) would be wasted.
         return self.create_subscription(
             PointCloud2, self._cloud_topic, self.on_obstacle_cloud,
-            QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability), callback_group=self._cloud_group, raw=True)
+            QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability), callback_group=self._cloud_group)
 
-    def on_obstacle_cloud(self, serialized: bytes) -> None:
-        """Keeps the cloud, still serialized, as its sensor's (frame_id's) latest, replacing one still
-        waiting, for the processing thread: the queue never holds stale clouds, and every sensor gets its turn."""
-        received_ns = time.monotonic_ns()
-        sensor = serialized_frame_id(serialized)
-        if sensor is None:  # not the CDR layout expected: read the whole message for its frame
-            sensor = deserialize_message(serialized, PointCloud2).header.frame_id
+    def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
+        """Keeps the cloud as its sensor's (frame_id's) latest, replacing one still waiting, for the
+        processing thread: the queue never holds stale clouds, and every sensor gets its turn."""
         with self._pending_changed:
-            self._pending.pop(sensor, None)  # re-inserted last: sensors are served in arrival order
-            self._pending[sensor] = (serialized, received_ns)
+            self._pending.pop(cloud.header.frame_id, None)  # re-inserted last: sensors are served in arrival order
+            self._pending[cloud.header.frame_id] = (cloud, time.monotonic_ns())
             self._pending_changed.notify()
 
     def _process_clouds(self) -> None:
@@ -273,9 +250,9 @@ class IntakeNode(Node):
             with self._pending_changed:
                 self._pending_changed.wait_for(lambda: bool(self._pending))
                 sensor = next(iter(self._pending))
-                serialized, received_ns = self._pending.pop(sensor)
+                cloud, received_ns = self._pending.pop(sensor)
             try:
-                self.process_cloud(deserialize_message(serialized, PointCloud2), received_ns)
+                self.process_cloud(cloud, received_ns)
             except Exception as error:  # a bad cloud must not end the thread
                 self.get_logger().error(f"~/obstacle_cloud from '{sensor}' not processed: {type(error).__name__}: {error}")
 
