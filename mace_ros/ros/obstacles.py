@@ -68,9 +68,9 @@ class CloudVoxelizer:
     and thinned to the centre of each occupied voxel of a grid fixed to the workspace, in one pass over
     the message's coordinates in their own precision.
 
-    Why one pass: a 640 x 480 cloud took ~17 ms (1280 x 720: ~60 ms) as separate steps (decode to
-    float64, transform, crop, thin), each copying every point; this takes ~9 (~29) ms, measured on the
-    2-core development CPU. Voxel centres (as OctoMap keeps) lie within sqrt(3)/2 voxel of every point
+    Why one pass: as separate steps (decode to float64, transform, crop, thin), each copying every
+    point, a 640 x 480 cloud took 26.5 ms (1280 x 720: 95.7 ms); this takes 12.3 (41.0) ms, in the
+    same process on the 2-core development CPU (BENCHMARKS.md, "Depth-camera streams"). Voxel centres (as OctoMap keeps) lie within sqrt(3)/2 voxel of every point
     they stand for, half the distance a voxel's first point can lie from the others.
     Not thread-safe: one instance per processing thread (the occupancy array is reused).
     """
