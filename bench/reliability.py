@@ -546,7 +546,7 @@ def warm_up(node: NodeUnderTest, fuzzer: Fuzzer, traffic_process: Traffic) -> No
     """The largest answers and messages, each a few times, before the measured run: rmw_fastrtps keeps a
     buffer per history slot, grown to the largest sample seen and then kept (its default
     PREALLOCATED_WITH_REALLOC memory policy), so RSS rises until every slot has held a largest
-    sample; growth after that would be a leak. InferShape answers are the largest service responses."""
+    sample; growth after the warm-up is not this. InferShape answers are the largest service responses."""
     traffic_process.send(Traffic.WARMUP)
     for _ in range(WARMUP_ROUNDS):
         request = fuzzer.valid_shape()
