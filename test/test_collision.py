@@ -507,3 +507,23 @@ def test_pybullet_checkers_in_threads_agree():
     for thread in threads:
         thread.join()
     assert torch.equal(results[0], results[1])
+
+
+def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch):
+    """Bullet frees collision shapes only on a reset: a checker resets its client after enough scene
+    changes (here every second one), and answers after the reset as a checker that never reset."""
+    from mace_ros.core import pybullet_backend
+
+    scenes = [all_primitives_scene(), shipped_scene("box"), shipped_scene("shelf")]
+    q = PandaKinematics().random_configurations(100, torch.Generator().manual_seed(8))
+    expected = [exact.check(q, scene).in_collision for scene in scenes]
+    resets = []
+    reset = pybullet.resetSimulation
+    monkeypatch.setattr(pybullet_backend.pybullet, "resetSimulation", lambda **kwargs: resets.append(1) or reset(**kwargs))
+    monkeypatch.setattr(pybullet_backend, "MAX_SHAPES_BEFORE_RESET", 4)
+    with PyBulletCollisionChecker() as bullet:
+        for round_index in range(6):
+            for scene, flags in zip(scenes, expected):
+                assert torch.equal(bullet.check(q, scene).in_collision, flags), round_index
+        assert pybullet.getNumBodies(physicsClientId=bullet.client) == 2  # the robot and the latest scene
+    assert len(resets) >= 6

@@ -33,6 +33,9 @@ FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
 # Where Bullet checked cloud points, they were spheres this small; the hull test keeps its reach.
 POINT_SPHERE_RADIUS_M = 1e-4
 BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
+# Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
+# reload take ~0.09 s, once per ~200 changes of a 256-marker scene).
+MAX_SHAPES_BEFORE_RESET = 50_000
 
 
 def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
@@ -48,6 +51,17 @@ class PyBulletCollisionChecker:
             raise ValueError(f"collision_margin_m must be >= 0, got {collision_margin_m}")
         self.collision_margin_m = float(collision_margin_m)
         self.client = pybullet.connect(pybullet.DIRECT)
+        self._load_robot()
+        colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
+        self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
+        self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
+        self._scene: tuple[tuple, int | None] | None = None  # (the primitives, their body)
+        self._shapes_since_reset = 0  # primitive shapes created since the client was last reset
+        # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
+        self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
+
+    def _load_robot(self) -> None:
+        """The Panda in the (empty) client, its fingers at the kinematics' opening, and its link indices."""
         self.robot = pybullet.loadURDF(str(PANDA_URDF), useFixedBase=True, physicsClientId=self.client)
         joint_index: dict[str, int] = {}
         self.link_index: dict[str, int] = {pybullet.getBodyInfo(self.robot, physicsClientId=self.client)[0].decode(): BASE_LINK_INDEX}
@@ -58,12 +72,6 @@ class PyBulletCollisionChecker:
         self.arm_joints = [joint_index[name] for name in JOINT_NAMES]
         for name in FINGER_JOINTS:
             pybullet.resetJointState(self.robot, joint_index[name], FINGER_OPENING_M, physicsClientId=self.client)
-        colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
-        self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
-        self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
-        self._scene: tuple[tuple, int | None] | None = None  # (the primitives, their body)
-        # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
-        self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
 
     def _has_collision_shape(self, link: int) -> bool:
         return len(pybullet.getCollisionShapeData(self.robot, link, physicsClientId=self.client)) > 0
@@ -88,6 +96,12 @@ class PyBulletCollisionChecker:
             return self._scene[1]
         if self._scene is not None and self._scene[1] is not None:
             pybullet.removeBody(self._scene[1], physicsClientId=self.client)
+        if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET:
+            # Bullet frees a body's collision shapes only on a reset (removeCollisionShape refuses a
+            # shape a removed body used): without one, every scene change leaked ~100 B per primitive.
+            pybullet.resetSimulation(physicsClientId=self.client)
+            self._load_robot()
+            self._shapes_since_reset = 0
         shape_types, radii, half_extents, lengths, positions, orientations = [], [], [], [], [], []
 
         def add(shape_type: int, position: np.ndarray, orientation: list[float], radius: float = 0.0,
@@ -113,6 +127,7 @@ class PyBulletCollisionChecker:
                 collisionFramePositions=positions, collisionFrameOrientations=orientations, physicsClientId=self.client,
             )
             body = pybullet.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=shape, physicsClientId=self.client)
+            self._shapes_since_reset += len(shape_types)
         self._scene = (primitives, body)
         return body
 
