@@ -36,7 +36,8 @@ from geometry_msgs.msg import PoseArray
 from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
-from mace_ros.ros.memory import bound_malloc
+from mace_ros.core.resources import config_dir
+from mace_ros.ros.memory import bound_malloc, without_reply_buffer_settings
 
 # Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
@@ -480,7 +481,8 @@ class ObstacleIntake:
     def _start(self) -> tuple[subprocess.Popen, Connection]:
         node_end, intake_end = socket.socketpair()
         # The intake imports mace_ros as this process does, wherever that came from.
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        environment = {**without_reply_buffer_settings(dict(os.environ), config_dir()),
+                       "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         process = subprocess.Popen([sys.executable, "-m", __name__, str(intake_end.fileno())],
                                    pass_fds=[intake_end.fileno()], env=environment)
         intake_end.close()

@@ -7,7 +7,8 @@ import sys
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
-from mace_ros.ros.memory import bound_malloc
+from mace_ros.core.resources import config_dir
+from mace_ros.ros.memory import bound_malloc, free_reply_buffers
 from mace_ros.ros.node import MaceNode
 
 # Each request holds a thread while it waits for its engine's turn (its deadline running) and while
@@ -21,6 +22,7 @@ SHUTDOWN_GRACE_S = 0.5
 
 def main(args: list[str] | None = None) -> int:
     bound_malloc()
+    free_reply_buffers(config_dir())
     node: MaceNode | None = None
     try:
         with rclpy.init(args=args):

@@ -1,9 +1,11 @@
-"""Process memory settings shared by the node's two processes (the serving one and its intake)."""
+"""Process memory settings: malloc's, shared by the node's two processes (the serving one and its
+intake), and Fast DDS's for the serving process's service replies."""
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 # glibc malloc settings (mallopt parameter numbers from malloc.h). Each thread allocating multi-MB
 # buffers (clouds, marker arrays, their numpy copies, fields) gets a malloc arena of its own, and
@@ -28,3 +30,36 @@ def bound_malloc() -> None:
     libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     libc.mallopt(M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
     libc.mallopt(M_TRIM_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+
+
+# See the file's comment: service replies whose DDS payloads are freed once acknowledged.
+REPLY_WRITER_PROFILES = "fastdds_reply_writers.xml"
+# Any of these means the user configures Fast DDS (or another middleware) and keeps their settings.
+USER_MIDDLEWARE_SETTINGS = (
+    "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML",
+    "RMW_FASTRTPS_PUBLICATION_MODE")
+FAST_DDS_RMWS = ("rmw_fastrtps_cpp", "rmw_fastrtps_dynamic_cpp")
+
+
+def free_reply_buffers(config_dir: Path) -> bool:
+    """Makes Fast DDS free each service reply's buffer once delivered (config/fastdds_reply_writers.xml):
+    by default a reply writer keeps ~10 buffers, each grown to the largest answer it carried. Must run
+    before rclpy.init. Only under Fast DDS (the default middleware) and where the user sets none of
+    USER_MIDDLEWARE_SETTINGS; True if it applied."""
+    profiles = config_dir / REPLY_WRITER_PROFILES
+    if (os.environ.get("RMW_IMPLEMENTATION", FAST_DDS_RMWS[0]) not in FAST_DDS_RMWS
+            or any(name in os.environ for name in USER_MIDDLEWARE_SETTINGS) or not profiles.is_file()):
+        return False
+    os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profiles)
+    # Without it rmw_fastrtps overrides every writer's memory policy with its own default.
+    os.environ["RMW_FASTRTPS_USE_QOS_FROM_XML"] = "1"
+    return True
+
+
+def without_reply_buffer_settings(environment: dict[str, str], config_dir: Path) -> dict[str, str]:
+    """`environment` less what free_reply_buffers set: the intake process has no services, and a profile
+    file in its environment would read as the user's own Fast DDS configuration."""
+    if environment.get("FASTDDS_DEFAULT_PROFILES_FILE") != str(config_dir / REPLY_WRITER_PROFILES):
+        return dict(environment)
+    return {name: value for name, value in environment.items()
+            if name not in ("FASTDDS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML")}

@@ -1,0 +1,59 @@
+"""The node's process memory settings (mace_ros/ros/memory.py); their effect is measured by bench/reliability.py."""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+from mace_ros.core.resources import config_dir
+from mace_ros.ros.memory import (
+    REPLY_WRITER_PROFILES, USER_MIDDLEWARE_SETTINGS, free_reply_buffers, without_reply_buffer_settings)
+
+NAMESPACE = {"dds": "http://www.eprosima.com"}
+
+
+@pytest.fixture
+def clean_environment(monkeypatch):
+    for name in (*USER_MIDDLEWARE_SETTINGS, "RMW_IMPLEMENTATION"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_shipped_profile_frees_service_replies_only():
+    root = ElementTree.parse(config_dir() / REPLY_WRITER_PROFILES).getroot()
+    writers = root.findall("dds:profiles/dds:data_writer", NAMESPACE)
+    assert [writer.get("profile_name") for writer in writers] == ["service"]  # rmw_fastrtps' profile for replies
+    assert writers[0].findtext("dds:historyMemoryPolicy", namespaces=NAMESPACE) == "DYNAMIC"  # Fast DDS's DYNAMIC_RESERVE_MEMORY_MODE
+    # Fast DDS takes the publication mode from the XML too once it takes the memory policy from it.
+    assert writers[0].findtext("dds:qos/dds:publishMode/dds:kind", namespaces=NAMESPACE) == "SYNCHRONOUS"
+    assert root.findall("dds:profiles/dds:data_reader", NAMESPACE) == []
+
+
+def test_applies_under_fast_dds_without_user_settings(clean_environment):
+    assert free_reply_buffers(config_dir())
+    assert os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] == str(config_dir() / REPLY_WRITER_PROFILES)
+    assert os.environ["RMW_FASTRTPS_USE_QOS_FROM_XML"] == "1"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("RMW_IMPLEMENTATION", "rmw_cyclonedds_cpp"),
+    ("FASTDDS_DEFAULT_PROFILES_FILE", "/somewhere/profiles.xml"),
+    ("RMW_FASTRTPS_PUBLICATION_MODE", "ASYNCHRONOUS"),
+])
+def test_leaves_other_middlewares_and_user_settings_alone(clean_environment, name, value):
+    clean_environment.setenv(name, value)
+    assert not free_reply_buffers(config_dir())
+    assert os.environ.get("RMW_FASTRTPS_USE_QOS_FROM_XML") is None
+    assert os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", "") in ("", value)
+
+
+def test_the_intake_process_gets_the_users_environment(clean_environment):
+    """The intake runs Fast DDS's LARGE_DATA transports unless the user configures Fast DDS: the node's
+    own reply profile must not read as such a configuration there."""
+    clean_environment.setenv("ROS_DOMAIN_ID", "7")
+    user = dict(os.environ)
+    assert free_reply_buffers(config_dir())
+    assert without_reply_buffer_settings(dict(os.environ), config_dir()) == user
+    users_profiles = {**user, "FASTDDS_DEFAULT_PROFILES_FILE": "/somewhere/profiles.xml"}
+    assert without_reply_buffer_settings(users_profiles, config_dir()) == users_profiles
