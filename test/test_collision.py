@@ -527,3 +527,30 @@ def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch):
                 assert torch.equal(bullet.check(q, scene).in_collision, flags), round_index
         assert pybullet.getNumBodies(physicsClientId=bullet.client) == 2  # the robot and the latest scene
     assert len(resets) >= 6
+
+
+def visual_meshes(bullet: PyBulletCollisionChecker) -> list[bytes]:
+    """The robot's shapes drawn from the URDF's visual meshes (without them Bullet draws the collision ones)."""
+    shapes = pybullet.getVisualShapeData(bullet.robot, physicsClientId=bullet.client)
+    return [shape[4] for shape in shapes if b"/meshes/visual/" in shape[4]]
+
+
+def test_pybullet_robot_without_visual_meshes_collides_as_with_them(monkeypatch):
+    """The checker loads the Panda without its visual meshes (a quarter of the time, all of it holding the
+    GIL); its collision answers are those of the full URDF."""
+    from mace_ros.core import pybullet_backend
+
+    scene = shipped_scene("box")
+    q = PandaKinematics().random_configurations(300, torch.Generator().manual_seed(9))
+    with PyBulletCollisionChecker(collision_margin_m=0.01) as bullet:
+        assert not visual_meshes(bullet)
+        lean = bullet.check(q, scene)
+    load = pybullet.loadURDF
+    monkeypatch.setattr(pybullet_backend.pybullet, "loadURDF",
+                        lambda *args, flags=0, **kwargs: load(*args, **kwargs))
+    with PyBulletCollisionChecker(collision_margin_m=0.01) as bullet:
+        assert visual_meshes(bullet)
+        full = bullet.check(q, scene)
+    assert 0 < int(full.in_collision.sum()) < len(q)
+    assert torch.equal(lean.self_collision, full.self_collision)
+    assert torch.equal(lean.scene_collision, full.scene_collision)

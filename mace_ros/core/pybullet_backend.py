@@ -34,7 +34,7 @@ FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
 POINT_SPHERE_RADIUS_M = 1e-4
 BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
 # Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
-# reload take ~0.09 s, once per ~200 changes of a 256-marker scene).
+# reload take ~0.03 s, once per ~200 changes of a 256-marker scene).
 MAX_SHAPES_BEFORE_RESET = 50_000
 
 
@@ -62,7 +62,10 @@ class PyBulletCollisionChecker:
 
     def _load_robot(self) -> None:
         """The Panda in the (empty) client, its fingers at the kinematics' opening, and its link indices."""
-        self.robot = pybullet.loadURDF(str(PANDA_URDF), useFixedBase=True, physicsClientId=self.client)
+        # Without the visual meshes (9 MB of OBJ, unused here) a load takes ~25 ms instead of ~100 ms, all of
+        # it holding the GIL: in the node a reload delayed other threads' answers by as much.
+        self.robot = pybullet.loadURDF(
+            str(PANDA_URDF), useFixedBase=True, flags=pybullet.URDF_IGNORE_VISUAL_SHAPES, physicsClientId=self.client)
         joint_index: dict[str, int] = {}
         self.link_index: dict[str, int] = {pybullet.getBodyInfo(self.robot, physicsClientId=self.client)[0].decode(): BASE_LINK_INDEX}
         for index in range(pybullet.getNumJoints(self.robot, physicsClientId=self.client)):
