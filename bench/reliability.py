@@ -13,7 +13,8 @@ restarted, up to --max-restarts), requests left unanswered, "engine error" messa
 reached an engine and broke it), p50/p95 latency (client round trip), deadline violations (an answer
 later than its timeout_s + 0.1 s; timeout_s 0 or invalid means the configured default), the node's
 RSS over time (VmRSS of the node and its child processes, the obstacle intake included) and how long
-it took to exit on SIGINT.
+it took to exit on SIGINT. A probe process that only sleeps records when the machine itself stalled
+(and /proc/stat the hypervisor's steal time), so that each late answer shows whether it overlapped one.
 
     set +u; source install/setup.bash; set -u
     .venv/bin/python bench/reliability.py --requests 10000      # -> bench/results/reliability.json
@@ -126,6 +127,56 @@ class RssSampler(threading.Thread):
                 own, children = value
                 self.samples.append((round(time.monotonic() - self.start_time, 1), round(own + children, 1), round(own, 1),
                                      round(children, 1)))
+
+
+# A process of its own that only sleeps PROBE_PERIOD_S at a time, at the node's priority: when it wakes
+# much later than asked, the whole machine (2 vCPUs: the node, its intake, this client and the traffic
+# process, or the hypervisor) stalled, whatever the node did. Times are CLOCK_MONOTONIC, system-wide.
+PROBE_PERIOD_S = 0.005
+PROBE_REPORT_S = 0.03
+STALL_PROBE = f"""
+import sys, time
+while True:
+    before = time.monotonic()
+    time.sleep({PROBE_PERIOD_S})
+    late = time.monotonic() - before - {PROBE_PERIOD_S}
+    if late > {PROBE_REPORT_S}:
+        print(f"{{before + {PROBE_PERIOD_S}:.4f}} {{late:.4f}}", flush=True)
+"""
+
+
+class StallProbe:
+    """Wake-up delays of an otherwise idle process, as (due, late) in time.monotonic() seconds."""
+
+    def __init__(self) -> None:
+        self.stalls: list[tuple[float, float]] = []
+        self.process = subprocess.Popen([sys.executable, "-c", STALL_PROBE], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            due, late = map(float, line.split())
+            self.stalls.append((due, late))
+
+    def overlapping(self, begin: float, end: float) -> float:
+        """The longest stall that overlapped [begin, end]."""
+        return max((late for due, late in self.stalls if due < end and due + late > begin), default=0.0)
+
+    def close(self) -> dict[str, Any]:
+        self.process.terminate()
+        self.process.wait(10.0)
+        lates = [late for _, late in self.stalls]
+        return {"period_s": PROBE_PERIOD_S, "over_0.05_s": sum(late > 0.05 for late in lates),
+                "over_0.1_s": sum(late > 0.1 for late in lates), "longest_s": round(max(lates, default=0.0), 3)}
+
+
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave to others while this VM wanted it (/proc/stat's steal column)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # ---- clouds -------------------------------------------------------------------------------------
@@ -604,6 +655,8 @@ def main() -> int:
               "rss_mb_before": warmup_rss, "rss_mb_after": node_rss_mb(node.process.process.pid)}
     sampler = RssSampler(lambda: node.process.process.pid, args.rss_interval)
     sampler.start()
+    probe = StallProbe()
+    steal_before = steal_seconds()
 
     codes: dict[str, Counter] = {"get_ik": Counter(), "infer_shape": Counter()}
     by_category: dict[str, Counter] = defaultdict(Counter)
@@ -665,7 +718,8 @@ def main() -> int:
         if latency > budget + DEADLINE_SLACK_S:
             violations.append({"index": index, "service": service, "category": category, "timeout_s": timeout,
                                "budget_s": budget, "latency_s": round(latency, 3), "node_elapsed_s": response.elapsed_s,
-                               "code": code, "request": sizes(request), "recent_topic_messages": list(traffic_process.recent)})
+                               "code": code, "request": sizes(request), "recent_topic_messages": list(traffic_process.recent),
+                               "begin_end_monotonic": [round(begin, 4), round(begin + latency, 4)]})
         if sent % 500 == 0:
             print(f"{sent} requests, {time.monotonic() - started:.0f} s: crashes {len(crashes)}, engine errors "
                   f"{len(engine_errors)}, deadline violations {len(violations)}, unanswered {len(unanswered)}, "
@@ -674,6 +728,11 @@ def main() -> int:
 
     sampler.stopped.set()
     sampler.join()
+    steal_after = steal_seconds()
+    time.sleep(2 * PROBE_REPORT_S)  # the last stall's line
+    for violation in violations:
+        violation["longest_machine_stall_s"] = round(probe.overlapping(*violation["begin_end_monotonic"]), 3)
+    stalls = probe.close()
     traffic_process.close()
     topics = traffic_process.kinds - warmup_kinds
     node.client.close()
@@ -695,7 +754,10 @@ def main() -> int:
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "steal_s_during_run": None if steal_before is None or steal_after is None
+                    else round(steal_after - steal_before, 1),
+                    "stall_probe": stalls},
         "node_arguments": node.arguments,
         "requests_sent": sent,
         "requests_answered": sum(sum(counter.values()) for counter in codes.values()),
@@ -719,6 +781,8 @@ def main() -> int:
                      # Answered by the node in time (its elapsed_s within timeout_s + the slack), late at the client:
                      # the transport, on a CPU shared with the traffic process's camera clouds and marker floods.
                      "late_in_transport": sum(v["node_elapsed_s"] <= v["budget_s"] + DEADLINE_SLACK_S for v in violations),
+                     # A violation during which an idle probe process itself woke at least this late.
+                     "during_machine_stall_over_0.05_s": sum(v["longest_machine_stall_s"] > 0.05 for v in violations),
                      "worst": sorted(violations, key=lambda v: v["latency_s"] - v["budget_s"])[-20:]},
         "rss_mb": {"first": rss[0] if rss else None, "median_first_tenth": percentile(rss[:tenth], 50),
                    "median_last_tenth": percentile(rss[-tenth:], 50), "max": max(rss, default=None),
