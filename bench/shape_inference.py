@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from mace_ros.core.mace import PAPER_PRESETS, MacePreset, importance_sampling_tune, mace_tune, sample_best_of
-from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity
+from mace_ros.core.shape.chamfer import diverse_selection, pairwise_chamfer_diversity
 from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, PAPER_NUM_FINGERS, load_shape_cvae
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_dataset
 from mace_ros.core.shape.simulators import DEFAULT_LENGTH_SCALE_M, GraspDomain, finger_directions
@@ -86,10 +86,22 @@ def time_to_target(history: list[float], iteration_times: list[float], target: f
     return None
 
 
-def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, num_samples: int, oversampling: int, seed: int) -> dict[str, float]:
-    """Mean score and diversity of the best `num_samples` of `oversampling` x as many samples of `prior`
-    (the engine's result_oversampling), drawn with `seed`."""
-    samples, scores, _ = sample_best_of(prior, domain, num_samples, oversampling, torch.Generator().manual_seed(seed))
+def returned_samples(prior: MaceVAEPrior, domain: GraspDomain, args: argparse.Namespace, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's answer from `prior`: `--num-samples` of `--oversampling` x as many draws, kept by score
+    (or by score and diversity, `--diversity-weight`: the engine's result_diversity_weight)."""
+    weight = args.diversity_weight
+
+    def select(samples: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
+        return diverse_selection(samples, scores, count, weight)
+
+    samples, scores, _ = sample_best_of(prior, domain, args.num_samples, args.oversampling, generator,
+                                        select=select if weight > 0 else None)
+    return samples, scores
+
+
+def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, args: argparse.Namespace, seed: int) -> dict[str, float]:
+    """Mean score and diversity of the engine's answer from `prior` (returned_samples), drawn with `seed`."""
+    samples, scores = returned_samples(prior, domain, args, torch.Generator().manual_seed(seed))
     return {"score": float(scores.mean()), "diversity_m2": pairwise_chamfer_diversity(samples)}
 
 
@@ -128,14 +140,14 @@ def run_observation(
             best_theta.update(iteration, scores)
         if iteration in args.record_at:
             recording_started = time.monotonic()
-            curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args.num_samples, args.oversampling, seed)})
+            curve.append({"iterations": iteration, **score_and_diversity(returned_posterior(), domain, args, seed)})
             recording["s"] += time.monotonic() - recording_started
 
     result = mace_tune(prior, domain, preset, generator=generator, on_iteration=on_iteration, after_step=prior.project)
     prior = returned_posterior()
     if result.iterations_done in args.record_at:
-        curve.append({"iterations": result.iterations_done, **score_and_diversity(prior, domain, args.num_samples, args.oversampling, seed)})
-    samples["mace"] = sample_best_of(prior, domain, args.num_samples, args.oversampling, generator)[0]
+        curve.append({"iterations": result.iterations_done, **score_and_diversity(prior, domain, args, seed)})
+    samples["mace"] = returned_samples(prior, domain, args, generator)[0]
     row.update(mace_tuning_s=result.elapsed_s - recording["s"], mace_iterations=result.iterations_done,
                mace_history=result.mean_score_history, mace_iteration_times_s=iteration_times, mace_curve=curve)
     prior = MaceVAEPrior(vae)
@@ -242,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
     parser.add_argument("--oversampling", type=int, default=1,
                         help="MACE returns the best num-samples of this many times as many draws (the engine's shape.result_oversampling)")
+    parser.add_argument("--diversity-weight", type=float, default=0.0,
+                        help="with --oversampling: keep draws by score and diversity (the engine's shape.result_diversity_weight)")
     parser.add_argument("--best-theta", action="store_true",
                         help="MACE samples from the best-scoring theta seen (theta_0 included), as the engine does")
     parser.add_argument("--record-at", type=iteration_counts, default=[], metavar="T1,T2,...",
@@ -278,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "min_std_ratio": args.min_std_ratio,
         "best_theta": args.best_theta,
         "oversampling": args.oversampling,
+        "diversity_weight": args.diversity_weight,
         "record_at": args.record_at,
         "finger_radius_m": density_matched_finger_radius(vae.num_points),
         "length_scale_m": DEFAULT_LENGTH_SCALE_M,

@@ -25,7 +25,7 @@ from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace_fr3"
 # An integer for the double ik.timeout_s crashed the node at start-up (InvalidParameterTypeException).
-# The shape engine's answer oversampled (a config the shipped one leaves at 1) reaches requests too.
+# The shape engine's oversampling, configured (3 instead of the shipped 8), reaches requests too.
 ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5",
              "-p", "shape.result_oversampling:=3"]
 ENGINE_WAIT_S = 180.0

@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("trimesh")
 
 from mace_ros.core.shape import chamfer  # noqa: E402
-from mace_ros.core.shape.chamfer import chamfer_distance, knn_chamfer, pairwise_chamfer_diversity  # noqa: E402
+from mace_ros.core.shape.chamfer import (  # noqa: E402
+    chamfer_distance, diverse_selection, knn_chamfer, pairwise_chamfer_diversity)
 from mace_ros.core.shape.datasets import (  # noqa: E402
     FAMILIES,
     HELD_OUT_FAMILY,
@@ -277,3 +278,24 @@ def test_cuda_matches_cpu(random_clouds) -> None:
     cuda_contacts, cuda_valid = grasp_contacts(a.to(cuda), directions.to(cuda), finger_radius_m=0.05)
     torch.testing.assert_close(cuda_contacts.cpu(), cpu_contacts, equal_nan=True)
     assert torch.equal(cuda_valid.cpu(), cpu_valid)
+
+
+def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_well() -> None:
+    """Ten near-copies of one sphere score highest, ten spheres of other radii a little lower: by score
+    alone the copies are kept; with a diversity weight the other shapes come in, the best one first, and
+    the kept set is more diverse at a small cost in score."""
+    generator = torch.Generator().manual_seed(3)
+    unit = torch.nn.functional.normalize(torch.randn(256, 3, generator=generator, dtype=torch.float64), dim=1)
+    copies = [0.05 * unit + 1e-4 * torch.randn(256, 3, generator=generator, dtype=torch.float64) for _ in range(10)]
+    others = [(0.02 + 0.01 * index) * unit for index in range(10)]
+    samples = torch.stack(copies + others)
+    scores = torch.cat([0.9 + 0.001 * torch.arange(10, dtype=torch.float64), torch.full((10,), 0.85, dtype=torch.float64)])
+    by_score = diverse_selection(samples, scores, 6, 0.0)
+    assert sorted(by_score.tolist()) == list(range(4, 10))
+    spread = diverse_selection(samples, scores, 6, 0.5)
+    assert spread[0] == 9 and len(set(spread.tolist())) == 6 and any(index >= 10 for index in spread.tolist())
+    assert pairwise_chamfer_diversity(samples[spread]) > 10 * pairwise_chamfer_diversity(samples[by_score])
+    assert float(scores[spread].mean()) > 0.85
+    # Past its deadline it keeps the best-scoring one and fills the rest by score.
+    assert diverse_selection(samples, scores, 6, 0.5, deadline_at=0.0).tolist() == by_score.tolist()
+    assert diverse_selection(samples, scores, 50, 0.5).tolist() == torch.argsort(scores, descending=True).tolist()

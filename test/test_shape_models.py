@@ -443,13 +443,29 @@ def test_a_tuned_answer_is_the_best_of_its_oversampled_draws():
     plain answer's draws are the first of the oversampled ones (same seed), so rank by rank the
     oversampled answer scores at least as well."""
     plain = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 1})
-    oversampled = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 4})
+    oversampled = ShapeEngine({"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 4, "result_diversity_weight": 0.0})
     request = grasp_request(plain, "box", 14, (0.0, 0.0, 0.0))
     first, best = plain.infer(request), oversampled.infer(request)
     assert best.samples.shape == first.samples.shape and "best of 4 x as many draws" in best.message
     assert np.all(best.scores >= first.scores - 1e-5) and best.mean_score > first.mean_score
     with pytest.raises(ValueError, match="result_oversampling"):
         ShapeEngine({"result_oversampling": 0})
+
+
+def test_an_oversampled_answer_kept_by_score_and_diversity_is_more_diverse():
+    """result_diversity_weight: of the same oversampled draws (same seed), those kept by score and diversity
+    spread wider than the best-scoring ones and still score at least as well as the prior's."""
+    config = {"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 4, "tuning_iterations": 5}
+    by_score = ShapeEngine(config)
+    spread = ShapeEngine(config | {"result_diversity_weight": 0.5})
+    request = grasp_request(by_score, "box", 14, (0.0, 0.0, 0.0))
+    prior = by_score.infer(dataclasses.replace(request, tuning_iterations=0))
+    best, diverse = by_score.infer(request), spread.infer(request)
+    assert "by score and diversity (weight 0.5)" in diverse.message and diverse.samples.shape == best.samples.shape
+    assert diverse.diversity > best.diversity
+    assert diverse.mean_score >= prior.mean_score and np.all(np.diff(diverse.scores) <= 0)
+    with pytest.raises(ValueError, match="result_diversity_weight"):
+        ShapeEngine({"result_diversity_weight": -1.0})
 
 
 def test_best_theta_keeps_the_best_scoring_iterations_theta_without_reading_back():

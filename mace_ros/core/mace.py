@@ -159,15 +159,19 @@ def sample_best_of(
     generator: torch.Generator | None,
     chunk_size: int | None = None,
     deadline_at: float | None = None,
+    select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The `num_samples` best-scoring of `oversampling` x num_samples draws of `prior`, best first (fewer
     when the deadline stops the drawing), their scores, and whether num_samples were drawn.
 
     Like the elite set of one more MACE iteration: the samples least consistent with the observation are
     left out, which raises the answer's score at some cost in diversity (oversampling 1: plain draws).
+    `select(samples, scores, count)`, when given, picks the indices of the kept ones instead (e.g. by
+    score and diversity); they are returned best first all the same.
     """
     samples, scores, _ = sample_and_score(prior, domain, num_samples * max(1, oversampling), generator, chunk_size, deadline_at)
-    order = torch.argsort(scores, descending=True)[:num_samples]
+    kept = torch.argsort(scores, descending=True)[:num_samples] if select is None else select(samples, scores, num_samples)
+    order = kept[torch.argsort(scores[kept], descending=True)]
     return samples[order], scores[order], samples.shape[0] >= num_samples
 
 

@@ -43,6 +43,9 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           posterior) or "best": the highest-scoring samples seen while tuning
   result_oversampling     "posterior" returns the best num_samples of this many times num_samples
                           draws of the tuned prior (mace.sample_best_of; 1 = plain draws)
+  result_diversity_weight with oversampling, the kept draws are chosen by score plus this weight times
+                          their Chamfer distance to those already kept (chamfer.diverse_selection;
+                          0 = by score alone)
   num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
                           the default finger set (simulators.finger_directions)
   finger_directions       explicit travel directions [[x, y, z], ...] or flat [x1, y1, z1, x2, ...]
@@ -85,7 +88,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from mace_ros.core.mace import PAPER_PRESETS, MacePreset, TuneResult, mace_tune, sample_and_score, sample_best_of
-from mace_ros.core.shape.chamfer import chamfer_distance
+from mace_ros.core.shape.chamfer import chamfer_distance, diverse_selection
 from mace_ros.core.shape.simulators import (
     DEFAULT_FINGER_RADIUS_M,
     DEFAULT_LENGTH_SCALE_M,
@@ -138,7 +141,10 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "tuning_grad_steps": 0,
     "tuning_elite_quantile": 0.0,
     "result_samples": "posterior",
-    "result_oversampling": 1,
+    # The best of 8 x num_samples draws by score and diversity: consistent with the observation like the
+    # CVAE's samples and several times as diverse (BENCHMARKS.md, issue 9 item 2).
+    "result_oversampling": 8,
+    "result_diversity_weight": 0.2,
     "num_fingers": PANDA_HAND_NUM_FINGERS,
     "finger_elevation_rad": 0.0,
     "finger_azimuth_offset_rad": PANDA_HAND_AZIMUTH_OFFSET_RAD,
@@ -289,6 +295,8 @@ class ShapeEngine:
                 raise ValueError(f"{key} {self.config[key]!r} is not one of {sorted(PAPER_PRESETS)}")
         if int(self.config["result_oversampling"]) < 1:
             raise ValueError(f"result_oversampling must be at least 1, got {self.config['result_oversampling']}")
+        if not 0.0 <= float(self.config["result_diversity_weight"]) < math.inf:
+            raise ValueError(f"result_diversity_weight must be finite and >= 0, got {self.config['result_diversity_weight']}")
         if self.config["result_samples"] not in ("posterior", "best"):
             raise ValueError(f"result_samples must be 'posterior' or 'best', got {self.config['result_samples']!r}")
         if self.config["finger_matching"] not in ("direction", "ordered"):
@@ -481,8 +489,11 @@ class ShapeEngine:
                     prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
+            weight = float(config["result_diversity_weight"])
             samples, scores, complete = sample_best_of(
-                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at)
+                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at,
+                select=None if weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
+                    drawn, drawn_scores, count, weight, sampling_deadline_at))
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -496,7 +507,10 @@ class ShapeEngine:
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
             f"{config['result_samples']} samples"
-            + (f" (the best of {oversampling} x as many draws)" if config["result_samples"] == "posterior" and oversampling > 1 else "")
+            + (f" (the best of {oversampling} x as many draws"
+               + (f", by score and diversity (weight {float(config['result_diversity_weight']):g})"
+                  if float(config["result_diversity_weight"]) > 0 else "") + ")"
+               if config["result_samples"] == "posterior" and oversampling > 1 else "")
             + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
             + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
         )

@@ -14,6 +14,8 @@ plain differences: exact, differentiable (the Chamfer loss of VAE training), O(B
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
@@ -132,3 +134,53 @@ def pairwise_chamfer_diversity(samples: torch.Tensor, max_pairs_per_batch: int =
         for first_chunk, second_chunk in zip(first.split(max_pairs_per_batch), second.split(max_pairs_per_batch)):
             total += chamfer_distance(samples[first_chunk], samples[second_chunk]).sum()
     return float(total / first.numel())
+
+
+# Points per cloud in diverse_selection's distances: a fixed random subset (decoders may order their
+# points by region). 64: ~0.3 s for 49 of 392 candidates on one CPU core (128: 1.3 s).
+SELECTION_DISTANCE_POINTS = 64
+
+
+def diverse_selection(
+    samples: torch.Tensor, scores: torch.Tensor, count: int, diversity_weight: float, deadline_at: float | None = None,
+) -> torch.Tensor:
+    """Indices of `count` of `samples` [M, N, 3], chosen greedily by score plus diversity (maximal
+    marginal relevance): first the best-scoring one, then each time the candidate maximising
+    score + diversity_weight * (its Chamfer distance to the nearest one chosen) / (the mean distance
+    of the candidates to the first). Weight 0 is the `count` best-scoring ones.
+
+    Near-copies of a chosen shape gain nothing, so among shapes consistent with an observation the
+    set spreads over the different ones instead of the most frequent. Distances use
+    SELECTION_DISTANCE_POINTS points of each cloud. Once `deadline_at` (time.monotonic()) passes, the
+    rest is filled by score.
+    """
+    count = min(count, samples.shape[0])
+    by_score = torch.argsort(scores, descending=True)
+    if diversity_weight <= 0.0 or count >= samples.shape[0] or count == 0:
+        return by_score[:count]
+    generator = torch.Generator().manual_seed(0)
+    subset = torch.randperm(samples.shape[1], generator=generator)[:SELECTION_DISTANCE_POINTS].to(samples.device)
+    clouds = samples[:, subset]
+    chosen = torch.zeros(samples.shape[0], dtype=torch.bool, device=samples.device)
+    order = [int(by_score[0])]
+    chosen[order[0]] = True
+
+    def distances_to(index: int) -> torch.Tensor:
+        """Chamfer distances of every candidate to candidate `index`, by brute force: small clouds."""
+        with torch.no_grad():
+            squared = _squared_distances(clouds[index].expand_as(clouds), clouds).clamp_min(0.0)
+            return squared.amin(dim=2).mean(dim=1) + squared.amin(dim=1).mean(dim=1)
+
+    nearest = distances_to(order[0])
+    scale = nearest.mean().clamp_min(torch.finfo(nearest.dtype).tiny)
+    while len(order) < count:
+        if deadline_at is not None and time.monotonic() >= deadline_at:
+            rest = by_score[~chosen[by_score]][: count - len(order)]
+            return torch.cat([torch.tensor(order, dtype=torch.long, device=samples.device), rest])
+        value = scores.to(nearest.dtype) + diversity_weight * nearest / scale
+        value[chosen] = -torch.inf
+        index = int(torch.argmax(value))
+        order.append(index)
+        chosen[index] = True
+        nearest = torch.minimum(nearest, distances_to(index))
+    return torch.tensor(order, dtype=torch.long, device=samples.device)
