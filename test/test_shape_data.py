@@ -280,7 +280,7 @@ def test_cuda_matches_cpu(random_clouds) -> None:
     assert torch.equal(cuda_valid.cpu(), cpu_valid)
 
 
-def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_well() -> None:
+def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_well(monkeypatch) -> None:
     """Ten near-copies of one sphere score highest, ten spheres of other radii a little lower: by score
     alone the copies are kept; with a diversity weight the other shapes come in, the best one first, and
     the kept set is more diverse at a small cost in score."""
@@ -299,3 +299,6 @@ def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_wel
     # Past its deadline it keeps the best-scoring one and fills the rest by score.
     assert diverse_selection(samples, scores, 6, 0.5, deadline_at=0.0).tolist() == by_score.tolist()
     assert diverse_selection(samples, scores, 50, 0.5).tolist() == torch.argsort(scores, descending=True).tolist()
+    # Distances computed in chunks of candidates choose the same.
+    monkeypatch.setattr(chamfer, "SELECTION_CHUNK", 3)
+    assert diverse_selection(samples, scores, 6, 0.5).tolist() == spread.tolist()
