@@ -461,6 +461,7 @@ class ShapeEngine:
         diversity_count = min(num_samples, int(config["diversity_max_samples"]))
         diversity_reserve_s = min(DIVERSITY_TIME_SHARE * timeout_s, self._seconds_per_pair * diversity_count * (diversity_count - 1) / 2)
         oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
+        diversity_weight = float(config["result_diversity_weight"])
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
         tuning: TuneResult | None = None
         tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
@@ -489,11 +490,10 @@ class ShapeEngine:
                     prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
-            weight = float(config["result_diversity_weight"])
             samples, scores, complete = sample_best_of(
                 prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at,
-                select=None if weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
-                    drawn, drawn_scores, count, weight, sampling_deadline_at))
+                select=None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
+                    drawn, drawn_scores, count, diversity_weight, sampling_deadline_at))
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -508,8 +508,7 @@ class ShapeEngine:
         what = "prior samples (no tuning)" if tuning is None else (
             f"{config['result_samples']} samples"
             + (f" (the best of {oversampling} x as many draws"
-               + (f", by score and diversity (weight {float(config['result_diversity_weight']):g})"
-                  if float(config["result_diversity_weight"]) > 0 else "") + ")"
+               + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else "") + ")"
                if config["result_samples"] == "posterior" and oversampling > 1 else "")
             + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
             + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
