@@ -393,6 +393,22 @@ def test_point_field_is_a_tight_lower_bound():
     assert np.median(np.minimum(exact_distance, 0.15) - bound) < 0.005
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_point_field_of_a_cloud_spread_far_stays_a_lower_bound(dtype):
+    # 60 m of extent coarsens the grid (max_nodes) and gives offsets of thousands of nodes along one
+    # axis: the bound must stay rigorous and still see the points.
+    rng = np.random.default_rng(4)
+    cloud = np.concatenate([rng.uniform(-0.3, 0.3, (300, 3)), np.c_[np.linspace(0.0, 60.0, 200), np.zeros((200, 2))]])
+    field = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype)
+    assert field.resolution_m > 0.01 and field.values.dtype == dtype
+    queries = np.concatenate([rng.uniform(-0.5, 0.5, (3000, 3)), np.c_[rng.uniform(0, 60, 2000), rng.normal(0, 0.2, (2000, 2))]])
+    exact_distance, _ = cKDTree(cloud).query(queries)
+    bound = field.lower_bound(torch.as_tensor(queries.T, dtype=dtype)).double().numpy()
+    assert (bound <= exact_distance + 1e-5).all()
+    slack = field.resolution_m * 1.5 * math.sqrt(3) + 1e-5
+    assert (bound >= np.minimum(exact_distance, 0.15) - slack).all()
+
+
 # --- API behaviour -----------------------------------------------------------------------------------
 
 def all_primitives_scene() -> Scene:

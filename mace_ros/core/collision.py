@@ -503,6 +503,34 @@ FIELD_CACHE_SIZE = 2
 _FIELD_CACHE: dict[tuple, "PointDistanceField"] = {}
 _FIELD_CACHE_LOCK = threading.Lock()
 
+def _truncated_node_distances(occupied: np.ndarray, resolution_m: float, truncation_m: float, dtype: np.dtype) -> np.ndarray:
+    """Per node: its distance to the nearest occupied node, less h sqrt(3)/2 (no point lies farther
+    than that from its node), clipped to [0, truncation_m], in `dtype`.
+
+    Why not distance_transform_edt's distances: it turns the feature transform into float64 distances
+    through several grid-sized float64 temporaries, which cost as much as the transform itself (a
+    640 x 480 table cloud's 0.4M nodes: ~15 ms of ~33). Here the offsets to the nearest occupied node
+    stay integer voxels, clipped where the result is truncated anyway, so their squares fit int32.
+    """
+    nearest = distance_transform_edt(~occupied, return_distances=False, return_indices=True)
+    half_diagonal = 0.5 * np.sqrt(3.0)
+    # An offset beyond `limit` voxels on one axis already puts the node past the truncation.
+    limit = int(np.ceil(truncation_m / resolution_m + half_diagonal)) + 1
+    squared = np.zeros(occupied.shape, dtype=np.int32)
+    for axis, size in enumerate(occupied.shape):
+        along = [1] * occupied.ndim
+        along[axis] = size
+        offset = nearest[axis]
+        offset -= np.arange(size, dtype=offset.dtype).reshape(along)
+        np.clip(offset, -limit, limit, out=offset)
+        squared += offset * offset
+    del nearest
+    distance = np.sqrt(squared, dtype=dtype)
+    distance -= dtype.type(half_diagonal)
+    distance *= dtype.type(resolution_m)
+    return np.clip(distance, 0.0, dtype.type(truncation_m), out=distance)
+
+
 @dataclass(frozen=True)
 class PointDistanceField:
     """Distance to a point cloud, sampled on a regular grid, with conservative trilinear lookups.
@@ -549,10 +577,9 @@ class PointDistanceField:
         origin = low - pad
         occupied = np.zeros(tuple(shape), dtype=bool)
         occupied[tuple(np.rint((points - origin) / resolution_m).astype(np.int64).T)] = True
-        distance = distance_transform_edt(~occupied, sampling=resolution_m)
+        values = _truncated_node_distances(
+            occupied, resolution_m, truncation_m, np.dtype(np.float64 if dtype == torch.float64 else np.float32))
         del occupied
-        distance -= 0.5 * np.sqrt(3.0) * resolution_m  # each point lies within this of its node
-        values = np.clip(distance, 0.0, truncation_m, out=distance)
         return PointDistanceField(
             origin=torch.as_tensor(origin, dtype=dtype, device=device),
             resolution_m=float(resolution_m),
