@@ -12,7 +12,8 @@ Reports answers by error code (per service and per category), crashes (the node 
 restarted, up to --max-restarts), requests left unanswered, "engine error" messages (an input that
 reached an engine and broke it), p50/p95 latency (client round trip), deadline violations (an answer
 later than its timeout_s + 0.1 s; timeout_s 0 or invalid means the configured default), the node's
-RSS over time (VmRSS of the node and its child processes, the obstacle intake included) and how long
+RSS over time (VmRSS of the node and its child processes, the obstacle intake included, and their
+RssAnon: growth there is the heap's, not libraries' pages first touched late) and how long
 it took to exit on SIGINT. A probe process that only sleeps records when the machine itself stalled
 (and /proc/stat the hypervisor's steal time), so that each late answer shows whether it overlapped one.
 
@@ -85,19 +86,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def rss_mb(pid: int) -> float | None:
+def rss_mb(pid: int, field: str = "VmRSS") -> float | None:
+    """A memory figure of /proc/PID/status, MB: VmRSS, or RssAnon (the heap and other private memory,
+    without the file-backed pages of libraries, which grow as new code paths are first run)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:  # the process exited
         return None
     return None
 
 
-def node_rss_mb(pid: int) -> tuple[float, float] | None:
-    """VmRSS of the node and of its child processes (its obstacle intake), MB."""
-    own = rss_mb(pid)
+def node_rss_mb(pid: int, field: str = "VmRSS") -> tuple[float, float] | None:
+    """VmRSS (or another rss_mb field) of the node and of its child processes (its obstacle intake), MB."""
+    own = rss_mb(pid, field)
     if own is None:
         return None
     pids = []
@@ -106,27 +109,27 @@ def node_rss_mb(pid: int) -> tuple[float, float] | None:
             pids += (task / "children").read_text().split()
     except OSError:  # the process or a thread exited meanwhile
         pass
-    return own, sum(rss_mb(int(child)) or 0.0 for child in pids)
+    return own, sum(rss_mb(int(child), field) or 0.0 for child in pids)
 
 
 class RssSampler(threading.Thread):
     """VmRSS of the current node process and its children every `interval_s`, as (seconds since start,
-    total MB, node MB, children MB)."""
+    total MB, node MB, children MB, node RssAnon MB, children RssAnon MB)."""
 
     def __init__(self, pid: Callable[[], int], interval_s: float) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval_s = pid, interval_s
-        self.samples: list[tuple[float, float, float, float]] = []
+        self.samples: list[tuple[float, ...]] = []
         self.stopped = threading.Event()
         self.start_time = time.monotonic()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval_s):
-            value = node_rss_mb(self.pid())
-            if value is not None:
+            value, anonymous = node_rss_mb(self.pid()), node_rss_mb(self.pid(), "RssAnon")
+            if value is not None and anonymous is not None:
                 own, children = value
                 self.samples.append((round(time.monotonic() - self.start_time, 1), round(own + children, 1), round(own, 1),
-                                     round(children, 1)))
+                                     round(children, 1), round(anonymous[0], 1), round(anonymous[1], 1)))
 
 
 # A process of its own that only sleeps PROBE_PERIOD_S at a time, at the node's priority: when it wakes
@@ -787,8 +790,9 @@ def main() -> int:
         "rss_mb": {"first": rss[0] if rss else None, "median_first_tenth": percentile(rss[:tenth], 50),
                    "median_last_tenth": percentile(rss[-tenth:], 50), "max": max(rss, default=None),
                    "last": rss[-1] if rss else None, "interval_s": args.rss_interval,
-                   "median_per_tenth": {"total": tenths(1), "node": tenths(2), "intake": tenths(3)},
-                   "samples_columns": ["s", "total", "node", "intake"],
+                   "median_per_tenth": {"total": tenths(1), "node": tenths(2), "intake": tenths(3),
+                                        "node_anonymous": tenths(4), "intake_anonymous": tenths(5)},
+                   "samples_columns": ["s", "total", "node", "intake", "node_anonymous", "intake_anonymous"],
                    "samples": sampler.samples[::max(1, len(sampler.samples) // 500)]},
         "sigint": {"exit_s": round(sigint_exit_s, 2), "return_code": return_code},
         "node_log": {"path": repository_path(node.log_path), "tracebacks": log_text.count("Traceback"),
