@@ -302,3 +302,13 @@ def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_wel
     # Distances computed in chunks of candidates choose the same.
     monkeypatch.setattr(chamfer, "SELECTION_CHUNK", 3)
     assert diverse_selection(samples, scores, 6, 0.5).tolist() == spread.tolist()
+    # A deadline that passes during one pass over the candidates stops it between chunks.
+    calls = {"count": 0}
+
+    def clock() -> float:
+        calls["count"] += 1
+        return 0.0 if calls["count"] <= 3 else 10.0
+
+    monkeypatch.setattr(chamfer.time, "monotonic", clock)
+    stopped = diverse_selection(samples, scores, 6, 0.5, deadline_at=5.0)
+    assert stopped.tolist() == by_score.tolist() and calls["count"] == 4

@@ -166,26 +166,38 @@ def diverse_selection(
     order = [int(by_score[0])]
     chosen[order[0]] = True
 
-    def distances_to(index: int) -> torch.Tensor:
+    def filled_by_score() -> torch.Tensor:
+        rest = by_score[~chosen[by_score]][: count - len(order)]
+        return torch.cat([torch.tensor(order, dtype=torch.long, device=samples.device), rest])
+
+    def distances_to(index: int) -> torch.Tensor | None:
         """Chamfer distances of every candidate to candidate `index`, by brute force (small clouds), in
-        chunks of candidates so that thousands of draws need no more than a few MB at a time."""
+        chunks of candidates so that thousands of draws need no more than a few MB at a time; None once
+        the deadline passes, checked between chunks: one pass over 16k candidates took ~0.3 s on the
+        2-core development CPU, a chunk ~10 ms."""
         parts = []
         with torch.no_grad():
             for chunk in clouds.split(SELECTION_CHUNK):
+                if deadline_at is not None and time.monotonic() >= deadline_at:
+                    return None
                 squared = _squared_distances(clouds[index].expand_as(chunk), chunk).clamp_min(0.0)
                 parts.append(squared.amin(dim=2).mean(dim=1) + squared.amin(dim=1).mean(dim=1))
         return torch.cat(parts)
 
     nearest = distances_to(order[0])
+    if nearest is None:
+        return filled_by_score()
     scale = nearest.mean().clamp_min(torch.finfo(nearest.dtype).tiny)
     while len(order) < count:
-        if deadline_at is not None and time.monotonic() >= deadline_at:
-            rest = by_score[~chosen[by_score]][: count - len(order)]
-            return torch.cat([torch.tensor(order, dtype=torch.long, device=samples.device), rest])
         value = scores.to(nearest.dtype) + diversity_weight * nearest / scale
         value[chosen] = -torch.inf
         index = int(torch.argmax(value))
         order.append(index)
         chosen[index] = True
-        nearest = torch.minimum(nearest, distances_to(index))
+        if len(order) == count:
+            break
+        distances = distances_to(index)
+        if distances is None:
+            return filled_by_score()
+        nearest = torch.minimum(nearest, distances)
     return torch.tensor(order, dtype=torch.long, device=samples.device)
