@@ -5,7 +5,7 @@ Each hidden object (a dense 2048-point cloud, training families or the held-out 
 randomly subsampled to at most `--partial-points`, are the observation. Methods, each returning
 `--num-samples` full shapes:
 - prior: `ShapeEngine` (default config) with tuning_iterations 0;
-- MACE: `ShapeEngine` (default config: posterior samples, σ_z ≥ 0.8 × the prior's, best θ kept, lr 1e-3,
+- MACE: `ShapeEngine` (default config: posterior samples, σ_z ≥ min_std_ratio × the prior's, best θ kept, lr 1e-3,
   the paper's partial_cloud_vae preset N 256, M 128, q 1/32) with `--iterations` iterations;
 - IS: `mace.importance_sampling_tune` on the engine's own domain and preset (same lr), given the
   same wall-clock time as MACE's tuning took on that observation, then fresh samples of its θ;
@@ -16,6 +16,7 @@ Chamfer distance (m², `chamfer.chamfer_distance`) from each sample to the hidde
 object_origin is the true bounding-box centre (the frame origin, where `datasets` centres objects).
 
     PYTHONPATH=. .venv/bin/python bench/shape_partial.py --threads 1
+    PYTHONPATH=. .venv/bin/python bench/shape_partial.py --threads 1 --engine min_std_ratio=0.8 --out out/partial.json
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from mace_ros.core.mace import importance_sampling_tune
 from mace_ros.core.shape.chamfer import chamfer_distance
@@ -51,12 +53,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_partial.json")
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ShapeEngine setting instead of its default (repeatable), e.g. min_std_ratio=0.8")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
     command = "PYTHONPATH=. .venv/bin/python bench/shape_partial.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine()
+    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
     in_distribution, in_families = generate_tabletop_dataset(args.num_in_distribution, GROUND_TRUTH_POINTS, seed=5000 + args.seed)
     held_out, held_families = generate_tabletop_dataset(args.num_held_out, GROUND_TRUTH_POINTS, seed=6000 + args.seed,
                                                         families=[HELD_OUT_FAMILY]) if args.num_held_out else ([], [])
