@@ -10,7 +10,7 @@ simulator the engine scores with). A grasp where a finger touches nothing is red
 `contact_directions` (each finger is simulated on the line through its own contact).
 
 For each object and g in `--grasps` (the first g of the same object's grasp sequence) the
-`ShapeEngine` with its default config (posterior samples, σ_z ≥ 0.8 × the prior's, best θ kept, lr 1e-3)
+`ShapeEngine` with its default config (posterior samples, σ_z ≥ min_std_ratio × the prior's, best θ kept, lr 1e-3)
 answers with `--iterations` MACE iterations and `--num-samples` samples; the prior is the same
 request with tuning_iterations 0. Reported per method and g: the mean score of the returned
 samples (the engine's own score on that observation) and the mean symmetric Chamfer distance

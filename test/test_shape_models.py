@@ -456,7 +456,7 @@ def test_an_oversampled_answer_kept_by_score_and_diversity_is_more_diverse():
     """result_diversity_weight: of the same oversampled draws (same seed), those kept by score and diversity
     spread wider than the best-scoring ones and still score at least as well as the prior's."""
     config = {"num_samples": 8, "timeout_s": 20.0, "result_oversampling": 4, "tuning_iterations": 5}
-    by_score = ShapeEngine(config)
+    by_score = ShapeEngine(config | {"result_diversity_weight": 0.0})
     spread = ShapeEngine(config | {"result_diversity_weight": 0.5})
     request = grasp_request(by_score, "box", 14, (0.0, 0.0, 0.0))
     prior = by_score.infer(dataclasses.replace(request, tuning_iterations=0))
@@ -466,6 +466,24 @@ def test_an_oversampled_answer_kept_by_score_and_diversity_is_more_diverse():
     assert diverse.mean_score >= prior.mean_score and np.all(np.diff(diverse.scores) <= 0)
     with pytest.raises(ValueError, match="result_diversity_weight"):
         ShapeEngine({"result_diversity_weight": -1.0})
+
+
+def test_partial_cloud_only_answers_use_their_own_diversity_weight():
+    """A partial cloud alone is answered with partial_cloud_diversity_weight (default 0: by score, the
+    draws nearest the hidden shape), contacts with result_diversity_weight."""
+    config = {"num_samples": 4, "timeout_s": 20.0, "result_oversampling": 2, "tuning_iterations": 2}
+    cloud = object_cloud("box", 15)
+    request = ShapeRequest(contacts=None, partial_cloud=cloud[cloud[:, 0] > 0], object_origin=np.zeros(3), num_samples=4,
+                           tuning_iterations=2, timeout_s=20.0, random_seed=3)
+    by_default = ShapeEngine(config).infer(request)
+    assert by_default.success and "best of 2 x as many draws" in by_default.message
+    assert "by score and diversity" not in by_default.message
+    spread = ShapeEngine(config | {"partial_cloud_diversity_weight": 0.5}).infer(request)
+    assert "by score and diversity (weight 0.5)" in spread.message
+    contacts = ShapeEngine(config | {"result_diversity_weight": 0.3}).infer(grasp_request(ShapeEngine(), "box", 14, (0.0, 0.0, 0.0)))
+    assert "by score and diversity (weight 0.3)" in contacts.message
+    with pytest.raises(ValueError, match="partial_cloud_diversity_weight"):
+        ShapeEngine({"partial_cloud_diversity_weight": float("nan")})
 
 
 def test_best_theta_keeps_the_best_scoring_iterations_theta_without_reading_back():

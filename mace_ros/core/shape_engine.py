@@ -45,7 +45,11 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           draws of the tuned prior (mace.sample_best_of; 1 = plain draws)
   result_diversity_weight with oversampling, the kept draws are chosen by score plus this weight times
                           their Chamfer distance to those already kept (chamfer.diverse_selection;
-                          0 = by score alone)
+                          0 = by score alone), for observations with contacts
+  partial_cloud_diversity_weight
+                          the same for partial-cloud-only observations: a dense partial cloud leaves
+                          little shape to choose, and spreading the answer only moves it away from the
+                          hidden shape (BENCHMARKS.md), so by default 0
   num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
                           the default finger set (simulators.finger_directions)
   finger_directions       explicit travel directions [[x, y, z], ...] or flat [x1, y1, z1, x2, ...]
@@ -141,10 +145,12 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "tuning_grad_steps": 0,
     "tuning_elite_quantile": 0.0,
     "result_samples": "posterior",
-    # The best of 8 x num_samples draws by score and diversity: consistent with the observation like the
-    # CVAE's samples and several times as diverse (BENCHMARKS.md, issue 9 item 2).
-    "result_oversampling": 8,
+    # The best of 16 x num_samples draws by score and diversity (contacts) or by score (a partial cloud
+    # alone): consistent with the observation like the CVAE's samples and several times as diverse
+    # (BENCHMARKS.md, issue 9 item 2); with min_std_ratio 1 tuning never narrows the prior's spread.
+    "result_oversampling": 16,
     "result_diversity_weight": 0.2,
+    "partial_cloud_diversity_weight": 0.0,
     "num_fingers": PANDA_HAND_NUM_FINGERS,
     "finger_elevation_rad": 0.0,
     "finger_azimuth_offset_rad": PANDA_HAND_AZIMUTH_OFFSET_RAD,
@@ -153,7 +159,7 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "finger_matching": "direction",
     "max_contact_angle_deg": 45.0,
     "max_contacts": 64,
-    "min_std_ratio": 0.8,
+    "min_std_ratio": 1.0,
     "finger_radius_m": 0.0,
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
@@ -295,8 +301,9 @@ class ShapeEngine:
                 raise ValueError(f"{key} {self.config[key]!r} is not one of {sorted(PAPER_PRESETS)}")
         if int(self.config["result_oversampling"]) < 1:
             raise ValueError(f"result_oversampling must be at least 1, got {self.config['result_oversampling']}")
-        if not 0.0 <= float(self.config["result_diversity_weight"]) < math.inf:
-            raise ValueError(f"result_diversity_weight must be finite and >= 0, got {self.config['result_diversity_weight']}")
+        for key in ("result_diversity_weight", "partial_cloud_diversity_weight"):
+            if not 0.0 <= float(self.config[key]) < math.inf:
+                raise ValueError(f"{key} must be finite and >= 0, got {self.config[key]}")
         if self.config["result_samples"] not in ("posterior", "best"):
             raise ValueError(f"result_samples must be 'posterior' or 'best', got {self.config['result_samples']!r}")
         if self.config["finger_matching"] not in ("direction", "ordered"):
@@ -461,7 +468,7 @@ class ShapeEngine:
         diversity_count = min(num_samples, int(config["diversity_max_samples"]))
         diversity_reserve_s = min(DIVERSITY_TIME_SHARE * timeout_s, self._seconds_per_pair * diversity_count * (diversity_count - 1) / 2)
         oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
-        diversity_weight = float(config["result_diversity_weight"])
+        diversity_weight = float(config["result_diversity_weight" if observation.contacts is not None else "partial_cloud_diversity_weight"])
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
         tuning: TuneResult | None = None
         tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)

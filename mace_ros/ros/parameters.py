@@ -131,7 +131,10 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "posterior: the best num_samples of this many times num_samples draws of the tuned prior (1 = plain draws).", 1, 64),
     "shape.result_diversity_weight": ParameterSpec(
         "With result_oversampling > 1: keep draws by score plus this weight times their Chamfer distance to those kept "
-        "(0 = by score alone).", 0.0, 10.0),
+        "(0 = by score alone); for observations with contacts.", 0.0, 10.0),
+    "shape.partial_cloud_diversity_weight": ParameterSpec(
+        "result_diversity_weight for partial-cloud-only observations (0 = the best-scoring draws: closest to the hidden shape).",
+        0.0, 10.0),
     "shape.num_fingers": ParameterSpec(
         "Fingers of the finger set for contacts without directions, closing toward the object origin (2: the Panda hand).", 1, 32),
     "shape.finger_elevation_rad": ParameterSpec("Elevation of the fingers' travel directions (rad).", -1.5708, 1.5708),
