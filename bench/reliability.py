@@ -726,7 +726,8 @@ def main() -> int:
         if sent % 500 == 0:
             print(f"{sent} requests, {time.monotonic() - started:.0f} s: crashes {len(crashes)}, engine errors "
                   f"{len(engine_errors)}, deadline violations {len(violations)}, unanswered {len(unanswered)}, "
-                  f"RSS {sampler.samples[-1][1:] if sampler.samples else '?'} MB (total, node, intake)", file=sys.stderr, flush=True)
+                  f"RSS {sampler.samples[-1][1:] if sampler.samples else '?'} MB "
+                  "(total, node, intake, node anonymous, intake anonymous)", file=sys.stderr, flush=True)
     duration = time.monotonic() - started
 
     sampler.stopped.set()
