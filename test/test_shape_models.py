@@ -480,7 +480,8 @@ def test_partial_cloud_only_answers_use_their_own_diversity_weight():
     assert "by score and diversity" not in by_default.message
     spread = ShapeEngine(config | {"partial_cloud_diversity_weight": 0.5}).infer(request)
     assert "by score and diversity (weight 0.5)" in spread.message
-    contacts = ShapeEngine(config | {"result_diversity_weight": 0.3}).infer(grasp_request(ShapeEngine(), "box", 14, (0.0, 0.0, 0.0)))
+    contacts_engine = ShapeEngine(config | {"result_diversity_weight": 0.3})
+    contacts = contacts_engine.infer(grasp_request(contacts_engine, "box", 14, (0.0, 0.0, 0.0)))
     assert "by score and diversity (weight 0.3)" in contacts.message
     with pytest.raises(ValueError, match="partial_cloud_diversity_weight"):
         ShapeEngine({"partial_cloud_diversity_weight": float("nan")})
