@@ -45,6 +45,8 @@ from mace_ros.ros.memory import bound_malloc, without_reply_buffer_settings
 WARNING_PERIOD_S = 5.0
 # How often the cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
 CLOUD_QOS_CHECK_PERIOD_S = 1.0
+# Once the node is gone, the intake's executor gets this long to stop before the process ends regardless.
+EXIT_GRACE_S = 1.0
 # A dead intake process (killed, out of memory) is started again after this long.
 RESTART_DELAY_S = 1.0
 PARENT_CHECK_PERIOD_S = 0.5
@@ -399,10 +401,19 @@ def run_intake(connection: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     node_pid = os.getppid()
 
+    def leave() -> None:
+        """Stops the executor: its thread then deletes the node and ends the process (below), or this
+        thread does after EXIT_GRACE_S."""
+        try:
+            rclpy.try_shutdown()
+            time.sleep(EXIT_GRACE_S)
+        finally:
+            os._exit(0)
+
     def watch_node() -> None:
         while os.getppid() == node_pid:  # re-parented: the node died without closing its end
             time.sleep(PARENT_CHECK_PERIOD_S)
-        os._exit(0)
+        leave()
 
     threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
     bound_malloc()  # this process now handles the camera clouds (see mace_ros/ros/memory.py)
@@ -438,7 +449,7 @@ def run_intake(connection: Connection) -> None:
                     node.cloud_settings = message
         except (EOFError, OSError):
             pass
-        os._exit(0)  # the node is gone: nothing left to serve (and no executor thread to join)
+        leave()  # the node is gone: nothing left to serve
 
     threading.Thread(target=receive, name="intake-receive", daemon=True).start()
     executor = MultiThreadedExecutor(num_threads=INTAKE_EXECUTOR_THREADS)
@@ -447,7 +458,11 @@ def run_intake(connection: Connection) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    os._exit(0)
+    # Fast DDS removes the participant's shared-memory files (/dev/shm/fastdds_*) only once the node's
+    # entities are gone, which they cannot be while an executor waits on them: each run left ~1 MB there.
+    node.destroy_node()
+    rclpy.try_shutdown()
+    os._exit(0)  # no executor thread to join
 
 
 class ObstacleIntake:

@@ -408,6 +408,12 @@ class MaceNode(Node):
                 self._requests_in_flight -= 1
                 self._requests_done.notify_all()
 
+    def destroy_node(self) -> None:
+        """Also the action server: rclpy's destroy_node leaves waitables, and a node with entities left
+        keeps its DDS participant (and its shared-memory files) alive."""
+        self.shape_action.server.destroy()
+        super().destroy_node()
+
     def wait_for_requests(self, timeout_s: float) -> bool:
         """True once no request is being served or waiting, False if some still are after timeout_s."""
         with self._requests_done:
