@@ -66,7 +66,10 @@ def call_ik_until(client: MaceClient, stop: threading.Event, timeout_s: float, r
         records.append({"latency_s": latency_s, "node_elapsed_s": float(response.elapsed_s), "success": bool(response.success),
                         "code": int(response.error_code), "late": latency_s > timeout_s + DEADLINE_SLACK_S})
         index += 1
-        stop.wait(gap_s)
+        # Idle, but still taking ~/obstacle_points as they come (the client's executor spins only here and in calls).
+        idle_until = time.monotonic() + gap_s
+        while not stop.is_set() and (remaining_s := idle_until - time.monotonic()) > 0:
+            client.executor.spin_once(timeout_sec=min(remaining_s, 0.05))
 
 
 def summarize_requests(records: list[dict]) -> dict:
