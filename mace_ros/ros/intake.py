@@ -37,7 +37,7 @@ from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.core.resources import config_dir
-from mace_ros.ros.memory import bound_malloc, without_reply_buffer_settings
+from mace_ros.ros.memory import INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, without_reply_buffer_settings
 
 # Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
@@ -416,7 +416,7 @@ def run_intake(connection: Connection) -> None:
         leave()
 
     threading.Thread(target=watch_node, name="intake-watch", daemon=True).start()
-    bound_malloc()  # this process now handles the camera clouds (see mace_ros/ros/memory.py)
+    bound_malloc(INTAKE_MMAP_THRESHOLD_BYTES)  # this process handles the camera clouds (see mace_ros/ros/memory.py)
     settings: IntakeSettings = connection.recv()
     send_lock = threading.Lock()
 
