@@ -60,7 +60,7 @@ INTAKE_EXECUTOR_THREADS = 4  # clouds, markers, contacts, joint states: each in 
 # /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
 EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
-CLOUD_HISTORY_DEPTH = 4  # clouds, markers, joint states: each in its own callback group
+CLOUD_HISTORY_DEPTH = 4
 
 
 @dataclass(frozen=True)
