@@ -4,7 +4,7 @@ from torch.distributions import Categorical, MixtureSameFamily, Normal
 
 from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics
-from mace_ros.core.weights import load_weights
+from mace_ros.core.weights import empty_model, load_weights
 
 
 def small_prior() -> AutoregressiveIKPrior:
@@ -62,3 +62,17 @@ def test_shipped_prior_puts_the_hand_near_the_goal():
     assert float(prior_error.median()) < 0.3 * float(uniform_error.median())
     # Exact likelihood: samples of the prior are more likely under it than uniform configurations.
     assert float(conditioned.tuning_log_likelihood(q).mean()) > float(conditioned.tuning_log_likelihood(uniform).mean())
+
+
+def test_a_prior_built_on_the_meta_device_loads_as_one_built_normally():
+    """empty_model skips the random initialisation; the loaded prior is the same, on the device asked for."""
+    built = AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER)
+    load_weights(built, DEFAULT_WEIGHTS, "cpu", torch.float64)
+    empty = empty_model(lambda: AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER))
+    assert all(tensor.is_meta for tensor in empty.state_dict().values())
+    load_weights(empty, DEFAULT_WEIGHTS, "cpu", torch.float64)
+    state, reference = empty.state_dict(), built.state_dict()
+    assert state.keys() == reference.keys()
+    for name, tensor in state.items():
+        assert tensor.device.type == "cpu" and tensor.dtype == torch.float64 and torch.equal(tensor, reference[name]), name
+    assert all(parameter.requires_grad for parameter in empty.parameters())  # tuning still trains them

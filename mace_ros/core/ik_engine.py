@@ -34,7 +34,7 @@ from mace_ros.core.resources import default_parameters
 from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates, slide_clear
 from mace_ros.core.scene import Scene
 from mace_ros.core.scene_warm_start import SceneWarmStart
-from mace_ros.core.weights import load_weights
+from mace_ros.core.weights import empty_model, load_weights
 
 # IKResult.failure_kind values: what kept a request from being solved ("" = solved).
 FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
@@ -186,7 +186,7 @@ class IKEngine:
         self.exact_checker = self._make_exact_checker()
         # One Bullet client per engine: concurrent requests take turns (it also caches the scene body).
         self._exact_lock = threading.Lock()
-        self.prior = AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER)
+        self.prior = empty_model(lambda: AutoregressiveIKPrior(JOINT_LOWER, JOINT_UPPER))
         weights_path = Path(self.config["weights_path"] or DEFAULT_WEIGHTS)
         self.weights_metadata = load_weights(self.prior, weights_path, self.device, dtype)
         self.prior.eval()

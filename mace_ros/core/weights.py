@@ -35,7 +35,8 @@ def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, Any], 
 
 
 def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-    """Load weights into `module` (moved to device/dtype) and return the metadata; clear errors otherwise."""
+    """Load weights into `module` (moved to device/dtype) and return the metadata; clear errors otherwise.
+    `module` may be built on the meta device (see empty_model): the file's tensors then become its own."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path} (regenerate it with the training command in the README)")
@@ -52,10 +53,18 @@ def load_weights(module: torch.nn.Module, path: Path, device: torch.device | str
             f"weights {path} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatch {mismatched[:5]}"
         )
-    module.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in state.items()})
+    on_meta = any(tensor.is_meta for tensor in expected.values())
+    module.load_state_dict({name: tensor.to(expected[name].dtype) for name, tensor in state.items()}, assign=on_meta)
     module.to(device=device, dtype=dtype)
     meta_file = metadata_path(path)
     return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+
+
+def empty_model(build: Callable[[], ModelT]) -> ModelT:
+    """build() on the meta device: no random initialisation for load_weights to overwrite (it held the
+    GIL for ~140 ms while a node's engines loaded, stalling its other threads)."""
+    with torch.device("meta"):
+        return build()
 
 
 def load_sized_model(
@@ -75,7 +84,7 @@ def load_sized_model(
         )
     metadata = json.loads(meta_file.read_text())
     try:
-        model = build(metadata)
+        model = empty_model(lambda: build(metadata))
     except KeyError as error:
         raise WeightsError(f"metadata {meta_file} lacks {error}") from error
     load_weights(model, path, device, dtype)
