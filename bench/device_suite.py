@@ -103,7 +103,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------------------------------------------- run
 def checker_times(device: torch.device, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
-    """FK + collision check of a batch (scene prepared once, as in tuning), sphere model and full check."""
+    """FK + collision check of a batch (scene prepared once, as in tuning), sphere model and full check,
+    with the broad phase eager and replayed from CUDA graphs (`TorchCollisionChecker.cuda_graphs`)."""
     checker = TorchCollisionChecker(device=device, dtype=torch.float32)
     kinematics = PandaKinematics(device, torch.float32)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -112,10 +113,14 @@ def checker_times(device: torch.device, sizes: list[int], repeats: int) -> list[
         prepared = checker.prepare(Scene() if name == "open" else Scene.load_yaml(scene_path(name)))
         for size in sizes:
             q = kinematics.random_configurations(size, generator)
-            for narrow_phase in (False, True):
-                timing = timed_ms(lambda: checker.check(q, prepared, narrow_phase), device, repeats)
-                rows.append({"scene": name, "configurations": size, "narrow_phase": narrow_phase, **timing})
-                print(f"check {name} {size} narrow={narrow_phase}: {timing['median_ms']:.3f} ms", flush=True)
+            for graphs in (False, True) if device.type == "cuda" else (False,):
+                checker.cuda_graphs = graphs
+                for narrow_phase in (False, True):
+                    timing = timed_ms(lambda: checker.check(q, prepared, narrow_phase), device, repeats)
+                    rows.append({"scene": name, "configurations": size, "narrow_phase": narrow_phase, "cuda_graphs": graphs, **timing})
+                    print(f"check {name} {size} narrow={narrow_phase} graphs={graphs}: {timing['median_ms']:.3f} ms", flush=True)
+    checker.cuda_graphs = device.type == "cuda"
+    rows.append({"graph_failures": [call.failure for _, call in checker._graphs.values() if call.failure]})
     return rows
 
 
@@ -209,6 +214,8 @@ def run(args: argparse.Namespace) -> None:
     sections = [s for s in ("checker", "latency", "box", "batch") if s in args.sections]
     budget = {"checker": 0.1, "latency": 0.45, "box": 0.25, "batch": 0.2}
     engine = IKEngine({"exact_check": "none"}, device=device)
+    engine.checker.cuda_graphs = engine.checker.cuda_graphs and not args.no_cuda_graphs
+    out["cuda_graphs"] = engine.checker.cuda_graphs
     for section in sections:
         deadline = min(started + args.budget_s, time.monotonic() + budget[section] * args.budget_s)
         section_started = time.monotonic()
@@ -234,14 +241,24 @@ def run(args: argparse.Namespace) -> None:
                 engine.solve(request_for(np.asarray(goal.position), quaternion, engine, 1, args.timeout, 7), scene)
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         args.out.with_suffix(".profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=80))
+        if "batch" in sections:  # and of one 2,000-goal batch in the open scene (the throughput target's)
+            goals = inputs["batch_goals"]["open"]
+            with profile(activities=activities) as profiler:
+                engine.solve_batch(np.asarray(goals["position"])[:2000], np.asarray(goals["quaternion_wxyz"])[:2000], Scene(),
+                                   timeout_s=args.batch_timeout, random_seed=2)
+            args.out.with_suffix(".batch_profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=60))
+    if engine.checker._graphs:
+        out["checker_graph_failures"] = [call.failure for _, call in engine.checker._graphs.values() if call.failure]
+        save()
     print(f"run done in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def shape_speed(args: argparse.Namespace) -> None:
     """Shape tuning speed on `args.device` (issue 9 item 4), all with the paper's 5 fingers grasping unseen
     training-family objects (seed 3000 on) and 49 samples:
-    1. the tuning loop alone, autograd vs closed-form M steps (`mace_tune(closed_form=...)`), 100
-       iterations of the paper's grasp preset each, same observation, prior and seed;
+    1. the tuning loop alone, autograd vs closed-form M steps (`mace_tune(closed_form=...)`), the latter
+       eager and captured as a CUDA graph (`cuda_graph=...`), 100 iterations of the paper's grasp preset
+       each, same observation, prior and seed;
     2. ShapeEngine end to end: `--iterations` of the paper's preset (lr `--learning-rate`);
     3. time until a MACE iteration's batch mean reaches the CVAE's mean score on that observation (the
        engine's default config; `--cvae-objects` observations), from the start of the request."""
@@ -276,18 +293,21 @@ def shape_speed(args: argparse.Namespace) -> None:
     observation = paper.validate(request(0, 0))
     preset = dataclasses.replace(PAPER_PRESETS["grasp_shape_vae"], iterations=args.loop_iterations, learning_rate=args.learning_rate)
     loop = []
-    for closed_form in (False, True):
+    for closed_form, cuda_graph in ((False, False), (True, False), (True, True)):
         prior = MaceVAEPrior(paper.vae, torch.zeros(3, device=device))
         domain = paper.build_domain(observation)
         synchronize(device)
         started = time.perf_counter()
         result = mace_tune(prior, domain, preset, generator=torch.Generator(device=device).manual_seed(1), chunk_size=preset.num_samples,
-                           closed_form=closed_form)
+                           closed_form=closed_form, cuda_graph=cuda_graph)
         synchronize(device)
         seconds = time.perf_counter() - started
-        loop.append({"closed_form": closed_form, "iterations": result.iterations_done, "seconds": seconds,
-                     "ms_per_iteration": 1000 * seconds / max(result.iterations_done, 1), "last_mean_score": result.mean_score_history[-1]})
-        print(f"tuning loop closed_form={closed_form}: {loop[-1]['ms_per_iteration']:.2f} ms per iteration", flush=True)
+        loop.append({"closed_form": closed_form, "cuda_graph": cuda_graph, "iterations": result.iterations_done, "seconds": seconds,
+                     "ms_per_iteration": 1000 * seconds / max(result.iterations_done, 1), "last_mean_score": result.mean_score_history[-1],
+                     "mean_of_last_10_batch_means": float(np.mean(result.mean_score_history[-10:])),
+                     "cuda_graph_replays": result.cuda_graph_replays, "cuda_graph_failure": result.cuda_graph_failure})
+        print(f"tuning loop closed_form={closed_form} cuda_graph={cuda_graph}: {loop[-1]['ms_per_iteration']:.2f} ms per iteration, "
+              f"{result.cuda_graph_replays} replays, failure {result.cuda_graph_failure}", flush=True)
     out["tuning_loop"] = loop
 
     # 2. The engine end to end.
@@ -437,7 +457,8 @@ def main() -> None:
     r.add_argument("--box-timeout", type=float, default=2.0)
     r.add_argument("--max-box-goals", type=int, default=0, help="0 = all")
     r.add_argument("--batch-timeout", type=float, default=30.0)
-    r.add_argument("--profile", action="store_true", help="also write a torch profile of the shelf goals' requests beside --out")
+    r.add_argument("--profile", action="store_true", help="also write torch profiles of the shelf goals' requests and of a batch beside --out")
+    r.add_argument("--no-cuda-graphs", action="store_true", help="the engine's checker runs its broad phase eagerly")
     r.add_argument("--out", type=Path, required=True)
     s = commands.add_parser("shape-speed")
     s.add_argument("--device", default="cuda")

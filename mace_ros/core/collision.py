@@ -44,6 +44,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, HalfspaceIntersection, cKDTree
 
+from mace_ros.core.cuda_graph import GraphedCall
 from mace_ros.core.kinematics import LINK_INDEX, LINK_NAMES, PandaKinematics
 from mace_ros.core.scene import Scene
 
@@ -65,6 +66,8 @@ CYLINDER_SIDES = 16
 # walls around the robot) take the dense pass, which is then cheaper than gathering.
 SPARSE_BROAD_PHASE_MAX_NEAR_FRACTION = 0.25
 SPARSE_BROAD_PHASE_MIN_PRIMITIVES = 16  # below, the dense pass costs about as little as the prefilter or less
+# The smallest batch a broad-phase CUDA graph is captured for: on a GPU a few configurations cost as much as this many.
+GRAPH_MIN_BATCH = 128
 
 # Link pairs never checked against each other: moveit_resources panda_moveit_config/config/panda.srdf
 # (generated from franka_description's panda_arm_hand.srdf.xacro). panda_link8 carries no geometry.
@@ -616,11 +619,15 @@ class PointDistanceField:
             while len(_FIELD_CACHE) > FIELD_CACHE_SIZE:
                 _FIELD_CACHE.pop(next(iter(_FIELD_CACHE)))
 
+    @functools.cached_property
+    def _upper_node(self) -> torch.Tensor:
+        """[3, 1] the last node's grid coordinates, made once: a copy from a host list cannot be part of a CUDA graph."""
+        return torch.tensor([size - 1.0 for size in self.values.shape], dtype=self.values.dtype, device=self.values.device)[:, None]
+
     def lower_bound(self, points: torch.Tensor) -> torch.Tensor:
         """Lower bounds [N] of the distance from points [3, N] to the cloud (capped at truncation_m)."""
-        sizes = self.values.shape
         scaled = (points - self.origin[:, None]) / self.resolution_m  # [3, N] in grid units
-        upper = torch.tensor([size - 1.0 for size in sizes], dtype=scaled.dtype, device=scaled.device)[:, None]
+        upper = self._upper_node.to(scaled.dtype)
         inside = ((scaled >= 0) & (scaled <= upper)).all(0)
         # Trilinear interpolation by grid_sample (align_corners: -1 and +1 are the first and last
         # node; its coordinate order is (W, H, D) = (z, y, x) of this grid).
@@ -805,6 +812,14 @@ class TorchCollisionChecker:
         # collision; two cells more absorb the lookup's slack.
         self._point_truncation_m = float(self.spheres.radii.max()) + self.collision_margin_m + 2 * self.point_resolution_m
         self._prepared: tuple[Scene, TensorScene] | None = None
+        # On a GPU the broad phase is a few hundred small kernels whatever the batch: captured as CUDA graphs,
+        # one per padded batch size, for the latest scene (`_broad_phase`). One lock: requests and the
+        # background tuning share the graphs' buffers; the graphs share one memory pool.
+        self.cuda_graphs = self.device.type == "cuda"
+        self._graphs: dict[int, tuple[torch.Tensor, GraphedCall]] = {}
+        self._graphs_scene: TensorScene | None = None
+        self._graphs_lock = threading.Lock()
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     @property
     def point_field_settings(self) -> tuple[float, float]:
@@ -1057,11 +1072,38 @@ class TorchCollisionChecker:
                     hits[near[within][inside]] = True
         return hits
 
-    def _check_batch(self, q: torch.Tensor, tensor_scene: TensorScene, narrow_phase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(scene collision, self collision, sphere scene clearance, sphere self clearance) [B] each."""
+    def _sphere_gaps(self, q: torch.Tensor, tensor_scene: TensorScene) -> tuple[torch.Tensor, ...]:
+        """The broad phase of `check`: link frames [B, L, 4, 4], sphere gaps per (scene link, primitive)
+        [Ls, K, B] and per scene link to the cloud [Ls, B], per checked link pair [pairs, B], and the
+        wrist table's bound [B]."""
         frames = self.kinematics.link_transforms(q)  # [B, L, 4, 4]
         centers = self.spheres.world_centers(frames)  # [3, S, B]
         link_gaps, cloud_gaps = self._scene_link_gaps(centers, tensor_scene, frames, self.collision_margin_m)
+        return frames, link_gaps, cloud_gaps, self._self_pair_gaps(centers), self.wrist_table.lower_bound(q[:, 5], q[:, 6])
+
+    def _broad_phase(self, q: torch.Tensor, tensor_scene: TensorScene) -> tuple[torch.Tensor, ...]:
+        """`_sphere_gaps`, replayed from a CUDA graph on a GPU: q is padded to the next power of two (at
+        least GRAPH_MIN_BATCH), whose graph is captured at its second use. Scenes with many primitives
+        take the sparse pass, whose size depends on the data: those run eagerly."""
+        count = q.shape[0]
+        if not self.cuda_graphs or tensor_scene.num_primitives >= SPARSE_BROAD_PHASE_MIN_PRIMITIVES or count == 0:
+            return self._sphere_gaps(q, tensor_scene)
+        size = max(GRAPH_MIN_BATCH, 1 << (count - 1).bit_length())
+        with self._graphs_lock:
+            if self._graphs_scene is not tensor_scene:
+                self._graphs, self._graphs_scene = {}, tensor_scene
+            if size not in self._graphs:
+                padded = q.new_zeros(size, q.shape[1])
+                self._graphs[size] = (padded, GraphedCall(lambda: self._sphere_gaps(padded, tensor_scene), self.device, pool=self._graph_pool))
+            padded, graphed = self._graphs[size]
+            padded[:count].copy_(q)
+            frames, link_gaps, cloud_gaps, pair_gaps, wrist = graphed()
+            # Copies of the rows asked for: the next replay of any of these graphs may overwrite the buffers.
+            return frames[:count].clone(), link_gaps[..., :count].clone(), cloud_gaps[:, :count].clone(), pair_gaps[:, :count].clone(), wrist[:count].clone()
+
+    def _check_batch(self, q: torch.Tensor, tensor_scene: TensorScene, narrow_phase: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scene collision, self collision, sphere scene clearance, sphere self clearance) [B] each."""
+        frames, link_gaps, cloud_gaps, pair_gaps, wrist_clearance = self._broad_phase(q, tensor_scene)
         cloud_gap = cloud_gaps.amin(0)
         # Spheres clear a (link, obstacle) pair or a (link, cloud) pair, or the narrow phase decides it.
         scene_clearance = torch.minimum(cloud_gap, link_gaps.flatten(0, 1).amin(0)) if link_gaps.shape[1] else cloud_gap
@@ -1094,8 +1136,6 @@ class TorchCollisionChecker:
                     index = obstacle[cylinders] - num_boxes - num_spheres
                     hits[cylinders] = self._links_meet_polytopes(frames, config[cylinders], rows[cylinders], tensor_scene.cylinder_polytopes, index, pad_m)
                 scene_collision[config[hits]] = True
-        pair_gaps = self._self_pair_gaps(centers)
-        wrist_clearance = self.wrist_table.lower_bound(q[:, 5], q[:, 6])
         self_clearance = torch.minimum(wrist_clearance, pair_gaps.amin(0))
         self_collision = wrist_clearance < 0.0
         if not narrow_phase:

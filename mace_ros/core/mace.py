@@ -18,6 +18,11 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 
+from mace_ros.core.cuda_graph import GraphedCall
+
+# A CUDA graph's capture is not worth it for a handful of iterations.
+GRAPH_MIN_ITERATIONS = 8
+
 
 class TunablePrior(Protocol):
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor: ...
@@ -85,6 +90,8 @@ class TuneResult:
     elapsed_s: float
     mean_score_history: list[float] = field(default_factory=list)
     stopped_by_deadline: bool = False
+    cuda_graph_replays: int = 0  # iterations whose device work was one CUDA graph replay
+    cuda_graph_failure: str | None = None  # why the capture failed (the iterations then ran eagerly)
 
 
 @dataclass(frozen=True)
@@ -186,8 +193,11 @@ def _tuning_loop(
     on_iteration: Callable[[int, torch.Tensor], None] | None = None,
     stop_rule: StopRule | None = None,
     chunk_size: int | None = None,
+    draw: Callable[[float | None, Callable[[torch.Tensor], bool] | None], tuple[torch.Tensor, torch.Tensor, bool]] | None = None,
 ) -> TuneResult:
-    """Sample, score, remember the best, update θ; stop after T iterations, at the deadline or by the stop rule."""
+    """Sample, score, remember the best, update θ; stop after T iterations, at the deadline or by the stop rule.
+
+    `draw(deadline_at, enough)` replaces `sample_and_score` for the iterations' batches."""
     start = time.monotonic()
     deadline_at = None if deadline_s is None else start + deadline_s
     best = _BestKeeper(keep_best)
@@ -201,7 +211,10 @@ def _tuning_loop(
         # The stop rule may end a batch early: its samples are all that is asked for then.
         enough = None if stop_rule is None else (
             lambda partial: stop_rule.satisfied(partial if best.scores is None else torch.cat([best.scores, partial])))
-        samples, scores, complete = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at, enough)
+        if draw is None:
+            samples, scores, complete = sample_and_score(prior, domain, preset.num_samples, generator, chunk_size, deadline_at, enough)
+        else:
+            samples, scores, complete = draw(deadline_at, enough)
         best.update(samples, scores)
         if stop_rule is not None and stop_rule.satisfied(best.scores):
             break
@@ -240,6 +253,7 @@ def mace_tune(
     chunk_size: int | None = None,
     after_step: Callable[[], None] | None = None,
     closed_form: bool = True,
+    cuda_graph: bool = True,
 ) -> TuneResult:
     """Algorithm 1. Fine-tunes `prior` in place; stops after `preset.iterations` or at the deadline.
 
@@ -251,12 +265,13 @@ def mace_tune(
     projection of θ onto its allowed set, such as a lower bound on σ).
 
     A `ClosedFormElitePrior` (unless `closed_form` is False) takes `_closed_form_mace_tune`: the same
-    iterations and Adam steps, with its exact gradient instead of autograd's.
+    iterations and Adam steps, with its exact gradient instead of autograd's, its iterations captured as a
+    CUDA graph on a GPU unless `cuda_graph` is False.
     """
     optimizer = optimizer or tuning_optimizer(prior, preset)
     if closed_form and all(hasattr(prior, name) for name in ("elite_statistics", "elite_loss_gradient", "project_host")):
         return _closed_form_mace_tune(prior, domain, preset, deadline_s, generator, keep_best, on_iteration, stop_rule, optimizer,
-                                      chunk_size, after_step)
+                                      chunk_size, after_step, cuda_graph)
 
     def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
         delta = elite_threshold(scores, preset.num_elites)
@@ -345,20 +360,46 @@ def _closed_form_mace_tune(
     optimizer: torch.optim.Optimizer,
     chunk_size: int | None,
     after_step: Callable[[], None] | None,
+    cuda_graph: bool,
 ) -> TuneResult:
     """`mace_tune` for a ClosedFormElitePrior. The elites are the top ⌊qN⌋ samples by score, those
     scoring 0 weighted 0 (a fixed shape: no data-dependent indexing; it differs from 1[S ≥ δ] only when
     several samples tie exactly at δ). Their statistics are read to the host once per iteration, the M
     Adam steps run there on θ's exact gradient (the full elite mean: no per-step subsampling), and θ is
     written back. The prior's `project_host` bounds θ after every step; `after_step` then runs once on
-    the device θ. Same deadline rule as the autograd path: no step starts past the deadline."""
-    host = _HostAdam(optimizer, list(prior.tunable_parameters()))
+    the device θ. Same deadline rule as the autograd path: no step starts past the deadline.
 
-    def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
+    When a batch is one chunk and no stop rule reads partial batches, an iteration's device work
+    (draw, score, elite statistics) is one function of θ, captured on a GPU as a CUDA graph
+    (`GraphedCall`) once T is worth it: θ is written in place, so every replay reads the current θ."""
+    parameters = list(prior.tunable_parameters())
+    host = _HostAdam(optimizer, parameters)
+
+    def statistics_of(samples: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         top = torch.topk(scores, min(preset.num_elites, scores.shape[0]))
         weights = (top.values > 0).to(scores.dtype)
         with torch.no_grad():
-            statistics = torch.cat([weights.sum().reshape(1).to(scores.dtype), prior.elite_statistics(samples[top.indices], weights).to(scores.dtype)])
+            return torch.cat([weights.sum().reshape(1).to(scores.dtype), prior.elite_statistics(samples[top.indices], weights).to(scores.dtype)])
+
+    draw, graphed = None, None
+    drawn: dict[str, torch.Tensor] = {}  # the last fused draw's samples and their statistics
+    if (chunk_size is None or chunk_size >= preset.num_samples) and stop_rule is None:
+        def iteration() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                samples = prior.sample(preset.num_samples, generator)
+                scores = domain.score(samples)
+                return samples, scores, statistics_of(samples, scores)
+
+        graphed = GraphedCall(iteration, parameters[0].device, generator, capture=cuda_graph and preset.iterations >= GRAPH_MIN_ITERATIONS)
+
+        def draw(deadline_at: float | None, enough: Callable[[torch.Tensor], bool] | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+            samples, scores, statistics = graphed()
+            # Copies: a replay overwrites the graph's buffers, and the loop keeps the best samples.
+            drawn["samples"], drawn["statistics"] = samples.clone(), statistics
+            return drawn["samples"], scores.clone(), True
+
+    def update(samples: torch.Tensor, scores: torch.Tensor, deadline_at: float | None) -> None:
+        statistics = drawn["statistics"] if drawn.get("samples") is samples else statistics_of(samples, scores)
         statistics_host = statistics.double().cpu().numpy()
         if statistics_host[0] == 0 or (deadline_at is not None and time.monotonic() >= deadline_at):
             return
@@ -368,9 +409,12 @@ def _closed_form_mace_tune(
             after_step()
 
     try:
-        return _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size)
+        result = _tuning_loop(prior, domain, preset, update, deadline_s, generator, keep_best, on_iteration, stop_rule, chunk_size, draw)
     finally:
         host.write_back()
+    if graphed is not None:
+        result.cuda_graph_replays, result.cuda_graph_failure = graphed.replays, graphed.failure
+    return result
 
 
 def importance_sampling_tune(
