@@ -48,7 +48,7 @@ class ClosedFormElitePrior(TunablePrior, Protocol):
         ...
 
     def project_host(self, theta: np.ndarray) -> np.ndarray:
-        """θ onto its allowed set (e.g. a lower bound on σ), as `after_step` does on the device."""
+        """θ onto its allowed set (e.g. a lower bound on σ), as `after_step` does on the device; may write θ in place."""
         ...
 
 
@@ -320,14 +320,27 @@ class _HostAdam:
         self.step_count = int(float(states[0]["step"])) if "step" in states[0] else 0
 
     def steps(self, gradient: Callable[[np.ndarray], np.ndarray], count: int, project: Callable[[np.ndarray], np.ndarray]) -> None:
+        # In place into one scratch array: these run M times per iteration on a few hundred numbers, where
+        # numpy's per-call cost and allocations, not arithmetic, take the time.
+        scratch = np.empty_like(self.theta)
         for _ in range(count):
             grad = gradient(self.theta)
             self.step_count += 1
-            self.exp_avg += (1.0 - self.beta1) * (grad - self.exp_avg)
-            self.exp_avg_sq = self.beta2 * self.exp_avg_sq + (1.0 - self.beta2) * grad * grad
+            np.subtract(grad, self.exp_avg, out=scratch)
+            scratch *= 1.0 - self.beta1
+            self.exp_avg += scratch
+            np.multiply(grad, grad, out=scratch)
+            scratch *= 1.0 - self.beta2
+            self.exp_avg_sq *= self.beta2
+            self.exp_avg_sq += scratch
             step_size = self.learning_rate / (1.0 - self.beta1**self.step_count)
-            denominator = np.sqrt(self.exp_avg_sq) / math.sqrt(1.0 - self.beta2**self.step_count) + self.eps
-            self.theta = project(self.theta - step_size * self.exp_avg / denominator)
+            np.sqrt(self.exp_avg_sq, out=scratch)
+            scratch *= 1.0 / math.sqrt(1.0 - self.beta2**self.step_count)
+            scratch += self.eps
+            np.divide(self.exp_avg, scratch, out=scratch)
+            scratch *= step_size
+            self.theta -= scratch
+            self.theta = project(self.theta)
 
     def _pieces(self, values: np.ndarray) -> list[torch.Tensor]:
         return [torch.from_numpy(piece).to(device=p.device, dtype=p.dtype).reshape(p.shape)

@@ -302,8 +302,9 @@ class MaceVAEPrior:
         """`project` on a flat host θ = (μ_z, log σ_z) (mace.ClosedFormElitePrior)."""
         if self._min_log_std_host is None:
             return theta
-        latent = self.vae.latent_dim
-        return np.concatenate([theta[:latent], np.maximum(theta[latent:], self._min_log_std_host)])
+        log_std = theta[self.vae.latent_dim:]
+        np.maximum(log_std, self._min_log_std_host, out=log_std)  # in place: it runs M times per iteration
+        return theta
 
     def elite_statistics(self, elites: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """[3 × latent]: the weighted means of q(u|x)'s means, their spread about it and q's variances
@@ -318,11 +319,20 @@ class MaceVAEPrior:
     def elite_loss_gradient(self, theta: np.ndarray, statistics: np.ndarray) -> np.ndarray:
         """Gradient of the elites' mean KL(q(u|x) || N(μ_z, σ_z²)) (−`tuning_log_likelihood`) in (μ_z, log σ_z):
         per latent, (μ − m̄)/σ² and 1 − (v̄ + spread + (m̄ − μ)²)/σ²."""
-        mean, log_std = np.split(theta, 2)
-        centre, spread, variance = np.split(statistics, 3)
+        latent = self.vae.latent_dim
+        mean, log_std = theta[:latent], theta[latent:]
+        centre, spread, variance = statistics[:latent], statistics[latent:2 * latent], statistics[2 * latent:]
         inverse_variance = np.exp(-2.0 * log_std)
-        offset = mean - centre
-        return np.concatenate([offset * inverse_variance, 1.0 - (variance + spread + offset * offset) * inverse_variance])
+        gradient = np.empty_like(theta)
+        offset = np.subtract(mean, centre, out=gradient[:latent])
+        log_std_part = gradient[latent:]
+        np.multiply(offset, offset, out=log_std_part)
+        log_std_part += variance
+        log_std_part += spread
+        log_std_part *= inverse_variance
+        np.subtract(1.0, log_std_part, out=log_std_part)
+        offset *= inverse_variance
+        return gradient
 
     def project(self) -> None:
         """Clamp θ onto its allowed set (pass as mace_tune's `after_step`)."""
