@@ -37,6 +37,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.goal_sets import ROOT, SCENES, TIP_LINK, ik_goal, percentiles, scene_and_goals  # noqa: E402
+from mace_ros.core import refinement  # noqa: E402
 from mace_ros.core.collision import TorchCollisionChecker  # noqa: E402
 from mace_ros.core.ik_engine import IKEngine, IKRequest  # noqa: E402
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_quaternion  # noqa: E402
@@ -215,6 +216,8 @@ def run(args: argparse.Namespace) -> None:
     budget = {"checker": 0.1, "latency": 0.45, "box": 0.25, "batch": 0.2}
     engine = IKEngine({"exact_check": "none"}, device=device)
     engine.checker.cuda_graphs = engine.checker.cuda_graphs and not args.no_cuda_graphs
+    if args.no_cuda_graphs:
+        refinement.LM_GRAPH_DEVICE_TYPES = ()
     out["cuda_graphs"] = engine.checker.cuda_graphs
     for section in sections:
         deadline = min(started + args.budget_s, time.monotonic() + budget[section] * args.budget_s)
@@ -247,9 +250,10 @@ def run(args: argparse.Namespace) -> None:
                 engine.solve_batch(np.asarray(goals["position"])[:2000], np.asarray(goals["quaternion_wxyz"])[:2000], Scene(),
                                    timeout_s=args.batch_timeout, random_seed=2)
             args.out.with_suffix(".batch_profile.txt").write_text(profiler.key_averages().table(sort_by=sort, row_limit=60))
-    if engine.checker._graphs:
-        out["checker_graph_failures"] = [call.failure for _, call in engine.checker._graphs.values() if call.failure]
-        save()
+    out["checker_graph_failures"] = [call.failure for _, call in engine.checker._graphs.values() if call.failure]
+    out["lm_graphs"] = [{"rows": key[1], "per_row_goal": key[2], "pose": key[3], "respect_limits": key[5], "replays": state.block.replays,
+                         "failure": state.block.failure} for key, state in refinement._LM_GRAPHS.items()]
+    save()
     print(f"run done in {time.monotonic() - started:.0f} s", flush=True)
 
 
@@ -458,7 +462,7 @@ def main() -> None:
     r.add_argument("--max-box-goals", type=int, default=0, help="0 = all")
     r.add_argument("--batch-timeout", type=float, default=30.0)
     r.add_argument("--profile", action="store_true", help="also write torch profiles of the shelf goals' requests and of a batch beside --out")
-    r.add_argument("--no-cuda-graphs", action="store_true", help="the engine's checker runs its broad phase eagerly")
+    r.add_argument("--no-cuda-graphs", action="store_true", help="the engine's checker broad phase and obstacle-ignoring LM run eagerly")
     r.add_argument("--out", type=Path, required=True)
     s = commands.add_parser("shape-speed")
     s.add_argument("--device", default="cuda")

@@ -10,7 +10,9 @@ import torch
 
 from mace_ros.core.collision import TorchCollisionChecker
 from mace_ros.core.cuda_graph import GraphedCall
+from mace_ros.core.ik_domain import IKGoal
 from mace_ros.core.kinematics import PandaKinematics
+from mace_ros.core import refinement
 from mace_ros.core.mace import PAPER_PRESETS, mace_tune
 from mace_ros.core.resources import scene_path
 from mace_ros.core.scene import Scene
@@ -118,3 +120,35 @@ def test_graphed_broad_phase_checks_like_the_plain_one(device, name):
     assert sorted(graphed._graphs) == [128, 256, 1024]
     if device == "cuda":
         assert all(call.failure is None for _, call in graphed._graphs.values()) and replays >= 4
+    # Another scene after graphs were captured: new graphs, captured as well.
+    other = Scene(boxes=scene.boxes[:1])
+    for _ in range(2):
+        expected, got = checker.check(q, checker.prepare(other)), graphed.check(q, graphed.prepare(other) if _ == 0 else graphed._graphs_scene)
+        assert torch.equal(expected.in_collision, got.in_collision)
+    assert all(call.failure is None for _, call in graphed._graphs.values()) and list(graphed._graphs) == [1024]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("goal_kind", ["pose", "position", "per_row"])
+def test_graphed_lm_polishes_like_the_compacted_one(monkeypatch, device, goal_kind):
+    """The obstacle-ignoring LM in masked blocks over padded rows (CUDA graphs on a GPU; forced on, eager,
+    on the CPU) gives every row what the compacted LM gives it: the same converged rows and configurations,
+    on the first call and on the replays after it."""
+    monkeypatch.setattr(refinement, "LM_GRAPH_DEVICE_TYPES", ("cpu", "cuda"))
+    kinematics = refinement.float64_kinematics(torch.device(device))
+    generator = torch.Generator(device).manual_seed(3)
+    starts = kinematics.random_configurations(100, generator)  # padded to 128 rows
+    targets = kinematics.random_configurations(100 if goal_kind == "per_row" else 1, generator)
+    position, rotation = kinematics.forward(targets, "panda_hand")
+    goal = IKGoal(position if goal_kind == "per_row" else position[0], None if goal_kind == "position" else (
+        rotation if goal_kind == "per_row" else rotation[0]), "panda_hand")
+    with refinement._LM_GRAPHS_LOCK:  # held: this call takes the compacted path
+        plain = refinement.refine_candidates(starts, goal, None, None, max_iterations=30)
+    assert 0 < int(plain.converged.sum()) < 100 or goal_kind == "position"
+    for _ in range(3):
+        graphed = refinement.refine_candidates(starts, goal, None, None, max_iterations=30)
+        assert torch.equal(graphed.converged, plain.converged)
+        assert torch.allclose(graphed.q, plain.q, atol=1e-9) and torch.allclose(graphed.position_error_m, plain.position_error_m, atol=1e-9)
+    states = [state for key, state in refinement._LM_GRAPHS.items() if key[0] == torch.device(device)]
+    if device == "cuda":
+        assert states and all(state.block.failure is None and state.block.replays > 0 for state in states)

@@ -819,7 +819,7 @@ class TorchCollisionChecker:
         self._graphs: dict[int, tuple[torch.Tensor, GraphedCall]] = {}
         self._graphs_scene: TensorScene | None = None
         self._graphs_lock = threading.Lock()
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._graph_pool: tuple[int, int] | None = None
 
     @property
     def point_field_settings(self) -> tuple[float, float]:
@@ -1091,7 +1091,10 @@ class TorchCollisionChecker:
         size = max(GRAPH_MIN_BATCH, 1 << (count - 1).bit_length())
         with self._graphs_lock:
             if self._graphs_scene is not tensor_scene:
+                # A fresh pool with the new graphs: a pool whose graphs are all gone is released, and capturing
+                # into its handle again fails (an allocator assertion, seen on an H200 with torch 2.11).
                 self._graphs, self._graphs_scene = {}, tensor_scene
+                self._graph_pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
             if size not in self._graphs:
                 padded = q.new_zeros(size, q.shape[1])
                 self._graphs[size] = (padded, GraphedCall(lambda: self._sphere_gaps(padded, tensor_scene), self.device, pool=self._graph_pool))

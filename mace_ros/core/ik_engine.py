@@ -45,7 +45,9 @@ FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
 EXACT_CHECK_BLOCK = 4
 # Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks of this many
 # with the clock read between blocks: deep in obstacles the narrow phase takes up to ~2 ms each on a CPU.
-NARROW_CHECK_BLOCK = 64
+# A GPU checks 4,096 in 4-13 ms (H200, BENCHMARKS.md), about what a block of 64 costs there.
+NARROW_CHECK_BLOCK_CPU = 64
+NARROW_CHECK_BLOCK_GPU = 4096
 # Goal-reaching configurations that the fast checker rejected but the exact check gets to decide on, per failing round.
 NEAR_CONTACT_EXACT_CHECKS = 4
 # The fast stage's LM stops once this many times the solutions asked for reached the goal: some of
@@ -528,7 +530,8 @@ class IKEngine:
         """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free,
         checked in blocks while time is left: thousands of converged starts take a while."""
         reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
-        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(NARROW_CHECK_BLOCK):
+        block_size = NARROW_CHECK_BLOCK_CPU if self.device.type == "cpu" else NARROW_CHECK_BLOCK_GPU
+        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(block_size):
             if time.monotonic() >= deadline_at:
                 break
             reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])

@@ -8,15 +8,27 @@ optionally without joint limits) the same solver diagnoses what blocks a goal.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
 from mace_ros.core.collision import TensorScene, TorchCollisionChecker
+from mace_ros.core.cuda_graph import GraphedCall
 from mace_ros.core.ik_domain import IKGoal, goal_errors
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector
 from mace_ros.core.scene import Scene
+
+
+# On a GPU the obstacle-ignoring LM is a few hundred small kernels per iteration, and their launches, not
+# the arithmetic, take the time (a 2,000-goal batch: the GPU busy a quarter of the time). There it runs as
+# CUDA graphs of LM_GRAPH_BLOCK iterations over every row (converged rows masked, not dropped, so that shapes
+# stay fixed), rows padded to a power of two, the host reading the convergence between blocks.
+LM_GRAPH_BLOCK = 5  # the shipped iteration limits (25, 60; diagnosis 20) are multiples of it: no eager remainder
+LM_GRAPH_MIN_ROWS = 64
+LM_GRAPH_MAX_ROWS = 1 << 16
+LM_GRAPH_DEVICE_TYPES = ("cuda",)  # tests add "cpu", where each "graph" runs eagerly, to test the masked blocks
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,6 +61,116 @@ def _goal_residual(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -
     goal_rotation = goal.rotation.to(rotation)
     rotation_residual = matrix_to_rotation_vector(goal_rotation @ rotation.transpose(1, 2))
     return torch.cat([position_residual, rotation_residual], -1), jacobian, rotation
+
+
+def _lm_trial(
+    kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal, damping: torch.Tensor, respect_limits: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One damped least-squares step from q [K, 7] with per-row damping [K]: the trial q and its goal errors."""
+    residual, jacobian, _ = _goal_residual(kinematics, q, goal)
+    rows = residual.shape[1]
+    jjt = jacobian @ jacobian.transpose(1, 2)
+    identity = torch.eye(rows, dtype=q.dtype, device=q.device)
+    # solve_ex without its error check: the check reads the result on the host (a sync per step, and no
+    # CUDA graph), and a singular system only gives a non-finite step, which never improves and is refused.
+    solution, _ = torch.linalg.solve_ex(jjt + damping[:, None, None] * identity, residual[..., None], check_errors=False)
+    q_trial = q + (jacobian.transpose(1, 2) @ solution).squeeze(-1)
+    if respect_limits:
+        q_trial = kinematics.clamp_to_limits(q_trial)
+    return (q_trial, *goal_errors(kinematics, q_trial, goal))
+
+
+def _next_damping(damping: torch.Tensor, improves: torch.Tensor) -> torch.Tensor:
+    return torch.where(improves, (damping * 0.3).clamp_min(1e-12), (damping * 10.0).clamp_max(1e6))
+
+
+@dataclass
+class _LMState:
+    """The fixed buffers a captured LM block reads and updates in place (rows padded to `size`)."""
+
+    q: torch.Tensor
+    position_error: torch.Tensor
+    orientation_error: torch.Tensor
+    damping: torch.Tensor
+    goal: IKGoal
+    block: GraphedCall | None = None
+
+
+_LM_GRAPHS: dict[tuple, _LMState] = {}
+_LM_GRAPHS_LOCK = threading.Lock()
+
+
+def _masked_lm_iterations(
+    kinematics: PandaKinematics, state: _LMState, count: int, position_tolerance_m: float, orientation_tolerance_rad: float,
+    respect_limits: bool,
+) -> None:
+    """`count` LM iterations over every row of `state`, in place: rows within tolerance stay as they are."""
+    for _ in range(count):
+        converged = (state.position_error <= position_tolerance_m) & (state.orientation_error <= orientation_tolerance_rad)
+        q_trial, trial_position_error, trial_orientation_error = _lm_trial(kinematics, state.q, state.goal, state.damping, respect_limits)
+        improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(state.position_error, state.orientation_error)
+        update = improves & ~converged
+        state.q.copy_(torch.where(update[:, None], q_trial, state.q))
+        state.position_error.copy_(torch.where(update, trial_position_error, state.position_error))
+        state.orientation_error.copy_(torch.where(update, trial_orientation_error, state.orientation_error))
+        state.damping.copy_(torch.where(converged, state.damping, _next_damping(state.damping, improves)))
+
+
+def _graphed_unobstructed_lm(
+    kinematics: PandaKinematics, q: torch.Tensor, position_error: torch.Tensor, orientation_error: torch.Tensor, damping: torch.Tensor,
+    goal: IKGoal, max_iterations: int, position_tolerance_m: float, orientation_tolerance_rad: float, enough_solved: int | None,
+    deadline_at: float | None, respect_limits: bool,
+) -> int:
+    """The obstacle-ignoring LM of `refine_candidates` as CUDA graph blocks (see LM_GRAPH_BLOCK); updates
+    q and the errors in place and returns the iterations run. The caller holds _LM_GRAPHS_LOCK."""
+    count = q.shape[0]
+    size = max(LM_GRAPH_MIN_ROWS, 1 << (count - 1).bit_length())
+    per_row = goal.position.dim() == 2
+    key = (q.device, size, per_row, goal.rotation is not None, goal.tip_link, respect_limits, position_tolerance_m, orientation_tolerance_rad)
+    state = _LM_GRAPHS.get(key)
+    if state is None:
+        def padded(values: torch.Tensor) -> torch.Tensor:
+            return values[:1].expand(size, *values.shape[1:]).clone()
+
+        state = _LMState(padded(q), padded(position_error), padded(orientation_error), padded(damping), IKGoal(
+            padded(goal.position) if per_row else goal.position.clone(),
+            None if goal.rotation is None else (padded(goal.rotation) if per_row else goal.rotation.clone()), goal.tip_link))
+        state.block = GraphedCall(lambda: _masked_lm_iterations(
+            kinematics, state, LM_GRAPH_BLOCK, position_tolerance_m, orientation_tolerance_rad, respect_limits), q.device)
+        _LM_GRAPHS[key] = state
+    # Rows past `count` repeat row 0: finite, and never read back.
+    for buffer, values in ((state.q, q), (state.position_error, position_error), (state.orientation_error, orientation_error),
+                           (state.damping, damping)):
+        buffer.copy_(values[:1].expand_as(buffer))
+        buffer[:count].copy_(values)
+    if per_row:
+        state.goal.position.copy_(goal.position[:1].expand_as(state.goal.position))
+        state.goal.position[:count].copy_(goal.position)
+        if goal.rotation is not None:
+            state.goal.rotation.copy_(goal.rotation[:1].expand_as(state.goal.rotation))
+            state.goal.rotation[:count].copy_(goal.rotation)
+    else:
+        state.goal.position.copy_(goal.position)
+        if goal.rotation is not None:
+            state.goal.rotation.copy_(goal.rotation)
+    iterations = 0
+    while iterations < max_iterations:
+        converged = ((state.position_error[:count] <= position_tolerance_m) & (state.orientation_error[:count] <= orientation_tolerance_rad))
+        solved = int(converged.sum())
+        if solved == count or (enough_solved is not None and solved >= enough_solved):
+            break
+        if deadline_at is not None and time.monotonic() >= deadline_at:
+            break
+        if max_iterations - iterations >= LM_GRAPH_BLOCK:
+            state.block()
+            iterations += LM_GRAPH_BLOCK
+        else:  # the last few, eagerly on the same buffers
+            _masked_lm_iterations(kinematics, state, max_iterations - iterations, position_tolerance_m, orientation_tolerance_rad, respect_limits)
+            iterations = max_iterations
+    q.copy_(state.q[:count])
+    position_error.copy_(state.position_error[:count])
+    orientation_error.copy_(state.orientation_error[:count])
+    return iterations
 
 
 def refine_candidates(
@@ -85,6 +207,15 @@ def refine_candidates(
     collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
     position_error, orientation_error = goal_errors(kinematics, q, goal)
+    if checker is None and q.device.type in LM_GRAPH_DEVICE_TYPES and 0 < q.shape[0] <= LM_GRAPH_MAX_ROWS and _LM_GRAPHS_LOCK.acquire(blocking=False):
+        # (Another thread on the graphs: this call runs eagerly rather than wait.)
+        try:
+            iterations = _graphed_unobstructed_lm(kinematics, q, position_error, orientation_error, damping, goal, max_iterations,
+                                                  position_tolerance_m, orientation_tolerance_rad, enough_solved, deadline_at, respect_limits)
+        finally:
+            _LM_GRAPHS_LOCK.release()
+        converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
+        return RefineResult(q, position_error, orientation_error, converged, collision_free, iterations)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
@@ -98,13 +229,7 @@ def refine_candidates(
         # Work on the active rows only: most candidates converge within a few iterations.
         q_active, active_damping = q[active], damping[active]
         goal_active = goal.rows(active)
-        residual, jacobian, _ = _goal_residual(kinematics, q_active, goal_active)
-        rows = residual.shape[1]
-        jjt = jacobian @ jacobian.transpose(1, 2)
-        identity = torch.eye(rows, dtype=q.dtype, device=q.device)
-        step = jacobian.transpose(1, 2) @ torch.linalg.solve(jjt + active_damping[:, None, None] * identity, residual[..., None])
-        q_trial = limited(q_active + step.squeeze(-1))
-        trial_position_error, trial_orientation_error = goal_errors(kinematics, q_trial, goal_active)
+        q_trial, trial_position_error, trial_orientation_error = _lm_trial(kinematics, q_active, goal_active, active_damping, respect_limits)
         improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(position_error[active], orientation_error[active])
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
@@ -114,7 +239,7 @@ def refine_candidates(
         q[accepted] = q_trial[improves]
         position_error[accepted] = trial_position_error[improves]
         orientation_error[accepted] = trial_orientation_error[improves]
-        damping[active] = torch.where(improves, (active_damping * 0.3).clamp_min(1e-12), (active_damping * 10.0).clamp_max(1e6))
+        damping[active] = _next_damping(active_damping, improves)
     converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
     return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations)
 
