@@ -44,7 +44,7 @@ from scipy.ndimage import distance_transform_edt
 from scipy.optimize import linprog
 from scipy.spatial import ConvexHull, HalfspaceIntersection, cKDTree
 
-from mace_ros.core.cuda_graph import GraphedCall
+from mace_ros.core.cuda_graph import GraphedCall, padded_size, write_padded
 from mace_ros.core.kinematics import LINK_INDEX, LINK_NAMES, PandaKinematics
 from mace_ros.core.scene import Scene
 
@@ -1088,7 +1088,7 @@ class TorchCollisionChecker:
         count = q.shape[0]
         if not self.cuda_graphs or tensor_scene.num_primitives >= SPARSE_BROAD_PHASE_MIN_PRIMITIVES or count == 0:
             return self._sphere_gaps(q, tensor_scene)
-        size = max(GRAPH_MIN_BATCH, 1 << (count - 1).bit_length())
+        size = padded_size(count, GRAPH_MIN_BATCH)
         with self._graphs_lock:
             if self._graphs_scene is not tensor_scene:
                 # A fresh pool with the new graphs: a pool whose graphs are all gone is released, and capturing
@@ -1099,7 +1099,7 @@ class TorchCollisionChecker:
                 padded = q.new_zeros(size, q.shape[1])
                 self._graphs[size] = (padded, GraphedCall(lambda: self._sphere_gaps(padded, tensor_scene), self.device, pool=self._graph_pool))
             padded, graphed = self._graphs[size]
-            padded[:count].copy_(q)
+            write_padded(padded, q)
             frames, link_gaps, cloud_gaps, pair_gaps, wrist = graphed()
             # Copies of the rows asked for: the next replay of any of these graphs may overwrite the buffers.
             return frames[:count].clone(), link_gaps[..., :count].clone(), cloud_gaps[:, :count].clone(), pair_gaps[:, :count].clone(), wrist[:count].clone()

@@ -15,6 +15,19 @@ import torch
 Outputs = TypeVar("Outputs")
 
 
+def padded_size(count: int, minimum: int) -> int:
+    """The power of two (at least `minimum`) that a batch of `count` rows is padded to: one graph per power
+    of two serves every batch size, at most twice the work."""
+    return max(minimum, 1 << (count - 1).bit_length())
+
+
+def write_padded(buffer: torch.Tensor, values: torch.Tensor) -> None:
+    """values [n, ...] into the first n rows of a padded buffer, row 0 repeated after them (finite, never read back)."""
+    count = values.shape[0]
+    buffer[count:].copy_(values[:1].expand_as(buffer[count:]))
+    buffer[:count].copy_(values)
+
+
 class GraphedCall(Generic[Outputs]):
     """`call()` run eagerly the first time (the warm-up: cuBLAS handles, cached solves, allocations),
     captured as a CUDA graph the second time, then replayed.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mace_ros.core.collision import TensorScene, TorchCollisionChecker
-from mace_ros.core.cuda_graph import GraphedCall
+from mace_ros.core.cuda_graph import GraphedCall, padded_size, write_padded
 from mace_ros.core.ik_domain import IKGoal, goal_errors
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector
 from mace_ros.core.scene import Scene
@@ -124,7 +124,7 @@ def _graphed_unobstructed_lm(
     """The obstacle-ignoring LM of `refine_candidates` as CUDA graph blocks (see LM_GRAPH_BLOCK); updates
     q and the errors in place and returns the iterations run. The caller holds _LM_GRAPHS_LOCK."""
     count = q.shape[0]
-    size = max(LM_GRAPH_MIN_ROWS, 1 << (count - 1).bit_length())
+    size = padded_size(count, LM_GRAPH_MIN_ROWS)
     per_row = goal.position.dim() == 2
     key = (q.device, size, per_row, goal.rotation is not None, goal.tip_link, respect_limits, position_tolerance_m, orientation_tolerance_rad)
     state = _LM_GRAPHS.get(key)
@@ -138,21 +138,12 @@ def _graphed_unobstructed_lm(
         state.block = GraphedCall(lambda: _masked_lm_iterations(
             kinematics, state, LM_GRAPH_BLOCK, position_tolerance_m, orientation_tolerance_rad, respect_limits), q.device)
         _LM_GRAPHS[key] = state
-    # Rows past `count` repeat row 0: finite, and never read back.
+    goal_buffers = [(state.goal.position, goal.position)] + ([] if goal.rotation is None else [(state.goal.rotation, goal.rotation)])
     for buffer, values in ((state.q, q), (state.position_error, position_error), (state.orientation_error, orientation_error),
-                           (state.damping, damping)):
-        buffer.copy_(values[:1].expand_as(buffer))
-        buffer[:count].copy_(values)
-    if per_row:
-        state.goal.position.copy_(goal.position[:1].expand_as(state.goal.position))
-        state.goal.position[:count].copy_(goal.position)
-        if goal.rotation is not None:
-            state.goal.rotation.copy_(goal.rotation[:1].expand_as(state.goal.rotation))
-            state.goal.rotation[:count].copy_(goal.rotation)
-    else:
-        state.goal.position.copy_(goal.position)
-        if goal.rotation is not None:
-            state.goal.rotation.copy_(goal.rotation)
+                           (state.damping, damping), *(goal_buffers if per_row else [])):
+        write_padded(buffer, values)
+    for buffer, values in [] if per_row else goal_buffers:
+        buffer.copy_(values)
     iterations = 0
     while iterations < max_iterations:
         converged = ((state.position_error[:count] <= position_tolerance_m) & (state.orientation_error[:count] <= orientation_tolerance_rad))
