@@ -37,7 +37,7 @@ from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.core.resources import config_dir
-from mace_ros.ros.memory import INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, without_reply_buffer_settings
+from mace_ros.ros.memory import INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, without_reply_buffer_settings
 
 # Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
@@ -454,6 +454,7 @@ def run_intake(connection: Connection) -> None:
     threading.Thread(target=receive, name="intake-receive", daemon=True).start()
     executor = MultiThreadedExecutor(num_threads=INTAKE_EXECUTOR_THREADS)
     executor.add_node(node)
+    freeze_loaded_objects()  # rclpy, torch and the node, before the first message
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -495,10 +496,12 @@ class ObstacleIntake:
 
     def _start(self) -> tuple[subprocess.Popen, Connection]:
         node_end, intake_end = socket.socketpair()
-        # The intake imports mace_ros as this process does, wherever that came from.
+        # The intake imports mace_ros as this process does, wherever that came from; -P keeps `-m` from
+        # putting the working directory first (launched from a source checkout, that checkout's mace_ros
+        # ran instead of the installed one).
         environment = {**without_reply_buffer_settings(dict(os.environ), config_dir()),
                        "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        process = subprocess.Popen([sys.executable, "-m", __name__, str(intake_end.fileno())],
+        process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(intake_end.fileno())],
                                    pass_fds=[intake_end.fileno()], env=environment)
         intake_end.close()
         connection = Connection(node_end.detach())

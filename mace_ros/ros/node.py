@@ -34,6 +34,7 @@ from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, Tf2Fram
 from mace_ros.ros.intake import (
     CloudSettings, CloudUpdate, ContactsUpdate, FieldSettings, IntakeSettings, JointStateUpdate, MarkerUpdate, ObstacleIntake)
 from mace_ros.ros.obstacles import ObstacleModel, Workspace
+from mace_ros.ros.memory import freeze_loaded_objects
 from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
 from mace_ros.ros.shape_action import ShapeActionServer
@@ -101,6 +102,7 @@ class EngineSlot:
             self._logger.error(f"{self.name} engine failed to load: {self._error}")
             return
         self._engine = engine
+        freeze_loaded_objects()  # the engine and everything loaded before it (see mace_ros/ros/memory.py)
         self._logger.info(f"{self.name} engine ready after {time.monotonic() - self._started:.1f} s")
 
     def get(self) -> Any:
