@@ -5,7 +5,7 @@ thread of its process. This starts the installed node with a `gc.callbacks` hook
 on PYTHONPATH, in a temporary folder) that logs each generation-2 collection of every process, publishes
 the reliability benchmark's 5,000-marker flood every `--period` s for `--seconds` while timing GetIK
 refusals (an unknown tip link, timeout 0.05 s) at the node, and reports, per process, the collections
-after both engines had loaded: count, p50 and max duration.
+after both engines had loaded: count, p50 and max duration (and younger collections that took over 1 ms).
 
     set +u; source install/setup.bash; set -u
     .venv/bin/python bench/gc_pauses.py --seconds 60 --out bench/results/gc_pauses.json
@@ -29,13 +29,13 @@ from reliability import Fuzzer, NodeUnderTest  # noqa: E402
 HOOK = '''import gc, os, sys, time
 _started = []
 def _log(phase, info):
-    if info.get("generation") != 2:
-        return
     if phase == "start":
         _started.append(time.perf_counter())
     elif _started:
-        with open(os.path.join({folder!r}, "gc_%d.log" % os.getpid()), "a") as log:
-            log.write("%.3f %.3f %s\\n" % (time.time(), 1000 * (time.perf_counter() - _started.pop()), os.path.basename(sys.argv[0] if sys.argv else "")))
+        duration_ms = 1000 * (time.perf_counter() - _started.pop())
+        if info.get("generation") == 2 or duration_ms > 1.0:
+            with open(os.path.join({folder!r}, "gc_%d.log" % os.getpid()), "a") as log:
+                log.write("%.3f %.3f %s %d\\n" % (time.time(), duration_ms, os.path.basename(sys.argv[0] if sys.argv else ""), info.get("generation")))
 gc.callbacks.append(_log)
 '''
 
@@ -81,14 +81,16 @@ def main() -> None:
     flooder.join()
     node.client.close()
     node.process.stop(5.0)
-    processes: dict[str, list[float]] = {}
+    processes: dict[str, dict[str, list[float]]] = {}
     for log in Path(folder).glob("gc_*.log"):
         rows = [line.split() for line in log.read_text().splitlines()]
-        name = next((row[2] for row in rows if len(row) > 2), log.stem)
+        name = next((row[2] for row in rows if len(row) > 3), log.stem)
         if name in ("mace_node", "intake.py"):
-            processes[name] = [float(row[1]) for row in rows if float(row[0]) >= ready_at]
+            processes[name] = {kind: [float(row[1]) for row in rows if float(row[0]) >= ready_at and (row[3] == "2") == (kind == "full")]
+                               for kind in ("full", "younger_over_1ms")}
     result = {"command": "python bench/gc_pauses.py " + " ".join(sys.argv[1:]), "seconds": args.seconds, "flood_period_s": args.period,
-              "generation_2_collections_after_ready": {name: summary(durations) for name, durations in sorted(processes.items())},
+              "collections_after_ready": {name: {kind: summary(durations) for kind, durations in kinds.items()}
+                                          for name, kinds in sorted(processes.items())},
               "refusals": {"count": len(elapsed), "node_elapsed_p50_s": statistics.median(elapsed), "node_elapsed_max_s": max(elapsed)}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

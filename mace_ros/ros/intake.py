@@ -37,7 +37,8 @@ from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.core.resources import config_dir
-from mace_ros.ros.memory import INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, without_reply_buffer_settings
+from mace_ros.ros.memory import (
+    INTAKE_GC_THRESHOLDS, INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, without_reply_buffer_settings)
 
 # Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
@@ -454,7 +455,7 @@ def run_intake(connection: Connection) -> None:
     threading.Thread(target=receive, name="intake-receive", daemon=True).start()
     executor = MultiThreadedExecutor(num_threads=INTAKE_EXECUTOR_THREADS)
     executor.add_node(node)
-    freeze_loaded_objects()  # rclpy, torch and the node, before the first message
+    freeze_loaded_objects(INTAKE_GC_THRESHOLDS)  # rclpy, torch and the node, before the first message
     try:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
