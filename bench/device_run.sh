@@ -11,7 +11,8 @@
 # Everything lands in OUT_DIR (at most 8 files come back): run.log, tests.log, suite.json (+ .profile.txt,
 # .batch_profile.txt), suite_eager.json, shape_speed.json (+ .profile.txt); train_{vae,cvae}.log and the tars.
 #   bash bench/device_run.sh "$OUT"
-# DEVICE, TOTAL_S, SUITE_ARGS, TRAIN_ARGS and SHAPE_ARGS override the defaults (a CPU smoke test uses tiny sizes).
+# DEVICE, TOTAL_S, SUITE_ARGS, TRAIN_ARGS and SHAPE_ARGS override the defaults (a CPU smoke test uses tiny sizes);
+# COMMIT names the commit in the results (pass `git rev-parse --short HEAD` from here: the device's git metadata can be older).
 # The device's image has torch, scipy, PyYAML, safetensors and pytest but not trimesh (the shape datasets need
 # it): download its wheel here first, into .whl (ignored; pass carry [".whl", "out/device"]):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl trimesh==5.2.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,10 @@ BATCH_SCENES = {"open": (2000, 10000), "box": (2000,)}
 
 
 def git_commit() -> str:
+    """$COMMIT if set: the device receives the working tree with the git metadata of the session's start,
+    so its own HEAD can name an older commit (it did, in the second device session)."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return result.stdout.strip() or "unknown (no git on this machine)"
 
