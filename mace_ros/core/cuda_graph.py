@@ -8,11 +8,15 @@ control flow do not depend on data can be captured, and its inputs must stay at 
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Generic, TypeVar
 
 import torch
 
 Outputs = TypeVar("Outputs")
+# One capture at a time in the process: torch.cuda.graph captures on one side stream shared by all
+# captures, and the node's requests (IK and shape) run in threads of their own.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def padded_size(count: int, minimum: int) -> int:
@@ -69,7 +73,7 @@ class GraphedCall(Generic[Outputs]):
             if self.generator is not None:
                 graph.register_generator_state(self.generator)
             # thread_local: another thread's CUDA work (a node serving two services) does not break the capture.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 outputs = self.call()
         except Exception as error:  # noqa: BLE001 - any capture failure means eager from here on
             self.failure = f"{type(error).__name__}: {error}"
