@@ -57,3 +57,22 @@ def test_the_intake_process_gets_the_users_environment(clean_environment):
     assert without_reply_buffer_settings(dict(os.environ), config_dir()) == user
     users_profiles = {**user, "FASTDDS_DEFAULT_PROFILES_FILE": "/somewhere/profiles.xml"}
     assert without_reply_buffer_settings(users_profiles, config_dir()) == users_profiles
+
+
+def test_freezing_leaves_a_full_collection_nothing_loaded_to_walk():
+    """In a fresh interpreter that loaded torch and the engines' modules: after freeze_loaded_objects a
+    full collection walks almost nothing (what it walks is what takes the time), and the intake's
+    thresholds are set. Run apart: freezing the test process's objects would outlive this test."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, torch, mace_ros.core.ik_engine, mace_ros.core.shape_engine\n"
+        "from mace_ros.ros.memory import INTAKE_GC_THRESHOLDS, freeze_loaded_objects\n"
+        "before = len(gc.get_objects())\n"
+        "freeze_loaded_objects(INTAKE_GC_THRESHOLDS)\n"
+        "print(before, len(gc.get_objects()), gc.get_freeze_count(), gc.get_threshold() == INTAKE_GC_THRESHOLDS)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    before, after, frozen, thresholds_set = result.stdout.split()[-4:]
+    assert int(before) > 50_000 and int(after) < 0.01 * int(before) and int(frozen) >= 0.9 * int(before)
+    assert thresholds_set == "True"
