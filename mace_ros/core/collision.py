@@ -814,7 +814,7 @@ class TorchCollisionChecker:
         self._prepared: tuple[Scene, TensorScene] | None = None
         # On a GPU the broad phase is a few hundred small kernels whatever the batch: captured as CUDA graphs,
         # one per padded batch size, for the latest scene (`_broad_phase`). One lock: requests and the
-        # background tuning share the graphs' buffers; the graphs share one memory pool.
+        # background tuning share the graphs' buffers; a scene's graphs share one memory pool.
         self.cuda_graphs = self.device.type == "cuda"
         self._graphs: dict[int, tuple[torch.Tensor, GraphedCall]] = {}
         self._graphs_scene: TensorScene | None = None
