@@ -191,6 +191,13 @@ def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(m
         publish(front)
         response = answer_when(mace, prior_only, lambda r: r.success)
         assert response.success, response.message
+        # 100 in one message: the latest 64 (shape.max_contacts) are kept, not refused as too many
+        # (the request's own limit); cleared first, so that only this message can make the answer a success.
+        publish([])
+        assert "no observation" in answer_when(mace, prior_only, lambda r: "no observation" in r.message).message
+        publish(side * 50)
+        capped = answer_when(mace, prior_only, lambda r: r.success)
+        assert capped.success, capped.message
     finally:
         publish([])  # clears them (and leaves the node as the other tests expect it)
     assert "no observation" in answer_when(mace, shape_request(contacts=[]), lambda r: "no observation" in r.message).message

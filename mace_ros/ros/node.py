@@ -385,7 +385,8 @@ class MaceNode(Node):
                 self.get_logger().warning(
                     f"~/contacts: {contacts.shape[0]} accumulated, keeping the latest {limit} (shape.max_contacts); "
                     "publish an empty PoseArray to clear them", throttle_duration_sec=WARNING_PERIOD_S)
-                contacts, directions = contacts[-limit:], directions[-limit:]
+                # Copies: views would keep the whole concatenation (a message's worth) alive.
+                contacts, directions = contacts[-limit:].copy(), directions[-limit:].copy()
             self._latest_contacts, self._latest_directions = contacts, directions
 
     def publish_scene(self) -> None:
