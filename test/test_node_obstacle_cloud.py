@@ -215,7 +215,11 @@ def test_the_robots_own_points_are_filtered_out(node, topics):
 
 
 def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
-    """A hand camera streaming at 30 Hz does not displace a table camera's one cloud on the same topic."""
+    """A hand camera streaming at 30 Hz does not displace a table camera's cloud (1 Hz) on the same topic.
+
+    The table camera sends twice, as a 1 Hz camera would: the reader's history is shared by the topic's
+    sensors, so one cloud alone can be pushed out of it by hand clouds while the intake is held up (a CI
+    run on the 2-core machine lost it once); what is tested is that the node keeps each sensor's latest."""
     _, publish_joints, wait_for_points = topics
     publish_joints(READY)
     seen = np.array([[0.0, 0.0, 0.35]])
@@ -231,8 +235,8 @@ def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
             node.executor.spin_once(timeout_sec=0.05)
         # The table camera's sensor is frame "" (the base frame), a table at a height no other test uses.
         hand, table_cloud = camera_cloud(seen, CAMERA_FRAME, 64, 48), camera_cloud(table(-0.05), "")
-        for index in range(90):  # 30 Hz (a camera's rate) for 3 s, the table cloud once in the middle
-            publisher, cloud = (table_publisher, table_cloud) if index == 30 else (hand_publisher, hand)
+        for index in range(90):  # 30 Hz (a camera's rate) for 3 s, the table cloud at 1 Hz in the middle
+            publisher, cloud = (table_publisher, table_cloud) if index in (30, 60) else (hand_publisher, hand)
             cloud.header.stamp = node.node.get_clock().now().to_msg()
             publisher.publish(cloud)
             node.executor.spin_once(timeout_sec=1.0 / 30.0)
