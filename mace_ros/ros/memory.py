@@ -41,9 +41,10 @@ def bound_malloc(mmap_threshold_bytes: int = MALLOC_MMAP_THRESHOLD_BYTES) -> Non
 
 # The intake deserializes marker floods (5,000 markers: ~10^5 Python objects a message) that outlive
 # hundreds of young collections at the default threshold (700 allocations) and pile up in the old
-# generation, whose full collections then took ~95 ms each, 68 in a minute of floods every 0.5 s. With a
-# young collection every 100,000 allocations a message's objects die by reference counting first: no full
-# collection in that minute (bench/gc_pauses.py; the serving process keeps the defaults).
+# generation: even with what it loaded frozen, its full collections took ~95 ms each, 68 in a minute of
+# floods every 0.5 s. With a young collection every 100,000 allocations a message's objects die by
+# reference counting first: no full collection in that minute (bench/gc_pauses.py, ad-hoc A/B; the
+# serving process keeps the defaults).
 INTAKE_GC_THRESHOLDS = (100_000, 20, 20)
 
 
@@ -51,10 +52,11 @@ def freeze_loaded_objects(thresholds: tuple[int, int, int] | None = None) -> Non
     """Moves every object alive now into the garbage collector's permanent generation (gc.freeze), after a
     collection. A full collection walks every tracked object with the GIL held, stalling all threads: once
     torch, rclpy and both engines are loaded that is ~330,000 objects and 165 ms on the 2-core development
-    machine, and objects that marker floods leave alive set one off every few seconds (gen-2 pauses of
-    120-190 ms in the serving process, 150-170 ms in the intake, `gc.callbacks` during 5,000-marker floods).
-    Frozen objects are skipped, and never freed: call it when what is loaded is there to stay. `thresholds`
-    replaces the collector's (gc.set_threshold)."""
+    machine, and the objects marker floods leave alive set one off now and then (full collections of
+    169-182 ms in the serving process, 110-168 ms in the intake, during 5,000-marker floods:
+    bench/gc_pauses.py). Frozen objects are skipped by every collection, so a reference cycle among them is
+    never freed: call it when what is loaded is there to stay. `thresholds` replaces the collector's
+    (gc.set_threshold)."""
     gc.collect()
     gc.freeze()
     if thresholds is not None:
