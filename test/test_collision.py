@@ -545,6 +545,18 @@ def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch):
     assert len(resets) >= 6
 
 
+@pytest.mark.parametrize("position", [0, 16, 17, 40])
+def test_pybullet_sees_every_primitive_of_a_large_scene(exact, position):
+    """Bullet's closest points between the robot and one compound body never report a child after the
+    16th: a sphere through the elbow is found wherever it stands among 40 far-away ones."""
+    q = torch.tensor([[0.0, 0.3, 0.0, -1.8, 0.0, 2.0, 0.8]])
+    elbow = PandaKinematics().link_transforms(q)[0, LINK_NAMES.index("panda_link4"), :3, 3].numpy()
+    far = [Sphere(f"far_{index}", np.array([-1.0 - 0.1 * index, 2.0, 0.0]), 0.01) for index in range(40)]
+    spheres = [*far[:position], Sphere("through_the_elbow", elbow, 0.03), *far[position:]]
+    assert bool(exact.check(q, Scene(spheres=spheres)).scene_collision[0])
+    assert not bool(exact.check(q, Scene(spheres=far)).scene_collision[0])
+
+
 def visual_meshes(bullet: PyBulletCollisionChecker) -> list[bytes]:
     """The robot's shapes drawn from the URDF's visual meshes (without them Bullet draws the collision ones)."""
     shapes = pybullet.getVisualShapeData(bullet.robot, physicsClientId=bullet.client)

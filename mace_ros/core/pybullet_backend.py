@@ -3,13 +3,20 @@
 The robot is pybullet_data's `franka_panda/panda.urdf` (the kinematics of `kinematics.py`) with its
 collision meshes, which Bullet collides as convex hulls with a 1 mm margin. The fingers are set to
 the same opening as the kinematics (`FINGER_OPENING_M`). A scene's primitives become one static
-compound body of boxes, spheres and cylinders. A point cloud is tested against the facet planes of
+compound body of boxes, spheres and cylinders (bodies, past COMPOUND_CHILDREN primitives). A point cloud is tested against the facet planes of
 the same convex hulls (`TorchCollisionChecker.points_meet_links`, batched): as a body of tiny spheres
 in Bullet, a 12k-point cloud took 0.1-0.2 s to build, holding the GIL, for every new camera cloud,
 and Bullet's per-point checks grow with the cloud. Configurations
 are checked one by one (resetJointState + fresh closest-point queries, never cached contact
 manifolds, whose points can go stale after a teleport). Self-collision uses the same link pairs as
 the torch backend (`collision.checked_link_pairs`), scene collision skips the base link likewise.
+
+A compound body holds at most COMPOUND_CHILDREN primitives: Bullet's closest-point query between the robot
+and one compound body of more children never reports a child after the 16th (PyBullet 3.2.7: a sphere
+through the arm was found as child 16 of 16, missed as child 17 of 17, whatever the others; over 400
+random configurations in a 384-primitive clutter the single body missed 248 of the 279 collisions, while
+bodies of 8 or 16 children agreed with one body per primitive on all of 9,200 configurations in 14
+clutter scenes).
 
 One DIRECT client per checker instance, so checkers in different threads or processes never share
 Bullet state; call `close()` (or use `with`) to release it.
@@ -36,6 +43,7 @@ BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
 # Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
 # reload take ~0.03 s, once per ~200 changes of a 256-marker scene).
 MAX_SHAPES_BEFORE_RESET = 50_000
+COMPOUND_CHILDREN = 16  # primitives per compound body (see the module docstring)
 
 
 def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
@@ -55,7 +63,7 @@ class PyBulletCollisionChecker:
         colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
         self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
         self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
-        self._scene: tuple[tuple, int | None] | None = None  # (the primitives, their body)
+        self._scene: tuple[tuple, list[int]] | None = None  # (the primitives, their bodies)
         self._shapes_since_reset = 0  # primitive shapes created since the client was last reset
         # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
         self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
@@ -90,15 +98,16 @@ class PyBulletCollisionChecker:
             pybullet.disconnect(self.client)
         self.client = None
 
-    def _scene_body(self, scene: Scene) -> int | None:
-        """The compound body holding the scene's primitives (rebuilt when they change; scenes that share
-        them, e.g. snapshots that differ by their cloud, share the body)."""
+    def _scene_bodies(self, scene: Scene) -> list[int]:
+        """The compound bodies holding the scene's primitives, COMPOUND_CHILDREN each (rebuilt when they
+        change; scenes that share them, e.g. snapshots that differ by their cloud, share the bodies)."""
         primitives = (*scene.boxes, *scene.spheres, *scene.cylinders)
         if self._scene is not None and len(self._scene[0]) == len(primitives) and all(
                 kept is new for kept, new in zip(self._scene[0], primitives)):
             return self._scene[1]
-        if self._scene is not None and self._scene[1] is not None:
-            pybullet.removeBody(self._scene[1], physicsClientId=self.client)
+        if self._scene is not None:
+            for body in self._scene[1]:
+                pybullet.removeBody(body, physicsClientId=self.client)
         if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET:
             # Bullet frees a body's collision shapes only on a reset (removeCollisionShape refuses a
             # shape a removed body used): without one, every scene change leaked ~100 B per primitive.
@@ -123,26 +132,26 @@ class PyBulletCollisionChecker:
             add(pybullet.GEOM_SPHERE, sphere.center, identity, radius=sphere.radius)
         for cylinder in scene.cylinders:
             add(pybullet.GEOM_CYLINDER, cylinder.center, _xyzw(cylinder.quaternion_wxyz), radius=cylinder.radius, length=2 * cylinder.half_height)
-        body = None
-        if shape_types:
+        bodies = []
+        for start in range(0, len(shape_types), COMPOUND_CHILDREN):
+            part = slice(start, start + COMPOUND_CHILDREN)
             shape = pybullet.createCollisionShapeArray(
-                shapeTypes=shape_types, radii=radii, halfExtents=half_extents, lengths=lengths,
-                collisionFramePositions=positions, collisionFrameOrientations=orientations, physicsClientId=self.client,
+                shapeTypes=shape_types[part], radii=radii[part], halfExtents=half_extents[part], lengths=lengths[part],
+                collisionFramePositions=positions[part], collisionFrameOrientations=orientations[part], physicsClientId=self.client,
             )
-            body = pybullet.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=shape, physicsClientId=self.client)
-            self._shapes_since_reset += len(shape_types)
-        self._scene = (primitives, body)
-        return body
+            bodies.append(pybullet.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=shape, physicsClientId=self.client))
+        self._shapes_since_reset += len(shape_types)
+        self._scene = (primitives, bodies)
+        return bodies
 
     def _set_configuration(self, q: np.ndarray) -> None:
         for joint, angle in zip(self.arm_joints, q):
             pybullet.resetJointState(self.robot, joint, float(angle), physicsClientId=self.client)
 
-    def _scene_collision(self, body: int | None) -> bool:
-        if body is None:
-            return False
-        contacts = pybullet.getClosestPoints(self.robot, body, self.collision_margin_m, physicsClientId=self.client)
-        return any(contact[3] in self.scene_links and contact[8] < self.collision_margin_m for contact in contacts)
+    def _scene_collision(self, bodies: list[int]) -> bool:
+        return any(
+            contact[3] in self.scene_links and contact[8] < self.collision_margin_m
+            for body in bodies for contact in pybullet.getClosestPoints(self.robot, body, self.collision_margin_m, physicsClientId=self.client))
 
     def _self_collision(self) -> bool:
         for link_a, link_b in self.self_pairs:
@@ -158,7 +167,7 @@ class PyBulletCollisionChecker:
         if self.client is None:
             raise RuntimeError("PyBulletCollisionChecker is closed")
         configurations = q.detach().cpu().double().numpy() if isinstance(q, torch.Tensor) else np.asarray(q, dtype=np.float64)
-        body = self._scene_body(scene)
+        bodies = self._scene_bodies(scene)
         self_collision = np.zeros(len(configurations), dtype=bool)
         scene_collision = np.zeros(len(configurations), dtype=bool)
         if scene.points is not None and len(configurations):
@@ -168,7 +177,7 @@ class PyBulletCollisionChecker:
         for index, configuration in enumerate(configurations):
             self._set_configuration(configuration)
             self_collision[index] = self._self_collision()
-            scene_collision[index] |= self._scene_collision(body)
+            scene_collision[index] |= self._scene_collision(bodies)
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         self_flags = torch.as_tensor(self_collision, device=device)
         scene_flags = torch.as_tensor(scene_collision, device=device)
