@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -476,10 +476,12 @@ class IKEngine:
             return _Solutions.empty(self.device), _Solutions.empty(self.device), 0
         # Half the time left at most, so that checking its results (and the other ways) fits.
         unobstructed_deadline = time.monotonic() + 0.5 * (deadline_at - time.monotonic())
-        # Four times what the round needs is plenty to pick collision-free ones from: stop there.
+        # Four times what the round needs is plenty to pick collision-free ones from: stop there, once half of
+        # what the round needs are free (the first to converge may all collide).
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]),
-            enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline, **tolerances)
+            enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline,
+            accept=self._fast_free(tensor_scene), min_accepted=max(1, (enough_solved or 0) // 2), **tolerances)
         reached = self._reached_free(unobstructed, tensor_scene, deadline_at)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad).subset(reached)
         # The starts that reached the goal but collide are the raw material of slide_clear.
@@ -526,16 +528,28 @@ class IKEngine:
         with torch.no_grad():
             return torch.argsort(self.checker.penetration(q.to(self.dtype), tensor_scene))
 
+    def _fast_free(self, tensor_scene: TensorScene) -> Callable[[torch.Tensor], torch.Tensor]:
+        """q [N, 7] -> [N] bool: the fast checker calls q free (what the obstacle-ignoring LM's early stop counts)."""
+        def free(q: torch.Tensor) -> torch.Tensor:
+            if q.shape[0] == 0:
+                return torch.zeros(0, dtype=torch.bool, device=q.device)
+            return ~self.checker.check(q.to(self.dtype), tensor_scene).in_collision
+        return free
+
     def _reached_free(self, unobstructed: RefineResult, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
         """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free,
         checked in blocks while time is left: thousands of converged starts take a while."""
         reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
+        unchecked = unobstructed.converged
+        if unobstructed.accept_checked is not None:  # the LM's early stop checked these already
+            reached_free.append(torch.nonzero(unobstructed.converged & unobstructed.accept_passed).squeeze(-1))
+            unchecked = unchecked & ~unobstructed.accept_checked
         block_size = NARROW_CHECK_BLOCK_CPU if self.device.type == "cpu" else NARROW_CHECK_BLOCK_GPU
-        for block in torch.nonzero(unobstructed.converged).squeeze(-1).split(block_size):
-            if time.monotonic() >= deadline_at:
+        for block in torch.nonzero(unchecked).squeeze(-1).split(block_size):
+            if block.numel() == 0 or time.monotonic() >= deadline_at:  # (an empty tensor splits into one empty block)
                 break
             reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
-        return torch.cat(reached_free)
+        return torch.cat(reached_free).sort().values  # in start order (seed first), as checked block by block before
 
     def _exactly_accepted(self, solved: _Solutions, scene: Scene, needed: int, deadline_at: float) -> tuple[_Solutions, int]:
         """The solutions that pass the exact check, and how many it rejected. It (~0.2-1.5 ms a
@@ -640,14 +654,14 @@ class IKEngine:
         exact_deadline_at: float,
     ) -> tuple[_Solutions, int, float]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
-        FAST_STAGE_SURPLUS times `needed` converged; the fast checker, then the exact check of those until `needed`
-        pass. Returns the accepted solutions, how many the exact check rejected, and the fraction of the
+        FAST_STAGE_SURPLUS times `needed` converged and the fast checker calls `needed` of them free; then
+        the exact check of the free ones until `needed` pass. Returns the accepted solutions, how many the exact check rejected, and the fraction of the
         converged configurations that the fast checker called free (NaN when none converged)."""
         config = self.config
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
             deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
-            orientation_tolerance_rad=config["orientation_tolerance_rad"])
+            orientation_tolerance_rad=config["orientation_tolerance_rad"], accept=self._fast_free(tensor_scene), min_accepted=needed)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
         reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
         converged = int(unobstructed.converged.sum())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,9 @@ class RefineResult:
     converged: torch.Tensor  # [K] bool: within both tolerances and collision-free
     collision_free: torch.Tensor  # [K] bool
     iterations: int
+    # With `accept`: the converged rows it was asked about ([K] bool), and those it passed.
+    accept_checked: torch.Tensor | None = None
+    accept_passed: torch.Tensor | None = None
 
 
 def _goal_residual(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,6 +86,42 @@ def _lm_trial(
 
 def _next_damping(damping: torch.Tensor, improves: torch.Tensor) -> torch.Tensor:
     return torch.where(improves, (damping * 0.3).clamp_min(1e-12), (damping * 10.0).clamp_max(1e6))
+
+
+class _SolvedCount:
+    """Whether enough rows converged: `enough_solved` of them, and with `accept` (q [N, 7] -> [N] bool, e.g.
+    the fast collision check when the LM itself ignores obstacles) also `min_accepted` that pass it. In
+    clutter the first starts to converge (prior samples near the goal) may all collide, and stopping on
+    them left every round of a solvable goal without a free solution (random scenes,
+    bench/ik_random_scenes.py). Each converged row is checked once, and only when the count would stop the
+    LM, so that where enough pass at once this costs nothing (the caller reuses the answers)."""
+
+    def __init__(self, enough_solved: int | None, accept: Callable[[torch.Tensor], torch.Tensor] | None, min_accepted: int,
+                 rows: int, device: torch.device):
+        self.enough_solved, self.accept, self.min_accepted = enough_solved, accept, min_accepted
+        if accept is not None:
+            self.checked = torch.zeros(rows, dtype=torch.bool, device=device)
+            self.passed = torch.zeros(rows, dtype=torch.bool, device=device)
+            self.passed_count = 0
+
+    def enough(self, converged: torch.Tensor, q: torch.Tensor, count: int | None = None) -> bool:
+        """`count`: converged.sum() where the caller read it already."""
+        if self.enough_solved is None:
+            return False
+        count = int(converged.sum()) if count is None else count  # one host read per call until it is enough
+        if count < self.enough_solved or self.accept is None:
+            return count >= self.enough_solved
+        pending = converged & ~self.checked
+        if self.passed_count + int(pending.sum()) >= self.min_accepted:  # else checking cannot stop the LM yet
+            rows = torch.nonzero(pending).squeeze(-1)
+            self.passed[rows] = self.accept(q[rows])
+            self.checked[rows] = True
+            self.passed_count = int(self.passed.sum())
+        return self.passed_count >= self.min_accepted
+
+    def accepted(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rows `accept` was asked about and those it passed (None, None without `accept`)."""
+        return (self.checked, self.passed) if self.accept is not None else (None, None)
 
 
 @dataclass
@@ -118,7 +158,7 @@ def _masked_lm_iterations(
 
 def _graphed_unobstructed_lm(
     kinematics: PandaKinematics, q: torch.Tensor, position_error: torch.Tensor, orientation_error: torch.Tensor, damping: torch.Tensor,
-    goal: IKGoal, max_iterations: int, position_tolerance_m: float, orientation_tolerance_rad: float, enough_solved: int | None,
+    goal: IKGoal, max_iterations: int, position_tolerance_m: float, orientation_tolerance_rad: float, solved_count: _SolvedCount,
     deadline_at: float | None, respect_limits: bool,
 ) -> int:
     """The obstacle-ignoring LM of `refine_candidates` as CUDA graph blocks (see LM_GRAPH_BLOCK); updates
@@ -148,7 +188,7 @@ def _graphed_unobstructed_lm(
     while iterations < max_iterations:
         converged = ((state.position_error[:count] <= position_tolerance_m) & (state.orientation_error[:count] <= orientation_tolerance_rad))
         solved = int(converged.sum())
-        if solved == count or (enough_solved is not None and solved >= enough_solved):
+        if solved == count or solved_count.enough(converged, state.q[:count], solved):
             break
         if deadline_at is not None and time.monotonic() >= deadline_at:
             break
@@ -176,13 +216,16 @@ def refine_candidates(
     enough_solved: int | None = None,
     deadline_at: float | None = None,
     respect_limits: bool = True,
+    accept: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    min_accepted: int = 1,
 ) -> RefineResult:
     """Polish candidates q_initial [K, 7] toward `goal` (one goal, or a batch of K: one per candidate),
     keeping joint limits and collision freedom.
 
-    Stops early once `enough_solved` candidates are within tolerance and collision-free, or when
-    time.monotonic() reaches `deadline_at`. `checker` None ignores collisions; `respect_limits` False
-    ignores the joint limits (both only to diagnose unsolvable goals).
+    Stops early once `enough_solved` candidates are within tolerance and collision-free (and, with
+    `accept`, `min_accepted` of them pass it: see _SolvedCount), or when time.monotonic() reaches
+    `deadline_at`. `checker` None ignores collisions; `respect_limits` False ignores the joint limits
+    (both only to diagnose unsolvable goals).
     """
     kinematics = float64_kinematics(q_initial.device)
 
@@ -198,19 +241,20 @@ def refine_candidates(
     collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
     position_error, orientation_error = goal_errors(kinematics, q, goal)
+    solved_count = _SolvedCount(enough_solved, accept, min_accepted, q.shape[0], q.device)
     if checker is None and q.device.type in LM_GRAPH_DEVICE_TYPES and 0 < q.shape[0] <= LM_GRAPH_MAX_ROWS and _LM_GRAPHS_LOCK.acquire(blocking=False):
         # (Another thread on the graphs: this call runs eagerly rather than wait.)
         try:
             iterations = _graphed_unobstructed_lm(kinematics, q, position_error, orientation_error, damping, goal, max_iterations,
-                                                  position_tolerance_m, orientation_tolerance_rad, enough_solved, deadline_at, respect_limits)
+                                                  position_tolerance_m, orientation_tolerance_rad, solved_count, deadline_at, respect_limits)
         finally:
             _LM_GRAPHS_LOCK.release()
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
-        return RefineResult(q, position_error, orientation_error, converged, collision_free, iterations)
+        return RefineResult(q, position_error, orientation_error, converged, collision_free, iterations, *solved_count.accepted())
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
-        if enough_solved is not None and int((converged & collision_free).sum()) >= enough_solved:
+        if solved_count.enough(converged & collision_free, q):
             break
         if deadline_at is not None and time.monotonic() >= deadline_at:
             break
@@ -232,7 +276,7 @@ def refine_candidates(
         orientation_error[accepted] = trial_orientation_error[improves]
         damping[active] = _next_damping(active_damping, improves)
     converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
-    return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations)
+    return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations, *solved_count.accepted())
 
 
 def slide_clear(

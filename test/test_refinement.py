@@ -1,0 +1,43 @@
+"""The LM polish's early stop (mace_ros/core/refinement.py), without ROS."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from mace_ros.core import refinement
+from mace_ros.core.ik_domain import IKGoal
+
+
+@pytest.mark.parametrize("path", ["compacted", "masked"])
+def test_the_early_stop_counts_only_rows_that_pass_the_acceptance(monkeypatch, path):
+    """An obstacle-ignoring LM stops once `enough_solved` rows converged and, with `accept`, `min_accepted`
+    of them pass it. Starts next to a solution that `accept` refuses converge first: stopping on them
+    (as without `accept`) leaves fewer than asked accepted; with it the LM goes on to accepted ones, checks
+    each converged row once, and reports what it checked."""
+    if path == "masked":
+        monkeypatch.setattr(refinement, "LM_GRAPH_DEVICE_TYPES", ("cpu", "cuda"))
+    kinematics = refinement.float64_kinematics(torch.device("cpu"))
+    generator = torch.Generator().manual_seed(5)
+    refused = torch.tensor([[0.6, 0.3, 0.0, -1.8, 0.0, 2.0, 0.8]], dtype=torch.float64)  # q1 > 0: refused
+    goal = IKGoal(kinematics.forward(refused, "panda_hand")[0][0], None, "panda_hand")  # position only
+    near = refused + 0.01 * torch.randn(8, 7, generator=generator, dtype=torch.float64)
+    starts = torch.cat([near, kinematics.random_configurations(56, generator)])
+    asked: list[int] = []
+
+    def accept(q: torch.Tensor) -> torch.Tensor:
+        asked.append(q.shape[0])
+        return q[:, 0] < 0.0
+
+    lock = refinement._LM_GRAPHS_LOCK if path == "compacted" else contextlib.nullcontext()
+    with lock:  # held: this call takes the compacted path
+        plain = refinement.refine_candidates(starts, goal, None, None, max_iterations=30, enough_solved=4)
+        accepted = refinement.refine_candidates(starts, goal, None, None, max_iterations=30, enough_solved=4,
+                                                accept=accept, min_accepted=3)
+    assert int((plain.converged & (plain.q[:, 0] < 0.0)).sum()) < 3 and plain.accept_checked is None
+    passing = accepted.converged & (accepted.q[:, 0] < 0.0)
+    assert int(passing.sum()) >= 3
+    assert torch.equal(accepted.accept_checked & ~accepted.converged, torch.zeros_like(accepted.converged))
+    assert torch.equal(accepted.accept_passed, accepted.accept_checked & (accepted.q[:, 0] < 0.0))
+    assert sum(asked) == int(accepted.accept_checked.sum())  # each converged row asked about once
