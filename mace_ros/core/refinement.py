@@ -94,7 +94,15 @@ class _SolvedCount:
     clutter the first starts to converge (prior samples near the goal) may all collide, and stopping on
     them left every round of a solvable goal without a free solution (random scenes,
     bench/ik_random_scenes.py). Each converged row is checked once, and only when the count would stop the
-    LM, so that where enough pass at once this costs nothing (the caller reuses the answers)."""
+    LM, so that where enough pass at once this costs nothing (the caller reuses the answers). After a check
+    that found too few, one more comes RECHECK_CALLS calls later, of CHECK_ROWS_PER_ACCEPTED rows per row
+    still needed at most; then the count alone decides (the caller checks the rest): a check of 50-60
+    configurations took 0.2-0.3 s among a 15k-point cloud on a CPU.
+    """
+
+    CHECK_ROWS_PER_ACCEPTED = 8
+    RECHECK_CALLS = 5
+    MAX_CHECKS = 2
 
     def __init__(self, enough_solved: int | None, accept: Callable[[torch.Tensor], torch.Tensor] | None, min_accepted: int,
                  rows: int, device: torch.device):
@@ -103,6 +111,8 @@ class _SolvedCount:
             self.checked = torch.zeros(rows, dtype=torch.bool, device=device)
             self.passed = torch.zeros(rows, dtype=torch.bool, device=device)
             self.passed_count = 0
+            self.calls_to_recheck = 0
+            self.checks = 0
 
     def enough(self, converged: torch.Tensor, q: torch.Tensor, count: int | None = None) -> bool:
         """`count`: converged.sum() where the caller read it already."""
@@ -111,12 +121,20 @@ class _SolvedCount:
         count = int(converged.sum()) if count is None else count  # one host read per call until it is enough
         if count < self.enough_solved or self.accept is None:
             return count >= self.enough_solved
+        if self.checks >= self.MAX_CHECKS:
+            return True
+        self.calls_to_recheck -= 1
+        if self.calls_to_recheck > 0:
+            return False
         pending = converged & ~self.checked
         if self.passed_count + int(pending.sum()) >= self.min_accepted:  # else checking cannot stop the LM yet
             rows = torch.nonzero(pending).squeeze(-1)
+            if self.checks:  # a recheck: what the caller would check anyway is not asked about twice
+                rows = rows[: self.CHECK_ROWS_PER_ACCEPTED * max(self.min_accepted - self.passed_count, 1)]
             self.passed[rows] = self.accept(q[rows])
             self.checked[rows] = True
             self.passed_count = int(self.passed.sum())
+            self.calls_to_recheck, self.checks = self.RECHECK_CALLS, self.checks + 1
         return self.passed_count >= self.min_accepted
 
     def accepted(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
