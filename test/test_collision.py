@@ -557,6 +557,27 @@ def test_pybullet_sees_every_primitive_of_a_large_scene(exact, position):
     assert not bool(exact.check(q, Scene(spheres=far)).scene_collision[0])
 
 
+def test_cloud_points_are_balls_of_the_configured_radius():
+    """With cloud_point_radius_m a cloud point collides with a link within that radius (plus the usual pads),
+    for the fast checker and the exact one alike: a point 4 mm outside the forearm's hull is free as a point
+    and a collision as a 1 cm ball."""
+    q = torch.tensor([[0.0, 0.3, 0.0, -1.8, 0.0, 2.0, 0.8]], dtype=torch.float64)
+    as_points = TorchCollisionChecker(dtype=torch.float64)
+    elbow = PandaKinematics(dtype=torch.float64).link_transforms(q)[0, LINK_NAMES.index("panda_link4"), :3, 3].numpy()
+    outside, direction = elbow + np.array([0.0, 0.0, 0.5]), np.array([0.0, 0.0, -1.0])
+
+    def collides(distance: float, checker) -> bool:
+        return bool(checker.check(q, Scene(points=(outside + distance * direction)[None])).in_collision[0])
+
+    low, high = 0.0, 0.5  # bisection for where a point coming down onto the arm starts to touch it
+    for _ in range(30):
+        low, high = (low, (low + high) / 2) if collides((low + high) / 2, as_points) else ((low + high) / 2, high)
+    as_balls = TorchCollisionChecker(dtype=torch.float64, cloud_point_radius_m=0.01)
+    with PyBulletCollisionChecker() as exact_points, PyBulletCollisionChecker(cloud_point_radius_m=0.01) as exact_balls:
+        for checker, expected in ((as_points, False), (exact_points, False), (as_balls, True), (exact_balls, True)):
+            assert collides(low - 0.004, checker) is expected, checker
+
+
 def visual_meshes(bullet: PyBulletCollisionChecker) -> list[bytes]:
     """The robot's shapes drawn from the URDF's visual meshes (without them Bullet draws the collision ones)."""
     shapes = pybullet.getVisualShapeData(bullet.robot, physicsClientId=bullet.client)

@@ -184,7 +184,8 @@ class IKEngine:
         self.device = torch.device(device)
         self.dtype = dtype
         self.kinematics = PandaKinematics(self.device, dtype)
-        self.checker = TorchCollisionChecker(device=self.device, dtype=dtype, collision_margin_m=self.config["collision_margin_m"])
+        self.checker = TorchCollisionChecker(device=self.device, dtype=dtype, collision_margin_m=self.config["collision_margin_m"],
+                                             cloud_point_radius_m=self.config["cloud_point_radius_m"])
         self.exact_checker = self._make_exact_checker()
         # One Bullet client per engine: concurrent requests take turns (it also caches the scene body).
         self._exact_lock = threading.Lock()
@@ -219,7 +220,7 @@ class IKEngine:
                 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
             except ImportError as error:
                 raise ImportError(f"ik.exact_check 'pybullet' needs pybullet ({error}); install it or set ik.exact_check to 'none'") from error
-            return PyBulletCollisionChecker(collision_margin_m=self.config["collision_margin_m"])
+            return PyBulletCollisionChecker(self.config["collision_margin_m"], self.config["cloud_point_radius_m"])
         raise ValueError(f"ik.exact_check must be 'pybullet' or 'none', got {kind!r}")
 
     def _exactly_free(self, q: torch.Tensor, scene: Scene) -> torch.Tensor:

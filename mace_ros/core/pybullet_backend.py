@@ -54,10 +54,11 @@ def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
 class PyBulletCollisionChecker:
     """Mesh collision checks of configurations q [B, 7] against a Scene (CPU, one configuration at a time)."""
 
-    def __init__(self, collision_margin_m: float = 0.0):
-        if collision_margin_m < 0:
-            raise ValueError(f"collision_margin_m must be >= 0, got {collision_margin_m}")
+    def __init__(self, collision_margin_m: float = 0.0, cloud_point_radius_m: float = 0.0):
+        if collision_margin_m < 0 or cloud_point_radius_m < 0:
+            raise ValueError(f"collision_margin_m and cloud_point_radius_m must be >= 0, got {collision_margin_m}, {cloud_point_radius_m}")
         self.collision_margin_m = float(collision_margin_m)
+        self.cloud_point_radius_m = float(cloud_point_radius_m)  # cloud points are balls (TorchCollisionChecker's)
         self.client = pybullet.connect(pybullet.DIRECT)
         self._load_robot()
         colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
@@ -173,7 +174,7 @@ class PyBulletCollisionChecker:
         if scene.points is not None and len(configurations):
             scene_collision = self._hull_checker.points_meet_links(
                 torch.from_numpy(configurations), torch.tensor(scene.points),
-                self.collision_margin_m + BULLET_HULL_MARGIN_M + POINT_SPHERE_RADIUS_M).numpy()
+                self.collision_margin_m + BULLET_HULL_MARGIN_M + POINT_SPHERE_RADIUS_M + self.cloud_point_radius_m).numpy()
         for index, configuration in enumerate(configurations):
             self._set_configuration(configuration)
             self_collision[index] = self._self_collision()

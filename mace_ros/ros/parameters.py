@@ -74,6 +74,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "ik.elite_quantile": ParameterSpec("Fraction of samples kept as elites (q).", 1e-6, 1.0),
     "ik.learning_rate": ParameterSpec("Adam learning rate of MACE tuning.", 0.0, 1.0),
     "ik.collision_margin_m": ParameterSpec("Extra clearance (m) added to every collision sphere.", 0.0, 0.5),
+    "ik.cloud_point_radius_m": ParameterSpec(
+        "Obstacle cloud points are balls of this radius (m): a surface sampled about twice as far apart cannot be passed "
+        "through between its points (half obstacle_cloud.voxel_size_m: each occupied voxel's centre stands for the voxel).", 0.0, 0.5),
     "ik.position_length_scale_m": ParameterSpec("Length scale (m) of the score exp(-position error / scale).", 1e-6, 100.0),
     "ik.orientation_length_scale_rad": ParameterSpec("Angle scale (rad) of the orientation term of the score.", 1e-6, 100.0),
     "ik.refine_candidates": ParameterSpec("Best tuned samples polished by Levenberg-Marquardt.", 1, 100000),
