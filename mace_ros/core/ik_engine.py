@@ -43,11 +43,14 @@ FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
 # at most DIAGNOSIS_RESERVE_S on a CPU; rounds leave that much (at most a fifth of the timeout) for it.
 # Solved configurations go to the exact check in blocks of this many, until a round has enough.
 EXACT_CHECK_BLOCK = 4
-# Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks of this many
-# with the clock read between blocks: deep in obstacles the narrow phase takes up to ~2 ms each on a CPU.
-# A GPU checks 4,096 in 4-13 ms (H200, BENCHMARKS.md), about what a block of 64 costs there.
-NARROW_CHECK_BLOCK_CPU = 64
-NARROW_CHECK_BLOCK_GPU = 4096
+# Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks with the clock
+# read between blocks: the narrow phase takes up to ~2 ms each deep in primitives on a CPU, ~4 ms among a
+# 15k-point cloud. The first block has NARROW_CHECK_FIRST_BLOCK rows; each next one what the rate measured
+# so far fits in the time left, between NARROW_CHECK_MIN_BLOCK and NARROW_CHECK_MAX_BLOCK. A GPU checks
+# 4,096 in 4-13 ms (H200, BENCHMARKS.md), about what 64 cost on the CPU.
+NARROW_CHECK_FIRST_BLOCK = {"cpu": 16, "cuda": 4096}
+NARROW_CHECK_MIN_BLOCK = {"cpu": 4, "cuda": 1024}
+NARROW_CHECK_MAX_BLOCK = {"cpu": 256, "cuda": 65536}
 # Goal-reaching configurations that the fast checker rejected but the exact check gets to decide on, per failing round.
 NEAR_CONTACT_EXACT_CHECKS = 4
 # The fast stage's LM stops once this many times the solutions asked for reached the goal: some of
@@ -482,7 +485,7 @@ class IKEngine:
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=min(max_iterations, config["unobstructed_max_iterations"]),
             enough_solved=None if enough_solved is None else 4 * enough_solved, deadline_at=unobstructed_deadline,
-            accept=self._fast_free(tensor_scene), min_accepted=max(1, (enough_solved or 0) // 2), **tolerances)
+            accept=self._fast_free(tensor_scene, deadline_at), min_accepted=max(1, (enough_solved or 0) // 2), **tolerances)
         reached = self._reached_free(unobstructed, tensor_scene, deadline_at)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad).subset(reached)
         # The starts that reached the goal but collide are the raw material of slide_clear.
@@ -529,27 +532,35 @@ class IKEngine:
         with torch.no_grad():
             return torch.argsort(self.checker.penetration(q.to(self.dtype), tensor_scene))
 
-    def _fast_free(self, tensor_scene: TensorScene) -> Callable[[torch.Tensor], torch.Tensor]:
-        """q [N, 7] -> [N] bool: the fast checker calls q free (what the obstacle-ignoring LM's early stop counts)."""
-        def free(q: torch.Tensor) -> torch.Tensor:
-            if q.shape[0] == 0:
-                return torch.zeros(0, dtype=torch.bool, device=q.device)
-            return ~self.checker.check(q.to(self.dtype), tensor_scene).in_collision
+    def _fast_free(self, tensor_scene: TensorScene, deadline_at: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """q [N, 7] -> [N] bool: the fast checker calls q free (what the obstacle-ignoring LM's early stop counts),
+        False for rows left unchecked at `deadline_at`."""
+        return lambda q: self._free_in_time(q, tensor_scene, deadline_at)
+
+    def _free_in_time(self, q: torch.Tensor, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
+        """[N] bool: the fast checker calls q [N, 7] free, checking in blocks while time is left (see
+        NARROW_CHECK_FIRST_BLOCK); rows not checked by `deadline_at` are False."""
+        free = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        kind = "cpu" if self.device.type == "cpu" else "cuda"
+        start, block, started = 0, NARROW_CHECK_FIRST_BLOCK[kind], time.monotonic()
+        while start < q.shape[0] and time.monotonic() < deadline_at:
+            free[start:start + block] = ~self.checker.check(q[start:start + block].to(self.dtype), tensor_scene).in_collision
+            start += block
+            now = time.monotonic()
+            seconds_per_row = max(now - started, 1e-6) / start
+            block = int(min(max((deadline_at - now) / seconds_per_row, NARROW_CHECK_MIN_BLOCK[kind]), NARROW_CHECK_MAX_BLOCK[kind]))
         return free
 
     def _reached_free(self, unobstructed: RefineResult, tensor_scene: TensorScene, deadline_at: float) -> torch.Tensor:
-        """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free,
-        checked in blocks while time is left: thousands of converged starts take a while."""
-        reached_free = [torch.zeros(0, dtype=torch.long, device=self.device)]
+        """Indices of the obstacle-ignoring LM's converged results that the fast checker calls free, of those
+        checked while time is left: thousands of converged starts take a while."""
         unchecked = unobstructed.converged
+        reached_free = []
         if unobstructed.accept_checked is not None:  # the LM's early stop checked these already
             reached_free.append(torch.nonzero(unobstructed.converged & unobstructed.accept_passed).squeeze(-1))
             unchecked = unchecked & ~unobstructed.accept_checked
-        block_size = NARROW_CHECK_BLOCK_CPU if self.device.type == "cpu" else NARROW_CHECK_BLOCK_GPU
-        for block in torch.nonzero(unchecked).squeeze(-1).split(block_size):
-            if block.numel() == 0 or time.monotonic() >= deadline_at:  # (an empty tensor splits into one empty block)
-                break
-            reached_free.append(block[~self.checker.check(unobstructed.q[block].to(self.dtype), tensor_scene).in_collision])
+        rows = torch.nonzero(unchecked).squeeze(-1)
+        reached_free.append(rows[self._free_in_time(unobstructed.q[rows], tensor_scene, deadline_at)])
         return torch.cat(reached_free).sort().values  # in start order (seed first), as checked block by block before
 
     def _exactly_accepted(self, solved: _Solutions, scene: Scene, needed: int, deadline_at: float) -> tuple[_Solutions, int]:
@@ -662,7 +673,7 @@ class IKEngine:
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
             deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
-            orientation_tolerance_rad=config["orientation_tolerance_rad"], accept=self._fast_free(tensor_scene), min_accepted=needed)
+            orientation_tolerance_rad=config["orientation_tolerance_rad"], accept=self._fast_free(tensor_scene, deadline_at), min_accepted=needed)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
         reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
         converged = int(unobstructed.converged.sum())
