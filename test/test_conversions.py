@@ -150,6 +150,27 @@ def test_markers_become_primitives_with_rviz_scale_semantics():
         conversions.marker_to_primitive(marker(Marker.CUBE, (0.1, 0.0, 0.1)), identity)
 
 
+def test_rotated_markers_turn_their_primitives_as_rviz_draws_them():
+    """rviz draws a marker's scale along the axes of its pose: a CUBE 0.4 m long in x, turned 90° about z,
+    reaches 0.2 m along the base's y, and a CYLINDER (axis: its z) turned 90° about x lies along the base's y."""
+    half = math.sqrt(0.5)
+
+    def inside(primitive, point) -> bool:
+        local = primitive.rotation.T @ (np.asarray(point) - primitive.center)
+        if isinstance(primitive, Box):
+            return bool((np.abs(local) <= primitive.half_extents + 1e-9).all())
+        return bool(abs(local[2]) <= primitive.half_height + 1e-9 and math.hypot(local[0], local[1]) <= primitive.radius + 1e-9)
+
+    cube = marker(Marker.CUBE, (0.4, 0.1, 0.1))
+    cube.pose.orientation = Quaternion(z=half, w=half)
+    box = conversions.marker_to_primitive(cube, RigidTransform.identity())
+    assert inside(box, (0.5, 0.18, 0.1)) and not inside(box, (0.68, 0.0, 0.1))
+    rod = marker(Marker.CYLINDER, (0.04, 0.04, 0.3))
+    rod.pose.orientation = Quaternion(x=half, w=half)
+    cylinder = conversions.marker_to_primitive(rod, RigidTransform.identity())
+    assert inside(cylinder, (0.5, 0.14, 0.1)) and not inside(cylinder, (0.5, 0.0, 0.24))
+
+
 def test_static_transforms_move_markers_and_reject_unknown_frames():
     # camera_link sits 1 m above the base, turned 90 degrees about z.
     half = math.sqrt(0.5)
