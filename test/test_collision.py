@@ -525,9 +525,10 @@ def test_pybullet_checkers_in_threads_agree():
     assert torch.equal(results[0], results[1])
 
 
-def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch):
-    """Bullet frees collision shapes only on a reset: a checker resets its client after enough scene
-    changes (here every second one), and answers after the reset as a checker that never reset."""
+@pytest.mark.parametrize("limit", ["MAX_SHAPES_BEFORE_RESET", "MAX_COMPOUNDS_BEFORE_RESET"])
+def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch, limit):
+    """Bullet frees collision shapes only on a reset: a checker resets its client after enough primitive or
+    compound shapes (here every second scene change), and answers after the reset as a checker that never reset."""
     from mace_ros.core import pybullet_backend
 
     scenes = [all_primitives_scene(), shipped_scene("box"), shipped_scene("shelf")]
@@ -536,7 +537,7 @@ def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch):
     resets = []
     reset = pybullet.resetSimulation
     monkeypatch.setattr(pybullet_backend.pybullet, "resetSimulation", lambda **kwargs: resets.append(1) or reset(**kwargs))
-    monkeypatch.setattr(pybullet_backend, "MAX_SHAPES_BEFORE_RESET", 4)
+    monkeypatch.setattr(pybullet_backend, limit, 4 if limit == "MAX_SHAPES_BEFORE_RESET" else 1)
     with PyBulletCollisionChecker() as bullet:
         for round_index in range(6):
             for scene, flags in zip(scenes, expected):

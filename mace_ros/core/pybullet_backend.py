@@ -3,7 +3,8 @@
 The robot is pybullet_data's `franka_panda/panda.urdf` (the kinematics of `kinematics.py`) with its
 collision meshes, which Bullet collides as convex hulls with a 1 mm margin. The fingers are set to
 the same opening as the kinematics (`FINGER_OPENING_M`). A scene's primitives become one static
-compound body of boxes, spheres and cylinders (bodies, past COMPOUND_CHILDREN primitives). A point cloud is tested against the facet planes of
+body of boxes, spheres and cylinders: compound shapes of at most COMPOUND_CHILDREN primitives, the first its
+base, the others links fixed to it. A point cloud is tested against the facet planes of
 the same convex hulls (`TorchCollisionChecker.points_meet_links`, batched): as a body of tiny spheres
 in Bullet, a 12k-point cloud took 0.1-0.2 s to build, holding the GIL, for every new camera cloud,
 and Bullet's per-point checks grow with the cloud. Configurations
@@ -11,12 +12,12 @@ are checked one by one (resetJointState + fresh closest-point queries, never cac
 manifolds, whose points can go stale after a teleport). Self-collision uses the same link pairs as
 the torch backend (`collision.checked_link_pairs`), scene collision skips the base link likewise.
 
-A compound body holds at most COMPOUND_CHILDREN primitives: Bullet's closest-point query between the robot
-and one compound body of more children never reports a child after the 16th (PyBullet 3.2.7: a sphere
+A compound shape holds at most COMPOUND_CHILDREN primitives: Bullet's closest-point query between the robot
+and a compound shape of more children never reports a child after the 16th (PyBullet 3.2.7: a sphere
 through the arm was found as child 16 of 16, missed as child 17 of 17, whatever the others; over 400
 random configurations in a 384-primitive clutter the single body missed 248 of the 279 collisions, while
 bodies of 8 or 16 children agreed with one body per primitive on all of 9,200 configurations in 14
-clutter scenes).
+clutter scenes, and this checker's one body of linked compounds on all of 2,000 in 4 more).
 
 One DIRECT client per checker instance, so checkers in different threads or processes never share
 Bullet state; call `close()` (or use `with`) to release it.
@@ -43,7 +44,10 @@ BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
 # Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
 # reload take ~0.03 s, once per ~200 changes of a 256-marker scene).
 MAX_SHAPES_BEFORE_RESET = 50_000
-COMPOUND_CHILDREN = 16  # primitives per compound body (see the module docstring)
+COMPOUND_CHILDREN = 16  # primitives per compound shape (see the module docstring)
+# Compound shapes created before a reset: each costs ~14 kB until then (1,200 changes of a 96-primitive scene
+# grew a process by 90 MB with 6 compounds per scene, 18 MB with one; ad-hoc, this CPU).
+MAX_COMPOUNDS_BEFORE_RESET = 1_000
 
 
 def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
@@ -66,6 +70,7 @@ class PyBulletCollisionChecker:
         self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
         self._scene: tuple[tuple, list[int]] | None = None  # (the primitives, their bodies)
         self._shapes_since_reset = 0  # primitive shapes created since the client was last reset
+        self._compounds_since_reset = 0  # and the compound shapes holding them
         # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
         self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
 
@@ -100,8 +105,8 @@ class PyBulletCollisionChecker:
         self.client = None
 
     def _scene_bodies(self, scene: Scene) -> list[int]:
-        """The compound bodies holding the scene's primitives, COMPOUND_CHILDREN each (rebuilt when they
-        change; scenes that share them, e.g. snapshots that differ by their cloud, share the bodies)."""
+        """The body holding the scene's primitives ([] without any), in compounds of COMPOUND_CHILDREN (rebuilt
+        when they change; scenes that share them, e.g. snapshots that differ by their cloud, share the body)."""
         primitives = (*scene.boxes, *scene.spheres, *scene.cylinders)
         if self._scene is not None and len(self._scene[0]) == len(primitives) and all(
                 kept is new for kept, new in zip(self._scene[0], primitives)):
@@ -109,12 +114,12 @@ class PyBulletCollisionChecker:
         if self._scene is not None:
             for body in self._scene[1]:
                 pybullet.removeBody(body, physicsClientId=self.client)
-        if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET:
+        if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET or self._compounds_since_reset > MAX_COMPOUNDS_BEFORE_RESET:
             # Bullet frees a body's collision shapes only on a reset (removeCollisionShape refuses a
             # shape a removed body used): without one, every scene change leaked ~100 B per primitive.
             pybullet.resetSimulation(physicsClientId=self.client)
             self._load_robot()
-            self._shapes_since_reset = 0
+            self._shapes_since_reset = self._compounds_since_reset = 0
         shape_types, radii, half_extents, lengths, positions, orientations = [], [], [], [], [], []
 
         def add(shape_type: int, position: np.ndarray, orientation: list[float], radius: float = 0.0,
@@ -133,15 +138,25 @@ class PyBulletCollisionChecker:
             add(pybullet.GEOM_SPHERE, sphere.center, identity, radius=sphere.radius)
         for cylinder in scene.cylinders:
             add(pybullet.GEOM_CYLINDER, cylinder.center, _xyzw(cylinder.quaternion_wxyz), radius=cylinder.radius, length=2 * cylinder.half_height)
-        bodies = []
+        shapes = []
         for start in range(0, len(shape_types), COMPOUND_CHILDREN):
             part = slice(start, start + COMPOUND_CHILDREN)
-            shape = pybullet.createCollisionShapeArray(
+            shapes.append(pybullet.createCollisionShapeArray(
                 shapeTypes=shape_types[part], radii=radii[part], halfExtents=half_extents[part], lengths=lengths[part],
                 collisionFramePositions=positions[part], collisionFrameOrientations=orientations[part], physicsClientId=self.client,
-            )
-            bodies.append(pybullet.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=shape, physicsClientId=self.client))
+            ))
+        bodies = []
+        if shapes:
+            # One body, each further compound a link fixed to its base: a body per compound took ~5x the memory.
+            links = len(shapes) - 1
+            bodies.append(pybullet.createMultiBody(
+                baseMass=0.0, baseCollisionShapeIndex=shapes[0], linkMasses=[0.0] * links, linkCollisionShapeIndices=shapes[1:],
+                linkVisualShapeIndices=[-1] * links, linkPositions=[[0.0, 0.0, 0.0]] * links, linkOrientations=[identity] * links,
+                linkInertialFramePositions=[[0.0, 0.0, 0.0]] * links, linkInertialFrameOrientations=[identity] * links,
+                linkParentIndices=[0] * links, linkJointTypes=[pybullet.JOINT_FIXED] * links, linkJointAxis=[[0.0, 0.0, 1.0]] * links,
+                physicsClientId=self.client))
         self._shapes_since_reset += len(shape_types)
+        self._compounds_since_reset += len(shapes)
         self._scene = (primitives, bodies)
         return bodies
 
