@@ -667,8 +667,9 @@ class IKEngine:
     ) -> tuple[_Solutions, int, float]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
         FAST_STAGE_SURPLUS times `needed` converged and the fast checker calls `needed` of them free; then
-        the exact check of the free ones until `needed` pass. Returns the accepted solutions, how many the exact check rejected, and the fraction of the
-        converged configurations that the fast checker called free (NaN when none converged)."""
+        the exact check of the free ones until `needed` pass. Returns the accepted solutions, how many the
+        exact check rejected, and the fraction of the converged configurations that the fast checker
+        called free (NaN when none converged)."""
         config = self.config
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
