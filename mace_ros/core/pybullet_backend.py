@@ -68,7 +68,7 @@ class PyBulletCollisionChecker:
         colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
         self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
         self.scene_links = {self.link_index[name] for name in colliding_links if name not in SCENE_EXCLUDED_LINKS}
-        self._scene: tuple[tuple, list[int]] | None = None  # (the primitives, their bodies)
+        self._scene: tuple[tuple, int | None] | None = None  # (the primitives, their body)
         self._shapes_since_reset = 0  # primitive shapes created since the client was last reset
         self._compounds_since_reset = 0  # and the compound shapes holding them
         # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
@@ -104,16 +104,15 @@ class PyBulletCollisionChecker:
             pybullet.disconnect(self.client)
         self.client = None
 
-    def _scene_bodies(self, scene: Scene) -> list[int]:
-        """The body holding the scene's primitives ([] without any), in compounds of COMPOUND_CHILDREN (rebuilt
+    def _scene_body(self, scene: Scene) -> int | None:
+        """The body holding the scene's primitives (None without any), in compounds of COMPOUND_CHILDREN (rebuilt
         when they change; scenes that share them, e.g. snapshots that differ by their cloud, share the body)."""
         primitives = (*scene.boxes, *scene.spheres, *scene.cylinders)
         if self._scene is not None and len(self._scene[0]) == len(primitives) and all(
                 kept is new for kept, new in zip(self._scene[0], primitives)):
             return self._scene[1]
-        if self._scene is not None:
-            for body in self._scene[1]:
-                pybullet.removeBody(body, physicsClientId=self.client)
+        if self._scene is not None and self._scene[1] is not None:
+            pybullet.removeBody(self._scene[1], physicsClientId=self.client)
         if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET or self._compounds_since_reset > MAX_COMPOUNDS_BEFORE_RESET:
             # Bullet frees a body's collision shapes only on a reset (removeCollisionShape refuses a
             # shape a removed body used): without one, every scene change leaked ~100 B per primitive.
@@ -145,29 +144,30 @@ class PyBulletCollisionChecker:
                 shapeTypes=shape_types[part], radii=radii[part], halfExtents=half_extents[part], lengths=lengths[part],
                 collisionFramePositions=positions[part], collisionFrameOrientations=orientations[part], physicsClientId=self.client,
             ))
-        bodies = []
+        body = None
         if shapes:
-            # One body, each further compound a link fixed to its base: a body per compound took ~5x the memory.
+            # One body, each further compound a link fixed to its base: one closest-point query per configuration.
             links = len(shapes) - 1
-            bodies.append(pybullet.createMultiBody(
+            body = pybullet.createMultiBody(
                 baseMass=0.0, baseCollisionShapeIndex=shapes[0], linkMasses=[0.0] * links, linkCollisionShapeIndices=shapes[1:],
                 linkVisualShapeIndices=[-1] * links, linkPositions=[[0.0, 0.0, 0.0]] * links, linkOrientations=[identity] * links,
                 linkInertialFramePositions=[[0.0, 0.0, 0.0]] * links, linkInertialFrameOrientations=[identity] * links,
                 linkParentIndices=[0] * links, linkJointTypes=[pybullet.JOINT_FIXED] * links, linkJointAxis=[[0.0, 0.0, 1.0]] * links,
-                physicsClientId=self.client))
+                physicsClientId=self.client)
         self._shapes_since_reset += len(shape_types)
         self._compounds_since_reset += len(shapes)
-        self._scene = (primitives, bodies)
-        return bodies
+        self._scene = (primitives, body)
+        return body
 
     def _set_configuration(self, q: np.ndarray) -> None:
         for joint, angle in zip(self.arm_joints, q):
             pybullet.resetJointState(self.robot, joint, float(angle), physicsClientId=self.client)
 
-    def _scene_collision(self, bodies: list[int]) -> bool:
-        return any(
-            contact[3] in self.scene_links and contact[8] < self.collision_margin_m
-            for body in bodies for contact in pybullet.getClosestPoints(self.robot, body, self.collision_margin_m, physicsClientId=self.client))
+    def _scene_collision(self, body: int | None) -> bool:
+        if body is None:
+            return False
+        contacts = pybullet.getClosestPoints(self.robot, body, self.collision_margin_m, physicsClientId=self.client)
+        return any(contact[3] in self.scene_links and contact[8] < self.collision_margin_m for contact in contacts)
 
     def _self_collision(self) -> bool:
         for link_a, link_b in self.self_pairs:
@@ -183,7 +183,7 @@ class PyBulletCollisionChecker:
         if self.client is None:
             raise RuntimeError("PyBulletCollisionChecker is closed")
         configurations = q.detach().cpu().double().numpy() if isinstance(q, torch.Tensor) else np.asarray(q, dtype=np.float64)
-        bodies = self._scene_bodies(scene)
+        body = self._scene_body(scene)
         self_collision = np.zeros(len(configurations), dtype=bool)
         scene_collision = np.zeros(len(configurations), dtype=bool)
         if scene.points is not None and len(configurations):
@@ -193,7 +193,7 @@ class PyBulletCollisionChecker:
         for index, configuration in enumerate(configurations):
             self._set_configuration(configuration)
             self_collision[index] = self._self_collision()
-            scene_collision[index] |= self._scene_collision(bodies)
+            scene_collision[index] |= self._scene_collision(body)
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         self_flags = torch.as_tensor(self_collision, device=device)
         scene_flags = torch.as_tensor(scene_collision, device=device)
