@@ -586,18 +586,21 @@ def visual_meshes(bullet: PyBulletCollisionChecker) -> list[bytes]:
 
 
 def test_pybullet_robot_without_visual_meshes_collides_as_with_them(monkeypatch):
-    """The checker loads the Panda without its visual meshes (a quarter of the time, all of it holding the
-    GIL); its collision answers are those of the full URDF."""
+    """The checker loads the Panda without its visual meshes and unloads Bullet's renderer (together, scene
+    changes and reloads take a fraction of the time, all of it holding the GIL); its collision answers are
+    those of the full URDF in a client that can draw, among more primitives than one compound holds."""
     from mace_ros.core import pybullet_backend
 
-    scene = shipped_scene("box")
+    scene = shipped_scene("box").with_clutter(40, seed=2)
     q = PandaKinematics().random_configurations(300, torch.Generator().manual_seed(9))
     with PyBulletCollisionChecker(collision_margin_m=0.01) as bullet:
-        assert not visual_meshes(bullet)
+        with pytest.raises(pybullet.error):  # nothing to draw with
+            pybullet.getVisualShapeData(bullet.robot, physicsClientId=bullet.client)
         lean = bullet.check(q, scene)
     load = pybullet.loadURDF
     monkeypatch.setattr(pybullet_backend.pybullet, "loadURDF",
                         lambda *args, flags=0, **kwargs: load(*args, **kwargs))
+    monkeypatch.setattr(pybullet_backend.pybullet, "unloadPlugin", lambda *args, **kwargs: None)
     with PyBulletCollisionChecker(collision_margin_m=0.01) as bullet:
         assert visual_meshes(bullet)
         full = bullet.check(q, scene)

@@ -41,6 +41,7 @@ FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
 # Where Bullet checked cloud points, they were spheres this small; the hull test keeps its reach.
 POINT_SPHERE_RADIUS_M = 1e-4
 BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
+RENDERER_PLUGIN = "tinyRendererPlugin"  # built into pybullet and loaded by every DIRECT client
 # Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
 # reload take ~0.03 s, once per ~200 changes of a 256-marker scene).
 MAX_SHAPES_BEFORE_RESET = 50_000
@@ -64,6 +65,12 @@ class PyBulletCollisionChecker:
         self.collision_margin_m = float(collision_margin_m)
         self.cloud_point_radius_m = float(cloud_point_radius_m)  # cloud points are balls (TorchCollisionChecker's)
         self.client = pybullet.connect(pybullet.DIRECT)
+        # A DIRECT client draws with its TinyRenderer plugin, which tessellates every collision shape created
+        # into a visual mesh: 4-5 ms per compound of 16 primitives, ~50 ms for a scene change of 256 markers,
+        # all of it holding the GIL. This checker never draws; without the plugin that change takes ~1 ms.
+        renderer = pybullet.loadPlugin(RENDERER_PLUGIN, physicsClientId=self.client)  # the loaded one's id
+        if renderer >= 0:
+            pybullet.unloadPlugin(renderer, physicsClientId=self.client)
         self._load_robot()
         colliding_links = [name for name, index in self.link_index.items() if self._has_collision_shape(index)]
         self.self_pairs = [(self.link_index[a], self.link_index[b]) for a, b in checked_link_pairs(colliding_links)]
