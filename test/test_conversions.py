@@ -205,6 +205,29 @@ def test_obstacle_model_caps_marker_primitives_and_applies_a_message_in_order():
     assert not model.snapshot().boxes
 
 
+def test_obstacle_model_keeps_its_snapshot_when_a_message_changes_nothing():
+    """A publisher re-sending the same markers keeps the snapshot (so engines keep their prepared scene and
+    the exact checker its body); any real change, however small, makes a new one."""
+    model = ObstacleModel()
+
+    def box(x: float) -> Box:
+        return Box("b", (x, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1))
+
+    model.apply([("put", "a/1", box(0.5)), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05))])
+    first, version = model.snapshot(), model.primitives_version
+    model.apply([("put", "a/1", box(0.5)), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05)),
+                 ("remove", "a/9", None), ("clear", "other", None)])
+    assert model.snapshot() is first and model.primitives_version == version
+    model.apply([("put", "a/1", box(0.5 + 1e-9))])
+    moved = model.snapshot()
+    assert moved is not first and model.primitives_version == version + 1
+    assert moved.boxes[0].center[0] == 0.5 + 1e-9
+    model.apply([("put", "a/2", Box("s", (0.3, 0.2, 0.1), (1, 0, 0, 0), (0.05, 0.05, 0.05)))])  # same place, new type
+    assert len(model.snapshot().boxes) == 2 and not model.snapshot().spheres
+    model.clear("a")
+    assert model.snapshot().is_empty and model.primitives_version == version + 3
+
+
 def _columns(points: np.ndarray, dtype=np.float32) -> list[np.ndarray]:
     """x, y, z as strided views of 32-byte points, as a camera driver's padded cloud gives them."""
     padded = np.zeros((points.shape[0], 8), dtype=dtype)

@@ -12,7 +12,7 @@ scene snapshot handed to a collision checker cannot change underneath it. Scene 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -129,6 +129,11 @@ class Cylinder:
     def to_yaml_dict(self) -> dict[str, Any]:
         return {"name": self.name, "center": self.center.tolist(), "quaternion_wxyz": self.quaternion_wxyz.tolist(),
                 "radius": self.radius, "half_height": self.half_height}
+
+
+def same_primitive(a: Box | Sphere | Cylinder, b: Box | Sphere | Cylinder) -> bool:
+    """Whether two primitives describe the same obstacle: one type and equal fields (`==` compares identity)."""
+    return type(a) is type(b) and all(np.array_equal(getattr(a, item.name), getattr(b, item.name)) for item in fields(a))
 
 
 def _points(value: Any) -> np.ndarray | None:

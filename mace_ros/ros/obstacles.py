@@ -181,6 +181,8 @@ class ObstacleModel:
     Marker primitives are capped (`max_primitives`): every collision check costs time in proportion
     to their number (5000 small markers made one GetIK sampling pass take seconds), and the cap also
     bounds their memory. Beyond it, new keys are refused (updates of kept ones still apply).
+    A message that changes nothing (a publisher re-sending the same markers) keeps the snapshot: the
+    engines keep their prepared scene, and the exact checker its Bullet body.
     """
 
     def __init__(self, max_primitives: int | None = None) -> None:
@@ -206,22 +208,31 @@ class ObstacleModel:
         """One message's puts, removes and clears, in order, under one lock hold (a request's snapshot
         waits for dictionary updates only, never for a message's conversion); returns how many puts
         the cap refused."""
+        from mace_ros.core.scene import same_primitive
+
         refused = 0
+        changed = False
         with self._lock:
             for kind, key, primitive in operations:
                 if kind == "put":
-                    if (key in self._primitives or self.max_primitives is None
-                            or len(self._primitives) < self.max_primitives):
+                    kept = self._primitives.get(key)
+                    if kept is not None and same_primitive(kept, primitive):
+                        continue
+                    if kept is not None or self.max_primitives is None or len(self._primitives) < self.max_primitives:
                         self._primitives[key] = primitive
+                        changed = True
                     else:
                         refused += 1
                 elif kind == "remove":
-                    self._primitives.pop(key, None)
+                    changed |= self._primitives.pop(key, None) is not None
                 elif key:  # clear one namespace
-                    self._primitives = {k: v for k, v in self._primitives.items() if not k.startswith(f"{key}/")}
+                    remaining = {k: v for k, v in self._primitives.items() if not k.startswith(f"{key}/")}
+                    changed |= len(remaining) != len(self._primitives)
+                    self._primitives = remaining
                 else:
+                    changed |= bool(self._primitives)
                     self._primitives.clear()
-            if operations:
+            if changed:
                 self._snapshot = None
                 self.primitives_version += 1
         return refused
