@@ -525,10 +525,10 @@ def test_pybullet_checkers_in_threads_agree():
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("limit", ["MAX_SHAPES_BEFORE_RESET", "MAX_COMPOUNDS_BEFORE_RESET"])
+@pytest.mark.parametrize("limit", ["MAX_SHAPES_BEFORE_RESET", "MAX_COMPOUNDS_BEFORE_RESET", "MAX_BODIES_BEFORE_RESET"])
 def test_pybullet_frees_old_scenes_and_keeps_its_answers(exact, monkeypatch, limit):
-    """Bullet frees collision shapes only on a reset: a checker resets its client after enough primitive or
-    compound shapes (here every second scene change), and answers after the reset as a checker that never reset."""
+    """Bullet frees collision shapes and bodies only on a reset: a checker resets its client after enough
+    primitive or compound shapes or scene bodies (here every second scene change), and answers after the reset as a checker that never reset."""
     from mace_ros.core import pybullet_backend
 
     scenes = [all_primitives_scene(), shipped_scene("box"), shipped_scene("shelf")]
@@ -556,6 +556,36 @@ def test_pybullet_sees_every_primitive_of_a_large_scene(exact, position):
     spheres = [*far[:position], Sphere("through_the_elbow", elbow, 0.03), *far[position:]]
     assert bool(exact.check(q, Scene(spheres=spheres)).scene_collision[0])
     assert not bool(exact.check(q, Scene(spheres=far)).scene_collision[0])
+
+
+def test_pybullet_scene_changes_rebuild_only_the_changed_compounds():
+    """A scene change reuses the compounds whose primitives are unchanged (one marker of many moved: one
+    compound is new, instead of every compound, each held until the client's reset), and answers as a fresh
+    checker does: here a sphere moves into the elbow, then a box is added, then spheres are removed."""
+    from dataclasses import replace
+
+    q = torch.cat([torch.tensor([[0.0, 0.3, 0.0, -1.8, 0.0, 2.0, 0.8]]),
+                   PandaKinematics().random_configurations(200, torch.Generator().manual_seed(4))])
+    elbow = PandaKinematics().link_transforms(q[:1])[0, LINK_NAMES.index("panda_link4"), :3, 3].numpy()
+    table = shipped_scene("box")
+    far = [Sphere(f"far_{index}", np.array([-1.0 - 0.05 * index, 2.0, 0.1 * (index % 7)]), 0.02) for index in range(40)]
+    first = replace(table, boxes=[*table.boxes, *(Box(f"far_box_{index}", (2.0, 0.1 * index, 0.5), (1, 0, 0, 0), (0.02, 0.02, 0.02))
+                                                   for index in range(20))], spheres=far)
+    spheres = list(first.spheres)
+    spheres[len(spheres) // 2] = Sphere("moved_into_the_elbow", elbow, 0.03)
+    moved = replace(first, spheres=spheres)
+    added = replace(moved, boxes=[*moved.boxes, Box("new", (0.4, -0.3, 0.3), (1, 0, 0, 0), (0.05, 0.05, 0.05))])
+    removed = replace(added, spheres=spheres[:3])
+    with PyBulletCollisionChecker() as bullet:
+        bullet.check(q, first)
+        for scene, new_compounds in ((moved, 1), (added, 1), (removed, 1)):
+            before = bullet._compounds_since_reset
+            reused = bullet.check(q, scene)
+            assert bullet._compounds_since_reset - before == new_compounds
+            with PyBulletCollisionChecker() as fresh:
+                assert torch.equal(reused.in_collision, fresh.check(q, scene).in_collision)
+            assert 0 < int(reused.scene_collision.sum()) < len(q)
+        assert bool(bullet.check(q[:1], moved).scene_collision[0]) and not bool(bullet.check(q[:1], first).scene_collision[0])
 
 
 def test_cloud_points_are_balls_of_the_configured_radius():

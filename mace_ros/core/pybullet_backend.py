@@ -34,7 +34,7 @@ import torch
 from mace_ros.core.collision import (
     BULLET_HULL_MARGIN_M, SCENE_EXCLUDED_LINKS, CollisionResult, TorchCollisionChecker, checked_link_pairs)
 from mace_ros.core.kinematics import FINGER_OPENING_M, JOINT_NAMES
-from mace_ros.core.scene import Scene
+from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
 
 PANDA_URDF = Path(pybullet_data.getDataPath()) / "franka_panda" / "panda.urdf"
 FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
@@ -42,13 +42,16 @@ FINGER_JOINTS = ("panda_finger_joint1", "panda_finger_joint2")
 POINT_SPHERE_RADIUS_M = 1e-4
 BASE_LINK_INDEX = -1  # Bullet's index of the URDF root link (panda_link0)
 RENDERER_PLUGIN = "tinyRendererPlugin"  # built into pybullet and loaded by every DIRECT client
-# Scene primitives created before the client is reset to free them (~5 MB; a reset and the robot's
-# reload take ~0.03 s, once per ~200 changes of a 256-marker scene).
+# Scene primitives created before the client is reset to free them (~5 MB). A reset and the robot's reload
+# take ~0.05 s holding the GIL: once per 200 scene changes, or per 62 changes of all of 256 markers.
 MAX_SHAPES_BEFORE_RESET = 50_000
 COMPOUND_CHILDREN = 16  # primitives per compound shape (see the module docstring)
 # Compound shapes created before a reset: each costs ~14 kB until then (1,200 changes of a 96-primitive scene
 # grew a process by 90 MB with 6 compounds per scene, 18 MB with one; ad-hoc, this CPU).
 MAX_COMPOUNDS_BEFORE_RESET = 1_000
+# Scene bodies created before a reset: a removed body is not freed either, and a reset's time grows with
+# them (1,000 bodies of one new compound each: 75 MB, a 150 ms reset; 200: 25 ms; ad-hoc, this CPU).
+MAX_BODIES_BEFORE_RESET = 200
 
 
 def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
@@ -78,6 +81,8 @@ class PyBulletCollisionChecker:
         self._scene: tuple[tuple, int | None] | None = None  # (the primitives, their body)
         self._shapes_since_reset = 0  # primitive shapes created since the client was last reset
         self._compounds_since_reset = 0  # and the compound shapes holding them
+        self._bodies_since_reset = 0  # and the scene bodies
+        self._compound_shapes: dict[tuple[int, ...], tuple[int, tuple]] = {}  # the scene body's: ids of the primitives -> shape
         # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
         self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
 
@@ -113,47 +118,36 @@ class PyBulletCollisionChecker:
 
     def _scene_body(self, scene: Scene) -> int | None:
         """The body holding the scene's primitives (None without any), in compounds of COMPOUND_CHILDREN (rebuilt
-        when they change; scenes that share them, e.g. snapshots that differ by their cloud, share the body)."""
+        when they change; scenes that share them, e.g. snapshots that differ by their cloud, share the body).
+
+        Each type's primitives are cut into compounds in order, and a compound whose primitives are the
+        previous scene's (the same objects) is reused: when one marker of many moves, one compound is new."""
         primitives = (*scene.boxes, *scene.spheres, *scene.cylinders)
         if self._scene is not None and len(self._scene[0]) == len(primitives) and all(
                 kept is new for kept, new in zip(self._scene[0], primitives)):
             return self._scene[1]
         if self._scene is not None and self._scene[1] is not None:
             pybullet.removeBody(self._scene[1], physicsClientId=self.client)
-        if self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET or self._compounds_since_reset > MAX_COMPOUNDS_BEFORE_RESET:
+        if (self._shapes_since_reset > MAX_SHAPES_BEFORE_RESET or self._compounds_since_reset > MAX_COMPOUNDS_BEFORE_RESET
+                or self._bodies_since_reset > MAX_BODIES_BEFORE_RESET):
             # Bullet frees a body's collision shapes only on a reset (removeCollisionShape refuses a
             # shape a removed body used): without one, every scene change leaked ~100 B per primitive.
             pybullet.resetSimulation(physicsClientId=self.client)
             self._load_robot()
-            self._shapes_since_reset = self._compounds_since_reset = 0
-        shape_types, radii, half_extents, lengths, positions, orientations = [], [], [], [], [], []
-
-        def add(shape_type: int, position: np.ndarray, orientation: list[float], radius: float = 0.0,
-                half_extent: np.ndarray | None = None, length: float = 0.0) -> None:
-            shape_types.append(shape_type)
-            radii.append(radius)
-            half_extents.append([0.0, 0.0, 0.0] if half_extent is None else list(half_extent))
-            lengths.append(length)
-            positions.append(list(position))
-            orientations.append(orientation)
-
-        identity = [0.0, 0.0, 0.0, 1.0]
-        for box in scene.boxes:
-            add(pybullet.GEOM_BOX, box.center, _xyzw(box.quaternion_wxyz), half_extent=box.half_extents)
-        for sphere in scene.spheres:
-            add(pybullet.GEOM_SPHERE, sphere.center, identity, radius=sphere.radius)
-        for cylinder in scene.cylinders:
-            add(pybullet.GEOM_CYLINDER, cylinder.center, _xyzw(cylinder.quaternion_wxyz), radius=cylinder.radius, length=2 * cylinder.half_height)
-        shapes = []
-        for start in range(0, len(shape_types), COMPOUND_CHILDREN):
-            part = slice(start, start + COMPOUND_CHILDREN)
-            shapes.append(pybullet.createCollisionShapeArray(
-                shapeTypes=shape_types[part], radii=radii[part], halfExtents=half_extents[part], lengths=lengths[part],
-                collisionFramePositions=positions[part], collisionFrameOrientations=orientations[part], physicsClientId=self.client,
-            ))
+            self._shapes_since_reset = self._compounds_since_reset = self._bodies_since_reset = 0
+            self._compound_shapes = {}
+        compounds: dict[tuple[int, ...], tuple[int, tuple]] = {}
+        for of_one_type in (scene.boxes, scene.spheres, scene.cylinders):
+            for start in range(0, len(of_one_type), COMPOUND_CHILDREN):
+                chunk = tuple(of_one_type[start:start + COMPOUND_CHILDREN])
+                key = tuple(map(id, chunk))
+                compounds[key] = self._compound_shapes.get(key) or (self._compound_shape(chunk), chunk)
+        self._compound_shapes = compounds  # the chunks keep their primitives, and so their ids, alive
+        shapes = [shape for shape, _ in compounds.values()]
         body = None
         if shapes:
             # One body, each further compound a link fixed to its base: one closest-point query per configuration.
+            identity = [0.0, 0.0, 0.0, 1.0]
             links = len(shapes) - 1
             body = pybullet.createMultiBody(
                 baseMass=0.0, baseCollisionShapeIndex=shapes[0], linkMasses=[0.0] * links, linkCollisionShapeIndices=shapes[1:],
@@ -161,10 +155,27 @@ class PyBulletCollisionChecker:
                 linkInertialFramePositions=[[0.0, 0.0, 0.0]] * links, linkInertialFrameOrientations=[identity] * links,
                 linkParentIndices=[0] * links, linkJointTypes=[pybullet.JOINT_FIXED] * links, linkJointAxis=[[0.0, 0.0, 1.0]] * links,
                 physicsClientId=self.client)
-        self._shapes_since_reset += len(shape_types)
-        self._compounds_since_reset += len(shapes)
+            self._bodies_since_reset += 1
         self._scene = (primitives, body)
         return body
+
+    def _compound_shape(self, primitives: tuple[Box | Sphere | Cylinder, ...]) -> int:
+        """One compound collision shape of at most COMPOUND_CHILDREN primitives."""
+        identity = [0.0, 0.0, 0.0, 1.0]
+        shape_types, radii, half_extents, lengths, orientations = [], [], [], [], []
+        for primitive in primitives:
+            box, cylinder = isinstance(primitive, Box), isinstance(primitive, Cylinder)
+            shape_types.append(pybullet.GEOM_BOX if box else pybullet.GEOM_CYLINDER if cylinder else pybullet.GEOM_SPHERE)
+            radii.append(0.0 if box else primitive.radius)
+            half_extents.append(primitive.half_extents.tolist() if box else [0.0, 0.0, 0.0])
+            lengths.append(2 * primitive.half_height if cylinder else 0.0)
+            orientations.append(_xyzw(primitive.quaternion_wxyz) if box or cylinder else identity)
+        self._shapes_since_reset += len(primitives)
+        self._compounds_since_reset += 1
+        return pybullet.createCollisionShapeArray(
+            shapeTypes=shape_types, radii=radii, halfExtents=half_extents, lengths=lengths,
+            collisionFramePositions=[primitive.center.tolist() for primitive in primitives],
+            collisionFrameOrientations=orientations, physicsClientId=self.client)
 
     def _set_configuration(self, q: np.ndarray) -> None:
         for joint, angle in zip(self.arm_joints, q):
