@@ -63,7 +63,7 @@ def freeze_loaded_objects(thresholds: tuple[int, int, int] | None = None) -> Non
         gc.set_threshold(*thresholds)
 
 
-# See the file's comment: service replies whose DDS payloads are freed once acknowledged.
+# See the file's comment: service replies and requests whose DDS payloads are freed once delivered or taken.
 REPLY_WRITER_PROFILES = "fastdds_reply_writers.xml"
 # Any of these means the user configures Fast DDS (or another middleware) and keeps their settings.
 USER_MIDDLEWARE_SETTINGS = (
@@ -73,8 +73,9 @@ FAST_DDS_RMWS = ("rmw_fastrtps_cpp", "rmw_fastrtps_dynamic_cpp")
 
 
 def free_reply_buffers(config_dir: Path) -> bool:
-    """Makes Fast DDS free each service reply's buffer once delivered (config/fastdds_reply_writers.xml):
-    by default a reply writer keeps ~10 buffers, each grown to the largest answer it carried. Must run
+    """Makes Fast DDS free each service reply's buffer once delivered, and each request's once taken
+    (config/fastdds_reply_writers.xml): by default a reply writer or request reader keeps ~10 buffers, each
+    grown to the largest sample it carried. Must run
     before rclpy.init. Only under Fast DDS (the default middleware) and where the user sets none of
     USER_MIDDLEWARE_SETTINGS; True if it applied."""
     profiles = config_dir / REPLY_WRITER_PROFILES
