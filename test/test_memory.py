@@ -20,14 +20,18 @@ def clean_environment(monkeypatch):
     return monkeypatch
 
 
-def test_shipped_profile_frees_service_replies_only():
+def test_shipped_profile_frees_service_replies_and_requests_only():
     root = ElementTree.parse(config_dir() / REPLY_WRITER_PROFILES).getroot()
     writers = root.findall("dds:profiles/dds:data_writer", NAMESPACE)
     assert [writer.get("profile_name") for writer in writers] == ["service"]  # rmw_fastrtps' profile for replies
     assert writers[0].findtext("dds:historyMemoryPolicy", namespaces=NAMESPACE) == "DYNAMIC"  # Fast DDS's DYNAMIC_RESERVE_MEMORY_MODE
     # Fast DDS takes the publication mode from the XML too once it takes the memory policy from it.
     assert writers[0].findtext("dds:qos/dds:publishMode/dds:kind", namespaces=NAMESPACE) == "SYNCHRONOUS"
-    assert root.findall("dds:profiles/dds:data_reader", NAMESPACE) == []
+    # The services' request readers, and no topic's: a DYNAMIC reader of 30 MB camera clouds took a tenth of them.
+    readers = root.findall("dds:profiles/dds:data_reader", NAMESPACE)
+    assert [reader.get("profile_name") for reader in readers] == ["service"]
+    assert readers[0].findtext("dds:historyMemoryPolicy", namespaces=NAMESPACE) == "DYNAMIC"
+    assert not any(profile.get("is_default_profile") for profile in [*writers, *readers])
 
 
 def test_applies_under_fast_dds_without_user_settings(clean_environment):
