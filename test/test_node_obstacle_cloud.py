@@ -1,6 +1,6 @@
 """Depth-camera clouds through the real node: far and absurd points, a 640 x 480 camera-layout cloud
-that blocks a goal and then frees it, an eye-in-hand camera placed by /joint_states, and the
-robot's own points filtered out.
+that blocks a goal and then frees it, an eye-in-hand camera placed by /joint_states, the
+robot's own points filtered out, two sensors on one topic, a best-effort camera, and a restarted intake.
 
 One node (named mace_cloud, with a camera frame attached to panda_hand) serves the whole module.
 Clouds come from a default-QoS (reliable) publisher, as a camera driver's; each test waits until the
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from geometry_msgs.msg import Point
-from rclpy.qos import DurabilityPolicy, QoSProfile
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
 
@@ -62,15 +62,15 @@ def topics(node):
             joint_publisher.publish(JointState(name=[f"panda_joint{i}" for i in range(1, 8)], position=q.tolist()))
             node.executor.spin_once(timeout_sec=0.05)
 
-    def apply_cloud(cloud: PointCloud2, applied, timeout_s: float = 60.0) -> np.ndarray:
-        """Publish `cloud` (again every 2 s: the node's subscription adapts its QoS) until ~/obstacle_points
-        satisfies applied(points [N, 3]); those points."""
+    def apply_cloud(cloud: PointCloud2, applied, timeout_s: float = 60.0, publisher=None, period_s: float = 2.0) -> np.ndarray:
+        """Publish `cloud` (by default on the module's reliable publisher; again every `period_s`: the node's
+        subscription adapts its QoS) until ~/obstacle_points satisfies applied(points [N, 3]); those points."""
         deadline, next_publish = time.monotonic() + timeout_s, 0.0
         while time.monotonic() < deadline:
             if time.monotonic() >= next_publish:
                 cloud.header.stamp = node.node.get_clock().now().to_msg()
-                cloud_publisher.publish(cloud)
-                next_publish = time.monotonic() + 2.0
+                (publisher or cloud_publisher).publish(cloud)
+                next_publish = time.monotonic() + period_s
             node.executor.spin_once(timeout_sec=0.1)
             if received and applied(points := pointcloud2_to_xyz(received[-1])):
                 return points
@@ -245,6 +245,22 @@ def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):
     finally:
         node.node.destroy_publisher(hand_publisher)
         node.node.destroy_publisher(table_publisher)
+
+
+def test_a_best_effort_camera_beside_a_reliable_one_is_applied(node, topics):
+    """A driver publishing with the sensor-data QoS (best effort) on the topic the module's reliable
+    publisher also uses: the node's cloud subscription, reliable until then, turns best effort to match
+    both (a reliable reader never matches a best-effort writer), and the camera's cloud is applied."""
+    apply_cloud, publish_joints, _ = topics
+    publish_joints(READY)
+    marker = np.array([[0.7, 0.45, 0.5]])  # a point no other test uses
+    publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", qos_profile_sensor_data)
+    try:
+        # Sent every 0.2 s: best effort drops what arrives before the node has re-matched (once a second).
+        apply_cloud(camera_cloud(marker, "panda_link0", 64, 48), lambda p: np.linalg.norm(p - marker, axis=1).min() < 0.011,
+                    timeout_s=30.0, publisher=publisher, period_s=0.2)
+    finally:
+        node.node.destroy_publisher(publisher)
 
 
 def test_a_killed_intake_process_is_restarted(node, topics):

@@ -57,7 +57,7 @@ MARKER_OPERATIONS_PER_UPDATE = 128
 INTAKE_NICENESS = 10
 # Environment variables through which a user configures Fast DDS's transports (see run_intake).
 DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
-INTAKE_EXECUTOR_THREADS = 4  # clouds, markers, contacts, joint states: each in its own callback group
+INTAKE_EXECUTOR_THREADS = 3  # markers, contacts, joint states: each in its own callback group (clouds: see IntakeNode)
 # /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
 EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
@@ -155,7 +155,15 @@ class MarkerUpdate:
 
 
 class IntakeNode(Node):
-    """The intake process's node (named <node>_intake beside the `mace` node)."""
+    """The intake process's node (named <node>_intake beside the `mace` node).
+
+    Its clouds are taken by a node of their own, `cloud_node` (<node>_intake_clouds), spun by one thread
+    (run_intake): a 640 x 480 stream applied 12.6 clouds/s instead of 7.6 (bench/cloud_stream.py, idle).
+    Taken by the multi-threaded executor, each 10 MB cloud was copied in whichever of its threads was free,
+    from whichever malloc arena that thread had, and the pages of one arena's freed copies were returned to
+    the system and faulted in again in another's (a fifth of the intake's CPU time in the kernel); and its
+    Python wait loop, woken by every cloud and every finished callback, took another fifth of a core.
+    """
 
     def __init__(self, settings: IntakeSettings, send: Callable[[Any], None]) -> None:
         super().__init__(settings.node_name, namespace=settings.namespace,
@@ -177,12 +185,13 @@ class IntakeNode(Node):
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(
             PoseArray, settings.contacts_topic, self.on_contacts, 10, callback_group=MutuallyExclusiveCallbackGroup())
-        # Clouds in their own group with the QoS re-matching timer that replaces their subscription.
+        # Clouds on their own node, with the QoS re-matching timer that replaces their subscription.
+        self.cloud_node = Node(f"{settings.node_name}_clouds", namespace=settings.namespace, start_parameter_services=False,
+                               parameter_overrides=[Parameter("use_sim_time", value=settings.use_sim_time)])
         self._cloud_topic = settings.cloud_topic
-        self._cloud_group = MutuallyExclusiveCallbackGroup()
         self._cloud_reliable = False
         self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
-        self.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, callback_group=self._cloud_group)
+        self.cloud_node.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers)
         threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
 
     def _set_up(self) -> None:
@@ -234,9 +243,8 @@ class IntakeNode(Node):
         """Reliable or best effort, keeping a few clouds: one topic's history is shared by all its
         publishers, and with keep-last-1 one camera's clouds could displace another's every time."""
         reliability = ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
-        return self.create_subscription(
-            PointCloud2, self._cloud_topic, self.on_obstacle_cloud,
-            QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability), callback_group=self._cloud_group)
+        return self.cloud_node.create_subscription(
+            PointCloud2, self._cloud_topic, self.on_obstacle_cloud, QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability))
 
     def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
         """Keeps the cloud as its sensor's (frame_id's) latest, replacing one still waiting, for the
@@ -269,11 +277,11 @@ class IntakeNode(Node):
         reader never matches a best-effort writer, so the reliability follows the publishers (as
         `ros2 bag record` adapts its QoS).
         """
-        publishers = self.get_publishers_info_by_topic(self._cloud_subscription.topic_name)
+        publishers = self.cloud_node.get_publishers_info_by_topic(self._cloud_subscription.topic_name)
         reliable = bool(publishers) and all(
             publisher.qos_profile.reliability == ReliabilityPolicy.RELIABLE for publisher in publishers)
         if reliable != self._cloud_reliable:
-            self.destroy_subscription(self._cloud_subscription)
+            self.cloud_node.destroy_subscription(self._cloud_subscription)
             self._cloud_reliable = reliable
             self._cloud_subscription = self._subscribe_cloud(reliable)
             self.get_logger().info(f"{self._cloud_topic}: subscribed {'reliable' if reliable else 'best effort'} to match its publishers")
@@ -395,7 +403,7 @@ def run_intake(connection: Connection) -> None:
     """The intake process: receives its IntakeSettings, then its node spins until the node's end of
     `connection` closes (the node exited) or the node is gone."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 
     # Ctrl-C reaches the whole process group: the node decides when this process ends, so a SIGINT
     # here must not print a traceback.
@@ -438,7 +446,7 @@ def run_intake(connection: Connection) -> None:
     # takes a core for a second) must not delay the serving process (3-4 s late answers without this).
     # Linux priorities are per thread: the DDS threads, created with the node above, keep the normal
     # one, so that a camera cloud's fragments are taken as they come.
-    os.nice(INTAKE_NICENESS)  # this thread, and the executor's worker threads it starts below
+    os.nice(INTAKE_NICENESS)  # this thread, and the executors' threads it starts below
 
     def receive() -> None:
         try:
@@ -452,16 +460,25 @@ def run_intake(connection: Connection) -> None:
             pass
         leave()  # the node is gone: nothing left to serve
 
+    def spin(executor: Executor) -> None:
+        try:
+            executor.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+
     threading.Thread(target=receive, name="intake-receive", daemon=True).start()
     executor = MultiThreadedExecutor(num_threads=INTAKE_EXECUTOR_THREADS)
     executor.add_node(node)
+    cloud_executor = SingleThreadedExecutor()  # every cloud taken by one thread (see IntakeNode)
+    cloud_executor.add_node(node.cloud_node)
     freeze_loaded_objects(INTAKE_GC_THRESHOLDS)  # rclpy, torch and the node, before the first message
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    # Fast DDS removes the participant's shared-memory files (/dev/shm/fastdds_*) only once the node's
+    cloud_thread = threading.Thread(target=spin, args=(cloud_executor,), name="intake-cloud-take", daemon=True)
+    cloud_thread.start()
+    spin(executor)
+    cloud_thread.join(EXIT_GRACE_S)  # both executors stop with the context
+    # Fast DDS removes the participant's shared-memory files (/dev/shm/fastdds_*) only once the nodes'
     # entities are gone, which they cannot be while an executor waits on them: each run left ~1 MB there.
+    node.cloud_node.destroy_node()
     node.destroy_node()
     rclpy.try_shutdown()
     os._exit(0)  # no executor thread to join
