@@ -393,6 +393,19 @@ def test_point_field_is_a_tight_lower_bound():
     assert np.median(np.minimum(exact_distance, 0.15) - bound) < 0.005
 
 
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_point_field_built_in_slabs_equals_the_single_thread_field(threads):
+    """Slabs transformed in threads (the intake's builds) give the same values: clusters far apart leave
+    slabs with nothing within their margins, and a slab's nearest node may lie in its neighbour's part."""
+    rng = np.random.default_rng(threads)
+    cloud = np.concatenate([rng.uniform(-0.3, 0.3, (400, 3)), rng.normal([1.2, 0.0, 0.2], 0.02, (100, 3)),
+                            np.c_[np.linspace(-0.3, 1.2, 150), np.full(150, 0.25), np.zeros(150)]])
+    for dtype in (torch.float32, torch.float64):
+        single = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype)
+        sliced = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype, threads=threads)
+        assert torch.equal(single.values, sliced.values) and torch.equal(single.origin, sliced.origin)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_point_field_of_a_cloud_spread_far_stays_a_lower_bound(dtype):
     # 60 m of extent coarsens the grid (max_nodes) and gives offsets of thousands of nodes along one
