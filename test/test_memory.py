@@ -8,7 +8,8 @@ import pytest
 
 from mace_ros.core.resources import config_dir
 from mace_ros.ros.memory import (
-    REPLY_WRITER_PROFILES, USER_MIDDLEWARE_SETTINGS, free_reply_buffers, without_reply_buffer_settings)
+    INTAKE_GLIBC_TUNABLES, REPLY_WRITER_PROFILES, USER_MIDDLEWARE_SETTINGS, free_reply_buffers, with_huge_page_malloc,
+    without_reply_buffer_settings)
 
 NAMESPACE = {"dds": "http://www.eprosima.com"}
 
@@ -61,6 +62,19 @@ def test_the_intake_process_gets_the_users_environment(clean_environment):
     assert without_reply_buffer_settings(dict(os.environ), config_dir()) == user
     users_profiles = {**user, "FASTDDS_DEFAULT_PROFILES_FILE": "/somewhere/profiles.xml"}
     assert without_reply_buffer_settings(users_profiles, config_dir()) == users_profiles
+
+
+@pytest.mark.parametrize("user, expected", [
+    ({}, INTAKE_GLIBC_TUNABLES),
+    ({"GLIBC_TUNABLES": "glibc.pthread.rseq=0"}, "glibc.pthread.rseq=0:" + INTAKE_GLIBC_TUNABLES),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc.malloc.hugetlb=0"),  # the user's malloc tuning stays
+    ({"MALLOC_ARENA_MAX": "4"}, None),
+])
+def test_the_intake_asks_malloc_for_huge_pages_unless_the_user_tunes_malloc(user, expected):
+    environment = with_huge_page_malloc({"PATH": "/usr/bin", **user})
+    assert environment.get("GLIBC_TUNABLES") == expected
+    assert {name: value for name, value in environment.items() if name != "GLIBC_TUNABLES"} == {
+        "PATH": "/usr/bin", **{name: value for name, value in user.items() if name != "GLIBC_TUNABLES"}}
 
 
 def test_freezing_leaves_a_full_collection_nothing_loaded_to_walk():

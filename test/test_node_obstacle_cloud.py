@@ -25,6 +25,7 @@ from std_msgs.msg import Header
 from conftest import running_node
 from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics
 from mace_ros.ros.conversions import pointcloud2_to_xyz
+from mace_ros.ros.memory import INTAKE_GLIBC_TUNABLES
 from mace_ros.srv import GetIK
 
 NODE_NAME = "mace_cloud"
@@ -271,6 +272,8 @@ def test_a_killed_intake_process_is_restarted(node, topics):
     children = [child for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
     intakes = [child for child in children if "mace_ros.ros.intake" in Path(f"/proc/{child}/cmdline").read_text()]
     assert len(intakes) == 1, children
+    # Started with malloc's huge pages for its large copies (mace_ros/ros/memory.py; the tests set no malloc tuning).
+    assert f"GLIBC_TUNABLES={INTAKE_GLIBC_TUNABLES}".encode() in Path(f"/proc/{intakes[0]}/environ").read_bytes().split(b"\0")
     os.kill(int(intakes[0]), signal.SIGKILL)
     publish_joints(READY)
     marker = np.array([[0.6, -0.4, 0.6]])  # a point no other test uses

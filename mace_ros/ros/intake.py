@@ -38,7 +38,8 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.core.resources import config_dir
 from mace_ros.ros.memory import (
-    INTAKE_GC_THRESHOLDS, INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, without_reply_buffer_settings)
+    INTAKE_GC_THRESHOLDS, INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, with_huge_page_malloc,
+    without_reply_buffer_settings)
 
 # Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
 # the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
@@ -520,7 +521,7 @@ class ObstacleIntake:
         # The intake imports mace_ros as this process does, wherever that came from; -P keeps `-m` from
         # putting the working directory first (launched from a source checkout, that checkout's mace_ros
         # ran instead of the installed one).
-        environment = {**without_reply_buffer_settings(dict(os.environ), config_dir()),
+        environment = {**with_huge_page_malloc(without_reply_buffer_settings(dict(os.environ), config_dir())),
                        "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(intake_end.fileno())],
                                    pass_fds=[intake_end.fileno()], env=environment)
