@@ -48,10 +48,14 @@ MAX_SHAPES_BEFORE_RESET = 50_000
 COMPOUND_CHILDREN = 16  # primitives per compound shape (see the module docstring)
 # Compound shapes created before a reset: each costs ~14 kB until then (1,200 changes of a 96-primitive scene
 # grew a process by 90 MB with 6 compounds per scene, 18 MB with one; ad-hoc, this CPU).
-MAX_COMPOUNDS_BEFORE_RESET = 1_000
 # Scene bodies created before a reset: a removed body is not freed either, and a reset's time grows with
 # them (1,000 bodies of one new compound each: 75 MB, a 150 ms reset; 200: 25 ms; ad-hoc, this CPU).
-MAX_BODIES_BEFORE_RESET = 200
+# What they hold between resets stays in the process's RSS at its peak (glibc keeps the freed heap): 3,000
+# GetIK requests on changing scenes levelled off at +33 MB with limits of 1,000 compounds and 200 bodies,
+# at +13 MB with 250 and 50, whose resets take 15-20 ms instead of 25-50 (BENCHMARKS.md, "Scene changes
+# in the exact checker").
+MAX_COMPOUNDS_BEFORE_RESET = 250
+MAX_BODIES_BEFORE_RESET = 50
 
 
 def _xyzw(quaternion_wxyz: np.ndarray) -> list[float]:
