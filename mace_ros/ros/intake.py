@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -195,7 +196,8 @@ class IntakeNode(Node):
         self._cloud_topic = settings.cloud_topic
         self._cloud_reliable = False
         self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
-        self.cloud_node.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers)
+        # On the steady clock, as the node's own timer (with use_sim_time, no /clock: a ROS-time timer never fires).
+        self.cloud_node.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, clock=Clock(clock_type=ClockType.STEADY_TIME))
         threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
 
     def _set_up(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.publisher import Publisher
 from rclpy.parameter import Parameter
@@ -240,7 +241,9 @@ class MaceNode(Node):
         self.ik_solutions_publisher = self.create_publisher(MarkerArray, "~/ik_solutions", LATCHED)
         self.shape_samples_publisher = self.create_publisher(PointCloud2, "~/shape_samples", LATCHED)
         self.scene_publisher = self.create_publisher(MarkerArray, "~/scene", LATCHED)
-        self.create_timer(SCENE_PUBLISH_PERIOD_S, self._on_model_timer, callback_group=topics_group)
+        # On the steady clock: with use_sim_time and a simulator paused (or no /clock yet) a ROS-time timer never fires.
+        self.create_timer(SCENE_PUBLISH_PERIOD_S, self._on_model_timer, callback_group=topics_group,
+                          clock=Clock(clock_type=ClockType.STEADY_TIME))
         # The engines load in background threads meanwhile.
         device = self.get_parameter("device").value
         dtype = self.get_parameter("dtype").value
