@@ -1,6 +1,7 @@
 """A node launched with use_sim_time:=true (the launch file's argument) and no /clock yet, as when a
 simulator has not started or is paused: its periodic work runs on the steady clock, so obstacles still
-reach ~/scene, the intake still matches its cloud publishers' QoS, and GetIK still answers in time.
+reach ~/scene, the intake still matches its cloud publishers' QoS, and GetIK still answers in time; and
+the intake's cloud node does not take /clock.
 
 One node (named mace_sim) serves the module.
 """
@@ -66,3 +67,15 @@ def test_get_ik_answers_within_its_deadline_without_a_clock(sim_node):
     response = client.when_loaded(client.get_ik, ik_request(num_solutions=1, timeout_s=1.0))
     assert response.success, response.message
     assert response.elapsed_s <= 1.1
+
+
+def test_only_the_nodes_that_read_the_clock_take_clock_messages(sim_node):
+    """The serving node and the intake's node follow /clock; the intake's cloud node reads no clock and must not
+    take a simulator's 1 kHz /clock messages in the thread that takes camera clouds."""
+    client, _ = sim_node
+    deadline, subscribers = time.monotonic() + 10.0, set()
+    while time.monotonic() < deadline and not {NODE_NAME, f"{NODE_NAME}_intake"} <= subscribers:
+        client.executor.spin_once(timeout_sec=0.2)
+        subscribers = {info.node_name for info in client.node.get_subscriptions_info_by_topic("/clock")}
+    assert {NODE_NAME, f"{NODE_NAME}_intake"} <= subscribers
+    assert f"{NODE_NAME}_intake_clouds" not in subscribers

@@ -190,9 +190,10 @@ class IntakeNode(Node):
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(
             PoseArray, settings.contacts_topic, self.on_contacts, 10, callback_group=MutuallyExclusiveCallbackGroup())
-        # Clouds on their own node, with the QoS re-matching timer that replaces their subscription.
-        self.cloud_node = Node(f"{settings.node_name}_clouds", namespace=settings.namespace, start_parameter_services=False,
-                               parameter_overrides=[Parameter("use_sim_time", value=settings.use_sim_time)])
+        # Clouds on their own node, with the QoS re-matching timer that replaces their subscription. It reads no
+        # clock (clouds carry their stamps), so it keeps the wall clock: with use_sim_time it would take every
+        # /clock message (1 kHz from a simulator) in the cloud thread too.
+        self.cloud_node = Node(f"{settings.node_name}_clouds", namespace=settings.namespace, start_parameter_services=False)
         self._cloud_topic = settings.cloud_topic
         self._cloud_reliable = False
         self._cloud_subscription = self._subscribe_cloud(self._cloud_reliable)
