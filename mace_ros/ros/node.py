@@ -263,6 +263,7 @@ class MaceNode(Node):
         self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
         self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, callback_group=services_group)
         self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
+        self._destroyed = False  # see destroy_node
         self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
         self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
@@ -421,7 +422,15 @@ class MaceNode(Node):
 
     def destroy_node(self) -> None:
         """Also the action server: rclpy's destroy_node leaves waitables, and a node with entities left
-        keeps its DDS participant (and its shared-memory files) alive."""
+        keeps its DDS participant (and its shared-memory files) alive.
+
+        Once only: rclpy's context destroys the nodes it tracks if it is still up when `rclpy.init`'s
+        context manager exits (a SIGINT seen as KeyboardInterrupt before rclpy's handler shut it down), and
+        main then destroys the node again; the action server's second destroy raised, and the node exited
+        with status 1 (seen once in a CI run of test_node_sim_time)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
         self.shape_action.server.destroy()
         super().destroy_node()
 
