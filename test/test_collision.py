@@ -393,7 +393,6 @@ def test_point_field_is_a_tight_lower_bound():
     assert np.median(np.minimum(exact_distance, 0.15) - bound) < 0.005
 
 
-
 @pytest.mark.parametrize("threads", [2, 3, 8])
 def test_point_field_built_in_slabs_equals_the_single_thread_field(threads):
     """Slabs transformed in threads (the intake's builds) give the same values: clusters far apart leave
@@ -405,6 +404,7 @@ def test_point_field_built_in_slabs_equals_the_single_thread_field(threads):
         single = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype)
         sliced = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype, threads=threads)
         assert torch.equal(single.values, sliced.values) and torch.equal(single.origin, sliced.origin)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_point_field_of_a_cloud_spread_far_stays_a_lower_bound(dtype):

@@ -539,8 +539,9 @@ def _truncated_node_distances(
         for axis in range(occupied.ndim):
             along = [1] * occupied.ndim
             along[axis] = nearest.shape[1 + axis]
+            first = start - low if axis == 0 else 0  # this node's index within `part` along the axis
             offset = nearest[axis]
-            offset -= (np.arange(start - low, stop - low) if axis == 0 else np.arange(nearest.shape[1 + axis])).astype(offset.dtype).reshape(along)
+            offset -= np.arange(first, first + along[axis], dtype=offset.dtype).reshape(along)
             np.clip(offset, -limit, limit, out=offset)
             squared += offset * offset
         del nearest
