@@ -38,12 +38,13 @@ from sensor_msgs.msg import JointState, PointCloud2
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_ros.core.resources import config_dir
+from mace_ros.ros.executors import MultiThreadedExecutor, PolledSubscription
 from mace_ros.ros.memory import (
     INTAKE_GC_THRESHOLDS, INTAKE_MMAP_THRESHOLD_BYTES, bound_malloc, freeze_loaded_objects, with_huge_page_malloc,
     without_reply_buffer_settings)
 
-# Deliberately no other mace_ros imports here: they bring torch (2.5 s to import on a busy 2-core CPU), and
-# the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
+# Deliberately no other mace_ros imports here: the others bring torch (2.5 s to import on a busy 2-core CPU),
+# and the intake process subscribes before it imports them (IntakeNode), so that no early cloud is missed.
 
 WARNING_PERIOD_S = 5.0
 # How often the cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
@@ -59,7 +60,11 @@ MARKER_OPERATIONS_PER_UPDATE = 128
 INTAKE_NICENESS = 10
 # Environment variables through which a user configures Fast DDS's transports (see run_intake).
 DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
-INTAKE_EXECUTOR_THREADS = 3  # markers, contacts, joint states: each in its own callback group (clouds: see IntakeNode)
+INTAKE_EXECUTOR_THREADS = 2  # markers and contacts, each in its own callback group (clouds, joint states: see IntakeNode)
+# /joint_states are taken in batches this often (PolledSubscription), up to this many at a time: a 1 kHz
+# controller's for 0.1 s, should the intake be busy.
+JOINT_STATES_PERIOD_S = 0.01
+JOINT_STATES_DEPTH = 100
 # /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
 EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
@@ -138,10 +143,10 @@ class IntakeSetUp:
 
 @dataclass(frozen=True)
 class JointStateUpdate:
-    """Intake -> node: the arm's positions [7] of one /joint_states message, at its stamp (ns)."""
+    """Intake -> node: the arm's positions of a batch of /joint_states messages, oldest first."""
 
-    stamp_ns: int
-    positions: np.ndarray
+    stamps_ns: np.ndarray  # [n] int64
+    positions: np.ndarray  # [n, 7]
 
 
 @dataclass(frozen=True)
@@ -185,8 +190,6 @@ class IntakeNode(Node):
         self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
         self._pending_changed = threading.Condition()
         self.create_subscription(
-            JointState, settings.joint_states_topic, self.on_joint_states, 50, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_subscription(
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_subscription(
             PoseArray, settings.contacts_topic, self.on_contacts, 10, callback_group=MutuallyExclusiveCallbackGroup())
@@ -200,6 +203,11 @@ class IntakeNode(Node):
         # On the steady clock, as the node's own timer (with use_sim_time, no /clock: a ROS-time timer never fires).
         self.cloud_node.create_timer(CLOUD_QOS_CHECK_PERIOD_S, self._match_cloud_publishers, clock=Clock(clock_type=ClockType.STEADY_TIME))
         threading.Thread(target=self._process_clouds, name="intake-clouds", daemon=True).start()
+        # Joint states in batches, by a thread of their own, on a node no executor spins (see PolledSubscription).
+        self.joint_node = Node(f"{settings.node_name}_joints", namespace=settings.namespace, start_parameter_services=False)
+        self.joint_state_polling = PolledSubscription(
+            self.joint_node, JointState, settings.joint_states_topic, JOINT_STATES_DEPTH, JOINT_STATES_PERIOD_S,
+            self.on_joint_states, "intake-joint-states")
 
     def _set_up(self) -> None:
         """The frames, workspace and self-filter (imports torch), then the joint states that came meanwhile."""
@@ -217,32 +225,37 @@ class IntakeNode(Node):
         self.self_filter = SelfFilter()
         self._voxelizer = None  # CloudVoxelizer for the current voxel size, used by the processing thread only
         with self._early_lock:  # in order: a state older than the history's latest would reset it
-            for message in self._early_joint_states:
-                self._record_joint_state(message)
+            self._record_joint_states(list(self._early_joint_states))
             self._early_joint_states.clear()
             self._ready.set()
         self._send(IntakeSetUp())
 
-    def on_joint_states(self, message: JointState) -> None:
+    def on_joint_states(self, messages: list[JointState]) -> None:
         if not self._ready.is_set():
             with self._early_lock:
                 if not self._ready.is_set():
-                    self._early_joint_states.append(message)
+                    self._early_joint_states.extend(messages)
                     return
-        self._record_joint_state(message)
+        self._record_joint_states(messages)
 
-    def _record_joint_state(self, message: JointState) -> None:
-        """Into this process's history (self-filter, cloud frames), and to the node (request frames)."""
+    def _record_joint_states(self, messages: list[JointState]) -> None:
+        """Into this process's history (self-filter, cloud frames), and to the node (request frames) in one update."""
         from mace_ros.ros import conversions
 
-        warning = ""
-        try:
-            entry = conversions.joint_state_entry(message, self.names, self.get_clock().now().nanoseconds)
-        except ValueError as error:
-            entry, warning = None, str(error)
-        if entry is not None:
-            self.robot.joint_states.add(*entry)
-            self._send(JointStateUpdate(*entry))
+        warning, stamps_ns, positions = "", [], []
+        now_ns = self.get_clock().now().nanoseconds
+        for message in messages:
+            try:
+                entry = conversions.joint_state_entry(message, self.names, now_ns)
+            except ValueError as error:
+                warning = str(error)
+                continue
+            if entry is not None:
+                self.robot.joint_states.add(*entry)
+                stamps_ns.append(entry[0])
+                positions.append(entry[1])
+        if stamps_ns:
+            self._send(JointStateUpdate(np.array(stamps_ns, dtype=np.int64), np.stack(positions)))
         if warning:
             self.get_logger().warning(warning, throttle_duration_sec=WARNING_PERIOD_S)
 
@@ -410,7 +423,7 @@ def run_intake(connection: Connection) -> None:
     """The intake process: receives its IntakeSettings, then its node spins until the node's end of
     `connection` closes (the node exited) or the node is gone."""
     import rclpy
-    from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 
     # Ctrl-C reaches the whole process group: the node decides when this process ends, so a SIGINT
     # here must not print a traceback.
@@ -485,6 +498,8 @@ def run_intake(connection: Connection) -> None:
     cloud_thread.join(EXIT_GRACE_S)  # both executors stop with the context
     # Fast DDS removes the participant's shared-memory files (/dev/shm/fastdds_*) only once the nodes'
     # entities are gone, which they cannot be while an executor waits on them: each run left ~1 MB there.
+    node.joint_state_polling.destroy(EXIT_GRACE_S / 2)
+    node.joint_node.destroy_node()
     node.cloud_node.destroy_node()
     node.destroy_node()
     rclpy.try_shutdown()

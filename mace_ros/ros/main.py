@@ -5,9 +5,10 @@ import os
 import sys
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 
 from mace_ros.core.resources import config_dir
+from mace_ros.ros.executors import MultiThreadedExecutor
 from mace_ros.ros.memory import bound_malloc, free_reply_buffers
 from mace_ros.ros.node import MaceNode
 

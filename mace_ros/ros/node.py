@@ -31,6 +31,7 @@ from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros import conversions, markers
+from mace_ros.ros.executors import SERVICE_QOS
 from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, Tf2Frames
 from mace_ros.ros.intake import (
     CloudSettings, CloudUpdate, ContactsUpdate, FieldSettings, IntakeSettings, JointStateUpdate, MarkerUpdate, ObstacleIntake)
@@ -260,9 +261,11 @@ class MaceNode(Node):
             self.get_logger().warning(f"the obstacle intake has not subscribed after {INTAKE_START_WAIT_S} s; serving anyway")
         # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
         services_group = ReentrantCallbackGroup()
-        self.create_service(GetIK, "~/get_ik", self.on_get_ik, callback_group=services_group)
-        self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, callback_group=services_group)
-        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, callback_group=services_group)
+        self.create_service(GetIK, "~/get_ik", self.on_get_ik, qos_profile=SERVICE_QOS, callback_group=services_group)
+        self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, qos_profile=SERVICE_QOS,
+                            callback_group=services_group)
+        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, qos_profile=SERVICE_QOS,
+                            callback_group=services_group)
         self._destroyed = False  # see destroy_node
         self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
@@ -335,7 +338,8 @@ class MaceNode(Node):
     def on_intake_update(self, update: CloudUpdate | MarkerUpdate | ContactsUpdate | JointStateUpdate) -> None:
         """An update from the intake process (mace_ros/ros/intake.py) enters the node's state."""
         if isinstance(update, JointStateUpdate):
-            self.robot.joint_states.add(update.stamp_ns, update.positions)
+            for stamp_ns, positions in zip(update.stamps_ns.tolist(), update.positions):
+                self.robot.joint_states.add(stamp_ns, positions)
             return
         if isinstance(update, ContactsUpdate):
             self._add_contacts(update.contacts, update.directions)
