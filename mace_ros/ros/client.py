@@ -22,6 +22,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
 from mace_ros.action import InferShape as InferShapeAction
+from mace_ros.ros.executors import SERVICE_QOS
 from mace_ros.srv import GetIK, GetIKBatch, InferShape
 
 NODE_NAME = "mace"
@@ -82,9 +83,12 @@ class MaceClient:
         self.node = Node(node_name, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
-        self.get_ik_client = self.node.create_client(GetIK, get_ik_service or self.topic("get_ik"))
-        self.infer_shape_client = self.node.create_client(InferShape, infer_shape_service or self.topic("infer_shape"))
-        self.get_ik_batch_client = self.node.create_client(GetIKBatch, get_ik_batch_service or self.topic("get_ik_batch"))
+        # As deep as the node's queues: replies to many calls in flight wait until this client spins.
+        self.get_ik_client = self.node.create_client(GetIK, get_ik_service or self.topic("get_ik"), qos_profile=SERVICE_QOS)
+        self.infer_shape_client = self.node.create_client(
+            InferShape, infer_shape_service or self.topic("infer_shape"), qos_profile=SERVICE_QOS)
+        self.get_ik_batch_client = self.node.create_client(
+            GetIKBatch, get_ik_batch_service or self.topic("get_ik_batch"), qos_profile=SERVICE_QOS)
 
     def topic(self, name: str) -> str:
         """The server's `~/<name>` (a service or topic) as an absolute name."""
@@ -131,7 +135,9 @@ class MaceClient:
     def infer_shape_action(self) -> ActionClient:
         """A client of the `~/infer_shape` action (created on first use)."""
         if getattr(self, "_infer_shape_action", None) is None:
-            self._infer_shape_action = ActionClient(self.node, InferShapeAction, self.topic("infer_shape"))
+            self._infer_shape_action = ActionClient(
+                self.node, InferShapeAction, self.topic("infer_shape"), goal_service_qos_profile=SERVICE_QOS,
+                result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
         return self._infer_shape_action
 
     def wait_for_action_server(self, timeout_s: float) -> None:

@@ -22,6 +22,7 @@ from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import CallbackGroup
 
 from mace_ros.action import InferShape as InferShapeAction
+from mace_ros.ros.executors import SERVICE_QOS
 from mace_ros.srv import InferShape
 
 if TYPE_CHECKING:  # torch is imported with the engines, not with the node
@@ -83,7 +84,8 @@ class ShapeActionServer:
         self.server = ActionServer(
             node, InferShapeAction, "~/infer_shape", execute_callback=self.execute,
             goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda cancel: CancelResponse.ACCEPT,
-            callback_group=callback_group)
+            goal_service_qos_profile=SERVICE_QOS, result_service_qos_profile=SERVICE_QOS,
+            cancel_service_qos_profile=SERVICE_QOS, callback_group=callback_group)
 
     def execute(self, goal_handle: ServerGoalHandle) -> InferShapeAction.Result:
         started = time.monotonic()  # timeout_s counts from here, as the service's from its callback
