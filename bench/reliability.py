@@ -58,7 +58,7 @@ from mace_ros.srv import GetIK, InferShape
 ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_SLACK_S = 0.1
 CLIENT_GRACE_S = 30.0  # beyond its deadline, a request counts as unanswered
-WARMUP_ROUNDS = 12  # above the depth of every history the largest messages pass through (services keep 10)
+WARMUP_ROUNDS = 12  # above the depth of the topics' histories the largest messages pass through (10; the services' free each sample)
 BASE = "panda_link0"
 ARM_JOINTS = [f"panda_joint{i}" for i in range(1, 8)]
 ABSURD = [1e300, -1e308, 1e-300, 5e-324, 1e10, -1e6, 1e4, 3.4e38]
