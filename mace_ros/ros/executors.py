@@ -1,16 +1,7 @@
 """How the node's two processes take ROS messages and requests: rclpy's MultiThreadedExecutor without
-its busy loop, and subscriptions polled in batches for high-rate topics such as /joint_states.
-
-Measured on the 2-core development CPU (a subscriber process taking sensor_msgs/JointState with an
-empty callback; BENCHMARKS.md, "Joint states at a controller's rate"):
-
-| executor | 100 Hz: CPU, received | 1 kHz: CPU, received |
-|---|---|---|
-| rclpy 9.1 (Kilted) MultiThreadedExecutor | 1.02 cores, 46/s | 1.04 cores, 24/s |
-| the same with rclpy 10.0.4's fix (sched_yield after each submit) | 0.72 cores, 94/s | 1.06 cores, 235/s |
-| SingleThreadedExecutor | 0.09 cores, 100/s | 0.57 cores, 1000/s |
-| `MultiThreadedExecutor` below | 0.13 cores, 100/s | 0.70 cores, 1000/s |
-| `PolledSubscription` below (every 10 ms) | 0.04 cores, 100/s | 0.09 cores, 999/s |
+its busy loop, subscriptions polled in batches for high-rate topics such as /joint_states, and the
+services' queue depth. Measurements: BENCHMARKS.md, "Joint states at a controller's rate, and request
+bursts" (bench/joint_states.py).
 """
 from __future__ import annotations
 
@@ -35,7 +26,7 @@ SERVICE_QOS = QoSProfile(depth=100)
 SHUTDOWN_CHECK_PERIOD_S = 0.05
 # How long a PolledSubscription's thread waits for a message before it checks whether it should stop.
 WAIT_TIMEOUT_NS = 100_000_000
-ERROR_PERIOD_S = 5.0
+ERROR_PERIOD_S = 5.0  # at most one error line per this period and subscription
 
 
 class MultiThreadedExecutor(rclpy.executors.MultiThreadedExecutor):
@@ -46,8 +37,9 @@ class MultiThreadedExecutor(rclpy.executors.MultiThreadedExecutor):
     callback waits in the pool's queue the next wait finds it still pending and hands it out again, at
     once: the spinning thread loops, holding the GIL, until a worker gets the GIL to start it. Each
     message or request then costs milliseconds of a core, and at 100 messages a second the loop never
-    stops (table above). Callbacks still run in the pool, so a long one blocks no other; when every
-    worker is busy the spinning thread waits for one instead of looping.
+    stops: a subscriber took a whole core and received 21 of them a second (this one: 0.08 of a core, all
+    100). Callbacks still run in the pool, so a long one blocks no other; when every worker is busy the
+    spinning thread waits for one instead of looping.
     """
 
     def _spin_once_impl(self, timeout_sec: Any = None, wait_condition: Callable[[], bool] = lambda: False) -> None:
@@ -78,8 +70,8 @@ class PolledSubscription:
 
     Why: an executor's cost is per message (it builds a wait set in Python for each), and controllers
     publish joint states at their own rate, up to 1 kHz (ros2_control's joint_state_broadcaster): taken
-    by rclpy's SingleThreadedExecutor, 0.57 of a core; polled every 10 ms, 0.09 (table above). The delay
-    added is at most `period_s`; a burst beyond `depth` messages keeps the latest.
+    by rclpy's SingleThreadedExecutor, 0.36 of a core; in 10 ms batches, 0.075. The delay added is at
+    most `period_s` (plus the processing); of a burst beyond `depth` messages the latest `depth` are kept.
     The subscription's node must not be spun by an executor: the executor would take its messages too.
     """
 
