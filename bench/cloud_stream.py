@@ -29,7 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,13 +141,21 @@ def camera(size: str, rate: float, seconds: float, seed: int, topic: str) -> int
         time.sleep(0.05)
     rng = np.random.default_rng(seed)
     clouds = [camera_cloud(rng, width, height) for _ in range(3)]
+    return publish_paced(node, publisher, lambda index, _: clouds[index % len(clouds)], rate, seconds)
+
+
+def publish_paced(node: Any, publisher: Any, message_at: Callable[[int, float], Any], rate_hz: float, seconds: float) -> int:
+    """Publishes message_at(index, elapsed_s), stamped when sent, at `rate_hz` for `seconds`; prints
+    {"published": count}, then destroys `node` and shuts rclpy down (a publisher process's end)."""
+    import rclpy
+
     published, started = 0, time.monotonic()
-    while time.monotonic() - started < seconds:
-        cloud = clouds[published % len(clouds)]
-        cloud.header.stamp = node.get_clock().now().to_msg()
-        publisher.publish(cloud)
+    while (elapsed_s := time.monotonic() - started) < seconds:
+        message = message_at(published, elapsed_s)
+        message.header.stamp = node.get_clock().now().to_msg()
+        publisher.publish(message)
         published += 1
-        time.sleep(max(0.0, started + published / rate - time.monotonic()))
+        time.sleep(max(0.0, started + published / rate_hz - time.monotonic()))
     print(json.dumps({"published": published}))
     node.destroy_node()
     rclpy.shutdown()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from sensor_msgs.msg import JointState
 
-from cloud_stream import GOALS, HOME, call_ik_until, ik_request, summarize_requests
+from cloud_stream import GOALS, HOME, call_ik_until, ik_request, publish_paced, summarize_requests
 from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
 from mace_ros.ros.executors import SERVICE_QOS
 from mace_ros.srv import GetIK
@@ -58,18 +58,12 @@ def publish_joint_states(rate_hz: float, seconds: float) -> int:
     rclpy.init()
     node = rclpy.create_node("joint_state_publisher_bench")
     publisher = node.create_publisher(JointState, "/joint_states", 10)
-    started, published = time.monotonic(), 0
-    while (elapsed := time.monotonic() - started) < seconds:
-        positions = [value + 0.05 * np.sin(2 * np.pi * 0.2 * elapsed) for value in HOME] + [0.04, 0.04]
-        message = JointState(name=JOINT_NAMES, position=positions, velocity=[0.0] * 9, effort=[0.0] * 9)
-        message.header.stamp = node.get_clock().now().to_msg()
-        publisher.publish(message)
-        published += 1
-        time.sleep(max(0.0, started + published / rate_hz - time.monotonic()))
-    print(json.dumps({"published": published}))
-    node.destroy_node()
-    rclpy.shutdown()
-    return 0
+
+    def state_at(_: int, elapsed_s: float) -> JointState:
+        positions = [value + 0.05 * np.sin(2 * np.pi * 0.2 * elapsed_s) for value in HOME] + [0.04, 0.04]
+        return JointState(name=JOINT_NAMES, position=positions, velocity=[0.0] * 9, effort=[0.0] * 9)
+
+    return publish_paced(node, publisher, state_at, rate_hz, seconds)
 
 
 def start_publisher(rate_hz: float, seconds: float) -> subprocess.Popen:
