@@ -133,6 +133,22 @@ def test_a_burst_of_requests_is_answered_in_full(mace):
     assert all(r.success or r.error_code == r.TIMED_OUT for r in answered), [r.message for r in answered if not r.success]
 
 
+def test_a_client_with_the_default_service_qos_is_served(mace):
+    """As the README's snippet and rclcpp clients call: ROS's default service QoS (depth 10) against the node's 100."""
+    from mace_ros.srv import GetIK
+
+    when_ready(mace.get_ik, ik_request(num_samples=64, tuning_iterations=0, timeout_s=1.0))
+    client = mace.node.create_client(GetIK, "/mace/get_ik")
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        call = client.call_async(ik_request(num_solutions=1, tuning_iterations=0, timeout_s=2.0))
+        mace.executor.spin_until_future_complete(call, timeout_sec=30.0)
+        assert call.done(), "no answer"
+        assert call.result().success, call.result().message
+    finally:
+        mace.node.destroy_client(client)
+
+
 def test_get_ik_returns_moveit_ready_joint_states(mace):
     markers_topic = Latest(mace, MarkerArray, "/mace/ik_solutions")
     response = when_ready(mace.get_ik, ik_request(num_solutions=4, tuning_iterations=-1, timeout_s=5.0))
