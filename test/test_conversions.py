@@ -15,7 +15,7 @@ from visualization_msgs.msg import Marker
 from mace_ros.core.kinematics import LINK_INDEX
 from mace_ros.core.scene import Box, Cylinder, Sphere
 from mace_ros.ros import conversions
-from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, UnknownFrameError
+from mace_ros.ros.frames import FrameTable, JointStateHistory, RigidTransform, RobotFrames, UnknownFrameError
 from mace_ros.ros.obstacles import CloudVoxelizer, ObstacleModel, Workspace
 
 F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
@@ -286,6 +286,20 @@ def test_attached_frames_follow_the_joint_state_closest_to_the_stamp():
     assert not np.allclose(frames.to_base("camera").translation, frames.to_base("camera", 1_000_000_000).translation)
     with pytest.raises(ValueError, match="not a link"):
         FrameTable.parse_attached_frames("camera panda_nose 0 0 0 0 0 0 1", lambda name: name)
+
+
+def test_joint_state_history_returns_the_state_stamped_closest():
+    history = JointStateHistory()
+    assert history.at() is None and history.at(5) is None
+    rng = np.random.default_rng(0)
+    stamps = np.cumsum(rng.integers(1, 3_000_000, 500)) + 1_000_000_000  # 1 kHz-like, irregular, increasing
+    for stamp in stamps:
+        history.add(int(stamp), np.full(7, float(stamp)))
+    for query in [0, 1, int(stamps[0]), int(stamps[-1]) + 10**9, *rng.integers(stamps[0] - 10**6, stamps[-1] + 10**6, 200)]:
+        expected = stamps[-1] if query == 0 else stamps[np.argmin(np.abs(stamps - query))]
+        assert history.at(int(query))[0] == float(expected), query
+    history.add(int(stamps[0]), np.zeros(7))  # time went back (a restarted bag): only the new state remains
+    assert history.at(int(stamps[-1]))[0] == 0.0
 
 
 def test_contact_poses_carry_their_fingers_travel_direction_on_their_z_axis():

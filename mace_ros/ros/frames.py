@@ -9,6 +9,7 @@ tf2 is not available from PyPI, so here the first three are all there is.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -88,7 +89,11 @@ class JointStateHistory:
                 return None
             if stamp_ns == 0:
                 return self._states[-1][1]
-            return min(self._states, key=lambda state: abs(state[0] - stamp_ns))[1]
+            # In stamp order (a stamp going back clears the history), so the closest is beside the insertion
+            # point: a scan of a 1 kHz controller's 2 s took 0.2 ms, per cloud and per request.
+            index = bisect.bisect_left(self._states, stamp_ns, key=lambda state: state[0])
+            beside = [self._states[i] for i in (index - 1, index) if 0 <= i < len(self._states)]
+            return min(beside, key=lambda state: abs(state[0] - stamp_ns))[1]
 
 
 class RobotFrames:
