@@ -117,6 +117,8 @@ def checker_times(device: torch.device, sizes: list[int], repeats: int) -> list[
     rows = []
     for name in ("open", "box", "shelf"):
         prepared = checker.prepare(Scene() if name == "open" else Scene.load_yaml(scene_path(name)))
+        # What a replay of the broad phase's graph launches (eagerly, one launch each).
+        rows.append({"scene": name, "broad_phase_kernels": broad_phase_kernels(checker, prepared, kinematics.random_configurations(64, generator))})
         for size in sizes:
             q = kinematics.random_configurations(size, generator)
             for graphs in (False, True) if device.type == "cuda" else (False,):
@@ -128,6 +130,22 @@ def checker_times(device: torch.device, sizes: list[int], repeats: int) -> list[
     checker.cuda_graphs = device.type == "cuda"
     rows.append({"graph_failures": [call.failure for _, call in checker._graphs.values() if call.failure]})
     return rows
+
+
+def broad_phase_kernels(checker: TorchCollisionChecker, prepared: Any, q: torch.Tensor) -> int:
+    """Operators of one broad phase (`_sphere_gaps`) that run a kernel, i.e. all but views."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+            Counter.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counter():
+        checker._sphere_gaps(q, prepared)
+    return Counter.count
 
 
 def request_for(position: np.ndarray, quaternion: np.ndarray | None, engine: IKEngine, num_solutions: int, timeout_s: float,
@@ -207,6 +225,8 @@ def batch_rows(engine: IKEngine, batch_goals: dict[str, Any], timeout_s: float, 
 
 def run(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.monotonic()
     inputs = json.loads(args.inputs.read_text())
     out: dict[str, Any] = {"command": "python3 bench/device_suite.py " + " ".join(sys.argv[1:]).replace(str(args.out), "<OUT>/suite.json"),
@@ -463,6 +483,7 @@ def main() -> None:
     r.add_argument("--gap", type=float, default=0.05)
     r.add_argument("--check-sizes", type=int, nargs="+", default=[4096, 65536], help="configurations per timed check")
     r.add_argument("--check-repeats", type=int, default=20)
+    r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); the node uses 1")
     r.add_argument("--box-timeout", type=float, default=2.0)
     r.add_argument("--max-box-goals", type=int, default=0, help="0 = all")
     r.add_argument("--batch-timeout", type=float, default=30.0)

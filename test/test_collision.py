@@ -100,6 +100,27 @@ def test_self_pairs_are_the_checked_pairs_but_the_wrist_table_ones(checker):
     assert {frozenset(pair) for pair in checker.self_pairs} == expected
 
 
+def test_broad_phase_gaps_are_the_minima_over_each_links_spheres(checker):
+    """The broad phase measures all sphere pairs at once and reduces them per link: its gaps must be the
+    per-pair and per-(link, primitive) minima computed sphere by sphere."""
+    q = PandaKinematics().random_configurations(40, torch.Generator().manual_seed(5))
+    prepared = checker.prepare(shipped_scene("shelf"))
+    _, link_gaps, _, pair_gaps, _ = checker._sphere_gaps(q, prepared)
+    centers = checker.sphere_centers(q).double().numpy()  # [B, S, 3]
+    radii, slices = checker.spheres.radii.double().numpy(), checker.spheres.link_slices
+    for number, (a, b) in enumerate(checker.self_pairs):
+        distance = np.linalg.norm(centers[:, slices[a], None] - centers[:, None, slices[b]], axis=-1)
+        expected = (distance - radii[slices[a], None] - radii[None, slices[b]]).min(axis=(1, 2))
+        np.testing.assert_allclose(pair_gaps[number].numpy(), expected, atol=1e-5)
+    scene_links = [name for name in slices if name not in collision.SCENE_EXCLUDED_LINKS]
+    assert link_gaps.shape == (len(scene_links), prepared.num_primitives, q.shape[0])
+    for row, name in enumerate(scene_links):
+        points = torch.as_tensor(centers[:, slices[name]].reshape(-1, 3).T, dtype=torch.float32)
+        distance = prepared.primitive_distances(points).double().numpy().reshape(prepared.num_primitives, q.shape[0], -1)
+        expected = (distance - radii[slices[name]]).min(axis=-1)
+        np.testing.assert_allclose(link_gaps[row].numpy(), expected, atol=1e-5)
+
+
 # --- the link polytopes ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("link", list(LINK_MESHES))

@@ -100,7 +100,7 @@ def test_graphed_broad_phase_checks_like_the_plain_one(device, name):
     for: every flag and clearance is the plain checker's, for batch sizes on and off the padding sizes,
     twice per size (warm-up, then the replay), across a scene change. On the CPU the "graphs" are eager
     calls (forced on: the padding is what is tested); on a GPU they are captured and replayed."""
-    checker = TorchCollisionChecker(device)
+    checker = TorchCollisionChecker(device, max_batch=1024)  # one pass per call, on a CPU too
     checker.cuda_graphs = False
     scene = Scene.load_yaml(scene_path("shelf"))
     if name == "cloud":
@@ -108,7 +108,7 @@ def test_graphed_broad_phase_checks_like_the_plain_one(device, name):
         scene = Scene(boxes=scene.boxes[:2]).with_points(points)
     prepared = checker.prepare(scene)
     q = PandaKinematics(device).random_configurations(700, torch.Generator(device).manual_seed(1))
-    graphed = TorchCollisionChecker(device)
+    graphed = TorchCollisionChecker(device, max_batch=1024)
     graphed.cuda_graphs = True
     replays = 0
     for count in (1, 128, 129, 700, 129):

@@ -149,6 +149,23 @@ def _length(*components: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(_SQUARED_FLOOR).sqrt()
 
 
+def padded_groups(sizes: list[int], device: torch.device | str) -> torch.Tensor:
+    """[G, most] indices of G consecutive groups of the given sizes in a flat list, each row padded with its
+    group's first index: gathered, then reduced over the last axis with min or max, every group at once
+    (a repeated element changes neither)."""
+    most, rows, start = max(sizes), [], 0
+    for size in sizes:
+        rows.append(list(range(start, start + size)) + [start] * (most - size))
+        start += size
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _group_min(values: torch.Tensor, groups: torch.Tensor, dim: int) -> torch.Tensor:
+    """values with axis `dim` reduced per group of `padded_groups` (a [G, most] index): that axis becomes G."""
+    gathered = values.index_select(dim, groups.flatten())
+    return gathered.view(*values.shape[:dim], *groups.shape, *values.shape[dim + 1:]).amin(dim + 1)
+
+
 def _box_like_distance(excess: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Signed distance from per-axis excesses over a convex extent (|local| - half size): exact for boxes/cylinders."""
     outside = _length(*(e.clamp_min(0.0) for e in excess))
@@ -483,18 +500,15 @@ class WristClearanceTable:
         cell6 = scaled6.detach().floor().long().clamp_max(size6 - 2)
         cell7 = scaled7.detach().floor().long().clamp_max(size7 - 2)
         fraction6, fraction7 = scaled6 - cell6, scaled7 - cell7
-        # Metres of possible motion per unit of grid fraction, along each axis.
-        reach6 = self.lipschitz_m_per_rad[0] * step6
-        reach7 = self.lipschitz_m_per_rad[1] * step7
-        bound = torch.zeros_like(scaled6)
-        for corner6 in (0, 1):
-            weight6 = fraction6 if corner6 else 1.0 - fraction6
-            for corner7 in (0, 1):
-                weight7 = fraction7 if corner7 else 1.0 - fraction7
-                value = self.clearance_m[cell6 + corner6, cell7 + corner7]
-                slack = reach6 * (fraction6 - corner6).abs() + reach7 * (fraction7 - corner7).abs()
-                bound = bound + weight6 * weight7 * (value - slack)
-        return bound
+        rest6, rest7 = 1.0 - fraction6, 1.0 - fraction7
+        # The four corners (q6 low/high x q7 low/high) at once: a dozen kernels instead of fifty.
+        value = self.clearance_m[torch.stack([cell6, cell6, cell6 + 1, cell6 + 1]), torch.stack([cell7, cell7 + 1, cell7, cell7 + 1])]  # [4, B]
+        weight = torch.stack([rest6, rest6, fraction6, fraction6]) * torch.stack([rest7, fraction7, rest7, fraction7])
+        # Metres of possible motion per unit of grid fraction, along each axis, times the fraction to the corner.
+        slack = (self.lipschitz_m_per_rad[0] * step6) * torch.stack([fraction6, fraction6, rest6, rest6]) \
+            + (self.lipschitz_m_per_rad[1] * step7) * torch.stack([fraction7, rest7, fraction7, rest7])
+        terms = weight * (value - slack)
+        return terms[0] + terms[1] + terms[2] + terms[3]
 
 
 # --- obstacles -----------------------------------------------------------------------------------
@@ -792,10 +806,10 @@ class TorchCollisionChecker:
         self.point_resolution_m = float(point_resolution_m)
         self.narrow_phase = narrow_phase
         on_cpu = self.device.type == "cpu"
-        # Configurations per tensor pass (results do not depend on it). On CPU, passes of ~1024 keep
-        # the temporaries in cache and run ~2x faster than one big pass (measured on 2 cores); a GPU
-        # wants passes as large as memory allows.
-        self.max_batch = max_batch or (1024 if on_cpu else 65536)
+        # Configurations per tensor pass (results do not depend on it). On CPU, passes of 256 keep the
+        # temporaries (sphere pairs x configurations) in cache: 1024 configurations among the shelf's boxes
+        # took 14 ms so and 25 ms in passes of 1024 (BENCHMARKS.md); a GPU wants passes as large as memory allows.
+        self.max_batch = max_batch or (256 if on_cpu else 65536)
         # Elements of the largest temporary (broad phase: obstacles x spheres x configurations; narrow
         # phase: pairs x edges x planes): bounds memory for any number of obstacles.
         self._max_elements = 1 << (23 if on_cpu else 27)
@@ -808,14 +822,25 @@ class TorchCollisionChecker:
             raise ValueError(f"{spheres_path} and {link_polytopes_path} describe different links")
         self.self_pairs = [pair for pair in checked_link_pairs(links) if frozenset(pair) not in WRIST_TABLE_PAIRS]
         self._self_pair_rows = torch.tensor([[self.polytopes.row_of_link[a], self.polytopes.row_of_link[b]] for a, b in self.self_pairs], device=self.device)
+        # The checked pairs' sphere gaps in one pass: every sphere of the pairs' first links against every sphere of
+        # their second links (two contiguous ranges: links are in kinematic order), then each pair's minimum
+        # (a few small kernels per pair made 170 of the ~300 kernels of a GPU broad phase).
+        slices = self.spheres.link_slices
+        firsts, seconds = ([name for name in links if name in {pair[side] for pair in self.self_pairs}] for side in (0, 1))
+        self._pair_rows = slice(slices[firsts[0]].start, slices[firsts[-1]].stop)
+        self._pair_columns = slice(slices[seconds[0]].start, slices[seconds[-1]].stop)
+        inner = [[name for name in links if part.start <= slices[name].start < part.stop] for part in (self._pair_rows, self._pair_columns)]
+        self._pair_row_groups, self._pair_column_groups = (
+            padded_groups([slices[name].stop - slices[name].start for name in names], self.device) for names in inner)
+        self._pair_radius_sums = (self.spheres.radii[self._pair_rows, None] + self.spheres.radii[None, self._pair_columns])[..., None]
+        self._pair_index = torch.tensor([inner[0].index(a) * len(inner[1]) + inner[1].index(b) for a, b in self.self_pairs], device=self.device)
         scene_links = [name for name in links if name not in SCENE_EXCLUDED_LINKS]
         self.scene_sphere_index = torch.cat([torch.arange(self.spheres.link_slices[name].start, self.spheres.link_slices[name].stop) for name in scene_links]).to(self.device)
-        self._scene_link_slices: list[slice] = []
-        for name in scene_links:
-            start = self._scene_link_slices[-1].stop if self._scene_link_slices else 0
-            self._scene_link_slices.append(slice(start, start + self.spheres.link_slices[name].stop - self.spheres.link_slices[name].start))
         self._scene_link_rows = torch.tensor([self.polytopes.row_of_link[name] for name in scene_links], device=self.device)
         self._scene_radii = self.spheres.radii[self.scene_sphere_index]
+        # Each scene link's rows of scene_sphere_index.
+        self._scene_link_groups = padded_groups([self.spheres.link_slices[name].stop - self.spheres.link_slices[name].start for name in scene_links],
+                                                self.device)  # [Ls, most]
         # Each scene link's spheres, padded to the most any link has (radius -inf: gap +inf), and a sphere
         # (link frame) enclosing them all, for the broad phase's link-level prefilter.
         scene_slices = [self.spheres.link_slices[name] for name in scene_links]
@@ -894,13 +919,10 @@ class TorchCollisionChecker:
 
     def _self_pair_gaps(self, centers: torch.Tensor) -> torch.Tensor:
         """[pairs, B] smallest sphere gap of each checked link pair (sphere centres [3, S, B])."""
-        radii, slices = self.spheres.radii, self.spheres.link_slices
-        gaps = []
-        for a, b in self.self_pairs:
-            difference = centers[:, slices[a], None, :] - centers[:, None, slices[b], :]  # [3, n, m, B]
-            gap = _length(difference[0], difference[1], difference[2]) - (radii[slices[a], None] + radii[None, slices[b]])[..., None]
-            gaps.append(gap.amin((0, 1)))
-        return torch.stack(gaps)
+        difference = centers[:, self._pair_rows, None, :] - centers[:, None, self._pair_columns, :]  # [3, rows, columns, B]
+        gaps = _length(difference[0], difference[1], difference[2]) - self._pair_radius_sums
+        link_gaps = _group_min(_group_min(gaps, self._pair_column_groups, 1), self._pair_row_groups, 0)  # [row links, column links, B]
+        return link_gaps.flatten(0, 1).index_select(0, self._pair_index)
 
     def _scene_link_gaps(
         self, centers: torch.Tensor, tensor_scene: TensorScene, frames: torch.Tensor | None = None, exact_below_m: float | None = None,
@@ -915,19 +937,19 @@ class TorchCollisionChecker:
         scene_centers = centers.index_select(1, self.scene_sphere_index)  # [3, S', B]
         count, batch = scene_centers.shape[1], scene_centers.shape[2]
         flat = scene_centers.reshape(3, -1)
-        cloud_gaps = torch.full((len(self._scene_link_slices), batch), float("inf"), dtype=self.dtype, device=self.device)
+        cloud_gaps = torch.full((self._scene_link_groups.shape[0], batch), float("inf"), dtype=self.dtype, device=self.device)
         if tensor_scene.point_field is not None:
             sphere_gaps = (tensor_scene.point_field.lower_bound(flat).view(count, batch) - self._scene_radii[:, None]
                            - self.cloud_point_radius_m)
-            cloud_gaps = torch.stack([sphere_gaps[link].amin(0) for link in self._scene_link_slices])
+            cloud_gaps = _group_min(sphere_gaps, self._scene_link_groups, 0)
         if tensor_scene.num_primitives == 0:
-            return centers.new_zeros(len(self._scene_link_slices), 0, batch), cloud_gaps
+            return centers.new_zeros(self._scene_link_groups.shape[0], 0, batch), cloud_gaps
         if frames is not None and exact_below_m is not None and tensor_scene.num_primitives >= SPARSE_BROAD_PHASE_MIN_PRIMITIVES:
             sparse = self._sparse_link_gaps(frames, tensor_scene, exact_below_m)
             if sparse is not None:
                 return sparse, cloud_gaps
         gaps = tensor_scene.primitive_distances(flat).view(tensor_scene.num_primitives, count, batch) - self._scene_radii[None, :, None]
-        return torch.stack([gaps[:, link].amin(1) for link in self._scene_link_slices]), cloud_gaps
+        return _group_min(gaps, self._scene_link_groups, 1).transpose(0, 1), cloud_gaps
 
     def _sparse_link_gaps(self, frames: torch.Tensor, tensor_scene: TensorScene, exact_below_m: float) -> torch.Tensor | None:
         """The link gaps [Ls, K, B] of _scene_link_gaps computed per sphere only for the (link, primitive,
