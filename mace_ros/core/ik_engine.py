@@ -158,7 +158,9 @@ class _Solutions:
 def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[int], min_separation: float, count: int) -> list[int]:
     """Greedy farthest-point selection: add from `pool` the configuration farthest (Euclidean joint
     distance) from all of `selected`, while it is at least `min_separation` away and fewer than
-    `count` are selected. Distinct solution modes (elbow, wrist flips) lie far apart, near-copies close."""
+    `count` are selected. Distinct solution modes (elbow, wrist flips) lie far apart, near-copies close.
+    Works on a host copy of q: each step reads a value, which on a GPU would be a synchronisation."""
+    q = q.detach().to("cpu", torch.float64)
     selected = list(selected)
     remaining = [i for i in pool if i not in selected]
     if not remaining or len(selected) >= count:
@@ -570,10 +572,10 @@ class IKEngine:
         solutions farthest apart first, so that what it passes covers distinct modes."""
         accepted, rejected = [], 0
         spread = torch.tensor(farthest_point_selection(solved.q, [], list(range(len(solved))), 0.0, len(solved)), dtype=torch.long)
-        for block in spread.to(self.device).split(EXACT_CHECK_BLOCK):
+        for block in spread.split(EXACT_CHECK_BLOCK):  # host indices: one read of the verdicts per block
             if len(accepted) >= needed or time.monotonic() >= deadline_at:
                 break
-            exactly_free = self._exactly_free(solved.q[block], scene)
+            exactly_free = self._exactly_free(solved.q[block.to(self.device)], scene).cpu()
             accepted += block[exactly_free].tolist()
             rejected += int((~exactly_free).sum())
         return solved.subset(torch.tensor(accepted, dtype=torch.long, device=self.device)), rejected
@@ -689,12 +691,16 @@ class IKEngine:
     def _merged(self, kept: _Solutions, new: _Solutions) -> _Solutions:
         """`kept` plus the configurations of `new` that are no near-copy (every joint within
         duplicate_tolerance_rad) of one already kept or of an earlier one of `new`."""
-        merged = kept
-        for index in range(len(new)):
-            q = new.q[index]
-            if len(merged) == 0 or float((merged.q - q).abs().amax(dim=-1).min()) > self.config["duplicate_tolerance_rad"]:
-                merged = merged.cat(new.subset(torch.tensor([index], device=q.device)))
-        return merged
+        if len(new) == 0:
+            return kept
+        # Compared on host copies (one read, not one per configuration on a GPU).
+        taken = kept.q.detach().cpu()
+        fresh = []
+        for index, q in enumerate(new.q.detach().cpu()):
+            if taken.shape[0] == 0 or float((taken - q).abs().amax(dim=-1).min()) > self.config["duplicate_tolerance_rad"]:
+                taken = torch.cat([taken, q[None]])
+                fresh.append(index)
+        return kept.cat(new.subset(torch.tensor(fresh, dtype=torch.long, device=new.q.device)))
 
     def _diagnose(self, prior: GoalConditionedPrior, goal: IKGoal, generator: torch.Generator, deadline_at: float) -> str:
         """What blocks the goal: an LM from plain prior samples ignoring collisions, then also ignoring
@@ -718,7 +724,9 @@ class IKEngine:
     def _ranking(self, q: torch.Tensor, seed: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """Indices of q [S, 7] best first, and those that are preferred. With a seed: by Euclidean joint
         distance to it (all preferred). Without: those at least joint_limit_margin_rad inside every
-        limit first (preferred), each group by its smallest distance to a limit, largest first."""
+        limit first (preferred), each group by its smallest distance to a limit, largest first. (On host
+        copies: the sort reads every value.)"""
+        q = q.detach().cpu()
         if seed is not None:
             distance = (q - seed.to(q)).norm(dim=-1)
             order = torch.argsort(distance).tolist()
