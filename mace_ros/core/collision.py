@@ -807,8 +807,9 @@ class TorchCollisionChecker:
         self.narrow_phase = narrow_phase
         on_cpu = self.device.type == "cpu"
         # Configurations per tensor pass (results do not depend on it). On CPU, passes of 256 keep the
-        # temporaries (sphere pairs x configurations) in cache: 1024 configurations among the shelf's boxes
-        # took 14 ms so and 25 ms in passes of 1024 (BENCHMARKS.md); a GPU wants passes as large as memory allows.
+        # temporaries (510 sphere pairs x configurations) in cache: GetIK in the box was faster so than in
+        # passes of 1024 (BENCHMARKS.md, "Prepared for the next device session"); a GPU wants passes as large
+        # as memory allows.
         self.max_batch = max_batch or (256 if on_cpu else 65536)
         # Elements of the largest temporary (broad phase: obstacles x spheres x configurations; narrow
         # phase: pairs x edges x planes): bounds memory for any number of obstacles.
