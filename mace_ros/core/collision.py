@@ -827,13 +827,15 @@ class TorchCollisionChecker:
         # their second links (two contiguous ranges: links are in kinematic order), then each pair's minimum
         # (a few small kernels per pair made 170 of the ~300 kernels of a GPU broad phase).
         slices = self.spheres.link_slices
-        firsts, seconds = ([name for name in links if name in {pair[side] for pair in self.self_pairs}] for side in (0, 1))
-        self._pair_rows = slice(slices[firsts[0]].start, slices[firsts[-1]].stop)
-        self._pair_columns = slice(slices[seconds[0]].start, slices[seconds[-1]].stop)
-        inner = [[name for name in links if part.start <= slices[name].start < part.stop] for part in (self._pair_rows, self._pair_columns)]
-        self._pair_row_groups, self._pair_column_groups = (
+        sides = ({pair[side] for pair in self.self_pairs} for side in (0, 1))
+        firsts, seconds = ([name for name in links if name in side] for side in sides)
+        self._pair_first_spheres = slice(slices[firsts[0]].start, slices[firsts[-1]].stop)
+        self._pair_second_spheres = slice(slices[seconds[0]].start, slices[seconds[-1]].stop)
+        inner = [[name for name in links if part.start <= slices[name].start < part.stop]
+                 for part in (self._pair_first_spheres, self._pair_second_spheres)]
+        self._pair_first_groups, self._pair_second_groups = (
             padded_groups([slices[name].stop - slices[name].start for name in names], self.device) for names in inner)
-        self._pair_radius_sums = (self.spheres.radii[self._pair_rows, None] + self.spheres.radii[None, self._pair_columns])[..., None]
+        self._pair_radius_sums = (self.spheres.radii[self._pair_first_spheres, None] + self.spheres.radii[None, self._pair_second_spheres])[..., None]
         self._pair_index = torch.tensor([inner[0].index(a) * len(inner[1]) + inner[1].index(b) for a, b in self.self_pairs], device=self.device)
         scene_links = [name for name in links if name not in SCENE_EXCLUDED_LINKS]
         self.scene_sphere_index = torch.cat([torch.arange(self.spheres.link_slices[name].start, self.spheres.link_slices[name].stop) for name in scene_links]).to(self.device)
@@ -920,9 +922,9 @@ class TorchCollisionChecker:
 
     def _self_pair_gaps(self, centers: torch.Tensor) -> torch.Tensor:
         """[pairs, B] smallest sphere gap of each checked link pair (sphere centres [3, S, B])."""
-        difference = centers[:, self._pair_rows, None, :] - centers[:, None, self._pair_columns, :]  # [3, rows, columns, B]
+        difference = centers[:, self._pair_first_spheres, None, :] - centers[:, None, self._pair_second_spheres, :]  # [3, firsts, seconds, B]
         gaps = _length(difference[0], difference[1], difference[2]) - self._pair_radius_sums
-        link_gaps = _group_min(_group_min(gaps, self._pair_column_groups, 1), self._pair_row_groups, 0)  # [row links, column links, B]
+        link_gaps = _group_min(_group_min(gaps, self._pair_second_groups, 1), self._pair_first_groups, 0)  # [first links, second links, B]
         return link_gaps.flatten(0, 1).index_select(0, self._pair_index)
 
     def _scene_link_gaps(
