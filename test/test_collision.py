@@ -415,9 +415,11 @@ def test_point_field_is_a_tight_lower_bound():
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
-def test_point_field_built_in_slabs_equals_the_single_thread_field(threads):
-    """Slabs transformed in threads (the intake's builds) give the same values: clusters far apart leave
-    slabs with nothing within their margins, and a slab's nearest node may lie in its neighbour's part."""
+def test_point_field_built_in_slabs_equals_the_single_thread_field(threads, monkeypatch):
+    """Slabs transformed in threads (the feature transform's path, taken by long truncations) give the
+    same values: clusters far apart leave slabs with nothing within their margins, and a slab's nearest
+    node may lie in its neighbour's part."""
+    monkeypatch.setattr(collision, "MAX_WINDOWED_REACH", 0)
     rng = np.random.default_rng(threads)
     cloud = np.concatenate([rng.uniform(-0.3, 0.3, (400, 3)), rng.normal([1.2, 0.0, 0.2], 0.02, (100, 3)),
                             np.c_[np.linspace(-0.3, 1.2, 150), np.full(150, 0.25), np.zeros(150)]])
@@ -425,6 +427,32 @@ def test_point_field_built_in_slabs_equals_the_single_thread_field(threads):
         single = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype)
         sliced = PointDistanceField.build(cloud, 0.01, 0.15, torch.device("cpu"), dtype, threads=threads)
         assert torch.equal(single.values, sliced.values) and torch.equal(single.origin, sliced.origin)
+
+
+def test_windowed_node_distances_equal_the_feature_transforms_and_the_exact_ones(monkeypatch):
+    """Both ways of building a field's node values agree with the truncated distance to the nearest
+    occupied node, found by a k-d tree: grids thinner than the truncation, empty and full ones, sparse
+    and dense occupancy, each dtype."""
+    rng = np.random.default_rng(11)
+    half_diagonal = 0.5 * math.sqrt(3)
+    for trial in range(120):
+        shape = tuple(int(size) for size in rng.integers(1, 36, 3))
+        occupied = rng.random(shape) < [0.0, 0.002, 0.02, 0.3, 1.0][trial % 5]
+        resolution_m, truncation_m = float(rng.choice([0.005, 0.01, 0.023])), float(rng.uniform(0.0, 0.25))
+        nodes = np.argwhere(np.ones(shape, dtype=bool))
+        if occupied.any():
+            exact, _ = cKDTree(np.argwhere(occupied)).query(nodes)
+        else:
+            exact = np.full(len(nodes), np.inf)
+        expected = np.clip((exact - half_diagonal) * resolution_m, 0.0, truncation_m).reshape(shape)
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+            windowed = collision._truncated_node_distances(occupied, resolution_m, truncation_m, dtype)
+            with monkeypatch.context() as patch:
+                patch.setattr(collision, "MAX_WINDOWED_REACH", 0)
+                transformed = collision._truncated_node_distances(occupied, resolution_m, truncation_m, dtype)
+            assert windowed.dtype == dtype and windowed.shape == shape and windowed.flags.c_contiguous
+            assert np.array_equal(windowed, transformed)
+            assert np.allclose(windowed, expected, rtol=0.0, atol=1e-6 if dtype == np.float32 else 1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
