@@ -16,7 +16,8 @@ from mace_ros.core.kinematics import LINK_INDEX
 from mace_ros.core.scene import Box, Cylinder, Sphere
 from mace_ros.ros import conversions
 from mace_ros.ros.frames import FrameTable, JointStateHistory, RigidTransform, RobotFrames, UnknownFrameError
-from mace_ros.ros.obstacles import CloudVoxelizer, ObstacleModel, Workspace
+from mace_ros.ros import obstacles
+from mace_ros.ros.obstacles import CloudVoxelizer, ObstacleModel, SelfFilter, Workspace
 
 F32, F64, U32 = PointField.FLOAT32, PointField.FLOAT64, PointField.UINT32
 
@@ -41,6 +42,18 @@ def test_float32_xyz_with_point_step_padding():
     # 12 bytes of x, y, z then 4 bytes of padding, as many drivers align points to 16 bytes.
     cloud = make_cloud(XYZ_F32, 16, [b"".join(struct.pack("<fff4x", *p) for p in POINTS)], width=3)
     np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), POINTS, rtol=1e-6)
+
+
+def test_driver_layout_xyz_is_a_view_of_the_message_and_other_layouts_a_float64_copy():
+    cloud = make_cloud(XYZ_F32 + [("rgb", 16, F32)], 32, [b"".join(struct.pack("<fff4xf12x", *p, 1.0) for p in POINTS)], width=3)
+    xyz = conversions.pointcloud2_xyz(cloud)
+    assert xyz.dtype == np.float32 and xyz.strides == (32, 4) and not xyz.flags.owndata  # nothing copied
+    np.testing.assert_allclose(xyz, POINTS, rtol=1e-6)
+    shuffled = make_cloud([("y", 0, F32), ("x", 4, F32), ("z", 8, F32)], 12,
+                          [b"".join(struct.pack("<fff", p[1], p[0], p[2]) for p in POINTS)], width=3)
+    copied = conversions.pointcloud2_xyz(shuffled)
+    assert copied.dtype == np.float64 and copied.flags.c_contiguous
+    np.testing.assert_allclose(copied, POINTS, rtol=1e-6)
 
 
 def test_float64_fields_and_an_extra_field():
@@ -228,22 +241,22 @@ def test_obstacle_model_keeps_its_snapshot_when_a_message_changes_nothing():
     assert model.snapshot().is_empty and model.primitives_version == version + 3
 
 
-def _columns(points: np.ndarray, dtype=np.float32) -> list[np.ndarray]:
-    """x, y, z as strided views of 32-byte points, as a camera driver's padded cloud gives them."""
+def _strided_xyz(points: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """x, y, z [N, 3] as a strided view of 32-byte points, as a camera driver's padded cloud gives them."""
     padded = np.zeros((points.shape[0], 8), dtype=dtype)
     padded[:, :3] = points
-    return [padded[:, axis] for axis in range(3)]
+    return padded[:, :3]
 
 
 def test_cloud_voxelizer_keeps_occupied_voxel_centres_inside_the_workspace():
     workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
     points = np.array([[0.501, 0.002, 0.503], [0.508, 0.009, 0.507],  # one voxel
                        [0.203, -0.296, 0.254], [8.0, 0, 0.5], [1e30, 0, 0], [0, 0, -0.01], [np.nan, 0.1, 0.1], [0.1, np.inf, 0.1]])
-    cropped = CloudVoxelizer(workspace, 0.01).voxelize(_columns(points), RigidTransform.identity())
+    cropped = CloudVoxelizer(workspace, 0.01).voxelize(_strided_xyz(points), RigidTransform.identity())
     assert (cropped.inside, cropped.outside) == (3, 3)  # NaN and inf are neither
     np.testing.assert_allclose(cropped.points[np.lexsort(cropped.points.T[::-1])],
                                [[0.205, -0.295, 0.255], [0.505, 0.005, 0.505]], atol=1e-9)
-    unthinned = CloudVoxelizer(workspace, 0.0).voxelize(_columns(points, np.float64), RigidTransform.identity())
+    unthinned = CloudVoxelizer(workspace, 0.0).voxelize(_strided_xyz(points, np.float64), RigidTransform.identity())
     np.testing.assert_allclose(unthinned.points, points[:3], atol=1e-12)
 
 
@@ -256,12 +269,30 @@ def test_cloud_voxelizer_transforms_into_the_base_frame_like_a_reference():
         spread = (rng.integers(-70, 70, (4000, 3)) + 0.5) * 0.02
         cells = np.floor((spread - workspace.low) / voxel_size_m)
         base = workspace.low + (cells + 0.5 + rng.uniform(-0.3, 0.3, cells.shape)) * voxel_size_m
-        cropped = CloudVoxelizer(workspace, voxel_size_m).voxelize(_columns(to_base.inverse().apply(base), np.float64), to_base)
+        cropped = CloudVoxelizer(workspace, voxel_size_m).voxelize(_strided_xyz(to_base.inverse().apply(base), np.float64), to_base)
         inside = ((base >= workspace.low) & (base <= workspace.high)).all(1)
         occupied = np.unique(cells[inside], axis=0)
         np.testing.assert_allclose(cropped.points[np.lexsort(cropped.points.T[::-1])],
                                    workspace.low + (occupied + 0.5) * voxel_size_m, atol=1e-9)
         assert 0 < cropped.outside == int((~inside).sum()) and cropped.inside == int(inside.sum())
+
+
+@pytest.mark.parametrize("chunk", [8192, 97])
+def test_self_filter_drops_exactly_the_points_within_padding_of_a_sphere(chunk, monkeypatch):
+    """Against each sphere by itself, at random arm configurations, with points spread around the arm
+    (chunks smaller than the candidates exercise the chunking)."""
+    monkeypatch.setattr(obstacles, "SELF_FILTER_CHUNK", chunk)
+    rng = np.random.default_rng(chunk)
+    self_filter, robot, padding_m = SelfFilter(), RobotFrames(), 0.02
+    for _ in range(5):
+        links = robot.link_transforms(rng.uniform(-1.5, 1.5, 7))
+        centers = self_filter.sphere_centers(links)
+        points = np.concatenate([rng.uniform(-1.0, 1.0, (3000, 3)), centers[rng.integers(len(centers), size=2000)]
+                                 + rng.normal(0.0, 0.08, (2000, 3))])
+        distances = np.linalg.norm(points[:, None, :] - centers[None], axis=2) - self_filter._radii
+        keep = self_filter.keep(points, links, padding_m)
+        np.testing.assert_array_equal(keep, (distances > padding_m).all(1))
+        assert 0 < (~keep).sum() < len(points)
 
 
 def test_workspace_drops_far_primitives():

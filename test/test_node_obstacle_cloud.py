@@ -273,7 +273,10 @@ def test_a_killed_intake_process_is_restarted(node, topics):
     intakes = [child for child in children if "mace_ros.ros.intake" in Path(f"/proc/{child}/cmdline").read_text()]
     assert len(intakes) == 1, children
     # Started with malloc's huge pages for its large copies (mace_ros/ros/memory.py; the tests set no malloc tuning).
-    assert f"GLIBC_TUNABLES={INTAKE_GLIBC_TUNABLES}".encode() in Path(f"/proc/{intakes[0]}/environ").read_bytes().split(b"\0")
+    environment = Path(f"/proc/{intakes[0]}/environ").read_bytes().split(b"\0")
+    assert f"GLIBC_TUNABLES={INTAKE_GLIBC_TUNABLES}".encode() in environment
+    # and BLAS in one thread (mace_ros/ros/intake.py; the tests set no OPENBLAS_NUM_THREADS).
+    assert b"OPENBLAS_NUM_THREADS=1" in environment
     os.kill(int(intakes[0]), signal.SIGKILL)
     publish_joints(READY)
     marker = np.array([[0.6, -0.4, 0.6]])  # a point no other test uses

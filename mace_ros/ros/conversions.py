@@ -95,24 +95,34 @@ def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
     return _points_view(cloud, dtype).astype(dtype.newbyteorder("="))
 
 
-def pointcloud2_xyz_columns(cloud: PointCloud2) -> list[np.ndarray]:
-    """The x, y, z fields [N] as views of the message's buffer (strided, in the fields' own dtype and
-    byte order; NaN and infinite values kept): nothing is copied unless rows are padded."""
+def pointcloud2_xyz(cloud: PointCloud2) -> np.ndarray:
+    """[N, 3] x, y, z of every point (NaN and infinite values kept). When they are consecutive fields
+    of one native floating type, as drivers send them, a strided view of the message's buffer
+    (nothing is copied unless rows are padded); otherwise a float64 copy."""
     missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
     if missing:
         present = ", ".join(field.name for field in cloud.fields) or "none"
         raise ValueError(f"PointCloud2 lacks field(s) {', '.join(missing)} (fields: {present})")
     dtype = cloud_dtype(cloud)
-    xyz_dtype = np.dtype({
-        "names": list(XYZ), "formats": [dtype.fields[name][0] for name in XYZ],
-        "offsets": [dtype.fields[name][1] for name in XYZ], "itemsize": dtype.itemsize})
+    formats = [dtype.fields[name][0] for name in XYZ]
+    offsets = [dtype.fields[name][1] for name in XYZ]
+    scalar = formats[0]
+    if (scalar.kind == "f" and scalar.isnative and formats[1] == formats[2] == scalar
+            and offsets[1] == offsets[0] + scalar.itemsize and offsets[2] == offsets[1] + scalar.itemsize):
+        xyz_dtype = np.dtype({"names": ["xyz"], "formats": [(scalar, (3,))], "offsets": [offsets[0]], "itemsize": dtype.itemsize})
+        return _points_view(cloud, xyz_dtype)["xyz"]
+    xyz_dtype = np.dtype({"names": list(XYZ), "formats": formats, "offsets": offsets, "itemsize": dtype.itemsize})
     points = _points_view(cloud, xyz_dtype)
-    return [points[name] if points[name].ndim == 1 else points[name][:, 0] for name in XYZ]  # count > 1: the first
+    xyz = np.empty((points.size, 3), dtype=np.float64)
+    for axis, name in enumerate(XYZ):
+        xyz[:, axis] = points[name] if points[name].ndim == 1 else points[name][:, 0]  # count > 1: the first
+    return xyz
 
 
 def pointcloud2_to_xyz(cloud: PointCloud2) -> np.ndarray:
     """[N, 3] float64 positions from the x, y, z fields; points with a NaN or infinite coordinate are dropped."""
-    columns = pointcloud2_xyz_columns(cloud)
+    view = pointcloud2_xyz(cloud)
+    columns = [view[:, axis] for axis in range(3)]
     # Per-coordinate 1-D passes: a mask over an [N, 3] array's short rows costs ~3x more.
     finite = np.isfinite(columns[0]) & np.isfinite(columns[1]) & np.isfinite(columns[2])
     xyz = np.empty((int(np.count_nonzero(finite)), 3), dtype=np.float64)

@@ -69,9 +69,14 @@ JOINT_STATES_DEPTH = 100
 EARLY_JOINT_STATES = 100
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
 CLOUD_HISTORY_DEPTH = 4
-# Threads that build a cloud's distance field (PointDistanceField.build): a 640 x 480 table cloud's field
-# took 13 ms instead of 22 with two (the 2-core development CPU); they run at the intake's low priority.
+# Threads that build a cloud's distance field where it takes scipy's feature transform (truncations of
+# more than 32 voxels; a camera cloud's 13 take windowed minima in one thread, see PointDistanceField.build):
+# a 640 x 480 table cloud's transform took 13 ms instead of 22 with two (the 2-core development CPU).
 FIELD_BUILD_THREADS = min(4, os.cpu_count() or 1)
+# numpy's OpenBLAS runs a large matrix product (the voxelizer's, once per cloud) in a thread per core and
+# leaves those threads spinning between calls: one took 90 % of a core beside a 640 x 480 stream, for a
+# 1 ms product. The intake works in one thread by design, so its BLAS does too (unless the user sets it).
+INTAKE_BLAS_THREADS = "1"
 
 
 @dataclass(frozen=True)
@@ -319,7 +324,7 @@ class IntakeNode(Node):
         if self._voxelizer is None or self._voxelizer.voxel_size_m != settings.voxel_size_m:
             self._voxelizer = CloudVoxelizer(self.workspace, settings.voxel_size_m)
         try:
-            cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz_columns(cloud), self.frames.to_base(sensor, stamp_ns))
+            cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz(cloud), self.frames.to_base(sensor, stamp_ns))
         except ValueError as error:  # UnknownFrameError included
             self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return
@@ -543,6 +548,7 @@ class ObstacleIntake:
         # ran instead of the installed one).
         environment = {**with_huge_page_malloc(without_reply_buffer_settings(dict(os.environ), config_dir())),
                        "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        environment.setdefault("OPENBLAS_NUM_THREADS", INTAKE_BLAS_THREADS)
         process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(intake_end.fileno())],
                                    pass_fds=[intake_end.fileno()], env=environment)
         intake_end.close()
