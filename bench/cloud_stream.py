@@ -84,12 +84,12 @@ def summarize_requests(records: list[dict]) -> dict:
 
 def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespace, rng: np.random.Generator,
              node_pid: int) -> dict:
-    applied: list[tuple[float, float]] = []  # (arrival monotonic, age of the applied cloud s)
+    applied: list[tuple[int, float]] = []  # (stamp of the applied cloud ns, its age on arrival s)
 
     def on_points(message: PointCloud2) -> None:
         stamp_ns = message.header.stamp.sec * 10**9 + message.header.stamp.nanosec
         if stamp_ns and message.width:
-            applied.append((time.monotonic(), (client.node.get_clock().now().nanoseconds - stamp_ns) * 1e-9))
+            applied.append((stamp_ns, (client.node.get_clock().now().nanoseconds - stamp_ns) * 1e-9))
 
     subscription = client.node.create_subscription(
         PointCloud2, client.topic("obstacle_points"), on_points, QoSProfile(depth=10))
@@ -106,21 +106,23 @@ def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespa
     caller = threading.Thread(target=call_ik_until, args=(client, stop, args.timeout, streamed, args.gap))
     rss = [node_rss_mb(node_pid)]
     camera = start_camera(width, height, args, rng, client.topic("obstacle_cloud"))
-    started = time.monotonic()
     caller.start()
     while camera.poll() is None:
         time.sleep(1.0)
         rss.append(node_rss_mb(node_pid))
-    duration_s = time.monotonic() - started
+    time.sleep(0.5)  # the last clouds in flight
     stop.set()
     caller.join()
-    published = json.loads(camera.stdout.read())["published"]
-    in_window = [age for arrival, age in applied if started <= arrival <= started + duration_s]
+    sent = json.loads(camera.stdout.read())
+    # Rates over the camera's publishing span (not its process's start-up): the clouds stamped within it
+    # that the node applied, each counted once.
+    span_s = (sent["last_stamp_ns"] - sent["first_stamp_ns"]) * 1e-9
+    in_window = list({stamp: age for stamp, age in applied if sent["first_stamp_ns"] <= stamp <= sent["last_stamp_ns"]}.values())
     client.node.destroy_subscription(subscription)
     return {
         "cloud": f"{width}x{height}", "cloud_bytes": 32 * width * height, "rate_hz_asked": args.rate,
-        "published": published, "publish_rate_hz": published / duration_s,
-        "applied": len(in_window), "applied_rate_hz": len(in_window) / duration_s,
+        "published": sent["published"], "publish_rate_hz": (sent["published"] - 1) / span_s,
+        "applied": len(in_window), "applied_rate_hz": len(in_window) / span_s,
         "applied_age_p50_s": percentile(in_window, 50), "applied_age_p95_s": percentile(in_window, 95),
         "get_ik_without_stream": summarize_requests(baseline), "get_ik_while_streaming": summarize_requests(streamed),
         "node_rss_mb": {"start": rss[0], "max": max(value for value in rss if value is not None), "end": rss[-1]},
@@ -129,7 +131,7 @@ def run_size(client: MaceClient, width: int, height: int, args: argparse.Namespa
 
 def camera(size: str, rate: float, seconds: float, seed: int, topic: str) -> int:
     """--camera mode: publish camera clouds on `topic` at `rate` Hz for `seconds` (a driver's default,
-    reliable QoS), each stamped when sent; prints {"published": count}."""
+    reliable QoS), each stamped when sent; prints what publish_paced sends."""
     import rclpy
 
     width, height = (int(v) for v in size.lower().split("x"))
@@ -146,24 +148,27 @@ def camera(size: str, rate: float, seconds: float, seed: int, topic: str) -> int
 
 def publish_paced(node: Any, publisher: Any, message_at: Callable[[int, float], Any], rate_hz: float, seconds: float) -> int:
     """Publishes message_at(index, elapsed_s), stamped when sent, at `rate_hz` for `seconds`; prints
-    {"published": count}, then destroys `node` and shuts rclpy down (a publisher process's end)."""
+    {"published": count, "first_stamp_ns": ..., "last_stamp_ns": ...}, then destroys `node` and shuts
+    rclpy down (a publisher process's end)."""
     import rclpy
 
-    published, started = 0, time.monotonic()
+    published, started, first_stamp_ns, last_stamp_ns = 0, time.monotonic(), None, None
     while (elapsed_s := time.monotonic() - started) < seconds:
         message = message_at(published, elapsed_s)
-        message.header.stamp = node.get_clock().now().to_msg()
+        now = node.get_clock().now()
+        message.header.stamp = now.to_msg()
         publisher.publish(message)
+        first_stamp_ns, last_stamp_ns = first_stamp_ns or now.nanoseconds, now.nanoseconds
         published += 1
         time.sleep(max(0.0, started + published / rate_hz - time.monotonic()))
-    print(json.dumps({"published": published}))
+    print(json.dumps({"published": published, "first_stamp_ns": first_stamp_ns, "last_stamp_ns": last_stamp_ns}))
     node.destroy_node()
     rclpy.shutdown()
     return 0
 
 
 def start_camera(width: int, height: int, args: argparse.Namespace, rng: np.random.Generator, topic: str) -> subprocess.Popen:
-    """The camera process (see camera()); its stdout gives {"published": count} when it ends."""
+    """The camera process (see camera()); its stdout gives publish_paced's counts when it ends."""
     return subprocess.Popen(
         [sys.executable, __file__, "--camera", f"{width}x{height}", "--rate", str(args.rate), "--seconds", str(args.seconds),
          "--seed", str(int(rng.integers(1 << 30))), "--topic", topic],
