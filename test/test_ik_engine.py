@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mace_ros.core.ik_engine import IKEngine, IKRequest
+from mace_ros.core.ik_engine import IKEngine, IKRequest, farthest_point_selection
 from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, PandaKinematics, matrix_to_quaternion
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
 from mace_ros.core.resources import scene_path
@@ -95,6 +95,21 @@ def test_the_answer_covers_distinct_solution_modes(engine):
     assert (solutions[:, 1] > 0.1).any() and (solutions[:, 1] < -0.1).any(), solutions  # both shoulder modes
     distances = torch.cdist(solutions, solutions) + 1e9 * torch.eye(len(solutions), dtype=solutions.dtype)
     assert float(distances.min()) >= engine.config["min_separation_rad"]  # no near-copies
+
+
+def test_farthest_point_selection_adds_the_farthest_until_too_close_or_enough():
+    rng = np.random.default_rng(5)
+    q = torch.as_tensor(rng.uniform(-1.0, 1.0, (30, 7)))
+    for selected, pool, separation, count in (([], list(range(30)), 0.0, 30), ([3], list(range(10, 30)), 1.8, 20), ([0, 1], [1, 2], 0.0, 5)):
+        chosen = farthest_point_selection(q, selected, pool, separation, count)
+        assert chosen[:max(len(selected), 1)] == (selected or pool[:1]) and len(set(chosen)) == len(chosen) <= count
+        assert set(chosen) <= set(selected) | set(pool)
+        for step in range(max(len(selected), 1), len(chosen)):  # each addition: the farthest from those before
+            gaps = {i: float(torch.cdist(q[[i]], q[chosen[:step]]).min()) for i in pool if i not in chosen[:step]}
+            assert gaps[chosen[step]] == pytest.approx(max(gaps.values())) and gaps[chosen[step]] >= separation
+        left = [i for i in pool if i not in chosen]
+        if len(chosen) < count and left:  # stopped early: everything left is too close
+            assert max(float(torch.cdist(q[[i]], q[chosen]).min()) for i in left) < separation
 
 
 def test_without_a_seed_solutions_keep_a_margin_from_the_joint_limits(engine):

@@ -159,8 +159,9 @@ def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[in
     """Greedy farthest-point selection: add from `pool` the configuration farthest (Euclidean joint
     distance) from all of `selected`, while it is at least `min_separation` away and fewer than
     `count` are selected. Distinct solution modes (elbow, wrist flips) lie far apart, near-copies close.
-    Works on a host copy of q: each step reads a value, which on a GPU would be a synchronisation."""
-    q = q.detach().to("cpu", torch.float64)
+    Works on a host copy of q in numpy: each step reads a value (on a GPU a synchronisation), and for
+    these few dozen rows torch's per-operation cost was most of the time (~1.5 ms of a 21 ms request)."""
+    q = q.detach().to("cpu", torch.float64).numpy()
     selected = list(selected)
     remaining = [i for i in pool if i not in selected]
     if not remaining or len(selected) >= count:
@@ -169,13 +170,13 @@ def farthest_point_selection(q: torch.Tensor, selected: list[int], pool: list[in
         selected.append(remaining.pop(0))
     candidates = q[remaining]
     # Distance of every remaining configuration to its nearest selected one, updated as they are added.
-    nearest = torch.cdist(candidates, q[selected]).amin(dim=1)
+    nearest = np.sqrt(((candidates[:, None, :] - q[selected][None]) ** 2).sum(-1)).min(1)
     while len(selected) < count:
         best = int(nearest.argmax())
-        if float(nearest[best]) < min_separation or float(nearest[best]) < 0:
+        if nearest[best] < min_separation or nearest[best] < 0:
             break
         selected.append(remaining[best])
-        nearest = torch.minimum(nearest, (candidates - candidates[best]).norm(dim=-1))
+        np.minimum(nearest, np.sqrt(((candidates - candidates[best]) ** 2).sum(-1)), out=nearest)
         nearest[best] = -1.0  # taken
     return selected
 
