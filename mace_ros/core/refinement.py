@@ -67,20 +67,38 @@ def _goal_residual(kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal) -
     return torch.cat([position_residual, rotation_residual], -1), jacobian, rotation
 
 
+def _goal_state(
+    kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual and Jacobian rows at q [K, 7] (see _goal_residual) and the goal errors [K] from the
+    same forward kinematics: the position residual's length, and the rotation residual's, which is the
+    angle of the relative rotation that goal_errors measures (from the other side; 0 without a rotation)."""
+    residual, jacobian, _ = _goal_residual(kinematics, q, goal)
+    position_error = residual[:, :3].norm(dim=-1)
+    orientation_error = residual[:, 3:].norm(dim=-1) if goal.rotation is not None else torch.zeros_like(position_error)
+    return residual, jacobian, position_error, orientation_error
+
+
+def _lm_step(
+    kinematics: PandaKinematics, q: torch.Tensor, residual: torch.Tensor, jacobian: torch.Tensor, damping: torch.Tensor,
+    respect_limits: bool,
+) -> torch.Tensor:
+    """One damped least-squares step from q [K, 7], given its residual and Jacobian rows, with per-row damping [K]."""
+    jjt = jacobian @ jacobian.transpose(1, 2)
+    identity = torch.eye(residual.shape[1], dtype=q.dtype, device=q.device)
+    # solve_ex without its error check: the check reads the result on the host (a sync per step, and no
+    # CUDA graph), and a singular system only gives a non-finite step, which never improves and is refused.
+    solution, _ = torch.linalg.solve_ex(jjt + damping[:, None, None] * identity, residual[..., None], check_errors=False)
+    q_trial = q + (jacobian.transpose(1, 2) @ solution).squeeze(-1)
+    return kinematics.clamp_to_limits(q_trial) if respect_limits else q_trial
+
+
 def _lm_trial(
     kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal, damping: torch.Tensor, respect_limits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One damped least-squares step from q [K, 7] with per-row damping [K]: the trial q and its goal errors."""
     residual, jacobian, _ = _goal_residual(kinematics, q, goal)
-    rows = residual.shape[1]
-    jjt = jacobian @ jacobian.transpose(1, 2)
-    identity = torch.eye(rows, dtype=q.dtype, device=q.device)
-    # solve_ex without its error check: the check reads the result on the host (a sync per step, and no
-    # CUDA graph), and a singular system only gives a non-finite step, which never improves and is refused.
-    solution, _ = torch.linalg.solve_ex(jjt + damping[:, None, None] * identity, residual[..., None], check_errors=False)
-    q_trial = q + (jacobian.transpose(1, 2) @ solution).squeeze(-1)
-    if respect_limits:
-        q_trial = kinematics.clamp_to_limits(q_trial)
+    q_trial = _lm_step(kinematics, q, residual, jacobian, damping, respect_limits)
     return (q_trial, *goal_errors(kinematics, q_trial, goal))
 
 
@@ -258,17 +276,20 @@ def refine_candidates(
     q = limited(q_initial.to(torch.float64)).clone()
     collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
-    position_error, orientation_error = goal_errors(kinematics, q, goal)
     solved_count = _SolvedCount(enough_solved, accept, min_accepted, q.shape[0], q.device)
     if checker is None and q.device.type in LM_GRAPH_DEVICE_TYPES and 0 < q.shape[0] <= LM_GRAPH_MAX_ROWS and _LM_GRAPHS_LOCK.acquire(blocking=False):
         # (Another thread on the graphs: this call runs eagerly rather than wait.)
         try:
+            position_error, orientation_error = goal_errors(kinematics, q, goal)
             iterations = _graphed_unobstructed_lm(kinematics, q, position_error, orientation_error, damping, goal, max_iterations,
                                                   position_tolerance_m, orientation_tolerance_rad, solved_count, deadline_at, respect_limits)
         finally:
             _LM_GRAPHS_LOCK.release()
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
         return RefineResult(q, position_error, orientation_error, converged, collision_free, iterations, *solved_count.accepted())
+    # Each row's residual and Jacobian are kept from the forward kinematics that measured its errors: an
+    # accepted trial's are the next step's, so each iteration runs the kinematics once, not twice.
+    residual, jacobian, position_error, orientation_error = _goal_state(kinematics, q, goal)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
@@ -282,7 +303,8 @@ def refine_candidates(
         # Work on the active rows only: most candidates converge within a few iterations.
         q_active, active_damping = q[active], damping[active]
         goal_active = goal.rows(active)
-        q_trial, trial_position_error, trial_orientation_error = _lm_trial(kinematics, q_active, goal_active, active_damping, respect_limits)
+        q_trial = _lm_step(kinematics, q_active, residual[active], jacobian[active], active_damping, respect_limits)
+        trial_residual, trial_jacobian, trial_position_error, trial_orientation_error = _goal_state(kinematics, q_trial, goal_active)
         improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(position_error[active], orientation_error[active])
         if bool(improves.any()):
             trial_free = torch.ones_like(improves)
@@ -292,6 +314,8 @@ def refine_candidates(
         q[accepted] = q_trial[improves]
         position_error[accepted] = trial_position_error[improves]
         orientation_error[accepted] = trial_orientation_error[improves]
+        residual[accepted] = trial_residual[improves]
+        jacobian[accepted] = trial_jacobian[improves]
         damping[active] = _next_damping(active_damping, improves)
     converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
     return RefineResult(q, position_error, orientation_error, converged & collision_free, collision_free, iterations, *solved_count.accepted())
