@@ -97,6 +97,16 @@ def test_quaternion_round_trip_and_angles():
     rotation = quaternion_to_matrix(quaternion)
     back = quaternion_to_matrix(matrix_to_quaternion(rotation))
     assert torch.allclose(rotation, back, atol=1e-12)
+    # Each of the four candidate rows decides for some matrices (w, x, y or z largest); the result is
+    # the input quaternion normalized with w >= 0, for any leading shape.
+    dominant = torch.eye(4, dtype=torch.float64) * 3 + torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    for quaternions in (quaternion, dominant, -dominant):
+        expected = quaternions / quaternions.norm(dim=-1, keepdim=True)
+        expected = torch.where(expected[:, :1] < 0, -expected, expected)
+        assert torch.allclose(matrix_to_quaternion(quaternion_to_matrix(quaternions)), expected, atol=1e-12)
+    assert torch.allclose(matrix_to_quaternion(rotation.reshape(20, 25, 3, 3)).reshape(500, 4), matrix_to_quaternion(rotation))
+    assert matrix_to_quaternion(rotation[0]).shape == (4,)
+    assert torch.allclose(matrix_to_quaternion(rotation.float()).double(), matrix_to_quaternion(rotation), atol=1e-6)
     # A rotation of angle a about z is a away from the identity, also near pi.
     for angle in (0.0, 1e-7, 0.5, 3.0, np.pi - 1e-6):
         half = torch.tensor(angle / 2, dtype=torch.float64)
