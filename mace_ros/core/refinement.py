@@ -17,7 +17,7 @@ import torch
 
 from mace_ros.core.collision import TensorScene, TorchCollisionChecker
 from mace_ros.core.cuda_graph import GraphedCall, padded_size, write_padded
-from mace_ros.core.ik_domain import IKGoal, goal_errors
+from mace_ros.core.ik_domain import IKGoal
 from mace_ros.core.kinematics import PandaKinematics, matrix_to_rotation_vector
 from mace_ros.core.scene import Scene
 
@@ -93,15 +93,6 @@ def _lm_step(
     return kinematics.clamp_to_limits(q_trial) if respect_limits else q_trial
 
 
-def _lm_trial(
-    kinematics: PandaKinematics, q: torch.Tensor, goal: IKGoal, damping: torch.Tensor, respect_limits: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One damped least-squares step from q [K, 7] with per-row damping [K]: the trial q and its goal errors."""
-    residual, jacobian, _ = _goal_residual(kinematics, q, goal)
-    q_trial = _lm_step(kinematics, q, residual, jacobian, damping, respect_limits)
-    return (q_trial, *goal_errors(kinematics, q_trial, goal))
-
-
 def _next_damping(damping: torch.Tensor, improves: torch.Tensor) -> torch.Tensor:
     return torch.where(improves, (damping * 0.3).clamp_min(1e-12), (damping * 10.0).clamp_max(1e6))
 
@@ -165,6 +156,8 @@ class _LMState:
     """The fixed buffers a captured LM block reads and updates in place (rows padded to `size`)."""
 
     q: torch.Tensor
+    residual: torch.Tensor  # at q, with the Jacobian rows (see _goal_state)
+    jacobian: torch.Tensor
     position_error: torch.Tensor
     orientation_error: torch.Tensor
     damping: torch.Tensor
@@ -183,19 +176,22 @@ def _masked_lm_iterations(
     """`count` LM iterations over every row of `state`, in place: rows within tolerance stay as they are."""
     for _ in range(count):
         converged = (state.position_error <= position_tolerance_m) & (state.orientation_error <= orientation_tolerance_rad)
-        q_trial, trial_position_error, trial_orientation_error = _lm_trial(kinematics, state.q, state.goal, state.damping, respect_limits)
+        q_trial = _lm_step(kinematics, state.q, state.residual, state.jacobian, state.damping, respect_limits)
+        trial_residual, trial_jacobian, trial_position_error, trial_orientation_error = _goal_state(kinematics, q_trial, state.goal)
         improves = goal_cost(trial_position_error, trial_orientation_error) < goal_cost(state.position_error, state.orientation_error)
         update = improves & ~converged
         state.q.copy_(torch.where(update[:, None], q_trial, state.q))
+        state.residual.copy_(torch.where(update[:, None], trial_residual, state.residual))
+        state.jacobian.copy_(torch.where(update[:, None, None], trial_jacobian, state.jacobian))
         state.position_error.copy_(torch.where(update, trial_position_error, state.position_error))
         state.orientation_error.copy_(torch.where(update, trial_orientation_error, state.orientation_error))
         state.damping.copy_(torch.where(converged, state.damping, _next_damping(state.damping, improves)))
 
 
 def _graphed_unobstructed_lm(
-    kinematics: PandaKinematics, q: torch.Tensor, position_error: torch.Tensor, orientation_error: torch.Tensor, damping: torch.Tensor,
-    goal: IKGoal, max_iterations: int, position_tolerance_m: float, orientation_tolerance_rad: float, solved_count: _SolvedCount,
-    deadline_at: float | None, respect_limits: bool,
+    kinematics: PandaKinematics, q: torch.Tensor, residual: torch.Tensor, jacobian: torch.Tensor, position_error: torch.Tensor,
+    orientation_error: torch.Tensor, damping: torch.Tensor, goal: IKGoal, max_iterations: int, position_tolerance_m: float,
+    orientation_tolerance_rad: float, solved_count: _SolvedCount, deadline_at: float | None, respect_limits: bool,
 ) -> int:
     """The obstacle-ignoring LM of `refine_candidates` as CUDA graph blocks (see LM_GRAPH_BLOCK); updates
     q and the errors in place and returns the iterations run. The caller holds _LM_GRAPHS_LOCK."""
@@ -208,15 +204,15 @@ def _graphed_unobstructed_lm(
         def padded(values: torch.Tensor) -> torch.Tensor:
             return values[:1].expand(size, *values.shape[1:]).clone()
 
-        state = _LMState(padded(q), padded(position_error), padded(orientation_error), padded(damping), IKGoal(
+        state = _LMState(padded(q), padded(residual), padded(jacobian), padded(position_error), padded(orientation_error), padded(damping), IKGoal(
             padded(goal.position) if per_row else goal.position.clone(),
             None if goal.rotation is None else (padded(goal.rotation) if per_row else goal.rotation.clone()), goal.tip_link))
         state.block = GraphedCall(lambda: _masked_lm_iterations(
             kinematics, state, LM_GRAPH_BLOCK, position_tolerance_m, orientation_tolerance_rad, respect_limits), q.device)
         _LM_GRAPHS[key] = state
     goal_buffers = [(state.goal.position, goal.position)] + ([] if goal.rotation is None else [(state.goal.rotation, goal.rotation)])
-    for buffer, values in ((state.q, q), (state.position_error, position_error), (state.orientation_error, orientation_error),
-                           (state.damping, damping), *(goal_buffers if per_row else [])):
+    for buffer, values in ((state.q, q), (state.residual, residual), (state.jacobian, jacobian), (state.position_error, position_error),
+                           (state.orientation_error, orientation_error), (state.damping, damping), *(goal_buffers if per_row else [])):
         write_padded(buffer, values)
     for buffer, values in [] if per_row else goal_buffers:
         buffer.copy_(values)
@@ -277,19 +273,19 @@ def refine_candidates(
     collision_free = free_of_collision(q)
     damping = torch.full((q.shape[0],), initial_damping, dtype=torch.float64, device=q.device)
     solved_count = _SolvedCount(enough_solved, accept, min_accepted, q.shape[0], q.device)
+    # Each row's residual and Jacobian are kept from the forward kinematics that measured its errors: an
+    # accepted trial's are the next step's, so each iteration runs the kinematics once, not twice.
+    residual, jacobian, position_error, orientation_error = _goal_state(kinematics, q, goal)
     if checker is None and q.device.type in LM_GRAPH_DEVICE_TYPES and 0 < q.shape[0] <= LM_GRAPH_MAX_ROWS and _LM_GRAPHS_LOCK.acquire(blocking=False):
         # (Another thread on the graphs: this call runs eagerly rather than wait.)
         try:
-            position_error, orientation_error = goal_errors(kinematics, q, goal)
-            iterations = _graphed_unobstructed_lm(kinematics, q, position_error, orientation_error, damping, goal, max_iterations,
-                                                  position_tolerance_m, orientation_tolerance_rad, solved_count, deadline_at, respect_limits)
+            iterations = _graphed_unobstructed_lm(kinematics, q, residual, jacobian, position_error, orientation_error, damping, goal,
+                                                  max_iterations, position_tolerance_m, orientation_tolerance_rad, solved_count,
+                                                  deadline_at, respect_limits)
         finally:
             _LM_GRAPHS_LOCK.release()
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
         return RefineResult(q, position_error, orientation_error, converged, collision_free, iterations, *solved_count.accepted())
-    # Each row's residual and Jacobian are kept from the forward kinematics that measured its errors: an
-    # accepted trial's are the next step's, so each iteration runs the kinematics once, not twice.
-    residual, jacobian, position_error, orientation_error = _goal_state(kinematics, q, goal)
     iterations = 0
     for iterations in range(1, max_iterations + 1):
         converged = (position_error <= position_tolerance_m) & (orientation_error <= orientation_tolerance_rad)
