@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -251,9 +252,12 @@ def _strided_xyz(points: np.ndarray, dtype=np.float32) -> np.ndarray:
 def test_cloud_voxelizer_keeps_occupied_voxel_centres_inside_the_workspace():
     workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
     points = np.array([[0.501, 0.002, 0.503], [0.508, 0.009, 0.507],  # one voxel
-                       [0.203, -0.296, 0.254], [8.0, 0, 0.5], [1e30, 0, 0], [0, 0, -0.01], [np.nan, 0.1, 0.1], [0.1, np.inf, 0.1]])
-    cropped = CloudVoxelizer(workspace, 0.01).voxelize(_strided_xyz(points), RigidTransform.identity())
-    assert (cropped.inside, cropped.outside) == (3, 3)  # NaN and inf are neither
+                       [0.203, -0.296, 0.254], [8.0, 0, 0.5], [1e30, 0, 0], [0, 0, -0.01], [np.nan, 0.1, 0.1], [0.1, np.inf, 0.1],
+                       [3e38, -3e38, 0.5]])  # finite in float32, infinite once scaled to voxels: still outside
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no overflow warning for what is dropped anyway
+        cropped = CloudVoxelizer(workspace, 0.01).voxelize(_strided_xyz(points), RigidTransform.identity())
+    assert (cropped.inside, cropped.outside) == (3, 4)  # NaN and inf are neither
     np.testing.assert_allclose(cropped.points[np.lexsort(cropped.points.T[::-1])],
                                [[0.205, -0.295, 0.255], [0.505, 0.005, 0.505]], atol=1e-9)
     unthinned = CloudVoxelizer(workspace, 0.0).voxelize(_strided_xyz(points, np.float64), RigidTransform.identity())
