@@ -17,6 +17,7 @@ plain subscription with the intake's QoS (reliable, depth 4) in this otherwise i
     .venv/bin/python bench/cloud_stream.py                 # -> bench/results/cloud_stream.json
     .venv/bin/python bench/cloud_stream.py --seconds 5 --sizes 640x480 --out out/cloud_stream_small.json
     .venv/bin/python bench/cloud_stream.py --delivery-only --seconds 10 --out bench/results/cloud_delivery.json
+    .venv/bin/python bench/cloud_stream.py --sizes 1280x720 --gap 60 --point-subsample 2 --out out/cloud_1280_subsample2.json
 """
 from __future__ import annotations
 
@@ -222,6 +223,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cloud_stream.json")
     parser.add_argument("--node-log", type=Path, default=ROOT / "out" / "cloud_stream_node.log")
     parser.add_argument("--delivery-only", action="store_true", help="no node: what DDS delivers to an idle subscriber")
+    parser.add_argument("--point-subsample", type=int, default=1, help="the node's obstacle_cloud.point_subsample")
     parser.add_argument("--camera", help=argparse.SUPPRESS)  # internal: the camera process (see camera())
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -251,7 +253,8 @@ def main() -> int:
 def with_node(args: argparse.Namespace, rng: np.random.Generator, isolation: dict[str, str]) -> list[dict]:
     """The node under the stream, size by size (see run_size)."""
     with args.node_log.open("w") as log:
-        node = NodeProcess(installed_executable(), [], env=isolation, log=log)
+        node = NodeProcess(installed_executable(), ["-p", f"obstacle_cloud.point_subsample:={args.point_subsample}"],
+                           env=isolation, log=log)
         client = MaceClient("mace_cloud_stream")
         try:
             client.wait_for_services(300.0, alive=node)

@@ -57,6 +57,17 @@ def test_driver_layout_xyz_is_a_view_of_the_message_and_other_layouts_a_float64_
     np.testing.assert_allclose(copied, POINTS, rtol=1e-6)
 
 
+def test_point_subsample_takes_every_nth_row_and_column_or_point():
+    grid = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)  # an organized 7 x 5 cloud's x, y, z
+    rows = [b"".join(struct.pack("<fff4x", *point) for point in row) + bytes(8) for row in grid]  # padded rows
+    organized = make_cloud(XYZ_F32, 16, rows, width=7, row_step=7 * 16 + 8)
+    np.testing.assert_array_equal(conversions.pointcloud2_xyz(organized, 2), grid[::2, ::2].reshape(-1, 3))
+    np.testing.assert_array_equal(conversions.pointcloud2_xyz(organized, 1), grid.reshape(-1, 3))
+    flat = make_cloud(XYZ_F32, 16, [b"".join(struct.pack("<fff4x", *point) for point in grid.reshape(-1, 3))], width=35)
+    np.testing.assert_array_equal(conversions.pointcloud2_xyz(flat, 3), grid.reshape(-1, 3)[::3])
+    assert conversions.pointcloud2_xyz(make_cloud(XYZ_F32, 12, [b""], width=0), 4).shape == (0, 3)
+
+
 def test_float64_fields_and_an_extra_field():
     fields = [("x", 0, F64), ("y", 8, F64), ("z", 16, F64), ("intensity", 24, F32)]
     data = b"".join(struct.pack("<dddf4x", *p, 7.0) for p in POINTS)

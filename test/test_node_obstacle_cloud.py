@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from geometry_msgs.msg import Point
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import JointState, PointCloud2, PointField
 from std_msgs.msg import Header
@@ -262,6 +264,33 @@ def test_a_best_effort_camera_beside_a_reliable_one_is_applied(node, topics):
                     timeout_s=30.0, publisher=publisher, period_s=0.2)
     finally:
         node.node.destroy_publisher(publisher)
+
+
+def test_point_subsample_set_at_run_time_takes_every_nth_row_and_column(node, topics):
+    """obstacle_cloud.point_subsample, set while the node runs (`ros2 param set`), reaches the intake: with 2,
+    a camera cloud's pixels on odd rows or columns are left out; back at 1, every pixel counts again."""
+    apply_cloud, publish_joints, _ = topics
+    publish_joints(READY)
+    parameters = AsyncParameterClient(node.node, NODE_NAME)
+    assert parameters.wait_for_services(10.0)
+
+    def set_subsample(value: int) -> None:
+        future = parameters.set_parameters([Parameter("obstacle_cloud.point_subsample", Parameter.Type.INTEGER, value)])
+        node.executor.spin_until_future_complete(future, timeout_sec=10.0)
+        assert future.result().results[0].successful, future.result().results[0].reason
+
+    kept, left_out = np.array([0.7, 0.5, 0.8]), np.array([0.7, -0.5, 0.8])  # pixels (0, 0) and (0, 1); no other test's
+    cloud = camera_cloud(np.stack([kept, left_out]), "panda_link0", 64, 48)
+
+    def near(points: np.ndarray, point: np.ndarray) -> bool:
+        return bool(points.shape[0]) and float(np.linalg.norm(points - point, axis=1).min()) < 0.011
+
+    set_subsample(2)
+    try:
+        apply_cloud(cloud, lambda p: near(p, kept) and not near(p, left_out))
+    finally:
+        set_subsample(1)
+    apply_cloud(cloud, lambda p: near(p, kept) and near(p, left_out))
 
 
 def test_a_killed_intake_process_is_restarted(node, topics):

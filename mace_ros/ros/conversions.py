@@ -95,10 +95,20 @@ def pointcloud2_to_array(cloud: PointCloud2) -> np.ndarray:
     return _points_view(cloud, dtype).astype(dtype.newbyteorder("="))
 
 
-def pointcloud2_xyz(cloud: PointCloud2) -> np.ndarray:
+def pointcloud2_xyz(cloud: PointCloud2, subsample: int = 1) -> np.ndarray:
     """[N, 3] x, y, z of every point (NaN and infinite values kept). When they are consecutive fields
     of one native floating type, as drivers send them, a strided view of the message's buffer
-    (nothing is copied unless rows are padded); otherwise a float64 copy."""
+    (nothing is copied unless rows are padded); otherwise a float64 copy. With `subsample` n > 1,
+    every n-th row and column of an organized cloud (every n-th point of an unorganized one), as
+    MoveIt's point cloud updater's point_subsample takes them: a copy of those points."""
+    xyz = _all_xyz(cloud)
+    if subsample <= 1:
+        return xyz
+    return xyz.reshape(cloud.height, cloud.width, 3)[::subsample, ::subsample].reshape(-1, 3)
+
+
+def _all_xyz(cloud: PointCloud2) -> np.ndarray:
+    """pointcloud2_xyz without subsampling."""
     missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
     if missing:
         present = ", ".join(field.name for field in cloud.fields) or "none"

@@ -98,6 +98,7 @@ class IntakeSettings:
     workspace_max_m: tuple[float, float, float]
     voxel_size_m: float
     self_filter_padding_m: float
+    point_subsample: int
     use_sim_time: bool
 
 
@@ -120,6 +121,7 @@ class CloudSettings:
 
     voxel_size_m: float
     self_filter_padding_m: float
+    point_subsample: int
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class IntakeNode(Node):
                          parameter_overrides=[Parameter("use_sim_time", value=settings.use_sim_time)])
         self._settings = settings
         self._send = send
-        self.cloud_settings = CloudSettings(settings.voxel_size_m, settings.self_filter_padding_m)
+        self.cloud_settings = CloudSettings(settings.voxel_size_m, settings.self_filter_padding_m, settings.point_subsample)
         self.field_settings: FieldSettings | None = None
         self._clouds: dict[str, np.ndarray] = {}  # the latest cloud of each sensor, as sent to the node
         # Subscribed at once; what arrives before _set_up has run waits for it (see the callbacks).
@@ -324,7 +326,8 @@ class IntakeNode(Node):
         if self._voxelizer is None or self._voxelizer.voxel_size_m != settings.voxel_size_m:
             self._voxelizer = CloudVoxelizer(self.workspace, settings.voxel_size_m)
         try:
-            cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz(cloud), self.frames.to_base(sensor, stamp_ns))
+            cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz(cloud, settings.point_subsample),
+                                               self.frames.to_base(sensor, stamp_ns))
         except ValueError as error:  # UnknownFrameError included
             self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
             return

@@ -235,6 +235,7 @@ class MaceNode(Node):
             workspace_min_m=tuple(workspace.low.tolist()), workspace_max_m=tuple(workspace.high.tolist()),
             voxel_size_m=self.get_parameter("obstacle_cloud.voxel_size_m").value,
             self_filter_padding_m=self.get_parameter("obstacle_cloud.self_filter_padding_m").value,
+            point_subsample=self.get_parameter("obstacle_cloud.point_subsample").value,
             use_sim_time=self.get_parameter("use_sim_time").value), self.on_intake_update, self.get_logger())
         self.add_post_set_parameters_callback(self._send_cloud_settings)
         topics_group = MutuallyExclusiveCallbackGroup()
@@ -381,7 +382,8 @@ class MaceNode(Node):
         if any(parameter.name.startswith("obstacle_cloud.") for parameter in parameters):
             self.intake.send(CloudSettings(
                 self.get_parameter("obstacle_cloud.voxel_size_m").value,
-                self.get_parameter("obstacle_cloud.self_filter_padding_m").value))
+                self.get_parameter("obstacle_cloud.self_filter_padding_m").value,
+                self.get_parameter("obstacle_cloud.point_subsample").value))
 
     def _add_contacts(self, contacts: np.ndarray, directions: np.ndarray) -> None:
         """A ~/contacts message's contacts (base frame), added to those of earlier messages (several grasps)

@@ -53,6 +53,10 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "obstacle_cloud.self_filter_padding_m": ParameterSpec(
         "Cloud points closer than this (m) to the robot's collision spheres at its joint state are its own and removed.",
         0.0, 0.5, read_only=False),
+    "obstacle_cloud.point_subsample": ParameterSpec(
+        "Use every n-th row and column of an organized cloud (every n-th point of an unorganized one), as MoveIt's "
+        "point_subsample: less work per cloud for large cameras, fewer points far away; 1 uses every point.",
+        1, 64, read_only=False),
     "obstacles.max_markers": ParameterSpec(
         "Most obstacle markers (~/obstacles primitives) kept; beyond it new ones are refused and logged. Every collision "
         "check costs time in proportion to their number.", 1, 100_000),
