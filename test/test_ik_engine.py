@@ -112,6 +112,21 @@ def test_farthest_point_selection_adds_the_farthest_until_too_close_or_enough():
             assert max(float(torch.cdist(q[[i]], q[chosen]).min()) for i in left) < separation
 
 
+def test_merging_solutions_leaves_out_near_copies_of_kept_and_of_earlier_new_ones(engine):
+    from mace_ros.core.ik_engine import _Solutions
+
+    def solutions(rows: list[list[float]]) -> _Solutions:
+        q = torch.tensor(rows, dtype=torch.float64).reshape(-1, 7)
+        return _Solutions(q, torch.arange(len(q), dtype=torch.float64), torch.zeros(len(q), dtype=torch.float64))
+
+    tolerance = engine.config["duplicate_tolerance_rad"]
+    kept = solutions([[0.0] * 7])
+    new = solutions([[0.5 * tolerance] * 7, [1.0] * 7, [1.0 + 0.5 * tolerance] + [1.0] * 6, [2.0] * 7])
+    merged = engine._merged(kept, new)
+    assert merged.q[:, 0].tolist() == [0.0, 1.0, 2.0] and merged.position_error_m.tolist() == [0.0, 1.0, 3.0]
+    assert len(engine._merged(solutions([]), new)) == 3 and engine._merged(kept, solutions([])) is kept
+
+
 def test_without_a_seed_solutions_keep_a_margin_from_the_joint_limits(engine):
     result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0), BOX_SCENE)
     assert result.success, result.message

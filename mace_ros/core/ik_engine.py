@@ -695,11 +695,13 @@ class IKEngine:
         if len(new) == 0:
             return kept
         # Compared on host copies (one read, not one per configuration on a GPU).
-        taken = kept.q.detach().cpu()
-        fresh = []
-        for index, q in enumerate(new.q.detach().cpu()):
-            if taken.shape[0] == 0 or float((taken - q).abs().amax(dim=-1).min()) > self.config["duplicate_tolerance_rad"]:
-                taken = torch.cat([taken, q[None]])
+        taken = np.empty((len(kept) + len(new), kept.q.shape[-1]))
+        taken[:len(kept)] = kept.q.detach().cpu().numpy()
+        count, fresh = len(kept), []
+        for index, q in enumerate(new.q.detach().cpu().numpy()):
+            if count == 0 or float(np.abs(taken[:count] - q).max(-1).min()) > self.config["duplicate_tolerance_rad"]:
+                taken[count] = q
+                count += 1
                 fresh.append(index)
         return kept.cat(new.subset(torch.tensor(fresh, dtype=torch.long, device=new.q.device)))
 
@@ -749,10 +751,11 @@ class IKEngine:
             # The best (seed-nearest) first, then distinct modes (farthest points) among the preferred,
             # then among the rest, finally ordered by the ranking. Near-copies are left out, even if
             # fewer than num_solutions remain: they would offer a planner nothing new.
-            order, preferred = self._ranking(solved.q, seed)
+            host_q = solved.q.detach().to("cpu", torch.float64)  # one read for the ranking and both selections
+            order, preferred = self._ranking(host_q, seed)
             separation = self.config["min_separation_rad"]
-            kept = farthest_point_selection(solved.q, order[:1], preferred, separation, count)
-            kept = farthest_point_selection(solved.q, kept, order, separation, count)
+            kept = farthest_point_selection(host_q, order[:1], preferred, separation, count)
+            kept = farthest_point_selection(host_q, kept, order, separation, count)
             rank = {index: position for position, index in enumerate(order)}
             answer = solved.subset(torch.tensor(sorted(kept, key=rank.__getitem__), device=solved.q.device))
             message = f"{len(answer)} collision-free solution(s) within tolerance"
