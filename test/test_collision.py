@@ -471,6 +471,24 @@ def test_point_field_of_a_cloud_spread_far_stays_a_lower_bound(dtype):
     assert (bound >= np.minimum(exact_distance, 0.15) - slack).all()
 
 
+def test_a_remembered_field_is_found_only_for_the_points_it_was_built_from():
+    """The node caches fields its intake process built, under the intake's digest of their points: a model
+    whose cloud differs (a restarted intake that has not seen every sensor yet) must build its own."""
+    rng = np.random.default_rng(5)
+    seen, also_elsewhere = rng.uniform(-0.3, 0.3, (400, 3)), rng.uniform(0.4, 0.6, (50, 3))
+    device = torch.device("cpu")
+    built_elsewhere = PointDistanceField.build(seen, 0.01, 0.15, device, torch.float32)
+    built_elsewhere.remember(PointDistanceField.points_digest(seen), 0.01, 0.15)
+    assert PointDistanceField.cached(seen.copy(), 0.01, 0.15, device, torch.float32) is built_elsewhere
+    model_points = np.concatenate([seen, also_elsewhere])
+    own = PointDistanceField.cached(model_points, 0.01, 0.15, device, torch.float32)
+    assert own is not built_elsewhere
+    assert float(own.lower_bound(torch.as_tensor(also_elsewhere.T, dtype=torch.float32)).max()) < 0.02
+    # other resolutions, dtypes and devices are other fields
+    assert PointDistanceField.cached(seen, 0.02, 0.15, device, torch.float32) is not built_elsewhere
+    assert PointDistanceField.cached(seen, 0.01, 0.15, device, torch.float64) is not built_elsewhere
+
+
 # --- API behaviour -----------------------------------------------------------------------------------
 
 def all_primitives_scene() -> Scene:

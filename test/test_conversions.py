@@ -118,6 +118,19 @@ def test_truncated_data_and_fields_past_point_step_are_errors():
 def test_empty_cloud_gives_no_points():
     cloud = make_cloud(XYZ_F32, 12, [], width=0)
     assert conversions.pointcloud2_to_xyz(cloud).shape == (0, 3)
+    # A default-constructed message (no fields at all) is empty too: it clears its sensor like any other.
+    assert conversions.pointcloud2_to_xyz(PointCloud2(header=Header(frame_id="camera"))).shape == (0, 3)
+
+
+def test_only_the_xyz_fields_need_to_be_well_formed():
+    """A driver's other fields (an unknown datatype, repeated padding names) do not cost the cloud;
+    an ambiguous x, y or z still does."""
+    point = struct.pack("<fff4xI", *POINTS[0], 7)
+    odd_fields = XYZ_F32 + [("_", 12, PointField.UINT8), ("_", 13, PointField.UINT8), ("rgb", 16, 0)]
+    cloud = make_cloud(odd_fields, 20, [point], width=1)
+    np.testing.assert_allclose(conversions.pointcloud2_to_xyz(cloud), [POINTS[0]], rtol=1e-6)
+    with pytest.raises(ValueError, match="field 'x' appears twice"):
+        conversions.pointcloud2_to_xyz(make_cloud(XYZ_F32 + [("x", 16, F32)], 20, [point], width=1))
 
 
 def test_written_cloud_matches_a_hand_packed_layout_and_round_trips():
@@ -151,6 +164,16 @@ def test_joint_states_use_panda_joint_names_in_order():
     assert conversions.joint_state_to_positions(JointState()) is None
     with pytest.raises(ValueError, match="lacks joint"):
         conversions.joint_state_to_positions(JointState(name=["panda_joint1"], position=[0.0]))
+
+
+def test_joint_states_of_another_prefix_say_so_and_a_grippers_are_ignored():
+    names = conversions.RobotNames()
+    fr3 = JointState(name=[f"fr3_joint{i}" for i in range(1, 8)], position=[0.0] * 7)
+    with pytest.raises(ValueError, match="fr3_joint1..7.*panda_joint1..7.*robot_prefix parameter to 'fr3_'"):
+        conversions.joint_state_entry(fr3, names, 1)
+    gripper = JointState(name=["panda_finger_joint1", "panda_finger_joint2"], position=[0.04, 0.04])
+    assert conversions.joint_state_entry(gripper, names, 1) is None
+    assert conversions.joint_state_entry(fr3, conversions.RobotNames("fr3_"), 1)[0] == 1
 
 
 def marker(marker_type: int, scale: tuple[float, float, float], frame: str = "panda_link0") -> Marker:
@@ -222,9 +245,9 @@ def test_unknown_frame_message_lists_each_frame_once():
 def test_obstacle_model_caps_marker_primitives_and_applies_a_message_in_order():
     model = ObstacleModel(max_primitives=2)
     box = Box("b", (0.5, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1))
-    assert model.apply([("put", "a/1", box), ("put", "a/2", box), ("put", "a/3", box), ("put", "a/1", box)]) == 1
+    assert model.apply([("put", "a/1", box, 0), ("put", "a/2", box, 0), ("put", "a/3", box, 0), ("put", "a/1", box, 0)]) == 1
     assert len(model.snapshot().boxes) == 2  # a/3 refused, a/1 updated
-    assert model.apply([("clear", "a", None), ("put", "b/1", box)]) == 0
+    assert model.apply([("clear", "a", None, 0), ("put", "b/1", box, 0)]) == 0
     assert len(model.snapshot().boxes) == 1
     model.clear()
     assert not model.snapshot().boxes
@@ -238,19 +261,56 @@ def test_obstacle_model_keeps_its_snapshot_when_a_message_changes_nothing():
     def box(x: float) -> Box:
         return Box("b", (x, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1))
 
-    model.apply([("put", "a/1", box(0.5)), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05))])
+    model.apply([("put", "a/1", box(0.5), 0), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05), 0)])
     first, version = model.snapshot(), model.primitives_version
-    model.apply([("put", "a/1", box(0.5)), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05)),
-                 ("remove", "a/9", None), ("clear", "other", None)])
+    model.apply([("put", "a/1", box(0.5), 0), ("put", "a/2", Sphere("s", (0.3, 0.2, 0.1), 0.05), 0),
+                 ("remove", "a/9", None, 0), ("clear", "other", None, 0)])
     assert model.snapshot() is first and model.primitives_version == version
-    model.apply([("put", "a/1", box(0.5 + 1e-9))])
+    model.apply([("put", "a/1", box(0.5 + 1e-9), 0)])
     moved = model.snapshot()
     assert moved is not first and model.primitives_version == version + 1
     assert moved.boxes[0].center[0] == 0.5 + 1e-9
-    model.apply([("put", "a/2", Box("s", (0.3, 0.2, 0.1), (1, 0, 0, 0), (0.05, 0.05, 0.05)))])  # same place, new type
+    model.apply([("put", "a/2", Box("s", (0.3, 0.2, 0.1), (1, 0, 0, 0), (0.05, 0.05, 0.05)), 0)])  # same place, new type
     assert len(model.snapshot().boxes) == 2 and not model.snapshot().spheres
     model.clear("a")
     assert model.snapshot().is_empty and model.primitives_version == version + 3
+
+
+def test_markers_with_a_lifetime_expire_as_rviz_expires_them():
+    """A marker with a lifetime leaves the model once its lifetime has passed since it arrived; re-sending it
+    starts the lifetime again; lifetime 0 keeps it until deleted."""
+    now_ns = [0]
+    model = ObstacleModel(clock_ns=lambda: now_ns[0])
+    box = Box("b", (0.5, 0, 0.5), (1, 0, 0, 0), (0.1, 0.1, 0.1))
+    model.apply([("put", "a/1", box, 1_000_000_000), ("put", "a/2", box, 0), ("put", "a/3", box, 3_000_000_000)])
+    version = model.primitives_version
+    now_ns[0] = 999_999_999
+    assert len(model.snapshot().boxes) == 3
+    now_ns[0] = 1_000_000_000
+    model.expire()
+    assert len(model.snapshot().boxes) == 2 and model.primitives_version == version + 1
+    model.apply([("put", "a/3", box, 3_000_000_000)])  # re-sent: lives until 4 s; unchanged, so the snapshot stays
+    assert model.primitives_version == version + 1
+    now_ns[0] = 3_500_000_000
+    assert len(model.snapshot().boxes) == 2
+    model.apply([("put", "a/3", box, 0)])  # lifetime 0: until deleted
+    now_ns[0] = 10**12
+    assert len(model.snapshot().boxes) == 2
+
+
+def test_marker_lifetime_and_an_uninitialized_quaternion():
+    cube = marker(Marker.CUBE, (0.4, 0.2, 0.1))
+    assert conversions.marker_lifetime_ns(cube) == 0
+    cube.lifetime.sec, cube.lifetime.nanosec = 1, 500_000_000
+    assert conversions.marker_lifetime_ns(cube) == 1_500_000_000
+    cube.lifetime.sec = -2
+    with pytest.raises(ValueError, match="negative lifetime"):
+        conversions.marker_lifetime_ns(cube)
+    cube.pose.orientation = Quaternion(x=0.0, y=0.0, z=0.0, w=0.0)  # as rviz: drawn unrotated
+    np.testing.assert_array_equal(conversions.marker_to_primitive(cube, RigidTransform.identity()).quaternion_wxyz, [1, 0, 0, 0])
+    cube.pose.orientation = Quaternion(x=0.0, y=0.0, z=0.0, w=1e-3)  # not all zero: still refused
+    with pytest.raises(ValueError, match="not a valid quaternion"):
+        conversions.marker_to_primitive(cube, RigidTransform.identity())
 
 
 def _strided_xyz(points: np.ndarray, dtype=np.float32) -> np.ndarray:

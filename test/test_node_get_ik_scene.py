@@ -137,3 +137,34 @@ def test_get_ik_lets_the_exact_check_decide_within_the_fast_checkers_padding(mac
         assert not exact.check(torch.as_tensor(q), Scene()).in_collision.any()
     positions, _ = pybullet_hand_poses(q)
     assert np.linalg.norm(positions - position.numpy(), axis=1).max() < 1e-5
+
+
+def test_a_marker_with_a_lifetime_leaves_the_scene_when_it_expires(mace):
+    """A perception stack's marker with a lifetime (here with an uninitialized, all-zero orientation, which rviz
+    draws unrotated) is an obstacle until its lifetime has passed, then leaves ~/scene with no further message."""
+    publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", QoSProfile(depth=10))
+    scene_topic = Latest(mace, MarkerArray, "/mace/scene")
+    center, lifetime_s = (0.3, -0.6, 0.9), 2.0
+
+    def shows_it(markers: MarkerArray) -> bool:
+        return any(m.type == Marker.SPHERE and np.allclose([m.pose.position.x, m.pose.position.y, m.pose.position.z], center)
+                   for m in markers.markers)
+
+    try:
+        deadline = time.monotonic() + 10.0
+        while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        marker = Marker(ns="test_lifetime", id=0, type=Marker.SPHERE, action=Marker.ADD)
+        marker.header.frame_id = "panda_link0"
+        marker.pose.position = Point(x=center[0], y=center[1], z=center[2])
+        marker.pose.orientation.w = 0.0  # all zero
+        marker.scale.x = marker.scale.y = marker.scale.z = 0.1
+        marker.lifetime.sec = int(lifetime_s)
+        published = time.monotonic()
+        publisher.publish(MarkerArray(markers=[marker]))
+        scene_topic.wait_for(shows_it, timeout_s=20.0)
+        scene_topic.messages.clear()
+        scene_topic.wait_for(lambda markers: not shows_it(markers), timeout_s=20.0)
+        assert time.monotonic() - published >= lifetime_s - 0.1, "removed before its lifetime had passed"
+    finally:
+        mace.node.destroy_publisher(publisher)

@@ -12,6 +12,8 @@ import array
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +55,18 @@ def node(ros_isolation, tmp_path_factory):
 @pytest.fixture(scope="module")
 def topics(node):
     """(publish a cloud until applied, publish joint state, wait for ~/obstacle_points to satisfy a test)."""
-    cloud_publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 1)
+    with cloud_topics(node, NODE_NAME) as functions:
+        yield functions
+
+
+@contextmanager
+def cloud_topics(node, node_name: str) -> Iterator:
+    """`topics` for the node `node_name` that the client `node` talks to."""
+    cloud_publisher = node.node.create_publisher(PointCloud2, f"/{node_name}/obstacle_cloud", 1)
     joint_publisher = node.node.create_publisher(JointState, "/joint_states", 10)
     received: list[PointCloud2] = []
-    node.node.create_subscription(
-        PointCloud2, f"/{NODE_NAME}/obstacle_points", received.append,
+    subscription = node.node.create_subscription(
+        PointCloud2, f"/{node_name}/obstacle_points", received.append,
         QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL))
 
     def publish_joints(q: np.ndarray) -> None:
@@ -90,9 +99,12 @@ def topics(node):
         pytest.fail(f"~/obstacle_points did not show the expected points in {timeout_s} s (last: {last.shape[0]} points, "
                     f"{last[:3].tolist()} ...)")
 
-    yield apply_cloud, publish_joints, wait_for_points
-    node.node.destroy_publisher(cloud_publisher)
-    node.node.destroy_publisher(joint_publisher)
+    try:
+        yield apply_cloud, publish_joints, wait_for_points
+    finally:
+        node.node.destroy_subscription(subscription)
+        node.node.destroy_publisher(cloud_publisher)
+        node.node.destroy_publisher(joint_publisher)
 
 
 def camera_cloud(points: np.ndarray, frame_id: str, width: int = 640, height: int = 480) -> PointCloud2:
@@ -293,21 +305,47 @@ def test_point_subsample_set_at_run_time_takes_every_nth_row_and_column(node, to
     apply_cloud(cloud, lambda p: near(p, kept) and near(p, left_out))
 
 
-def test_a_killed_intake_process_is_restarted(node, topics):
-    """The node restarts its obstacle intake process (mace_ros/ros/intake.py) when it dies."""
-    apply_cloud, publish_joints, _ = topics
-    pid = node.node_process.process.pid
-    # Children are listed per thread: the intake is started by one of the node's threads.
+def intake_process(node_process) -> int:
+    """The pid of the node's intake process. Children are listed per thread: the intake is started by one of
+    the node's threads."""
+    pid = node_process.process.pid
     children = [child for task in Path(f"/proc/{pid}/task").iterdir() for child in (task / "children").read_text().split()]
     intakes = [child for child in children if "mace_ros.ros.intake" in Path(f"/proc/{child}/cmdline").read_text()]
     assert len(intakes) == 1, children
+    return int(intakes[0])
+
+
+def test_a_killed_intake_process_is_restarted(node, topics):
+    """The node restarts its obstacle intake process (mace_ros/ros/intake.py) when it dies."""
+    apply_cloud, publish_joints, _ = topics
+    intakes = [intake_process(node.node_process)]
     # Started with malloc's huge pages for its large copies (mace_ros/ros/memory.py; the tests set no malloc tuning).
     environment = Path(f"/proc/{intakes[0]}/environ").read_bytes().split(b"\0")
     assert f"GLIBC_TUNABLES={INTAKE_GLIBC_TUNABLES}".encode() in environment
     # and BLAS in one thread (mace_ros/ros/intake.py; the tests set no OPENBLAS_NUM_THREADS).
     assert b"OPENBLAS_NUM_THREADS=1" in environment
-    os.kill(int(intakes[0]), signal.SIGKILL)
+    os.kill(intakes[0], signal.SIGKILL)
     publish_joints(READY)
     marker = np.array([[0.6, -0.4, 0.6]])  # a point no other test uses
     apply_cloud(camera_cloud(marker, "panda_link0", 64, 48), lambda p: np.linalg.norm(p - marker, axis=1).min() < 0.011)
     assert node.node_process.running()
+
+
+def test_after_an_intake_restart_the_fast_checker_still_sees_every_sensor(ros_isolation, tmp_path):
+    """A restarted intake has not seen the sensors that sent before it died: the fields it builds must not
+    stand for the model's cloud. With the fast checker alone deciding (ik.exact_check none), a blob that one
+    sensor put on the goal keeps blocking it after the intake restarts and another sensor sends a cloud."""
+    node_name = "mace_cloud_restart"
+    arguments = ["-r", f"__node:={node_name}", "-p", "ik.exact_check:=none"]
+    with running_node(arguments, ros_isolation, tmp_path / "mace_node.log", node_name) as (client, process), \
+            cloud_topics(client, node_name) as (apply_cloud, publish_joints, _):
+        publish_joints(READY)
+        apply_cloud(camera_cloud(blob(GOAL), "", 64, 48), lambda p: np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
+        apply_cloud(camera_cloud(table(-0.01), "panda_link0"), lambda p: p.shape[0] >= 2000)
+        response, _ = get_ik(client)
+        assert not response.success, "the blob on the goal did not block it"
+        os.kill(intake_process(process), signal.SIGKILL)
+        apply_cloud(camera_cloud(table(-0.03), "panda_link0"),
+                    lambda p: (np.abs(p[:, 2] + 0.03) < 0.005).sum() >= 2000 and np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
+        response, _ = get_ik(client)
+        assert not response.success, f"after the restart the fast checker no longer saw the blob: {response.message}"

@@ -692,29 +692,37 @@ class PointDistanceField:
         )
 
     @staticmethod
-    def _cache_key(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> tuple:
+    def points_digest(points: np.ndarray) -> tuple:
+        """What identifies a cloud's content in the field cache (its float64 bytes' hash and its shape)."""
         points = np.ascontiguousarray(points, dtype=np.float64)
+        return hashlib.blake2b(points.data, digest_size=16).digest(), points.shape
+
+    @staticmethod
+    def _cache_key(digest: tuple, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> tuple:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # "cuda" and the tensors' "cuda:N" are one device
             device = torch.device("cuda", torch.cuda.current_device())
-        return (hashlib.blake2b(points.data, digest_size=16).digest(), points.shape, resolution_m, truncation_m, str(device), dtype)
+        return (*digest, resolution_m, truncation_m, str(device), dtype)
 
     @staticmethod
     def cached(points: np.ndarray, resolution_m: float, truncation_m: float, device: torch.device, dtype: torch.dtype) -> "PointDistanceField":
         """`build`, reused for a cloud of the same content: scenes are snapshots that copy their cloud,
         and a new snapshot (a marker moved) must not rebuild the field of an unchanged cloud."""
-        key = PointDistanceField._cache_key(points, resolution_m, truncation_m, device, dtype)
+        digest = PointDistanceField.points_digest(points)
+        key = PointDistanceField._cache_key(digest, resolution_m, truncation_m, device, dtype)
         with _FIELD_CACHE_LOCK:
             field = _FIELD_CACHE.get(key)
         if field is None:
             field = PointDistanceField.build(np.asarray(points, dtype=np.float64), resolution_m, truncation_m, device, dtype)
-            field.remember(points, resolution_m, truncation_m)
+            field.remember(digest, resolution_m, truncation_m)
         return field
 
-    def remember(self, points: np.ndarray, resolution_m: float, truncation_m: float) -> None:
+    def remember(self, digest: tuple, resolution_m: float, truncation_m: float) -> None:
         """Caches this field, built elsewhere (e.g. in another process) by `build(points, resolution_m,
-        truncation_m, ...)`, so that `cached` finds it for its device and dtype."""
-        key = PointDistanceField._cache_key(points, resolution_m, truncation_m, self.values.device, self.values.dtype)
+        truncation_m, ...)` where `digest` is `points_digest(points)`, so that `cached` finds it for those
+        points, on this field's device and dtype. The digest comes from where the field was built: a field is
+        never found for points other than its own."""
+        key = PointDistanceField._cache_key(digest, resolution_m, truncation_m, self.values.device, self.values.dtype)
         with _FIELD_CACHE_LOCK:
             _FIELD_CACHE[key] = self
             while len(_FIELD_CACHE) > FIELD_CACHE_SIZE:

@@ -50,11 +50,14 @@ CORE_PREFIX = "panda_"
 
 # --- PointCloud2 -----------------------------------------------------------------------------
 
-def cloud_dtype(cloud: PointCloud2) -> np.dtype:
-    """The structured dtype of one point of `cloud`, itemsize = point_step (padding included)."""
+def cloud_dtype(cloud: PointCloud2, only: Sequence[str] | None = None) -> np.dtype:
+    """The structured dtype of one point of `cloud`, itemsize = point_step (padding included); with `only`,
+    of those fields alone (what is wrong with the others, e.g. a driver's unknown datatype, does not matter)."""
     byte_order = ">" if cloud.is_bigendian else "<"
     names, formats, offsets = [], [], []
     for field in cloud.fields:
+        if only is not None and field.name not in only:
+            continue
         if field.datatype not in FIELD_TYPES:
             raise ValueError(f"PointCloud2 field '{field.name}' has unknown datatype {field.datatype}")
         if field.name in names:
@@ -109,11 +112,13 @@ def pointcloud2_xyz(cloud: PointCloud2, subsample: int = 1) -> np.ndarray:
 
 def _all_xyz(cloud: PointCloud2) -> np.ndarray:
     """pointcloud2_xyz without subsampling."""
+    if cloud.width * cloud.height == 0:
+        return np.zeros((0, 3))  # no points, whatever the fields (a default-constructed message clears too)
     missing = [name for name in XYZ if name not in (field.name for field in cloud.fields)]
     if missing:
         present = ", ".join(field.name for field in cloud.fields) or "none"
         raise ValueError(f"PointCloud2 lacks field(s) {', '.join(missing)} (fields: {present})")
-    dtype = cloud_dtype(cloud)
+    dtype = cloud_dtype(cloud, XYZ)
     formats = [dtype.fields[name][0] for name in XYZ]
     offsets = [dtype.fields[name][1] for name in XYZ]
     scalar = formats[0]
@@ -329,6 +334,17 @@ def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()
     return ordered
 
 
+def _arm_prefix(joint_names: Sequence[str]) -> str | None:
+    """The prefix p for which `joint_names` hold p + joint1 .. p + joint7 (a 7-joint arm's names), if any."""
+    present = set(joint_names)
+    for name in joint_names:
+        if name.endswith("joint1"):
+            prefix = name.removesuffix("joint1")
+            if all(f"{prefix}joint{index}" in present for index in range(2, 8)):
+                return prefix
+    return None
+
+
 def joint_state_entry(state: JointState, names: RobotNames, now_ns: int) -> tuple[int, np.ndarray] | None:
     """(stamp ns, arm positions [7]) of a /joint_states message (stamped now_ns when it has no stamp);
     None for a state without positions or another joint group's (e.g. the gripper's). ValueError, with
@@ -337,6 +353,11 @@ def joint_state_entry(state: JointState, names: RobotNames, now_ns: int) -> tupl
         positions = joint_state_to_positions(state, names)
     except ValueError as error:
         if state.name and not set(state.name) & set(names.joint_names):
+            other_prefix = _arm_prefix(state.name)
+            if other_prefix is not None:  # the arm's joints under another name: a robot_prefix mismatch, not a gripper
+                raise ValueError(
+                    f"/joint_states ignored: it names the arm's joints {other_prefix}joint1..7, and this node expects "
+                    f"{names.prefix}joint1..7 (set the robot_prefix parameter to '{other_prefix}')") from None
             return None
         raise ValueError(f"/joint_states ignored: {error}") from None
     if positions is None:
@@ -351,6 +372,14 @@ def marker_key(marker: Marker) -> str:
     return f"{marker.ns}/{marker.id}"
 
 
+def marker_lifetime_ns(marker: Marker) -> int:
+    """The marker's lifetime in ns, 0 for one that stays until deleted (rviz's meaning of a zero lifetime)."""
+    lifetime_ns = int(marker.lifetime.sec) * 1_000_000_000 + int(marker.lifetime.nanosec)
+    if lifetime_ns < 0:
+        raise ValueError(f"marker {marker_key(marker)} has a negative lifetime ({lifetime_ns * 1e-9:g} s)")
+    return lifetime_ns
+
+
 def marker_to_primitive(marker: Marker, to_base: RigidTransform) -> Box | Sphere | Cylinder:
     """A CUBE, SPHERE or CYLINDER marker as a scene primitive in the base frame.
 
@@ -360,7 +389,12 @@ def marker_to_primitive(marker: Marker, to_base: RigidTransform) -> Box | Sphere
     from mace_ros.core.scene import Box, Cylinder, Sphere
 
     name = marker_key(marker)
-    center, quaternion = pose_to_position_quaternion(marker.pose, f"marker {name} pose")
+    orientation = marker.pose.orientation
+    if orientation.w == orientation.x == orientation.y == orientation.z == 0.0:
+        # rviz draws a marker with an uninitialized (all-zero) quaternion unrotated; so does the model
+        center, quaternion = point_to_array(marker.pose.position, f"marker {name} pose position"), np.array([1.0, 0.0, 0.0, 0.0])
+    else:
+        center, quaternion = pose_to_position_quaternion(marker.pose, f"marker {name} pose")
     center, quaternion = to_base.apply_pose(center, quaternion)
     scale = np.array([marker.scale.x, marker.scale.y, marker.scale.z], dtype=np.float64)
     if not (np.isfinite(scale).all() and (scale > 0).all()):

@@ -107,10 +107,12 @@ class RobotFrames:
         """[L, 4, 4] pose of every link (LINK_NAMES order) at joint positions [7]."""
         return self._kinematics.link_transforms(torch.as_tensor(positions, dtype=torch.float64)[None])[0].numpy()
 
-    def link_pose(self, link: str, stamp_ns: int = 0) -> RigidTransform:
+    def link_pose(self, link: str, stamp_ns: int = 0, frame_id: str = "") -> RigidTransform:
+        """The pose of `link` (core name) at the joint state closest to `stamp_ns`; `frame_id`, the frame asked
+        for as the user named it, is what an error names."""
         positions = self.joint_states.at(stamp_ns)
         if positions is None:
-            raise UnknownFrameError(f"frame on robot link '{link}' needs /joint_states, and none has arrived yet")
+            raise UnknownFrameError(f"frame '{frame_id or link}' is on the robot and needs /joint_states, and none has arrived yet")
         transform = self.link_transforms(positions)[LINK_INDEX[link]]
         return RigidTransform(transform[:3, :3], transform[:3, 3])
 
@@ -190,7 +192,7 @@ class FrameTable:
             return self._to_base[frame_id]
         if frame_id in self._attached and self._robot is not None:
             attached = self._attached[frame_id]
-            return self._robot.link_pose(attached.link, stamp_ns).compose(attached.offset)
+            return self._robot.link_pose(attached.link, stamp_ns, frame_id).compose(attached.offset)
         if self._fallback is not None:
             return self._fallback(frame_id, stamp_ns)
         raise UnknownFrameError(

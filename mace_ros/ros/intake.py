@@ -15,6 +15,7 @@ took the serving process's interpreter for 0.1-0.3 s).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,6 +80,30 @@ FIELD_BUILD_THREADS = min(4, os.cpu_count() or 1)
 INTAKE_BLAS_THREADS = "1"
 
 
+class KeyedThrottle:
+    """Whether a message of a kind (e.g. one sensor's kind of rejection) is due: once per `period_s` per key.
+    rclpy throttles per call site, where one malformed stream would hide every other sensor's warnings. The
+    keys kept are bounded (the least recently logged go first), as topics may carry any frame_id."""
+
+    def __init__(self, period_s: float, max_keys: int = 64) -> None:
+        self._period_s = period_s
+        self._max_keys = max_keys
+        self._last: dict[Any, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: Any) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self._period_s:
+                return False
+            self._last.pop(key, None)
+            self._last[key] = now
+            while len(self._last) > self._max_keys:
+                self._last.pop(next(iter(self._last)))
+            return True
+
+
 @dataclass(frozen=True)
 class IntakeSettings:
     """What the intake process needs of the node's configuration (topic names as the node resolved
@@ -122,6 +147,14 @@ class CloudSettings:
     voxel_size_m: float
     self_filter_padding_m: float
     point_subsample: int
+
+
+@dataclass(frozen=True)
+class SensorClouds:
+    """Node -> intake, at each (re)start: every sensor's latest cloud as the node holds it (base frame), so that
+    a restarted intake's fields cover the sensors that have not sent since (a camera that sent once)."""
+
+    clouds: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -197,6 +230,8 @@ class IntakeNode(Node):
         self._early_joint_states: deque[JointState] = deque(maxlen=EARLY_JOINT_STATES)
         self._early_lock = threading.Lock()
         self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
+        self._restored: dict[str, np.ndarray] = {}  # the node's clouds (SensorClouds), for the processing thread
+        self._rejections = KeyedThrottle(WARNING_PERIOD_S)  # warnings of rejected clouds and contacts
         self._pending_changed = threading.Condition()
         self.create_subscription(
             MarkerArray, settings.markers_topic, self.on_obstacles, 10, callback_group=MutuallyExclusiveCallbackGroup())
@@ -275,6 +310,11 @@ class IntakeNode(Node):
         return self.cloud_node.create_subscription(
             PointCloud2, self._cloud_topic, self.on_obstacle_cloud, QoSProfile(depth=CLOUD_HISTORY_DEPTH, reliability=reliability))
 
+    def _warn_rejected(self, source: str, error: Exception) -> None:
+        """A warning for a rejected message, throttled per source and kind of problem (its text without numbers)."""
+        if self._rejections.due((source, re.sub(r"\d+", "#", str(error)))):
+            self.get_logger().warning(f"{source} rejected: {error}")
+
     def on_obstacle_cloud(self, cloud: PointCloud2) -> None:
         """Keeps the cloud as its sensor's (frame_id's) latest, replacing one still waiting, for the
         processing thread: the queue never holds stale clouds, and every sensor gets its turn."""
@@ -282,6 +322,11 @@ class IntakeNode(Node):
             self._pending.pop(cloud.header.frame_id, None)  # re-inserted last: sensors are served in arrival order
             self._pending[cloud.header.frame_id] = (cloud, time.monotonic_ns())
             self._pending_changed.notify()
+
+    def restore_clouds(self, clouds: dict[str, np.ndarray]) -> None:
+        """The node's clouds (SensorClouds), taken in by the processing thread before its next cloud."""
+        with self._pending_changed:
+            self._restored = clouds
 
     def _process_clouds(self) -> None:
         """The processing thread: sets the intake up, then the longest-waiting sensor's latest cloud, one at a time."""
@@ -292,6 +337,9 @@ class IntakeNode(Node):
                 self._pending_changed.wait_for(lambda: bool(self._pending))
                 sensor = next(iter(self._pending))
                 cloud, received_ns = self._pending.pop(sensor)
+                restored, self._restored = self._restored, {}
+            for name, points in restored.items():
+                self._clouds.setdefault(name, points)  # a cloud this process has processed since is newer
             try:
                 self.process_cloud(cloud, received_ns)
             except Exception as error:  # a bad cloud must not end the thread
@@ -329,7 +377,7 @@ class IntakeNode(Node):
             cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz(cloud, settings.point_subsample),
                                                self.frames.to_base(sensor, stamp_ns))
         except ValueError as error:  # UnknownFrameError included
-            self.get_logger().warning(f"~/obstacle_cloud rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            self._warn_rejected(f"~/obstacle_cloud from '{sensor}'", error)
             return
         if cropped.outside:
             self.get_logger().info(
@@ -368,7 +416,8 @@ class IntakeNode(Node):
         field = PointDistanceField.build(points, settings.resolution_m, settings.truncation_m, torch.device("cpu"),
                                          getattr(torch, settings.dtype), threads=FIELD_BUILD_THREADS)
         return {"origin": field.origin.numpy(), "resolution_m": field.resolution_m, "values": field.values.numpy(),
-                "truncation_m": field.truncation_m, "built_for": (settings.resolution_m, settings.truncation_m)}
+                "truncation_m": field.truncation_m, "built_for": (settings.resolution_m, settings.truncation_m),
+                "digest": PointDistanceField.points_digest(points)}
 
     def on_contacts(self, message: PoseArray) -> None:
         """Fingertip contacts in the base frame, with their fingers' travel directions, for the node:
@@ -378,11 +427,12 @@ class IntakeNode(Node):
         from mace_ros.ros import conversions
 
         try:
-            to_base = self.frames.to_base(message.header.frame_id)
+            # at its stamp: a grasp reported in the hand's frame is placed where the hand was then
+            to_base = self.frames.to_base(message.header.frame_id, conversions.stamp_to_ns(message.header.stamp))
             contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
             directions = conversions.contact_travel_directions(message.poses) @ to_base.rotation.T
         except ValueError as error:
-            self.get_logger().warning(f"~/contacts rejected: {error}", throttle_duration_sec=WARNING_PERIOD_S)
+            self._warn_rejected("~/contacts", error)
             return
         self._send(ContactsUpdate(contacts, directions))
 
@@ -397,18 +447,18 @@ class IntakeNode(Node):
         for marker in message.markers:
             try:
                 if marker.action == Marker.DELETEALL:
-                    operations.append(("clear", marker.ns, None))
+                    operations.append(("clear", marker.ns, None, 0))
                 elif marker.action == Marker.DELETE:
-                    operations.append(("remove", conversions.marker_key(marker), None))
+                    operations.append(("remove", conversions.marker_key(marker), None, 0))
                 elif marker.action == Marker.ADD:
                     frame = (marker.header.frame_id, conversions.stamp_to_ns(marker.header.stamp))
                     if frame not in transforms:
                         transforms[frame] = self.frames.to_base(*frame)
                     primitive = conversions.marker_to_primitive(marker, transforms[frame])
                     if self.workspace.meets(primitive):
-                        operations.append(("put", conversions.marker_key(marker), primitive))
+                        operations.append(("put", conversions.marker_key(marker), primitive, conversions.marker_lifetime_ns(marker)))
                     else:  # beyond the robot's reach; one that moved out is removed
-                        operations.append(("remove", conversions.marker_key(marker), None))
+                        operations.append(("remove", conversions.marker_key(marker), None, 0))
                         outside += 1
                 else:
                     raise ValueError(f"marker action {marker.action} is not ADD, DELETE or DELETEALL")
@@ -486,6 +536,8 @@ def run_intake(connection: Connection) -> None:
                     node.field_settings = message
                 elif isinstance(message, CloudSettings):
                     node.cloud_settings = message
+                elif isinstance(message, SensorClouds):
+                    node.restore_clouds(message.clouds)
         except (EOFError, OSError):
             pass
         leave()  # the node is gone: nothing left to serve
@@ -524,9 +576,11 @@ class ObstacleIntake:
     what it needs (multiprocessing's spawn would first re-import the node's own script).
     """
 
-    def __init__(self, settings: IntakeSettings, on_update: Callable[[Any], None], logger) -> None:
+    def __init__(self, settings: IntakeSettings, on_update: Callable[[Any], None], sensor_clouds: Callable[[], SensorClouds],
+                 logger) -> None:
         self._settings = settings
         self._on_update = on_update
+        self._sensor_clouds = sensor_clouds
         self._logger = logger
         self._lock = threading.Lock()
         self._connection: Connection | None = None
@@ -566,6 +620,7 @@ class ObstacleIntake:
                 self._connection = connection
                 for message in self._latest.values():
                     connection.send(message)
+                connection.send(self._sensor_clouds())
             try:
                 while True:
                     update = connection.recv()

@@ -34,7 +34,8 @@ from mace_ros.ros import conversions, markers
 from mace_ros.ros.executors import SERVICE_QOS
 from mace_ros.ros.frames import FrameTable, RigidTransform, RobotFrames, Tf2Frames
 from mace_ros.ros.intake import (
-    CloudSettings, CloudUpdate, ContactsUpdate, FieldSettings, IntakeSettings, JointStateUpdate, MarkerUpdate, ObstacleIntake)
+    CloudSettings, CloudUpdate, ContactsUpdate, FieldSettings, IntakeSettings, JointStateUpdate, MarkerUpdate, ObstacleIntake,
+    SensorClouds)
 from mace_ros.ros.obstacles import ObstacleModel, Workspace
 from mace_ros.ros.memory import freeze_loaded_objects
 from mace_ros.ros.conversions import RobotNames
@@ -210,7 +211,9 @@ class MaceNode(Node):
         self.frames = FrameTable.for_robot(
             self.base_frame, self.get_parameter("static_transforms").value, self.get_parameter("attached_frames").value,
             self.names.to_ros, self.names.to_core, self.robot, Tf2Frames.create(self, self.base_frame))
-        self.obstacles = ObstacleModel(self.get_parameter("obstacles.max_markers").value)
+        # Marker lifetimes count on the node's clock (ROS time: simulated with use_sim_time), as rviz's do.
+        self.obstacles = ObstacleModel(self.get_parameter("obstacles.max_markers").value,
+                                       lambda: self.get_clock().now().nanoseconds)
         self._published_primitives = -1  # ObstacleModel.primitives_version last shown on ~/scene
         self._warmed_scene: Any = None  # the last snapshot the IK engine was prepared for (see _prepare_ik_engine)
         self._contacts_lock = threading.Lock()
@@ -236,7 +239,8 @@ class MaceNode(Node):
             voxel_size_m=self.get_parameter("obstacle_cloud.voxel_size_m").value,
             self_filter_padding_m=self.get_parameter("obstacle_cloud.self_filter_padding_m").value,
             point_subsample=self.get_parameter("obstacle_cloud.point_subsample").value,
-            use_sim_time=self.get_parameter("use_sim_time").value), self.on_intake_update, self.get_logger())
+            use_sim_time=self.get_parameter("use_sim_time").value), self.on_intake_update,
+            lambda: SensorClouds(self.obstacles.clouds()), self.get_logger())
         self.add_post_set_parameters_callback(self._send_cloud_settings)
         topics_group = MutuallyExclusiveCallbackGroup()
         self.obstacle_points_publisher = self.create_publisher(PointCloud2, "~/obstacle_points", LATCHED)
@@ -309,7 +313,9 @@ class MaceNode(Node):
     # --- Topics ---------------------------------------------------------------------------------
 
     def _on_model_timer(self) -> None:
-        """Publishes ~/scene when the primitives changed, and prepares the IK engine for a changed model."""
+        """Publishes ~/scene when the primitives changed (markers whose lifetime has passed included), and
+        prepares the IK engine for a changed model."""
+        self.obstacles.expire()
         version = self.obstacles.primitives_version
         if version != self._published_primitives:
             self._published_primitives = version
@@ -354,8 +360,8 @@ class MaceNode(Node):
             return
         points = update.points if update.points.shape[0] else None
         merged = self.obstacles.points_with(update.sensor, points)
-        if update.field is not None and merged is not None and self._field_device is not None:
-            self._remember_field(merged, update.field)
+        if update.field is not None and self._field_device is not None:
+            self._remember_field(update.field)
         self.obstacles.set_cloud(update.sensor, points)
         # Stamped as the cloud that changed it: a subscriber sees how old the model's view is.
         header = Header(frame_id=self.base_frame, stamp=update.stamp)
@@ -365,9 +371,11 @@ class MaceNode(Node):
             f"~/obstacle_cloud from '{update.sensor}': {0 if points is None else points.shape[0]} points applied "
             f"{(time.monotonic_ns() - update.received_ns) * 1e-9:.3f} s after it arrived")
 
-    def _remember_field(self, points: np.ndarray, arrays: dict[str, Any]) -> None:
+    def _remember_field(self, arrays: dict[str, Any]) -> None:
         """Caches the distance field the intake process built for the model's next cloud, so that requests
-        find it ready (PointDistanceField.cached) instead of building it within their deadline."""
+        find it ready (PointDistanceField.cached) instead of building it within their deadline. It is keyed
+        by the points the intake built it from: should those differ from the model's (a restarted intake
+        that has not yet seen every sensor), requests never take it for the model's cloud."""
         import torch
 
         from mace_ros.core.collision import PointDistanceField
@@ -375,7 +383,7 @@ class MaceNode(Node):
         field = PointDistanceField(
             origin=torch.as_tensor(arrays["origin"], device=self._field_device), resolution_m=arrays["resolution_m"],
             values=torch.as_tensor(arrays["values"], device=self._field_device), truncation_m=arrays["truncation_m"])
-        field.remember(points, *arrays["built_for"])
+        field.remember(arrays["digest"], *arrays["built_for"])
 
     def _send_cloud_settings(self, parameters: list[Parameter]) -> None:
         """Run-time changes of obstacle_cloud.* reach the intake process."""

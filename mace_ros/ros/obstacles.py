@@ -7,6 +7,8 @@ dropped), and clouds lose the robot's own points (`SelfFilter`).
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -180,7 +182,8 @@ class SelfFilter:
 
 # One ~/obstacles message's change to the model: ("put", key, primitive), ("remove", key, None) or
 # ("clear", namespace, None), applied in order (see ObstacleModel.apply).
-Operation = tuple[str, str, "Box | Sphere | Cylinder | None"]
+# ("put", key, primitive, lifetime_ns: 0 = until removed), ("remove", key, None, 0), ("clear", namespace, None, 0)
+Operation = tuple[str, str, "Box | Sphere | Cylinder | None", int]
 
 
 class ObstacleModel:
@@ -191,13 +194,18 @@ class ObstacleModel:
     bounds their memory. Beyond it, new keys are refused (updates of kept ones still apply).
     A message that changes nothing (a publisher re-sending the same markers) keeps the snapshot: the
     engines keep their prepared scene, and the exact checker its Bullet body.
+    A marker with a lifetime is removed once `clock_ns` has passed its arrival plus the lifetime, as rviz
+    expires it (re-sending it starts the lifetime again).
     """
 
-    def __init__(self, max_primitives: int | None = None) -> None:
+    def __init__(self, max_primitives: int | None = None, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self._lock = threading.Lock()
         self._static: Scene | None = None
         self._primitives: dict[str, Box | Sphere | Cylinder] = {}
         self.max_primitives = max_primitives
+        self._clock_ns = clock_ns
+        self._expiry_ns: dict[str, int] = {}  # keys of primitives with a lifetime: when they expire
+        self._next_expiry_ns: int | None = None  # the earliest of those
         # Incremented when the primitives (static scene or markers) change, so that ~/scene is
         # republished only then (clouds have their own topic).
         self.primitives_version = 0
@@ -209,8 +217,7 @@ class ObstacleModel:
     def set_static_scene(self, scene: Scene) -> None:
         with self._lock:
             self._static = scene
-            self._snapshot = None
-            self.primitives_version += 1
+            self._primitives_changed()
 
     def apply(self, operations: list[Operation]) -> int:
         """One message's puts, removes and clears, in order, under one lock hold (a request's snapshot
@@ -221,40 +228,69 @@ class ObstacleModel:
         refused = 0
         changed = False
         with self._lock:
-            for kind, key, primitive in operations:
+            now_ns = self._clock_ns()
+            for kind, key, primitive, lifetime_ns in operations:
                 if kind == "put":
                     kept = self._primitives.get(key)
-                    if kept is not None and same_primitive(kept, primitive):
+                    if kept is None and self.max_primitives is not None and len(self._primitives) >= self.max_primitives:
+                        refused += 1
                         continue
-                    if kept is not None or self.max_primitives is None or len(self._primitives) < self.max_primitives:
+                    if kept is None or not same_primitive(kept, primitive):
                         self._primitives[key] = primitive
                         changed = True
+                    if lifetime_ns > 0:
+                        self._expiry_ns[key] = now_ns + lifetime_ns
                     else:
-                        refused += 1
+                        self._expiry_ns.pop(key, None)
                 elif kind == "remove":
                     changed |= self._primitives.pop(key, None) is not None
+                    self._expiry_ns.pop(key, None)
                 elif key:  # clear one namespace
                     remaining = {k: v for k, v in self._primitives.items() if not k.startswith(f"{key}/")}
                     changed |= len(remaining) != len(self._primitives)
                     self._primitives = remaining
+                    self._expiry_ns = {k: t for k, t in self._expiry_ns.items() if k in remaining}
                 else:
                     changed |= bool(self._primitives)
                     self._primitives.clear()
+                    self._expiry_ns.clear()
+            self._next_expiry_ns = min(self._expiry_ns.values(), default=None)
+            changed |= self._expire(now_ns)
             if changed:
-                self._snapshot = None
-                self.primitives_version += 1
+                self._primitives_changed()
         return refused
 
-    def put(self, key: str, primitive: Box | Sphere | Cylinder) -> bool:
+    def expire(self) -> None:
+        """Removes the markers whose lifetime has passed (snapshots do it too)."""
+        with self._lock:
+            if self._expire(self._clock_ns()):
+                self._primitives_changed()
+
+    def _expire(self, now_ns: int) -> bool:
+        """Under the lock: drops expired markers; whether any was."""
+        if self._next_expiry_ns is None or now_ns < self._next_expiry_ns:
+            return False
+        expired = [key for key, expiry_ns in self._expiry_ns.items() if expiry_ns <= now_ns]
+        for key in expired:
+            del self._expiry_ns[key]
+            self._primitives.pop(key, None)
+        self._next_expiry_ns = min(self._expiry_ns.values(), default=None)
+        return True
+
+    def _primitives_changed(self) -> None:
+        self._snapshot = None
+        self.primitives_version += 1
+
+    def put(self, key: str, primitive: Box | Sphere | Cylinder, lifetime_ns: int = 0) -> bool:
         """False when the cap refused it."""
-        return self.apply([("put", key, primitive)]) == 0
+        return self.apply([("put", key, primitive, lifetime_ns)]) == 0
 
     def remove(self, key: str) -> None:
-        self.apply([("remove", key, None)])
+        self.apply([("remove", key, None, 0)])
 
     def clear(self, namespace: str = "") -> None:
         """DELETEALL: every marker obstacle, or only those of `namespace` when one is given."""
-        self.apply([("clear", namespace, None)])
+        self.apply([("clear", namespace, None, 0)])
 
     def set_cloud(self, sensor: str, points: np.ndarray | None) -> None:
         """The latest cloud of `sensor` (its frame_id) replaces its previous one; None or no points clear it."""
@@ -264,6 +300,11 @@ class ObstacleModel:
             else:
                 self._clouds[sensor] = points
             self._snapshot = None
+
+    def clouds(self) -> dict[str, np.ndarray]:
+        """Each sensor's latest cloud (base frame)."""
+        with self._lock:
+            return dict(self._clouds)
 
     def points_with(self, sensor: str, points: np.ndarray | None) -> np.ndarray | None:
         """The model's points (static scene's, then each sensor's) as they would be after set_cloud(sensor, points)."""
@@ -279,6 +320,8 @@ class ObstacleModel:
         from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
 
         with self._lock:
+            if self._expire(self._clock_ns()):
+                self._primitives_changed()
             if self._snapshot is not None:
                 return self._snapshot
             static = self._static or Scene()
