@@ -44,9 +44,11 @@ def test_an_unsolvable_goal_fails_only_at_the_deadline_saying_what_blocked_it(en
     assert cause in result.message
     assert timeout_s - 0.1 <= result.elapsed_s <= timeout_s + LATENESS_S, result.elapsed_s
     assert result.rounds >= 2  # refining once is not the end
-    if len(result.solutions):  # best efforts pass the exact check too
+    if len(result.solutions):  # best efforts pass the exact check too, and are distinct as solutions are
         with PyBulletCollisionChecker() as exact:
             assert not exact.check(torch.as_tensor(result.solutions), scene).in_collision.any()
+        distances = torch.cdist(torch.as_tensor(result.solutions), torch.as_tensor(result.solutions))
+        assert (distances + torch.eye(len(result.solutions)) * 1e9).min() >= engine.config["min_separation_rad"]
 
 
 def test_a_solvable_goal_returns_early_with_exact_collision_free_solutions(engine):

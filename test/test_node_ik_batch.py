@@ -92,5 +92,7 @@ def test_a_batch_too_large_for_its_timeout_answers_in_time_with_what_is_solved(m
     # process, which shares the 2-core CPU with the node (0.75 s seen once in a full test run).
     assert response.elapsed_s <= 0.5 + 0.1
     assert time.monotonic() - started <= 0.5 + 0.1 + 0.25
-    assert response.error_code in (GetIKBatch.Response.NO_IK_SOLUTION, GetIKBatch.Response.TIMED_OUT), response.message
-    assert len(response.solved) in (0, 2000) and response.solved_count == sum(response.solved)
+    # What was solved by the deadline comes back: passes are sized to end before it (a pass that overran it
+    # used to make the node drop every result and answer TIMED_OUT).
+    assert response.error_code == GetIKBatch.Response.NO_IK_SOLUTION, response.message
+    assert len(response.solved) == 2000 and 0 < response.solved_count == sum(response.solved) < 2000

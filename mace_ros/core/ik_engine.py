@@ -56,8 +56,14 @@ NEAR_CONTACT_EXACT_CHECKS = 4
 # The fast stage's LM stops once this many times the solutions asked for reached the goal: some of
 # them collide, and distinct ones are wanted.
 FAST_STAGE_SURPLUS = 2
-# solve_batch's goals per pass on a CPU (see solve_batch).
+# solve_batch's goals per pass on a CPU (see solve_batch), and in its first pass, which measures the rate
+# that sizes the others to the time left.
 BATCH_GOALS_PER_PASS_CPU = 64
+BATCH_FIRST_PASS_GOALS_CPU = 16
+# A pass starts only if the rate measured so far says it ends within this share of the time left.
+BATCH_PASS_TIME_SHARE = 0.8
+# Candidates of one exact-check round of solve_batch checked between reads of the clock (0.2-1.5 ms each).
+BATCH_EXACT_CHECK_BLOCK = 16
 DIAGNOSIS_STARTS = 8
 DIAGNOSIS_ITERATIONS = 20
 DIAGNOSIS_RESERVE_S = 0.2
@@ -605,16 +611,30 @@ class IKEngine:
             torch.full((count,), float("inf"), dtype=torch.float64, device=self.device))
         solved = torch.zeros(count, dtype=torch.bool, device=self.device)
         tensor_scene = self._tensor_scene(scene)
-        # Goals per pass: the clock is read between passes, so that a large batch answers by its deadline
-        # with what is solved (on a CPU one pass of 64 goals x 16 starts takes ~0.1-0.2 s).
+        # Work stops a little before the deadline, as in solve: the answer must be back by it, and partial results
+        # count only if it is. Goals go in passes with the clock read between them, each pass sized by the rate
+        # measured so far (on a CPU 64 goals x 16 starts take ~0.1-0.3 s) to end within the time left.
+        work_deadline = deadline - min(self.config["deadline_reserve_s"], 0.5 * timeout_s)
         per_pass = goals_per_pass or (BATCH_GOALS_PER_PASS_CPU if self.device.type == "cpu" else count)
-        attempts = 0
-        while not bool(solved.all()) and (attempts == 0 or time.monotonic() < deadline):
+        first_pass = min(per_pass, BATCH_FIRST_PASS_GOALS_CPU) if self.device.type == "cpu" else per_pass
+        seconds_per_goal: float | None = None
+        attempts, out_of_time = 0, False
+        while not out_of_time and not bool(solved.all()) and time.monotonic() < work_deadline:
             attempts += 1
-            for index, unsolved in enumerate(torch.nonzero(~solved).squeeze(-1).split(per_pass)):
-                if (attempts > 1 or index > 0) and time.monotonic() >= deadline:
+            queue = torch.nonzero(~solved).squeeze(-1)
+            while queue.numel():
+                if seconds_per_goal is None:
+                    size = first_pass
+                else:
+                    size = min(per_pass, int(BATCH_PASS_TIME_SHARE * (work_deadline - time.monotonic()) / seconds_per_goal))
+                if size < 1:
+                    out_of_time = True  # not even one goal's pass fits the time left
                     break
-                self._batch_pass(unsolved, goals, features, scene, tensor_scene, generator, starts_per_goal, deadline, solutions, solved)
+                batch, queue = queue[:size], queue[size:]
+                pass_started = time.monotonic()
+                self._batch_pass(batch, goals, features, scene, tensor_scene, generator, starts_per_goal, work_deadline,
+                                 solutions, solved)
+                seconds_per_goal = (time.monotonic() - pass_started) / batch.numel()
         return BatchIKResult(
             solved.cpu().numpy(), solutions.q.cpu().numpy(), solutions.position_error_m.cpu().numpy(),
             solutions.orientation_error_rad.cpu().numpy(), time.monotonic() - started, attempts)
@@ -654,9 +674,14 @@ class IKEngine:
             candidates, goal_of = candidates[order], goal_of[order]
             first = torch.ones_like(goal_of, dtype=torch.bool)
             first[1:] = goal_of[1:] != goal_of[:-1]
-            trial = candidates[first]
-            passed = self._exactly_free(refined.q[trial], scene)
-            accepted, accepted_goals = trial[passed], goal_of[first][passed]
+            trial, trial_goals = candidates[first], goal_of[first]
+            passed = torch.zeros_like(trial, dtype=torch.bool)
+            for block in range(0, trial.numel(), BATCH_EXACT_CHECK_BLOCK):  # what the deadline leaves unchecked fails
+                if time.monotonic() >= deadline:
+                    break
+                passed[block:block + BATCH_EXACT_CHECK_BLOCK] = self._exactly_free(
+                    refined.q[trial[block:block + BATCH_EXACT_CHECK_BLOCK]], scene)
+            accepted, accepted_goals = trial[passed], trial_goals[passed]
             solutions.q[accepted_goals] = refined.q[accepted]
             solutions.position_error_m[accepted_goals] = refined.position_error_m[accepted]
             solutions.orientation_error_rad[accepted_goals] = refined.orientation_error_rad[accepted]
@@ -761,14 +786,19 @@ class IKEngine:
             message = f"{len(answer)} collision-free solution(s) within tolerance"
             failure_kind = ""
         else:
-            # Best efforts must pass the exact check too: no returned configuration may collide.
-            # Nearest the goal first, in blocks until `count` pass or the request's end.
-            free = []
+            # Best efforts must pass the exact check too: no returned configuration may collide. Nearest the
+            # goal first, in blocks until `count` pass or the request's end; as solutions, at least
+            # min_separation_rad apart (near-copies of the nearest would tell a planner nothing more).
+            free: list[int] = []
+            separation = self.config["min_separation_rad"]
             for block in torch.argsort(best_efforts.cost()).split(EXACT_CHECK_BLOCK):
                 if len(free) >= count or time.monotonic() >= started + request.timeout_s:
                     break
-                free += block[self._exactly_free(best_efforts.q[block], scene)].tolist()
-            answer = best_efforts.subset(torch.tensor(free[:count], dtype=torch.long, device=self.device))
+                for index in block[self._exactly_free(best_efforts.q[block], scene)].tolist():
+                    if len(free) < count and (not free or float(
+                            torch.linalg.vector_norm(best_efforts.q[free] - best_efforts.q[index], dim=-1).min()) >= separation):
+                        free.append(index)
+            answer = best_efforts.subset(torch.tensor(free, dtype=torch.long, device=self.device))
             best = f"best position error {float(answer.position_error_m.min()):.4g} m" if len(answer) else "no collision-free configuration near the goal"
             rejected = f"; {exact_rejections} solution(s) rejected by the exact mesh check" if exact_rejections else ""
             message = (
