@@ -76,6 +76,25 @@ def test_integer_for_a_double_parameter(fr3):
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 3.0)
 
 
+def test_a_default_tip_link_of_another_robot_is_refused_when_set(fr3):
+    """`ros2 param set /mace_fr3 ik.tip_link panda_hand` would make every request without a tip link fail."""
+    client, _ = fr3
+    parameters = AsyncParameterClient(client.node, NODE_NAME)
+    assert parameters.wait_for_services(10.0)
+
+    def set_tip_link(value: str):
+        future = parameters.set_parameters([Parameter("ik.tip_link", Parameter.Type.STRING, value)])
+        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+        return future.result().results[0]
+
+    refused = set_tip_link("panda_hand")
+    assert not refused.successful and "unknown tip_link 'panda_hand'" in refused.reason and "fr3_hand_tcp" in refused.reason
+    try:
+        assert set_tip_link("fr3_hand_tcp").successful
+    finally:
+        assert set_tip_link("").successful
+
+
 def test_names_carry_the_robot_prefix(fr3):
     client, _ = fr3
     response = client.get_ik(ik_request(tip_link="panda_hand"))

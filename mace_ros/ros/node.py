@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
@@ -43,7 +44,7 @@ from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_param
 from mace_ros.ros.shape_action import ShapeActionServer
 from mace_ros.ros.requests import (
     ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_batch_arguments, ik_request_arguments,
-    shape_request_arguments)
+    shape_request_arguments, unknown_tip_link)
 from mace_ros.srv import GetIK, GetIKBatch, InferShape
 
 # Latched: rviz (or a test) that subscribes after a result still receives it.
@@ -203,9 +204,16 @@ def resolve_dtype(name: str):
 class MaceNode(Node):
     def __init__(self, defaults_file: Path | None = None) -> None:
         super().__init__(NODE_NAME)
+        self._destroyed = False  # see destroy_node, which also runs on a node whose construction failed
         for name in declare_parameters(self, defaults_file or default_parameters_file()):
             self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
         self.names = RobotNames(self.get_parameter("robot_prefix").value)
+        # A default tip link of another robot would fail every request that names none: refused when set.
+        tip_link_error = self._tip_link_parameter_error([self.get_parameter("ik.tip_link")])
+        if tip_link_error is not None:
+            raise ValueError(f"parameter ik.tip_link: {tip_link_error}")
+        self.add_on_set_parameters_callback(lambda parameters: SetParametersResult(
+            successful=(error := self._tip_link_parameter_error(parameters)) is None, reason=error or ""))
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
         self.robot = RobotFrames()
         self.frames = FrameTable.for_robot(
@@ -271,7 +279,6 @@ class MaceNode(Node):
                             callback_group=services_group)
         self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, qos_profile=SERVICE_QOS,
                             callback_group=services_group)
-        self._destroyed = False  # see destroy_node
         self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
         self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
@@ -385,6 +392,13 @@ class MaceNode(Node):
             values=torch.as_tensor(arrays["values"], device=self._field_device), truncation_m=arrays["truncation_m"])
         field.remember(arrays["digest"], *arrays["built_for"])
 
+    def _tip_link_parameter_error(self, parameters: list[Parameter]) -> str | None:
+        """What is wrong with an ik.tip_link among `parameters` ('' = <robot_prefix>hand is fine), or None."""
+        for parameter in parameters:
+            if parameter.name == "ik.tip_link" and parameter.value:
+                return unknown_tip_link(parameter.value, self.names)
+        return None
+
     def _send_cloud_settings(self, parameters: list[Parameter]) -> None:
         """Run-time changes of obstacle_cloud.* reach the intake process."""
         if any(parameter.name.startswith("obstacle_cloud.") for parameter in parameters):
@@ -445,7 +459,9 @@ class MaceNode(Node):
         if self._destroyed:
             return
         self._destroyed = True
-        self.shape_action.server.destroy()
+        shape_action = getattr(self, "shape_action", None)  # absent when a bad parameter stopped __init__
+        if shape_action is not None:
+            shape_action.server.destroy()
         super().destroy_node()
 
     def wait_for_requests(self, timeout_s: float) -> bool:

@@ -168,14 +168,20 @@ def _goal_in_base(goal: Any, position_only: bool, frames: FrameTable, what: str 
     return position, quaternion
 
 
+def unknown_tip_link(tip_link: str, names: RobotNames) -> str | None:
+    """What is wrong with `tip_link` (the robot's name of a link) as a tip link, or None if nothing."""
+    if names.to_core(tip_link) in LINK_NAMES:
+        return None
+    return f"unknown tip_link '{tip_link}'; links of this robot: {', '.join(names.link_names)}"
+
+
 def _tip_link(requested: str, defaults: RequestDefaults, names: RobotNames) -> str:
     """The core name of the requested tip link ('' = the default)."""
     tip_link = requested or defaults.tip_link
-    core_tip_link = names.to_core(tip_link)
-    if core_tip_link not in LINK_NAMES:
-        raise InvalidRequest(
-            f"unknown tip_link '{tip_link}'; links of this robot: {', '.join(names.link_names)}", "INVALID_LINK_NAME")
-    return core_tip_link
+    error = unknown_tip_link(tip_link, names)
+    if error is not None:
+        raise InvalidRequest(error, "INVALID_LINK_NAME")
+    return names.to_core(tip_link)
 
 
 def ik_request_arguments(
