@@ -5,6 +5,9 @@ in-process, one torch thread. Random goals in front of the robot with timeouts o
 reports how far each answer came before (negative) or after (positive) its timeout.
 
     PYTHONPATH=. .venv/bin/python bench/ik_clutter_deadlines.py    # -> bench/results/ik_clutter_deadlines.json
+
+`--region behind-low` draws the goals behind the robot and near the floor instead, where the arm folds onto
+itself and the self-collision narrow phase does most of the checking; `--timeouts` sets the timeouts drawn.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from mace_ros.core.resources import scene_path
 from mace_ros.core.scene import Scene
 
 ROOT = Path(__file__).resolve().parents[1]
+# Goal positions (m, base frame), uniform between these corners.
+GOAL_REGIONS = {"front": ([0.2, -0.5, 0.05], [0.7, 0.5, 0.8]), "behind-low": ([-0.35, -0.3, 0.02], [0.05, 0.3, 0.2])}
 
 
 def main() -> None:
@@ -31,6 +36,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--clutter", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--region", choices=sorted(GOAL_REGIONS), default="front", help="where goals are drawn")
+    parser.add_argument("--timeouts", type=float, nargs="+", default=[0.05, 0.1, 0.3])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_clutter_deadlines.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -40,9 +47,9 @@ def main() -> None:
     engine.solve(IKRequest(np.array([0.5, 0.0, 0.4]), np.array([0.0, 1.0, 0.0, 0.0]), "panda_hand", 1, 256, -1, 2.0), scene)  # warm
     rows = []
     for index in range(args.requests):
-        timeout_s = float(rng.choice([0.05, 0.1, 0.3]))
+        timeout_s = float(rng.choice(args.timeouts))
         quaternion = rng.normal(size=4)
-        request = IKRequest(rng.uniform([0.2, -0.5, 0.05], [0.7, 0.5, 0.8]), quaternion / np.linalg.norm(quaternion), "panda_hand",
+        request = IKRequest(rng.uniform(*GOAL_REGIONS[args.region]), quaternion / np.linalg.norm(quaternion), "panda_hand",
                             int(rng.choice([1, 4, 8])), 256, -1, timeout_s, random_seed=index)
         started = time.monotonic()
         result = engine.solve(request, scene)
