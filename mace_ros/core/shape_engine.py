@@ -438,8 +438,10 @@ class ShapeEngine:
             iterations=iterations,
         )
 
-    def infer(self, request: ShapeRequest, on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> ShapeResult:
-        """`on_iteration(iteration, batch scores)` after each MACE iteration (mace_tune's); an exception it
+    def infer(self, request: ShapeRequest, on_iteration: Callable[[int, torch.Tensor], None] | None = None,
+              checkpoint: Callable[[], None] | None = None) -> ShapeResult:
+        """`on_iteration(iteration, batch scores)` after each MACE iteration (mace_tune's), `checkpoint()`
+        between the chunks of every other stage (drawing, selection, diversity): an exception either
         raises (e.g. to cancel) ends the inference and propagates."""
         started = time.monotonic()
         try:
@@ -494,13 +496,15 @@ class ShapeEngine:
             samples, scores, complete = first_samples, first_scores, first_samples.shape[0] == num_samples
             if not complete and time.monotonic() < sampling_deadline_at:
                 rest, rest_scores, complete = sample_and_score(
-                    prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
+                    prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at,
+                    checkpoint=checkpoint)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
             samples, scores, complete = sample_best_of(
                 prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at,
                 select=None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
-                    drawn, drawn_scores, count, diversity_weight, sampling_deadline_at))
+                    drawn, drawn_scores, count, diversity_weight, sampling_deadline_at, checkpoint),
+                checkpoint=checkpoint)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -509,7 +513,7 @@ class ShapeEngine:
             samples, scores, complete = first_samples, first_scores, True
         order = torch.argsort(scores, descending=True)
         samples, scores = samples[order], scores[order]
-        diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at)
+        diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at, checkpoint)
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
@@ -547,7 +551,8 @@ class ShapeEngine:
             elapsed_s=time.monotonic() - started,
         )
 
-    def diversity(self, samples: torch.Tensor, deadline_at: float | None = None) -> tuple[float, int]:
+    def diversity(self, samples: torch.Tensor, deadline_at: float | None = None,
+                  checkpoint: Callable[[], None] | None = None) -> tuple[float, int]:
         """Mean pairwise Chamfer distance of the first k of `samples` [n, P, 3], and k.
 
         Pairs are added sample by sample (all of sample j's pairs with the samples before it), the
@@ -565,6 +570,8 @@ class ShapeEngine:
                     budget = min(budget, int((deadline_at - time.monotonic()) / self._seconds_per_pair))
                     if budget < done:  # not even the next sample's pairs fit
                         break
+                if checkpoint is not None:
+                    checkpoint()
                 # Whole rows j (pairs (i, j), i < j): as many as fit the pair budget, at least one.
                 rows = [done]
                 while rows[-1] + 1 < count and sum(rows) + rows[-1] + 1 <= budget:

@@ -74,6 +74,9 @@ RESPONSE_CONVERT_IDLE_S = 4e-5
 RESPONSE_TRANSPORT_PER_SAMPLE_S = 1.5e-4
 RESPONSE_MAX_SHARE = 0.5
 RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
+# A request with a checkpoint (the InferShape action's cancel) is looked at this often while it waits for
+# the engine's turn or answer: a cancel must not wait for the request ahead or the engine's deadline.
+CHECKPOINT_PERIOD_S = 0.05
 INTAKE_START_WAIT_S = 20.0
 # GetIKBatch: per goal, what a batch costs outside the engine on the 2-core CPU (10k goals: the request's
 # deserialization before the callback 0.26 s, building the response 0.1 s, its serialization 0.06 s and
@@ -132,17 +135,20 @@ class EngineSlot:
         return True
 
     def run(self, deadline: float, work: Callable[[Any, float], Any],
-            track: Callable[[], AbstractContextManager] = nullcontext) -> Any:
+            track: Callable[[], AbstractContextManager] = nullcontext, checkpoint: Callable[[], None] | None = None) -> Any:
         """work(engine, seconds left before `deadline` (time.monotonic())) for one request, answered by
         deadline + ENGINE_OVERRUN_GRACE_S whatever the engine does.
 
         Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead. The
         work runs in a thread of its own (inside `track`), which holds the turn until it ends: if it
         overruns the deadline, the request is answered TIMED_OUT at once and its result is dropped.
+        `checkpoint()`, when given, runs every CHECKPOINT_PERIOD_S while the request waits for its turn
+        or for the work: an exception it raises (a cancel) ends the wait at once and propagates; the work
+        is to stop at its own next checkpoint, which frees the turn.
         """
         engine = self.get()
         waiting_since = time.monotonic()
-        if not self._turn.acquire(timeout=max(0.0, deadline - waiting_since)):
+        if not self._wait_for_turn(deadline, checkpoint):
             raise RequestRefused(
                 f"timed out after waiting {time.monotonic() - waiting_since:.3f} s for the {self.name} engine, "
                 f"busy with other requests", "TIMED_OUT")
@@ -164,7 +170,7 @@ class EngineSlot:
                 done.set()
 
         threading.Thread(target=serve, name=f"{self.name}-request", daemon=True).start()
-        if not done.wait(max(0.0, deadline + ENGINE_OVERRUN_GRACE_S - time.monotonic())):
+        if not self._wait_for(done, deadline + ENGINE_OVERRUN_GRACE_S, checkpoint):
             self._logger.warning(
                 f"{self.name} engine overran a request's deadline by more than {ENGINE_OVERRUN_GRACE_S} s; "
                 f"answered TIMED_OUT, the engine's result will be dropped", throttle_duration_sec=WARNING_PERIOD_S)
@@ -173,6 +179,31 @@ class EngineSlot:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
+    def _wait_for_turn(self, deadline: float, checkpoint: Callable[[], None] | None) -> bool:
+        """Whether this request got the engine's turn before `deadline`; checkpoint() between looks."""
+        if checkpoint is None:  # one wait: the lock's own order among waiters, as always for GetIK
+            return self._turn.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        while True:
+            checkpoint()
+            left_s = deadline - time.monotonic()
+            if self._turn.acquire(timeout=max(0.0, min(CHECKPOINT_PERIOD_S, left_s))):
+                return True
+            if left_s <= CHECKPOINT_PERIOD_S:
+                return False
+
+    @staticmethod
+    def _wait_for(done: threading.Event, until: float, checkpoint: Callable[[], None] | None) -> bool:
+        """Whether `done` was set before `until` (time.monotonic()); checkpoint() between looks."""
+        if checkpoint is None:
+            return done.wait(max(0.0, until - time.monotonic()))
+        while True:
+            checkpoint()
+            left_s = until - time.monotonic()
+            if done.wait(max(0.0, min(CHECKPOINT_PERIOD_S, left_s))):
+                return True
+            if left_s <= CHECKPOINT_PERIOD_S:
+                return False
 
 
 def resolve_device(name: str) -> str:
@@ -562,6 +593,7 @@ class MaceNode(Node):
     def _serve_infer_shape(
         self, request: InferShape.Request, response: InferShape.Response, started: float,
         on_iteration: Callable[[int, Any], None] | None = None,  # the action's feedback and cancel (shape_action.py)
+        checkpoint: Callable[[], None] | None = None,  # the action's cancel, in every other stage and while waiting
     ) -> InferShape.Response:
         defaults = RequestDefaults(
             num_samples=self.get_parameter("shape.num_samples").value,
@@ -584,9 +616,10 @@ class MaceNode(Node):
                 # timeout stays > 0, which it would read as "the default".
                 per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S
                 reserve_s = min(RESPONSE_MAX_SHARE * remaining_s, RESPONSE_BASE_S + per_sample_s * arguments["num_samples"])
-                return engine.infer(ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration)
+                return engine.infer(
+                    ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration, checkpoint)
 
-            result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight)
+            result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight, checkpoint)
             self._fill_shape_response(
                 response, result, request.header.frame_id, to_base.inverse(), started + arguments["timeout_s"])
         except RequestRefused as error:
