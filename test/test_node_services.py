@@ -119,6 +119,19 @@ def test_a_long_request_does_not_block_the_other_service(mace):
     assert ik_answered_after < shape_answered_after - 1.0, (ik_answered_after, shape_answered_after)
 
 
+def test_many_samples_are_answered_whole_well_before_the_timeout(mace):
+    """200 samples of 16 x 200 draws: the greedy diverse selection (200 passes over 3200 draws) ran until
+    the deadline, using the whole timeout, and could leave no time to send them all; it now stops at
+    its share of the timeout and takes the rest by score."""
+    when_ready(mace.infer_shape, shape_request(num_samples=1, tuning_iterations=0))
+    started = time.monotonic()
+    response = mace.infer_shape(shape_request(num_samples=200, tuning_iterations=2, timeout_s=20.0), timeout_s=60.0)
+    answered_after_s = time.monotonic() - started
+    assert response.success, response.message
+    assert len(response.samples) == 200, response.message
+    assert answered_after_s < 10.0, f"answered after {answered_after_s:.2f} s: {response.message}"
+
+
 def test_a_burst_of_requests_is_answered_in_full(mace):
     """More GetIK requests at once than the node has executor threads (16) and ROS's default service queue
     holds (10): each is answered, solved or TIMED_OUT behind the others, none lost (11 of 24 were)."""

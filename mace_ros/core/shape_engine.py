@@ -74,8 +74,9 @@ Never worse than the prior: every MACE iteration's N samples score its θ (the f
 prior); the final samples come from the best-scoring θ seen, and if they still score below the same
 seed's prior samples on the request's observation (sampling noise), those prior samples are returned.
 
-Deadline: every stage (tuning, final sampling and scoring, diversity) counts against timeout_s and
-stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs); a
+Deadline: every stage (tuning, final sampling and scoring, diverse selection, diversity) counts against
+timeout_s and stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs;
+the diverse selection also at SELECTION_TIME_SHARE of the timeout, the rest of its choice then by score); a
 request that runs out of time returns the best answer so far: fewer samples than asked (the first
 chunk always), the diversity over fewer of the best samples, and says so in its message.
 """
@@ -127,6 +128,10 @@ MIN_DIRECTION_NORM = 1e-9
 # the diversity (secondary: it only describes the answer) gets at most this share of the timeout.
 FINAL_SAMPLING_SAFETY = 1.5
 DIVERSITY_TIME_SHARE = 0.1
+# The greedy diverse selection costs num_samples passes over oversampling x num_samples draws (1000
+# samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
+# leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
+SELECTION_TIME_SHARE = 0.1
 
 # The default finger set, for contacts without a direction: the Panda hand pointing down, its two
 # fingers starting at +y and -y and closing toward each other.
@@ -337,6 +342,11 @@ class ShapeEngine:
             measured = time.monotonic()
             chamfer_distance(clouds[0], clouds[1])
         self._seconds_per_pair = (time.monotonic() - measured) / DIVERSITY_PAIR_CHUNK
+        # The cost of one candidate in a pass of the diverse selection (2 of them: one pass), to plan its time.
+        candidates = clouds.reshape(-1, self.vae.num_points, 3)
+        measured = time.monotonic()
+        diverse_selection(candidates, torch.rand(candidates.shape[0], device=self.device, dtype=dtype), 2, 1.0)
+        self._seconds_per_selection_candidate = (time.monotonic() - measured) / candidates.shape[0]
 
     @property
     def num_points(self) -> int:
@@ -472,8 +482,13 @@ class ShapeEngine:
         oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
         diversity_weight = float(config["result_diversity_weight" if observation.contacts is not None else "partial_cloud_diversity_weight"])
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
+        selection_reserve_s = 0.0
+        if posterior and oversampling > 1 and diversity_weight > 0.0:  # a full selection's passes, or its share
+            selection_reserve_s = min(SELECTION_TIME_SHARE * timeout_s, FINAL_SAMPLING_SAFETY * self._seconds_per_selection_candidate
+                                      * (num_samples - 1) * num_samples * oversampling)
         tuning: TuneResult | None = None
-        tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
+        tuning_s = float(config["tuning_time_fraction"]) * (
+            deadline_at - time.monotonic() - final_reserve_s - selection_reserve_s - diversity_reserve_s)
         # Never worse than the prior: θ_t is scored by its iteration's N samples (θ_0 = the prior by the
         # first), and the final samples come from the best-scoring θ seen, not from the last one.
         best_theta = BestTheta(prior.tunable_parameters())
@@ -500,10 +515,12 @@ class ShapeEngine:
                     checkpoint=checkpoint)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
+            # The drawing leaves the selection its time; the selection stops at its share and fills the rest by score.
             samples, scores, complete = sample_best_of(
-                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at,
+                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at - selection_reserve_s,
                 select=None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
-                    drawn, drawn_scores, count, diversity_weight, sampling_deadline_at, checkpoint),
+                    drawn, drawn_scores, count, diversity_weight,
+                    min(sampling_deadline_at, time.monotonic() + SELECTION_TIME_SHARE * timeout_s), checkpoint),
                 checkpoint=checkpoint)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.

@@ -68,6 +68,9 @@ ENGINE_OVERRUN_GRACE_S = 0.02
 # both alike, so while the response is built its transport estimate grows by how much slower than
 # RESPONSE_CONVERT_IDLE_S (an idle process here: 25-40 us) the conversion runs: a fixed estimate let one
 # 592-sample answer of 20,000 fuzzed requests reach its client 0.15 s late (0.25 s to carry it).
+# The time kept is that same estimate at the busy conversion speed RESPONSE_CONVERT_PER_SAMPLE_S
+# (~1 ms a sample): with the idle transport estimate kept instead, an engine that used its whole time
+# left a 1000-sample answer 784 samples.
 RESPONSE_BASE_S = 0.01
 RESPONSE_CONVERT_PER_SAMPLE_S = 2e-4
 RESPONSE_CONVERT_IDLE_S = 4e-5
@@ -78,6 +81,13 @@ RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
 # the engine's turn or answer: a cancel must not wait for the request ahead or the engine's deadline.
 CHECKPOINT_PERIOD_S = 0.05
 INTAKE_START_WAIT_S = 20.0
+
+
+def response_transport_s_per_sample(convert_s_per_sample: float) -> float:
+    """Estimated seconds to carry one sample to the client when converting one takes `convert_s_per_sample`."""
+    return RESPONSE_TRANSPORT_PER_SAMPLE_S * max(1.0, convert_s_per_sample / RESPONSE_CONVERT_IDLE_S)
+
+
 # GetIKBatch: per goal, what a batch costs outside the engine on the 2-core CPU (10k goals: the request's
 # deserialization before the callback 0.26 s, building the response 0.1 s, its serialization 0.06 s and
 # the client's deserialization 0.34 s), kept from the engine's share of timeout_s.
@@ -614,7 +624,7 @@ class MaceNode(Node):
             def infer(engine: Any, remaining_s: float) -> Any:
                 # Time kept for the response (samples to PointCloud2s, publishing, sending); the engine's
                 # timeout stays > 0, which it would read as "the default".
-                per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S
+                per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + response_transport_s_per_sample(RESPONSE_CONVERT_PER_SAMPLE_S)
                 reserve_s = min(RESPONSE_MAX_SHARE * remaining_s, RESPONSE_BASE_S + per_sample_s * arguments["num_samples"])
                 return engine.infer(
                     ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration, checkpoint)
@@ -658,8 +668,8 @@ class MaceNode(Node):
                     first_converted_at = time.monotonic()
                 elif len(clouds) % RESPONSE_CHUNK == 0:
                     now = time.monotonic()
-                    slowdown = max(1.0, (now - first_converted_at) / len(clouds) / RESPONSE_CONVERT_IDLE_S)
-                    if now + RESPONSE_BASE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S * slowdown * (len(clouds) + RESPONSE_CHUNK) > deadline:
+                    transport_s = response_transport_s_per_sample((now - first_converted_at) / len(clouds))
+                    if now + RESPONSE_BASE_S + transport_s * (len(clouds) + RESPONSE_CHUNK) > deadline:
                         response.message += f"; {len(clouds)} of {samples.shape[0]} samples returned (timeout)"
                         break
                 clouds.append(cloud)
