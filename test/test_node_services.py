@@ -10,7 +10,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
-from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz
+from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz, xyz_to_pointcloud2
 from mace_ros.ros.node import LATCHED
 from conftest import ik_request
 from mace_ros.srv import InferShape
@@ -261,3 +261,17 @@ def test_the_posterior_never_scores_below_the_prior(mace):
         tuned = mace.infer_shape(shape_request(**observation, num_samples=6, tuning_iterations=-1, timeout_s=3.0, random_seed=seed))
         assert prior.error_code == tuned.error_code == InferShape.Response.SUCCESS, (prior.message, tuned.message)
         assert tuned.mean_score >= prior.mean_score, (observation, prior.message, tuned.message)
+
+
+def test_a_partial_cloud_in_the_base_frame_fits_an_empty_request_frame(mace):
+    """An empty header frame_id is the base frame, so a cloud stamped panda_link0 agrees with it."""
+    points = np.random.default_rng(0).normal([0.5, 0.0, 0.1], 0.02, (100, 3))
+    request = shape_request(contacts=[], partial_cloud=xyz_to_pointcloud2(points, Header(frame_id="panda_link0")),
+                            num_samples=2, tuning_iterations=0)
+    request.header.frame_id = ""
+    response = when_ready(mace.infer_shape, request)
+    assert response.success, response.message
+    assert all(cloud.header.frame_id == "panda_link0" for cloud in response.samples)
+    request.partial_cloud.header.frame_id = "panda_hand"
+    refused = mace.infer_shape(request)
+    assert refused.error_code == InferShape.Response.FRAME_TRANSFORM_FAILURE, refused.message

@@ -235,9 +235,11 @@ def shape_request_arguments(
     frame_id = request.header.frame_id
     to_base = _to_base(frames, frame_id, "header")
     cloud_frame = request.partial_cloud.header.frame_id
-    if cloud_frame and cloud_frame != frame_id:
+    request_frame = frame_id or frames.base_frame  # an empty frame_id is the base frame, on either header
+    if cloud_frame and cloud_frame != request_frame:
         raise InvalidRequest(
-            f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'", "FRAME_TRANSFORM_FAILURE")
+            f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'"
+            + ("" if frame_id else f" (the base frame, {frames.base_frame})"), "FRAME_TRANSFORM_FAILURE")
     try:
         contacts = conversions.points_to_array(request.contacts, "contacts")
         directions = conversions.vectors_to_array(getattr(request, "contact_directions", []), "contact_directions")
