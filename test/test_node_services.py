@@ -275,3 +275,22 @@ def test_a_partial_cloud_in_the_base_frame_fits_an_empty_request_frame(mace):
     request.partial_cloud.header.frame_id = "panda_hand"
     refused = mace.infer_shape(request)
     assert refused.error_code == InferShape.Response.FRAME_TRANSFORM_FAILURE, refused.message
+
+
+def test_contacts_from_the_topic_are_validated_as_the_requests_own(mace):
+    """~/contacts far from object_origin are refused as INVALID_REQUEST at once, as the same contacts in
+    the request are, not tuned into a vague FAILURE."""
+    far = [Point(x=0.5, y=1.5, z=0.1), Point(x=0.5, y=-0.035, z=0.1)]
+    explicit = when_ready(mace.infer_shape, shape_request(contacts=far, tuning_iterations=3))
+    assert explicit.error_code == InferShape.Response.INVALID_REQUEST, explicit.message
+    publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
+    try:
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=[Pose(position=p) for p in far]))
+        response = answer_when(mace, shape_request(contacts=[], tuning_iterations=3),
+                               lambda r: "no observation" not in r.message)
+        assert response.error_code == InferShape.Response.INVALID_REQUEST, response.message
+        assert "contacts from ~/contacts: 1 lie farther than 1.0 m from object_origin" in response.message
+    finally:
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
+    assert "no observation" in answer_when(mace, shape_request(contacts=[]), lambda r: "no observation" in r.message).message

@@ -134,7 +134,9 @@ def _seed_state(state: Any, names: RobotNames) -> np.ndarray | None:
     return np.clip(positions, lower, upper)
 
 
-def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> None:
+def _check_near_origin(
+    points: np.ndarray, origin: np.ndarray, what: str, hint: str = "give only the object's points, in the header's frame",
+) -> None:
     """InvalidRequest unless every point [k, 3] lies within MAX_OBJECT_RADIUS_M of the object origin."""
     if points.shape[0] == 0:
         return
@@ -143,7 +145,7 @@ def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> Non
     if distances[farthest] > MAX_OBJECT_RADIUS_M:
         raise InvalidRequest(
             f"{what}: {int((distances > MAX_OBJECT_RADIUS_M).sum())} lie farther than {MAX_OBJECT_RADIUS_M} m from "
-            f"object_origin (the farthest, {distances[farthest]:.3g} m); give only the object's points, in the header's frame")
+            f"object_origin (the farthest, {distances[farthest]:.3g} m); {hint}")
 
 
 def _goal_in_base(goal: Any, position_only: bool, frames: FrameTable, what: str = "goal") -> tuple[np.ndarray, np.ndarray | None]:
@@ -274,6 +276,9 @@ def shape_request_arguments(
         directions = directions @ to_base.rotation.T if directions.shape[0] else None
     else:
         contacts, directions = latest_contacts, latest_directions
+        if contacts is not None:  # they stand for the request's own contacts: checked as those are
+            _check_near_origin(contacts, to_base.apply(origin), "contacts from ~/contacts",
+                               "publish only the object's contacts, or clear them with an empty PoseArray")
     if contacts is None and cloud is None:
         raise InvalidRequest("no observation: give contacts or a partial_cloud, or publish contacts on ~/contacts")
     arguments = {
