@@ -294,3 +294,18 @@ def test_contacts_from_the_topic_are_validated_as_the_requests_own(mace):
     finally:
         publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
     assert "no observation" in answer_when(mace, shape_request(contacts=[]), lambda r: "no observation" in r.message).message
+
+
+def test_contact_directions_of_any_nonzero_length_are_directions(mace):
+    """Huge and tiny travel directions mean the same as unit ones (the side grasp needs them: without a
+    direction it is refused); they were refused above 1e4 "m", and below 1e-9 taken as no direction."""
+    def scores(length: float) -> list[float]:
+        directions = [Vector3(y=-length), Vector3(y=length)]
+        response = when_ready(mace.infer_shape, shape_request(
+            contacts=SIDE_GRASP, contact_directions=directions, num_samples=4, tuning_iterations=0, random_seed=7))
+        assert response.success, (length, response.message)
+        return list(response.scores)
+
+    unit = scores(1.0)
+    for length in (1e5, 1e300, 1e-12):
+        assert np.allclose(scores(length), unit, rtol=0.0, atol=1e-6), length

@@ -122,8 +122,6 @@ SAMPLE_CHUNK = 128
 CHUNK_PARTIAL_POINTS = 1 << 13
 GPU_CHUNK_FACTOR = 8
 DIVERSITY_PAIR_CHUNK = 64
-# A contact_directions row shorter than this is "no direction" (zero rows mark direction-less contacts).
-MIN_DIRECTION_NORM = 1e-9
 # The final sampling is planned from the measured cost of a first chunk times this safety factor;
 # the diversity (secondary: it only describes the answer) gets at most this share of the timeout.
 FINAL_SAMPLING_SAFETY = 1.5
@@ -379,9 +377,12 @@ class ShapeEngine:
                     f"contact_directions must be one [x, y, z] per contact ({contacts.shape[0]}) or empty, got shape {travel.shape}")
             if not np.all(np.isfinite(travel)):
                 raise ValueError("contact_directions contain NaN or infinite values")
-            lengths = np.linalg.norm(travel, axis=1)
-            given = lengths > MIN_DIRECTION_NORM
-            travel = np.where(given[:, None], travel / np.maximum(lengths, MIN_DIRECTION_NORM)[:, None], 0.0)
+            # Any nonzero length is a direction (zero rows mark direction-less contacts); each row is scaled to
+            # its largest component before it is normalized, so that neither huge nor tiny lengths over- or underflow.
+            largest = np.abs(travel).max(axis=1, keepdims=True)
+            given = largest[:, 0] > 0
+            travel = np.divide(travel, largest, out=np.zeros_like(travel), where=largest > 0)
+            travel = np.divide(travel, np.linalg.norm(travel, axis=1, keepdims=True), out=travel, where=given[:, None])
         if contacts is not None and int((~given).sum()) > self.finger_directions.shape[0]:
             raise ValueError(
                 f"{int((~given).sum())} contacts without a direction but only {self.finger_directions.shape[0]} fingers are "

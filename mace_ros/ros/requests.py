@@ -273,7 +273,10 @@ def shape_request_arguments(
 
     if contacts.shape[0] > 0:
         contacts = to_base.apply(contacts)
-        directions = directions @ to_base.rotation.T if directions.shape[0] else None
+        # Any length: each scaled to its largest component first, so that rotating a huge one cannot overflow.
+        largest = np.abs(directions).max(axis=1, keepdims=True) if directions.shape[0] else None
+        directions = (np.divide(directions, largest, out=np.zeros_like(directions), where=largest > 0) @ to_base.rotation.T
+                      if directions.shape[0] else None)
     else:
         contacts, directions = latest_contacts, latest_directions
         if contacts is not None:  # they stand for the request's own contacts: checked as those are
