@@ -82,6 +82,7 @@ chunk always), the diversity over fewer of the best samples, and says so in its 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -208,6 +209,22 @@ class ShapeResult:
     tuning_iterations_done: int = 0
     tuning_time_s: float = 0.0
     elapsed_s: float = 0.0
+    # [k]: the diversity of the best 1, 2, ..., k samples (k: those it was measured over), for `first`.
+    diversity_by_count: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def first(self, count: int) -> ShapeResult:
+        """This result cut to its best `count` samples (at least one), its aggregates (mean score,
+        diversity, success) describing those, the message saying so (e.g. what a reply could carry)."""
+        count = max(1, count)
+        if count >= self.scores.shape[0]:
+            return self
+        scores = self.scores[:count]
+        measured = min(count, self.diversity_by_count.shape[0])
+        return dataclasses.replace(
+            self, samples=self.samples[:count], scores=scores, mean_score=float(scores.mean()), success=bool(scores.max() > 0),
+            diversity=float(self.diversity_by_count[measured - 1]) if measured else 0.0,
+            message=f"{self.message}; {count} of {self.scores.shape[0]} samples returned (timeout), "
+                    f"mean score {float(scores.mean()):.3f} and diversity over those")
 
 
 @dataclass(frozen=True)
@@ -531,7 +548,8 @@ class ShapeEngine:
             samples, scores, complete = first_samples, first_scores, True
         order = torch.argsort(scores, descending=True)
         samples, scores = samples[order], scores[order]
-        diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at, checkpoint)
+        diversity_by_count = self.diversity_by_count(samples[:diversity_count], deadline_at, checkpoint)
+        diversity_used = max(1, diversity_by_count.shape[0])
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
@@ -563,24 +581,26 @@ class ShapeEngine:
             samples=samples.detach().cpu().numpy().astype(np.float32),
             scores=scores.detach().cpu().double().numpy(),
             mean_score=mean_score,
-            diversity=diversity,
+            diversity=float(diversity_by_count[-1]) if diversity_by_count.size else 0.0,
             tuning_iterations_done=0 if tuning is None else tuning.iterations_done,
             tuning_time_s=0.0 if tuning is None else tuning.elapsed_s,
             elapsed_s=time.monotonic() - started,
+            diversity_by_count=diversity_by_count,
         )
 
-    def diversity(self, samples: torch.Tensor, deadline_at: float | None = None,
-                  checkpoint: Callable[[], None] | None = None) -> tuple[float, int]:
-        """Mean pairwise Chamfer distance of the first k of `samples` [n, P, 3], and k.
+    def diversity_by_count(self, samples: torch.Tensor, deadline_at: float | None = None,
+                           checkpoint: Callable[[], None] | None = None) -> np.ndarray:
+        """[k]: the mean pairwise Chamfer distance of the first 1, 2, ..., k of `samples` [n, P, 3] (0 for one).
 
         Pairs are added sample by sample (all of sample j's pairs with the samples before it), the
-        clock checked between chunks of pairs: at the deadline the diversity is that of the first
-        (best) samples done, k >= 2 whenever n >= 2 (the first pair is always measured).
+        clock checked between chunks of pairs: at the deadline k is the number of first (best) samples
+        done, k >= 2 whenever n >= 2 (the first pair is always measured); k = n otherwise.
         """
         count = samples.shape[0]
         if count < 2:
-            return 0.0, count
-        total, pairs, done = 0.0, 0, 1
+            return np.zeros(count)
+        row_sums = np.zeros(count)  # row j: the distances of sample j to the samples before it
+        pairs, done = 0, 1
         with torch.no_grad():
             while done < count:
                 budget = DIVERSITY_PAIR_CHUNK if pairs else 1
@@ -596,7 +616,9 @@ class ShapeEngine:
                     rows.append(rows[-1] + 1)
                 first = torch.cat([torch.arange(j, device=samples.device) for j in rows])
                 second = torch.cat([torch.full((j,), j, device=samples.device) for j in rows])
-                total += float(chamfer_distance(samples[first], samples[second]).sum())
+                distances = chamfer_distance(samples[first], samples[second]).double().cpu()
+                row_sums += np.bincount(second.cpu().numpy(), weights=distances.numpy(), minlength=count)
                 pairs += first.numel()
                 done = rows[-1] + 1
-        return total / pairs, done
+        sizes = np.arange(1, done + 1)
+        return np.cumsum(row_sums[:done]) / np.maximum(sizes * (sizes - 1) / 2, 1)

@@ -650,15 +650,11 @@ class MaceNode(Node):
         """Samples go back in the request's frame; ~/shape_samples shows them in the base frame.
 
         The best samples first, as many as can still reach the client by `deadline` (time.monotonic()),
-        the first one always; the message says when some were left out."""
+        the first one always; the message says when some were left out, and the aggregates (mean_score,
+        diversity) are those of the samples returned."""
         samples = np.asarray(result.samples, dtype=np.float64)
         samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
         request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
-        response.success = bool(result.success)
-        timed_out = getattr(result, "failure_kind", "") == "timeout"
-        response.error_code = getattr(
-            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
-        response.message = result.message
         clouds = []
         if samples.shape[0]:
             in_request_frame = to_request.apply(samples.reshape(-1, 3)).reshape(samples.shape)
@@ -670,12 +666,17 @@ class MaceNode(Node):
                     now = time.monotonic()
                     transport_s = response_transport_s_per_sample((now - first_converted_at) / len(clouds))
                     if now + RESPONSE_BASE_S + transport_s * (len(clouds) + RESPONSE_CHUNK) > deadline:
-                        response.message += f"; {len(clouds)} of {samples.shape[0]} samples returned (timeout)"
                         break
                 clouds.append(cloud)
+            result = result.first(len(clouds))  # the aggregates and message of what is returned
+        response.success = bool(result.success)
+        timed_out = getattr(result, "failure_kind", "") == "timeout"
+        response.error_code = getattr(
+            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
+        response.message = result.message
         samples = samples[:len(clouds)]
         response.samples = clouds
-        response.scores = [float(v) for v in result.scores[:len(clouds)]]
+        response.scores = [float(v) for v in result.scores]
         response.mean_score = float(result.mean_score)
         response.diversity = float(result.diversity)
         response.tuning_iterations_done = int(result.tuning_iterations_done)
