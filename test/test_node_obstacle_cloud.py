@@ -1,6 +1,7 @@
 """Depth-camera clouds through the real node: far and absurd points, a 640 x 480 camera-layout cloud
 that blocks a goal and then frees it, an eye-in-hand camera placed by /joint_states, the
-robot's own points filtered out, two sensors on one topic, a best-effort camera, and a restarted intake.
+robot's own points filtered out, two sensors on one topic, a best-effort camera, a restarted intake, and
+grasp contacts placed by the joint state at their stamp.
 
 One node (named mace_cloud, with a camera frame attached to panda_hand) serves the whole module.
 Clouds come from a default-QoS (reliable) publisher, as a camera driver's; each test waits until the
@@ -9,6 +10,7 @@ node's ~/obstacle_points shows its cloud applied.
 from __future__ import annotations
 
 import array
+import math
 import os
 import signal
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from geometry_msgs.msg import Point
+from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion, Vector3
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -30,7 +32,7 @@ from conftest import running_node
 from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics
 from mace_ros.ros.conversions import pointcloud2_to_xyz
 from mace_ros.ros.memory import INTAKE_GLIBC_TUNABLES
-from mace_ros.srv import GetIK
+from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace_cloud"
 CAMERA_FRAME = "hand_camera"
@@ -349,3 +351,48 @@ def test_after_an_intake_restart_the_fast_checker_still_sees_every_sensor(ros_is
                     lambda p: (np.abs(p[:, 2] + 0.03) < 0.005).sum() >= 2000 and np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
         response, _ = get_ik(client)
         assert not response.success, f"after the restart the fast checker no longer saw the blob: {response.message}"
+
+
+def test_contacts_in_the_hand_frame_are_placed_where_the_hand_was_at_their_stamp(node):
+    """A grasp reported on ~/contacts in panda_hand, stamped when the arm stood at `grasped`, and received
+    after the arm moved on: its contacts are placed by the joint state at their stamp, so they score the
+    same prior samples exactly as the same grasp given in the base frame (placed at the latest state, they
+    would lie some 0.3 m from the object and score nothing)."""
+    grasped, moved_on = READY, READY + np.array([0.8, 0.3, 0.0, 0.3, 0.0, 0.0, 0.0])
+    hand = _kinematics.link_transforms(torch.as_tensor(grasped)[None])[0, LINK_INDEX["panda_hand"]].numpy()
+    tips_in_hand = np.array([[0.0, 0.035, 0.1], [0.0, -0.035, 0.1]])  # between the fingers, closing along y
+    half = math.sqrt(0.5)
+    closing = [Quaternion(x=half, w=half), Quaternion(x=-half, w=half)]  # +z turned to -y and +y of the hand
+    joints = node.node.create_publisher(JointState, "/joint_states", 10)
+    contacts = node.node.create_publisher(PoseArray, f"/{NODE_NAME}/contacts", 10)
+    deadline = time.monotonic() + 20.0
+    while min(joints.get_subscription_count(), contacts.get_subscription_count()) == 0 and time.monotonic() < deadline:
+        node.executor.spin_once(timeout_sec=0.1)
+    names = [f"panda_joint{i}" for i in range(1, 8)]
+    grasp_stamp = node.node.get_clock().now().to_msg()
+    joints.publish(JointState(header=Header(stamp=grasp_stamp), name=names, position=grasped.tolist()))
+    time.sleep(0.2)
+    joints.publish(JointState(header=Header(stamp=node.node.get_clock().now().to_msg()), name=names, position=moved_on.tolist()))
+    time.sleep(0.2)
+    contacts.publish(PoseArray(header=Header(frame_id="panda_hand", stamp=grasp_stamp), poses=[
+        Pose(position=Point(x=float(x), y=float(y), z=float(z)), orientation=orientation)
+        for (x, y, z), orientation in zip(tips_in_hand, closing)]))
+    origin = Point(**dict(zip("xyz", (hand[:3, :3] @ [0.0, 0.0, 0.1] + hand[:3, 3]).tolist())))
+    request = InferShape.Request(header=Header(frame_id="panda_link0"), object_origin=origin, num_samples=8,
+                                 tuning_iterations=0, random_seed=5)
+    try:
+        deadline = time.monotonic() + 20.0
+        from_topic = node.when_loaded(node.infer_shape, request)
+        while "no observation" in from_topic.message and time.monotonic() < deadline:
+            time.sleep(0.25)
+            from_topic = node.infer_shape(request)
+        tips = tips_in_hand @ hand[:3, :3].T + hand[:3, 3]
+        request.contacts = [Point(x=float(x), y=float(y), z=float(z)) for x, y, z in tips]
+        request.contact_directions = [Vector3(**dict(zip("xyz", (hand[:3, :3] @ [0.0, -sign, 0.0]).tolist()))) for sign in (1.0, -1.0)]
+        explicit = node.infer_shape(request)
+        assert explicit.success and explicit.mean_score > 0.0, explicit.message
+        assert np.allclose(from_topic.scores, explicit.scores, rtol=0.0, atol=1e-5), (from_topic.message, explicit.message)
+    finally:
+        contacts.publish(PoseArray(header=Header(frame_id="panda_link0")))  # clears them
+        node.node.destroy_publisher(contacts)
+        node.node.destroy_publisher(joints)

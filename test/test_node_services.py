@@ -10,7 +10,7 @@ from sensor_msgs.msg import PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
-from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz
+from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz, xyz_to_pointcloud2
 from mace_ros.ros.node import LATCHED
 from conftest import ik_request
 from mace_ros.srv import InferShape
@@ -117,6 +117,19 @@ def test_a_long_request_does_not_block_the_other_service(mace):
     shape_answered_after = time.monotonic() - started
     assert response.message
     assert ik_answered_after < shape_answered_after - 1.0, (ik_answered_after, shape_answered_after)
+
+
+def test_many_samples_are_answered_whole_well_before_the_timeout(mace):
+    """200 samples of 16 x 200 draws: the greedy diverse selection (200 passes over 3200 draws) ran until
+    the deadline, using the whole timeout, and could leave no time to send them all; it now stops at
+    its share of the timeout and takes the rest by score."""
+    when_ready(mace.infer_shape, shape_request(num_samples=1, tuning_iterations=0))
+    started = time.monotonic()
+    response = mace.infer_shape(shape_request(num_samples=200, tuning_iterations=2, timeout_s=20.0), timeout_s=60.0)
+    answered_after_s = time.monotonic() - started
+    assert response.success, response.message
+    assert len(response.samples) == 200, response.message
+    assert answered_after_s < 10.0, f"answered after {answered_after_s:.2f} s: {response.message}"
 
 
 def test_a_burst_of_requests_is_answered_in_full(mace):
@@ -248,3 +261,51 @@ def test_the_posterior_never_scores_below_the_prior(mace):
         tuned = mace.infer_shape(shape_request(**observation, num_samples=6, tuning_iterations=-1, timeout_s=3.0, random_seed=seed))
         assert prior.error_code == tuned.error_code == InferShape.Response.SUCCESS, (prior.message, tuned.message)
         assert tuned.mean_score >= prior.mean_score, (observation, prior.message, tuned.message)
+
+
+def test_a_partial_cloud_in_the_base_frame_fits_an_empty_request_frame(mace):
+    """An empty header frame_id is the base frame, so a cloud stamped panda_link0 agrees with it."""
+    points = np.random.default_rng(0).normal([0.5, 0.0, 0.1], 0.02, (100, 3))
+    request = shape_request(contacts=[], partial_cloud=xyz_to_pointcloud2(points, Header(frame_id="panda_link0")),
+                            num_samples=2, tuning_iterations=0)
+    request.header.frame_id = ""
+    response = when_ready(mace.infer_shape, request)
+    assert response.success, response.message
+    assert all(cloud.header.frame_id == "panda_link0" for cloud in response.samples)
+    request.partial_cloud.header.frame_id = "panda_hand"
+    refused = mace.infer_shape(request)
+    assert refused.error_code == InferShape.Response.FRAME_TRANSFORM_FAILURE, refused.message
+
+
+def test_contacts_from_the_topic_are_validated_as_the_requests_own(mace):
+    """~/contacts far from object_origin are refused as INVALID_REQUEST at once, as the same contacts in
+    the request are, not tuned into a vague FAILURE."""
+    far = [Point(x=0.5, y=1.5, z=0.1), Point(x=0.5, y=-0.035, z=0.1)]
+    explicit = when_ready(mace.infer_shape, shape_request(contacts=far, tuning_iterations=3))
+    assert explicit.error_code == InferShape.Response.INVALID_REQUEST, explicit.message
+    publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
+    try:
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=[Pose(position=p) for p in far]))
+        response = answer_when(mace, shape_request(contacts=[], tuning_iterations=3),
+                               lambda r: "no observation" not in r.message)
+        assert response.error_code == InferShape.Response.INVALID_REQUEST, response.message
+        assert "contacts from ~/contacts: 1 lie farther than 1.0 m from object_origin" in response.message
+    finally:
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
+    assert "no observation" in answer_when(mace, shape_request(contacts=[]), lambda r: "no observation" in r.message).message
+
+
+def test_contact_directions_of_any_nonzero_length_are_directions(mace):
+    """Huge and tiny travel directions mean the same as unit ones (the side grasp needs them: without a
+    direction it is refused); they were refused above 1e4 "m", and below 1e-9 taken as no direction."""
+    def scores(length: float) -> list[float]:
+        directions = [Vector3(y=-length), Vector3(y=length)]
+        response = when_ready(mace.infer_shape, shape_request(
+            contacts=SIDE_GRASP, contact_directions=directions, num_samples=4, tuning_iterations=0, random_seed=7))
+        assert response.success, (length, response.message)
+        return list(response.scores)
+
+    unit = scores(1.0)
+    for length in (1e5, 1e300, 1e-12):
+        assert np.allclose(scores(length), unit, rtol=0.0, atol=1e-6), length

@@ -16,6 +16,7 @@ pytest.importorskip("trimesh")
 from mace_ros.core.mace import PAPER_PRESETS, importance_sampling_tune, mace_tune, tuning_optimizer  # noqa: E402
 from mace_ros.core.resources import default_parameters  # noqa: E402
 from mace_ros.core.shape.cvae import DEFAULT_CVAE_WEIGHTS, FULL_CVAE_WEIGHTS, load_shape_cvae  # noqa: E402
+from mace_ros.core.shape.chamfer import pairwise_chamfer_diversity  # noqa: E402
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, sample_object  # noqa: E402
 from mace_ros.core.shape.simulators import GraspDomain, finger_directions, grasp_contacts  # noqa: E402
 from mace_ros.core.shape.vae import (  # noqa: E402
@@ -289,6 +290,19 @@ def test_engine_returns_ranked_samples_around_the_origin(engine):
     assert np.all(np.diff(result.scores) <= 0) and np.isclose(result.mean_score, result.scores.mean())
     assert np.allclose(result.samples.mean(axis=(0, 1)), origin, atol=0.05)
     assert result.tuning_iterations_done == 3 and result.diversity > 0 and result.elapsed_s >= result.tuning_time_s
+
+
+def test_a_result_cut_to_its_best_samples_describes_those(engine):
+    """What a reply that runs out of time returns (the node's `first`): the mean score and diversity of the
+    samples kept, not of all the engine drew."""
+    result = engine.infer(grasp_request(engine, "box", 11, (0.5, 0.1, 0.2)))
+    assert np.isclose(result.diversity, pairwise_chamfer_diversity(torch.as_tensor(result.samples)), rtol=1e-4)
+    kept = result.first(3)
+    assert kept.samples.shape[0] == kept.scores.shape[0] == 3 and np.array_equal(kept.scores, result.scores[:3])
+    assert np.isclose(kept.mean_score, result.scores[:3].mean())
+    assert np.isclose(kept.diversity, pairwise_chamfer_diversity(torch.as_tensor(result.samples[:3])), rtol=1e-4)
+    assert "3 of 8 samples returned (timeout)" in kept.message
+    assert result.first(8) is result
 
 
 def test_engine_is_deterministic_per_seed_and_never_tunes_the_shared_prior(engine):

@@ -136,17 +136,21 @@ def sample_and_score(
     chunk_size: int | None = None,
     deadline_at: float | None = None,
     enough: Callable[[torch.Tensor], bool] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Draw and score `num_samples` in chunks of at most `chunk_size`, checking the clock between chunks.
 
     A huge N must not overrun a deadline (100000 samples take seconds on a CPU); the first chunk is
     always drawn so that there is an answer. Drawing also stops once `enough(scores so far)` holds.
+    `checkpoint()` runs before every chunk; an exception it raises (e.g. a cancel) propagates.
     Returns samples, scores and whether all N were drawn.
     """
     chunk = num_samples if chunk_size is None else max(1, chunk_size)
     samples, scores = [], []
     drawn = 0
     while drawn < num_samples and (drawn == 0 or deadline_at is None or time.monotonic() < deadline_at):
+        if checkpoint is not None:
+            checkpoint()
         count = min(chunk, num_samples - drawn)
         with torch.no_grad():
             batch = prior.sample(count, generator)
@@ -167,6 +171,7 @@ def sample_best_of(
     chunk_size: int | None = None,
     deadline_at: float | None = None,
     select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The `num_samples` best-scoring of `oversampling` x num_samples draws of `prior`, best first (fewer
     when the deadline stops the drawing), their scores, and whether num_samples were drawn.
@@ -174,9 +179,11 @@ def sample_best_of(
     Like the elite set of one more MACE iteration: the samples least consistent with the observation are
     left out, which raises the answer's score at some cost in diversity (oversampling 1: plain draws).
     `select(samples, scores, count)`, when given, picks the indices of the kept ones instead (e.g. by
-    score and diversity); they are returned best first all the same.
+    score and diversity); they are returned best first all the same. `deadline_at` stops the drawing
+    (`select` keeps its own time); `checkpoint` as in `sample_and_score`.
     """
-    samples, scores, _ = sample_and_score(prior, domain, num_samples * max(1, oversampling), generator, chunk_size, deadline_at)
+    samples, scores, _ = sample_and_score(
+        prior, domain, num_samples * max(1, oversampling), generator, chunk_size, deadline_at, checkpoint=checkpoint)
     kept = torch.argsort(scores, descending=True)[:num_samples] if select is None else select(samples, scores, num_samples)
     order = kept[torch.argsort(scores[kept], descending=True)]
     return samples[order], scores[order], samples.shape[0] >= num_samples

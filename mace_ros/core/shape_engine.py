@@ -74,13 +74,15 @@ Never worse than the prior: every MACE iteration's N samples score its θ (the f
 prior); the final samples come from the best-scoring θ seen, and if they still score below the same
 seed's prior samples on the request's observation (sampling noise), those prior samples are returned.
 
-Deadline: every stage (tuning, final sampling and scoring, diversity) counts against timeout_s and
-stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs); a
+Deadline: every stage (tuning, final sampling and scoring, diverse selection, diversity) counts against
+timeout_s and stops at the deadline in chunks (SAMPLE_CHUNK samples, DIVERSITY_PAIR_CHUNK Chamfer pairs;
+the diverse selection also at SELECTION_TIME_SHARE of the timeout, the rest of its choice then by score); a
 request that runs out of time returns the best answer so far: fewer samples than asked (the first
 chunk always), the diversity over fewer of the best samples, and says so in its message.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -121,12 +123,14 @@ SAMPLE_CHUNK = 128
 CHUNK_PARTIAL_POINTS = 1 << 13
 GPU_CHUNK_FACTOR = 8
 DIVERSITY_PAIR_CHUNK = 64
-# A contact_directions row shorter than this is "no direction" (zero rows mark direction-less contacts).
-MIN_DIRECTION_NORM = 1e-9
 # The final sampling is planned from the measured cost of a first chunk times this safety factor;
 # the diversity (secondary: it only describes the answer) gets at most this share of the timeout.
 FINAL_SAMPLING_SAFETY = 1.5
 DIVERSITY_TIME_SHARE = 0.1
+# The greedy diverse selection costs num_samples passes over oversampling x num_samples draws (1000
+# samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
+# leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
+SELECTION_TIME_SHARE = 0.1
 
 # The default finger set, for contacts without a direction: the Panda hand pointing down, its two
 # fingers starting at +y and -y and closing toward each other.
@@ -205,6 +209,22 @@ class ShapeResult:
     tuning_iterations_done: int = 0
     tuning_time_s: float = 0.0
     elapsed_s: float = 0.0
+    # [k]: the diversity of the best 1, 2, ..., k samples (k: those it was measured over), for `first`.
+    diversity_by_count: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def first(self, count: int) -> ShapeResult:
+        """This result cut to its best `count` samples (at least one), its aggregates (mean score,
+        diversity, success) describing those, the message saying so (e.g. what a reply could carry)."""
+        count = max(1, count)
+        if count >= self.scores.shape[0]:
+            return self
+        scores = self.scores[:count]
+        measured = min(count, self.diversity_by_count.shape[0])
+        return dataclasses.replace(
+            self, samples=self.samples[:count], scores=scores, mean_score=float(scores.mean()), success=bool(scores.max() > 0),
+            diversity=float(self.diversity_by_count[measured - 1]) if measured else 0.0,
+            message=f"{self.message}; {count} of {self.scores.shape[0]} samples returned (timeout), "
+                    f"mean score {float(scores.mean()):.3f} and diversity over those")
 
 
 @dataclass(frozen=True)
@@ -337,6 +357,11 @@ class ShapeEngine:
             measured = time.monotonic()
             chamfer_distance(clouds[0], clouds[1])
         self._seconds_per_pair = (time.monotonic() - measured) / DIVERSITY_PAIR_CHUNK
+        # The cost of one candidate in a pass of the diverse selection (2 of them: one pass), to plan its time.
+        candidates = clouds.reshape(-1, self.vae.num_points, 3)
+        measured = time.monotonic()
+        diverse_selection(candidates, torch.rand(candidates.shape[0], device=self.device, dtype=dtype), 2, 1.0)
+        self._seconds_per_selection_candidate = (time.monotonic() - measured) / candidates.shape[0]
 
     @property
     def num_points(self) -> int:
@@ -369,9 +394,12 @@ class ShapeEngine:
                     f"contact_directions must be one [x, y, z] per contact ({contacts.shape[0]}) or empty, got shape {travel.shape}")
             if not np.all(np.isfinite(travel)):
                 raise ValueError("contact_directions contain NaN or infinite values")
-            lengths = np.linalg.norm(travel, axis=1)
-            given = lengths > MIN_DIRECTION_NORM
-            travel = np.where(given[:, None], travel / np.maximum(lengths, MIN_DIRECTION_NORM)[:, None], 0.0)
+            # Any nonzero length is a direction (zero rows mark direction-less contacts); each row is scaled to
+            # its largest component before it is normalized, so that neither huge nor tiny lengths over- or underflow.
+            largest = np.abs(travel).max(axis=1, keepdims=True)
+            given = largest[:, 0] > 0
+            travel = np.divide(travel, largest, out=np.zeros_like(travel), where=largest > 0)
+            travel = np.divide(travel, np.linalg.norm(travel, axis=1, keepdims=True), out=travel, where=given[:, None])
         if contacts is not None and int((~given).sum()) > self.finger_directions.shape[0]:
             raise ValueError(
                 f"{int((~given).sum())} contacts without a direction but only {self.finger_directions.shape[0]} fingers are "
@@ -438,8 +466,10 @@ class ShapeEngine:
             iterations=iterations,
         )
 
-    def infer(self, request: ShapeRequest, on_iteration: Callable[[int, torch.Tensor], None] | None = None) -> ShapeResult:
-        """`on_iteration(iteration, batch scores)` after each MACE iteration (mace_tune's); an exception it
+    def infer(self, request: ShapeRequest, on_iteration: Callable[[int, torch.Tensor], None] | None = None,
+              checkpoint: Callable[[], None] | None = None) -> ShapeResult:
+        """`on_iteration(iteration, batch scores)` after each MACE iteration (mace_tune's), `checkpoint()`
+        between the chunks of every other stage (drawing, selection, diversity): an exception either
         raises (e.g. to cancel) ends the inference and propagates."""
         started = time.monotonic()
         try:
@@ -470,8 +500,13 @@ class ShapeEngine:
         oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
         diversity_weight = float(config["result_diversity_weight" if observation.contacts is not None else "partial_cloud_diversity_weight"])
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
+        selection_reserve_s = 0.0
+        if posterior and oversampling > 1 and diversity_weight > 0.0:  # a full selection's passes, or its share
+            selection_reserve_s = min(SELECTION_TIME_SHARE * timeout_s, FINAL_SAMPLING_SAFETY * self._seconds_per_selection_candidate
+                                      * (num_samples - 1) * num_samples * oversampling)
         tuning: TuneResult | None = None
-        tuning_s = float(config["tuning_time_fraction"]) * (deadline_at - time.monotonic() - final_reserve_s - diversity_reserve_s)
+        tuning_s = float(config["tuning_time_fraction"]) * (
+            deadline_at - time.monotonic() - final_reserve_s - selection_reserve_s - diversity_reserve_s)
         # Never worse than the prior: θ_t is scored by its iteration's N samples (θ_0 = the prior by the
         # first), and the final samples come from the best-scoring θ seen, not from the last one.
         best_theta = BestTheta(prior.tunable_parameters())
@@ -494,13 +529,17 @@ class ShapeEngine:
             samples, scores, complete = first_samples, first_scores, first_samples.shape[0] == num_samples
             if not complete and time.monotonic() < sampling_deadline_at:
                 rest, rest_scores, complete = sample_and_score(
-                    prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at)
+                    prior, domain, num_samples - first_samples.shape[0], generator, chunk, sampling_deadline_at,
+                    checkpoint=checkpoint)
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
+            # The drawing leaves the selection its time; the selection stops at its share and fills the rest by score.
             samples, scores, complete = sample_best_of(
-                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at,
+                prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at - selection_reserve_s,
                 select=None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
-                    drawn, drawn_scores, count, diversity_weight, sampling_deadline_at))
+                    drawn, drawn_scores, count, diversity_weight,
+                    min(sampling_deadline_at, time.monotonic() + SELECTION_TIME_SHARE * timeout_s), checkpoint),
+                checkpoint=checkpoint)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -509,7 +548,8 @@ class ShapeEngine:
             samples, scores, complete = first_samples, first_scores, True
         order = torch.argsort(scores, descending=True)
         samples, scores = samples[order], scores[order]
-        diversity, diversity_used = self.diversity(samples[:diversity_count], deadline_at)
+        diversity_by_count = self.diversity_by_count(samples[:diversity_count], deadline_at, checkpoint)
+        diversity_used = max(1, diversity_by_count.shape[0])
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
         what = "prior samples (no tuning)" if tuning is None else (
@@ -541,23 +581,26 @@ class ShapeEngine:
             samples=samples.detach().cpu().numpy().astype(np.float32),
             scores=scores.detach().cpu().double().numpy(),
             mean_score=mean_score,
-            diversity=diversity,
+            diversity=float(diversity_by_count[-1]) if diversity_by_count.size else 0.0,
             tuning_iterations_done=0 if tuning is None else tuning.iterations_done,
             tuning_time_s=0.0 if tuning is None else tuning.elapsed_s,
             elapsed_s=time.monotonic() - started,
+            diversity_by_count=diversity_by_count,
         )
 
-    def diversity(self, samples: torch.Tensor, deadline_at: float | None = None) -> tuple[float, int]:
-        """Mean pairwise Chamfer distance of the first k of `samples` [n, P, 3], and k.
+    def diversity_by_count(self, samples: torch.Tensor, deadline_at: float | None = None,
+                           checkpoint: Callable[[], None] | None = None) -> np.ndarray:
+        """[k]: the mean pairwise Chamfer distance of the first 1, 2, ..., k of `samples` [n, P, 3] (0 for one).
 
         Pairs are added sample by sample (all of sample j's pairs with the samples before it), the
-        clock checked between chunks of pairs: at the deadline the diversity is that of the first
-        (best) samples done, k >= 2 whenever n >= 2 (the first pair is always measured).
+        clock checked between chunks of pairs: at the deadline k is the number of first (best) samples
+        done, k >= 2 whenever n >= 2 (the first pair is always measured); k = n otherwise.
         """
         count = samples.shape[0]
         if count < 2:
-            return 0.0, count
-        total, pairs, done = 0.0, 0, 1
+            return np.zeros(count)
+        row_sums = np.zeros(count)  # row j: the distances of sample j to the samples before it
+        pairs, done = 0, 1
         with torch.no_grad():
             while done < count:
                 budget = DIVERSITY_PAIR_CHUNK if pairs else 1
@@ -565,13 +608,17 @@ class ShapeEngine:
                     budget = min(budget, int((deadline_at - time.monotonic()) / self._seconds_per_pair))
                     if budget < done:  # not even the next sample's pairs fit
                         break
+                if checkpoint is not None:
+                    checkpoint()
                 # Whole rows j (pairs (i, j), i < j): as many as fit the pair budget, at least one.
                 rows = [done]
                 while rows[-1] + 1 < count and sum(rows) + rows[-1] + 1 <= budget:
                     rows.append(rows[-1] + 1)
                 first = torch.cat([torch.arange(j, device=samples.device) for j in rows])
                 second = torch.cat([torch.full((j,), j, device=samples.device) for j in rows])
-                total += float(chamfer_distance(samples[first], samples[second]).sum())
+                distances = chamfer_distance(samples[first], samples[second]).double().cpu()
+                row_sums += np.bincount(second.cpu().numpy(), weights=distances.numpy(), minlength=count)
                 pairs += first.numel()
                 done = rows[-1] + 1
-        return total / pairs, done
+        sizes = np.arange(1, done + 1)
+        return np.cumsum(row_sums[:done]) / np.maximum(sizes * (sizes - 1) / 2, 1)

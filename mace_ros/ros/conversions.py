@@ -222,8 +222,12 @@ def points_to_array(points: Sequence[Point], what: str = "points") -> np.ndarray
 
 
 def vectors_to_array(vectors: Sequence, what: str = "vectors") -> np.ndarray:
-    """[k, 3] float64 from a geometry_msgs Vector3 list; ValueError if a value is NaN, infinite or absurd."""
-    return _check_coordinates(np.array([[v.x, v.y, v.z] for v in vectors], dtype=np.float64).reshape(-1, 3), what, "contain")
+    """[k, 3] float64 from a geometry_msgs Vector3 list; ValueError if a value is NaN or infinite. Any
+    magnitude: these are directions (contact_directions), not coordinates in metres."""
+    array = np.array([[v.x, v.y, v.z] for v in vectors], dtype=np.float64).reshape(-1, 3)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return array
 
 
 def contact_travel_directions(poses: Sequence[Pose], what: str = "contacts") -> np.ndarray:

@@ -69,13 +69,26 @@ ENGINE_OVERRUN_GRACE_S = 0.02
 # both alike, so while the response is built its transport estimate grows by how much slower than
 # RESPONSE_CONVERT_IDLE_S (an idle process here: 25-40 us) the conversion runs: a fixed estimate let one
 # 592-sample answer of 20,000 fuzzed requests reach its client 0.15 s late (0.25 s to carry it).
+# The time kept is that same estimate at the busy conversion speed RESPONSE_CONVERT_PER_SAMPLE_S
+# (~1 ms a sample): with the idle transport estimate kept instead, an engine that used its whole time
+# left a 1000-sample answer 784 samples.
 RESPONSE_BASE_S = 0.01
 RESPONSE_CONVERT_PER_SAMPLE_S = 2e-4
 RESPONSE_CONVERT_IDLE_S = 4e-5
 RESPONSE_TRANSPORT_PER_SAMPLE_S = 1.5e-4
 RESPONSE_MAX_SHARE = 0.5
 RESPONSE_CHUNK = 16  # samples converted between two looks at the clock
+# A request with a checkpoint (the InferShape action's cancel) is looked at this often while it waits for
+# the engine's turn or answer: a cancel must not wait for the request ahead or the engine's deadline.
+CHECKPOINT_PERIOD_S = 0.05
 INTAKE_START_WAIT_S = 20.0
+
+
+def response_transport_s_per_sample(convert_s_per_sample: float) -> float:
+    """Estimated seconds to carry one sample to the client when converting one takes `convert_s_per_sample`."""
+    return RESPONSE_TRANSPORT_PER_SAMPLE_S * max(1.0, convert_s_per_sample / RESPONSE_CONVERT_IDLE_S)
+
+
 # GetIKBatch: per goal, what a batch costs outside the engine on the 2-core CPU (10k goals: the request's
 # deserialization before the callback 0.26 s, building the response 0.1 s, its serialization 0.06 s and
 # the client's deserialization 0.34 s), kept from the engine's share of timeout_s.
@@ -133,17 +146,20 @@ class EngineSlot:
         return True
 
     def run(self, deadline: float, work: Callable[[Any, float], Any],
-            track: Callable[[], AbstractContextManager] = nullcontext) -> Any:
+            track: Callable[[], AbstractContextManager] = nullcontext, checkpoint: Callable[[], None] | None = None) -> Any:
         """work(engine, seconds left before `deadline` (time.monotonic())) for one request, answered by
         deadline + ENGINE_OVERRUN_GRACE_S whatever the engine does.
 
         Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead. The
         work runs in a thread of its own (inside `track`), which holds the turn until it ends: if it
         overruns the deadline, the request is answered TIMED_OUT at once and its result is dropped.
+        `checkpoint()`, when given, runs every CHECKPOINT_PERIOD_S while the request waits for its turn
+        or for the work: an exception it raises (a cancel) ends the wait at once and propagates; the work
+        is to stop at its own next checkpoint, which frees the turn.
         """
         engine = self.get()
         waiting_since = time.monotonic()
-        if not self._turn.acquire(timeout=max(0.0, deadline - waiting_since)):
+        if not self._wait_for_turn(deadline, checkpoint):
             raise RequestRefused(
                 f"timed out after waiting {time.monotonic() - waiting_since:.3f} s for the {self.name} engine, "
                 f"busy with other requests", "TIMED_OUT")
@@ -165,7 +181,7 @@ class EngineSlot:
                 done.set()
 
         threading.Thread(target=serve, name=f"{self.name}-request", daemon=True).start()
-        if not done.wait(max(0.0, deadline + ENGINE_OVERRUN_GRACE_S - time.monotonic())):
+        if not self._wait_for(done, deadline + ENGINE_OVERRUN_GRACE_S, checkpoint):
             self._logger.warning(
                 f"{self.name} engine overran a request's deadline by more than {ENGINE_OVERRUN_GRACE_S} s; "
                 f"answered TIMED_OUT, the engine's result will be dropped", throttle_duration_sec=WARNING_PERIOD_S)
@@ -174,6 +190,31 @@ class EngineSlot:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
+    def _wait_for_turn(self, deadline: float, checkpoint: Callable[[], None] | None) -> bool:
+        """Whether this request got the engine's turn before `deadline`; checkpoint() between looks."""
+        if checkpoint is None:  # one wait: the lock's own order among waiters, as always for GetIK
+            return self._turn.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        while True:
+            checkpoint()
+            left_s = deadline - time.monotonic()
+            if self._turn.acquire(timeout=max(0.0, min(CHECKPOINT_PERIOD_S, left_s))):
+                return True
+            if left_s <= CHECKPOINT_PERIOD_S:
+                return False
+
+    @staticmethod
+    def _wait_for(done: threading.Event, until: float, checkpoint: Callable[[], None] | None) -> bool:
+        """Whether `done` was set before `until` (time.monotonic()); checkpoint() between looks."""
+        if checkpoint is None:
+            return done.wait(max(0.0, until - time.monotonic()))
+        while True:
+            checkpoint()
+            left_s = until - time.monotonic()
+            if done.wait(max(0.0, min(CHECKPOINT_PERIOD_S, left_s))):
+                return True
+            if left_s <= CHECKPOINT_PERIOD_S:
+                return False
 
 
 def resolve_device(name: str) -> str:
@@ -578,6 +619,7 @@ class MaceNode(Node):
     def _serve_infer_shape(
         self, request: InferShape.Request, response: InferShape.Response, started: float,
         on_iteration: Callable[[int, Any], None] | None = None,  # the action's feedback and cancel (shape_action.py)
+        checkpoint: Callable[[], None] | None = None,  # the action's cancel, in every other stage and while waiting
     ) -> InferShape.Response:
         defaults = RequestDefaults(
             num_samples=self.get_parameter("shape.num_samples").value,
@@ -598,11 +640,12 @@ class MaceNode(Node):
             def infer(engine: Any, remaining_s: float) -> Any:
                 # Time kept for the response (samples to PointCloud2s, publishing, sending); the engine's
                 # timeout stays > 0, which it would read as "the default".
-                per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S
+                per_sample_s = RESPONSE_CONVERT_PER_SAMPLE_S + response_transport_s_per_sample(RESPONSE_CONVERT_PER_SAMPLE_S)
                 reserve_s = min(RESPONSE_MAX_SHARE * remaining_s, RESPONSE_BASE_S + per_sample_s * arguments["num_samples"])
-                return engine.infer(ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration)
+                return engine.infer(
+                    ShapeRequest(**{**arguments, "timeout_s": max(remaining_s - reserve_s, 1e-6)}), on_iteration, checkpoint)
 
-            result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight)
+            result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight, checkpoint)
             self._fill_shape_response(
                 response, result, request.header.frame_id, to_base.inverse(), started + arguments["timeout_s"])
         except RequestRefused as error:
@@ -623,15 +666,11 @@ class MaceNode(Node):
         """Samples go back in the request's frame; ~/shape_samples shows them in the base frame.
 
         The best samples first, as many as can still reach the client by `deadline` (time.monotonic()),
-        the first one always; the message says when some were left out."""
+        the first one always; the message says when some were left out, and the aggregates (mean_score,
+        diversity) are those of the samples returned."""
         samples = np.asarray(result.samples, dtype=np.float64)
         samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
         request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
-        response.success = bool(result.success)
-        timed_out = getattr(result, "failure_kind", "") == "timeout"
-        response.error_code = getattr(
-            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
-        response.message = result.message
         clouds = []
         if samples.shape[0]:
             in_request_frame = to_request.apply(samples.reshape(-1, 3)).reshape(samples.shape)
@@ -641,14 +680,19 @@ class MaceNode(Node):
                     first_converted_at = time.monotonic()
                 elif len(clouds) % RESPONSE_CHUNK == 0:
                     now = time.monotonic()
-                    slowdown = max(1.0, (now - first_converted_at) / len(clouds) / RESPONSE_CONVERT_IDLE_S)
-                    if now + RESPONSE_BASE_S + RESPONSE_TRANSPORT_PER_SAMPLE_S * slowdown * (len(clouds) + RESPONSE_CHUNK) > deadline:
-                        response.message += f"; {len(clouds)} of {samples.shape[0]} samples returned (timeout)"
+                    transport_s = response_transport_s_per_sample((now - first_converted_at) / len(clouds))
+                    if now + RESPONSE_BASE_S + transport_s * (len(clouds) + RESPONSE_CHUNK) > deadline:
                         break
                 clouds.append(cloud)
+            result = result.first(len(clouds))  # the aggregates and message of what is returned
+        response.success = bool(result.success)
+        timed_out = getattr(result, "failure_kind", "") == "timeout"
+        response.error_code = getattr(
+            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
+        response.message = result.message
         samples = samples[:len(clouds)]
         response.samples = clouds
-        response.scores = [float(v) for v in result.scores[:len(clouds)]]
+        response.scores = [float(v) for v in result.scores]
         response.mean_score = float(result.mean_score)
         response.diversity = float(result.diversity)
         response.tuning_iterations_done = int(result.tuning_iterations_done)

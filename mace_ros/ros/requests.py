@@ -134,7 +134,9 @@ def _seed_state(state: Any, names: RobotNames) -> np.ndarray | None:
     return np.clip(positions, lower, upper)
 
 
-def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> None:
+def _check_near_origin(
+    points: np.ndarray, origin: np.ndarray, what: str, hint: str = "give only the object's points, in the header's frame",
+) -> None:
     """InvalidRequest unless every point [k, 3] lies within MAX_OBJECT_RADIUS_M of the object origin."""
     if points.shape[0] == 0:
         return
@@ -143,7 +145,7 @@ def _check_near_origin(points: np.ndarray, origin: np.ndarray, what: str) -> Non
     if distances[farthest] > MAX_OBJECT_RADIUS_M:
         raise InvalidRequest(
             f"{what}: {int((distances > MAX_OBJECT_RADIUS_M).sum())} lie farther than {MAX_OBJECT_RADIUS_M} m from "
-            f"object_origin (the farthest, {distances[farthest]:.3g} m); give only the object's points, in the header's frame")
+            f"object_origin (the farthest, {distances[farthest]:.3g} m); {hint}")
 
 
 def _goal_in_base(goal: Any, position_only: bool, frames: FrameTable, what: str = "goal") -> tuple[np.ndarray, np.ndarray | None]:
@@ -241,9 +243,11 @@ def shape_request_arguments(
     frame_id = request.header.frame_id
     to_base = _to_base(frames, frame_id, "header")
     cloud_frame = request.partial_cloud.header.frame_id
-    if cloud_frame and cloud_frame != frame_id:
+    request_frame = frame_id or frames.base_frame  # an empty frame_id is the base frame, on either header
+    if cloud_frame and cloud_frame != request_frame:
         raise InvalidRequest(
-            f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'", "FRAME_TRANSFORM_FAILURE")
+            f"partial_cloud is in frame '{cloud_frame}' but the request header says '{frame_id}'"
+            + ("" if frame_id else f" (the base frame, {frames.base_frame})"), "FRAME_TRANSFORM_FAILURE")
     try:
         contacts = conversions.points_to_array(request.contacts, "contacts")
         directions = conversions.vectors_to_array(getattr(request, "contact_directions", []), "contact_directions")
@@ -275,9 +279,15 @@ def shape_request_arguments(
 
     if contacts.shape[0] > 0:
         contacts = to_base.apply(contacts)
-        directions = directions @ to_base.rotation.T if directions.shape[0] else None
+        # Any length: each scaled to its largest component first, so that rotating a huge one cannot overflow.
+        largest = np.abs(directions).max(axis=1, keepdims=True) if directions.shape[0] else None
+        directions = (np.divide(directions, largest, out=np.zeros_like(directions), where=largest > 0) @ to_base.rotation.T
+                      if directions.shape[0] else None)
     else:
         contacts, directions = latest_contacts, latest_directions
+        if contacts is not None:  # they stand for the request's own contacts: checked as those are
+            _check_near_origin(contacts, to_base.apply(origin), "contacts from ~/contacts",
+                               "publish only the object's contacts, or clear them with an empty PoseArray")
     if contacts is None and cloud is None:
         raise InvalidRequest("no observation: give contacts or a partial_cloud, or publish contacts on ~/contacts")
     arguments = {

@@ -6,9 +6,11 @@ deadline (timeout_s from the goal's start), the engine's turn and the response a
 What the action adds:
 - feedback after MACE iterations, at most every FEEDBACK_PERIOD_S (each one reads the scores back
   from the engine's device, so not after every iteration);
-- cancel: accepted at any time; the engine stops after its current iteration (the per-iteration
-  callback raises InferenceCanceled) and the goal ends CANCELED with error_code CANCELED and no
-  samples. A goal whose inference finished before the cancel took effect ends as it finished.
+- cancel: accepted at any time and honoured within ~0.1 s in every phase: while the goal waits for the
+  engine behind other requests, while MACE tunes (after the current iteration), during the final
+  sampling, selection and diversity (between chunks), without tuning; `Progress.check` raises
+  InferenceCanceled there. The goal ends CANCELED with error_code CANCELED and no samples. A goal
+  whose inference finished before the cancel took effect ends as it finished.
 The goal ends SUCCEEDED when the result's `success` is true, ABORTED otherwise (the result's
 error_code and message say why, as the service's would).
 """
@@ -60,10 +62,14 @@ class Progress:
         self._best: torch.Tensor | None = None
         self._last_feedback = float("-inf")
 
-    def __call__(self, iteration: int, scores: torch.Tensor) -> None:
+    def check(self) -> None:
+        """Raise InferenceCanceled once the goal is canceled (the engine's and the wait's checkpoint)."""
         # Ended too: a goal answered TIMED_OUT while its engine overran frees the engine sooner.
         if self.goal_handle.is_cancel_requested or not self.goal_handle.is_active:
             raise InferenceCanceled()
+
+    def __call__(self, iteration: int, scores: torch.Tensor) -> None:
+        self.check()
         self.iterations = iteration + 1
         batch_best = scores.max()  # stays on the device until feedback is due
         self._best = batch_best if self._best is None else self._best.maximum(batch_best)
@@ -94,9 +100,9 @@ class ShapeActionServer:
         result = InferShapeAction.Result()
         with self.node._in_flight():
             try:
-                if goal_handle.is_cancel_requested:  # canceled before it started
-                    raise InferenceCanceled()
-                copy_fields(self.node._serve_infer_shape(request, InferShape.Response(), started, progress), result)
+                progress.check()  # canceled before it started
+                copy_fields(
+                    self.node._serve_infer_shape(request, InferShape.Response(), started, progress, progress.check), result)
             except InferenceCanceled:
                 result.success = False
                 result.error_code = InferShapeAction.Result.CANCELED

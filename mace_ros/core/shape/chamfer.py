@@ -15,6 +15,7 @@ plain differences: exact, differentiable (the Chamfer loss of VAE training), O(B
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -144,6 +145,7 @@ SELECTION_CHUNK = 512  # candidates per distance computation: 512 x 64 x 64 floa
 
 def diverse_selection(
     samples: torch.Tensor, scores: torch.Tensor, count: int, diversity_weight: float, deadline_at: float | None = None,
+    checkpoint: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Indices of `count` of `samples` [M, N, 3], chosen greedily by score plus diversity (maximal
     marginal relevance): first the best-scoring one, then each time the candidate maximising
@@ -153,7 +155,8 @@ def diverse_selection(
     Near-copies of a chosen shape gain nothing, so among shapes consistent with an observation the
     set spreads over the different ones instead of the most frequent. Distances use
     SELECTION_DISTANCE_POINTS points of each cloud. Once `deadline_at` (time.monotonic()) passes, the
-    rest is filled by score.
+    rest is filled by score. `checkpoint()` runs between chunks of distances; an exception it raises
+    (e.g. a cancel) propagates.
     """
     count = min(count, samples.shape[0])
     by_score = torch.argsort(scores, descending=True)
@@ -180,6 +183,8 @@ def diverse_selection(
             for chunk in clouds.split(SELECTION_CHUNK):
                 if deadline_at is not None and time.monotonic() >= deadline_at:
                     return None
+                if checkpoint is not None:
+                    checkpoint()
                 squared = _squared_distances(clouds[index].expand_as(chunk), chunk).clamp_min(0.0)
                 parts.append(squared.amin(dim=2).mean(dim=1) + squared.amin(dim=1).mean(dim=1))
         return torch.cat(parts)
