@@ -1,7 +1,7 @@
 """The engines without ROS.
 
-    python -m mace_ros ik --scene box --goal 0.5 0.0 0.25 [--quaternion 0 1 0 0] [--num-solutions 4]
-    python -m mace_ros shape --contacts "0,0.04,0;0,-0.04,0" [--num-samples 16] [--output shapes.npz|shapes.ply]
+    python -m mace_ros ik --scene box --goal 0.5 0.0 0.25 [--quaternion W X Y Z] [--num-solutions 4]
+    python -m mace_ros [--num-samples 16] shape --contacts "0,0.04,0;0,-0.04,0" [--output shapes.npz|shapes.ply]
 """
 from __future__ import annotations
 

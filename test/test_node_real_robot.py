@@ -30,9 +30,11 @@ from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace_fr3"
 # An integer for the double ik.timeout_s crashed the node at start-up (InvalidParameterTypeException).
-# The shape engine's oversampling, configured (3 instead of the shipped 8), reaches requests too.
+# The shape engine's oversampling, configured (3 instead of the shipped 8), reaches requests too; so do
+# explicit finger directions (the Panda hand's, as the default set: the empty default is declared dynamically typed).
+FINGER_DIRECTIONS = [0.0, -1.0, 0.0, 0.0, 1.0, 0.0]
 ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5",
-             "-p", "shape.result_oversampling:=3"]
+             "-p", "shape.result_oversampling:=3", "-p", f"shape.finger_directions:={FINGER_DIRECTIONS}"]
 ENGINE_WAIT_S = 180.0
 FR3_JOINTS = [f"fr3_joint{i}" for i in range(1, 8)]
 CONTACTS = [Point(x=0.5, y=0.04, z=0.1), Point(x=0.5, y=-0.04, z=0.1)]  # a Panda hand's top-down grasp
@@ -68,6 +70,10 @@ def test_integer_for_a_double_parameter(fr3):
 
     value = timeout_parameter()
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 5.0)
+    future = parameters.get_parameters(["shape.finger_directions"])
+    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
+    value = future.result().values[0]
+    assert (value.type, list(value.double_array_value)) == (ParameterType.PARAMETER_DOUBLE_ARRAY, FINGER_DIRECTIONS)
     # At run time too (`ros2 param set /mace_fr3 ik.timeout_s 3`).
     future = parameters.set_parameters([Parameter("ik.timeout_s", Parameter.Type.INTEGER, 3)])
     client.executor.spin_until_future_complete(future, timeout_sec=10.0)

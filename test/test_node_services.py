@@ -309,3 +309,28 @@ def test_contact_directions_of_any_nonzero_length_are_directions(mace):
     unit = scores(1.0)
     for length in (1e5, 1e300, 1e-12):
         assert np.allclose(scores(length), unit, rtol=0.0, atol=1e-6), length
+
+
+def test_every_parameter_reads_back_in_one_get_parameters_call(mace):
+    """What `ros2 param dump /mace` asks: every listed parameter at once. An empty array default declared unset
+    (shape.finger_directions) made rclpy answer such a call with no values at all."""
+    from rcl_interfaces.msg import ParameterType
+    from rcl_interfaces.srv import GetParameters, ListParameters
+
+    def call(service_type, name: str, request):
+        client = mace.node.create_client(service_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=10.0)
+            future = client.call_async(request)
+            mace.executor.spin_until_future_complete(future, timeout_sec=10.0)
+            return future.result()
+        finally:
+            mace.node.destroy_client(client)
+
+    names = list(call(ListParameters, "/mace/list_parameters", ListParameters.Request()).result.names)
+    assert "shape.finger_directions" in names and len(names) > 50
+    values = call(GetParameters, "/mace/get_parameters", GetParameters.Request(names=names)).values
+    assert len(values) == len(names)
+    assert all(value.type != ParameterType.PARAMETER_NOT_SET for value in values)
+    finger_directions = values[names.index("shape.finger_directions")]  # [] (declared dynamically typed)
+    assert not finger_directions.double_array_value and not finger_directions.byte_array_value

@@ -322,7 +322,8 @@ class MaceNode(Node):
                             callback_group=services_group)
         self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
-        self.get_logger().info(f"serving {self.get_fully_qualified_name()}/get_ik and /infer_shape; engines loading")
+        self.get_logger().info(
+            f"serving {self.get_fully_qualified_name()}/get_ik, /get_ik_batch and /infer_shape (service and action); engines loading")
 
     # --- Engines --------------------------------------------------------------------------------
 

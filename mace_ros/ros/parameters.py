@@ -28,8 +28,10 @@ class ParameterSpec:
     min_value: float | None = None  # inclusive; ints become an IntegerRange, floats a FloatingPointRange
     max_value: float | None = None
     read_only: bool = True  # False: read at each request, so it may be changed at run time
-    # For an array whose default is empty: YAML's [] carries no element type, so the parameter is
-    # declared by this type alone, unset until overridden, and reads as [].
+    # For an array whose default is empty: YAML's [] carries no element type, and rclpy can declare neither an
+    # empty array of a given type nor, usefully, an unset parameter (one unset parameter empties every
+    # GetParameters answer that names it, e.g. `ros2 param dump`'s). Such a parameter is declared with the
+    # value [] and dynamic typing, so that an override of this type replaces it; the description names the type.
     array_type: Parameter.Type | None = None
 
 
@@ -253,8 +255,10 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
         if isinstance(value, float):
             doubles.append((name, _start_value_of_double(node, name, value), descriptor(name, value, spec)))
             continue
-        typed_value = spec.array_type if spec.array_type is not None and value == [] else value
-        declarations.append((name, typed_value, descriptor(name, value, spec)))
+        declared = descriptor(name, value, spec)
+        if spec.array_type is not None and value == []:
+            declared.dynamic_typing = True
+        declarations.append((name, value, declared))
     node.declare_parameters("", declarations)
     node.declare_parameters("", doubles, ignore_override=True)  # overrides already read, as doubles
     node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(node, parameters))
@@ -263,7 +267,4 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
 
 def section(node: Node, prefix: str) -> dict[str, Any]:
     """Current values of `prefix.*` as {key without prefix: value}, e.g. the engine config `ik`."""
-    return {
-        name: [] if parameter.type_ == Parameter.Type.NOT_SET else parameter.value  # an unset array_type one
-        for name, parameter in node.get_parameters_by_prefix(prefix).items()
-    }
+    return {name: parameter.value for name, parameter in node.get_parameters_by_prefix(prefix).items()}
