@@ -34,9 +34,11 @@ def single_torch_thread() -> Iterator[None]:
 def ros_isolation() -> dict[str, str]:
     """DDS traffic kept on this machine and on a domain of its own, so parallel runs don't meet.
 
-    Set in this process too: the client's rclpy context reads them when it initializes.
+    Set in this process too: the client's rclpy context reads them when it initializes. The domain comes from
+    the OS's randomness: the `random` module's state was the same in every run (some import seeds it), so every
+    run met the same domain, and the nodes of any run another one left behind.
     """
-    isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.randint(1, 101))}
+    isolation = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(random.SystemRandom().randint(1, 101))}
     os.environ.update(isolation)
     return isolation
 
@@ -50,7 +52,8 @@ def mace_node_arguments() -> list[str]:
 @contextmanager
 def running_node(arguments: list[str], isolation: dict[str, str], log_path: Path, node_name: str = "mace") -> Iterator:
     """(MaceClient, NodeProcess) of a freshly started installed node named `node_name`; on exit the node
-    must stop cleanly on SIGINT (a test may have stopped it already)."""
+    must stop cleanly on SIGINT (a test may have stopped it already). It is stopped however the `with` body
+    ends: a failing test must not leave a node serving its names to later runs."""
     try:
         from mace_ros.ros.client import MaceClient, NodeProcess, installed_executable
 
@@ -67,9 +70,11 @@ def running_node(arguments: list[str], isolation: dict[str, str], log_path: Path
             client.close()
             node.stop()
             pytest.fail(f"{error}; node log:\n{log_path.read_text()}")
-        yield client, node
-        client.close()
-        return_code = node.stop()
+        try:
+            yield client, node
+        finally:
+            client.close()
+            return_code = node.stop()
     assert return_code == 0, f"mace_node exited with {return_code} on SIGINT; log:\n{log_path.read_text()}"
 
 

@@ -343,7 +343,8 @@ def test_after_an_intake_restart_the_fast_checker_still_sees_every_sensor(ros_is
             cloud_topics(client, node_name) as (apply_cloud, publish_joints, _):
         publish_joints(READY)
         apply_cloud(camera_cloud(blob(GOAL), "", 64, 48), lambda p: np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
-        apply_cloud(camera_cloud(table(-0.01), "panda_link0"), lambda p: p.shape[0] >= 2000)
+        apply_cloud(camera_cloud(table(-0.01), "panda_link0"),
+                    lambda p: p.shape[0] >= 2000 and np.linalg.norm(p - GOAL, axis=1).min() < 0.01)
         response, _ = get_ik(client)
         assert not response.success, "the blob on the goal did not block it"
         os.kill(intake_process(process), signal.SIGKILL)
