@@ -378,6 +378,18 @@ class IKEngine:
                 fast_solved, exact_rejections, fast_free_rate = self._fast_stage(
                     starts, goal, scene, tensor_scene, request.num_solutions, work_deadline, answer_deadline)
                 solved = self._merged(solved, fast_solved)
+            if len(solved) == 0 and config["unobstructed_starts"] > 0 and work_deadline - time.monotonic() > config["min_round_s"]:
+                # A wider random restart before any tuning, within at most a minimum round: where the free
+                # configurations are a sliver (e.g. at the joint limits inside a lidded box) a few dozen starts
+                # miss it, and a tuning round's first batch of samples costs 0.2-0.4 s among obstacles here,
+                # while the same restarts solve such goals in tens of ms.
+                with _timed(stage_times_s, "fast"):
+                    with torch.no_grad():
+                        starts = self._unobstructed_starts(GoalConditionedPrior(source, features), generator, config["unobstructed_starts"])
+                    wide_deadline = min(work_deadline, time.monotonic() + config["min_round_s"])
+                    wide_solved, wide_rejections, _ = self._fast_stage(
+                        starts, goal, scene, tensor_scene, request.num_solutions, wide_deadline, answer_deadline)
+                    solved, exact_rejections = self._merged(solved, wide_solved), exact_rejections + wide_rejections
             if len(solved):
                 first_solved_s = time.monotonic() - started
                 work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
