@@ -529,3 +529,35 @@ def test_min_std_ratio_bounds_sigma_while_tuning(vae):
     mace_tune(prior, domain, preset, generator=torch.Generator().manual_seed(0), after_step=prior.project)
     ratio = torch.exp(prior.log_std.detach() - vae.prior_log_std)
     assert float(ratio.min()) >= 0.5 - 1e-6 and float(ratio.min()) < 0.51  # it did push against the bound
+
+
+def test_a_partial_clouds_stray_points_reward_no_shape_stretched_toward_them(engine):
+    """A depth camera's few stray points (here 2 % at 0.6 m): with each observed point's term capped
+    (partial_outlier_distance_m), the true shape outscores one stretched toward them; uncapped it did not."""
+    from mace_ros.core.shape.simulators import partial_cloud_score
+
+    rng = np.random.default_rng(0)
+    true_shape = object_cloud("box", 1)[:512]
+    seen = true_shape[true_shape[:, 0] > 0.0]  # one side, as a camera sees it
+    stray = rng.normal(size=(max(2, len(seen) // 50), 3))
+    observed = np.concatenate([seen, 0.6 * stray / np.linalg.norm(stray, axis=1, keepdims=True)])
+    stretched = true_shape.copy()
+    stretched[-len(stray):] = observed[-len(stray):]  # a few sample points reach the stray ones
+    clouds = torch.as_tensor(np.stack([true_shape, stretched]), dtype=torch.float64)
+    observed = torch.as_tensor(observed, dtype=torch.float64)
+    uncapped = partial_cloud_score(observed, clouds, 5000.0, 5)
+    capped = partial_cloud_score(observed, clouds, 5000.0, 5, max_distance_m=0.05)
+    assert uncapped[1] > uncapped[0]
+    assert capped[0] > capped[1]
+
+
+def test_a_dense_partial_cloud_is_scored_on_a_fixed_subset(engine):
+    """A dense cloud (4096 points here) costs its score in proportion: scored on max_scored_partial_points of
+    them, always the same ones, it leaves time for tuning."""
+    cloud = object_cloud("box", 2)
+    dense = np.concatenate([cloud, cloud + 1e-3])
+    observation = engine.validate(ShapeRequest(None, dense, np.zeros(3)))
+    first, second = engine.build_domain(observation), engine.build_domain(observation)
+    most = engine.config["max_scored_partial_points"]
+    assert first.observed_partial.shape[0] == most < len(dense)
+    assert torch.equal(first.observed_partial, second.observed_partial)

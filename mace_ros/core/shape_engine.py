@@ -63,6 +63,12 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   length_scale_m          grasp score length scale s: max(1 − mean error / s, 0)
   temperature_per_m2      partial-cloud score temperature τ: exp(−τ CD_k)
   knn_k                   k of the k-nearest Chamfer distance
+  partial_outlier_distance_m
+                          each observed point's term of that distance counts at most this far (m): a
+                          depth camera's stray points must not pull the shapes toward them
+  max_scored_partial_points
+                          a partial cloud is scored on at most this many of its points (a fixed random
+                          subset): a dense cloud's cost would otherwise leave no time for tuning
   min_partial_points      fewest points a partial cloud may have
   max_num_samples         largest num_samples a request may ask for
   diversity_max_samples   the diversity is measured over the first (best) this many samples (its
@@ -168,6 +174,8 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
     "knn_k": 5,
+    "partial_outlier_distance_m": 0.05,
+    "max_scored_partial_points": 1024,
     "min_partial_points": 10,
     "max_num_samples": 1000,
     "diversity_max_samples": 49,
@@ -449,9 +457,13 @@ class ShapeEngine:
                 )
             )
         if observation.partial_cloud is not None:
-            domains.append(
-                PartialCloudDomain(as_tensor(observation.partial_cloud), float(self.config["temperature_per_m2"]), int(self.config["knn_k"]))
-            )
+            partial = observation.partial_cloud
+            most = int(self.config["max_scored_partial_points"])
+            if partial.shape[0] > most:  # the same subset for the same cloud, whatever the request's seed
+                partial = partial[np.sort(np.random.default_rng(0).choice(partial.shape[0], most, replace=False))]
+            domains.append(PartialCloudDomain(
+                as_tensor(partial), float(self.config["temperature_per_m2"]), int(self.config["knn_k"]),
+                float(self.config["partial_outlier_distance_m"]) or None))
         return domains[0] if len(domains) == 1 else ProductDomain(domains)
 
     def tuning_preset(self, name: str, iterations: int) -> MacePreset:

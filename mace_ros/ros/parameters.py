@@ -164,6 +164,10 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.length_scale_m": ParameterSpec("Grasp score length scale s (m): max(1 - mean contact error / s, 0).", 1e-6, 10.0),
     "shape.temperature_per_m2": ParameterSpec("Partial-cloud score temperature: exp(-temperature * Chamfer).", 0.0, 1e9),
     "shape.knn_k": ParameterSpec("k of the k-nearest Chamfer distance of the partial-cloud score.", 1, 100),
+    "shape.partial_outlier_distance_m": ParameterSpec(
+        "Each observed partial-cloud point's term of that distance counts at most this far (m); 0 = uncapped.", 0.0, 10.0),
+    "shape.max_scored_partial_points": ParameterSpec(
+        "A partial cloud is scored on at most this many of its points (a fixed random subset).", 1, 10000000),
     "shape.min_partial_points": ParameterSpec("Fewest points a partial cloud may have.", 1, 1000000),
     "shape.max_num_samples": ParameterSpec("Largest num_samples an InferShape request may ask for.", 1, 1000),
     "shape.diversity_max_samples": ParameterSpec("The diversity is measured over this many best samples.", 1, 1000),

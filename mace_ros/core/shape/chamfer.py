@@ -92,6 +92,7 @@ def knn_chamfer(
     samples: torch.Tensor,
     k: int = 5,
     observed_mask: torch.Tensor | None = None,
+    max_distance_m: float | None = None,
 ) -> torch.Tensor:
     """The paper's k-nearest Chamfer distance CD_k of a partial observation to full samples -> [B].
 
@@ -107,6 +108,9 @@ def knn_chamfer(
     neighbours asks the sample's surface to be there with its usual density (the authors' public
     `chamfer_dist(..., k)` averages over the k nearest points the same way). Per-point means (not the
     authors' sums) keep a temperature meaningful whatever the number of observed points.
+
+    `max_distance_m` caps each observed point's term at its square: a sensor's stray points (a few at
+    0.6 m from the object) then cost every sample alike instead of rewarding samples stretched toward them.
     """
     _check_clouds("samples", samples)
     if not 1 <= k <= samples.shape[1]:
@@ -118,6 +122,8 @@ def knn_chamfer(
     observed = observed.expand(batch_size, -1, -1)
     neighbours = _knn_indices(observed, samples, k)  # [B, K, k]
     knn_means = (observed.unsqueeze(2) - _gather_points(samples, neighbours)).square().sum(-1).mean(dim=2)
+    if max_distance_m is not None:
+        knn_means = knn_means.clamp_max(max_distance_m ** 2)
     if observed_mask is None:
         return knn_means.mean(dim=1)
     weights = observed_mask.to(device=samples.device, dtype=samples.dtype).expand(batch_size, -1)

@@ -182,9 +182,11 @@ def partial_cloud_score(
     samples: torch.Tensor,
     temperature: float = DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
     k: int = 5,
+    max_distance_m: float | None = None,
 ) -> torch.Tensor:
-    """exp(−τ · CD_k(observed_partial [M, 3], samples [B, N, 3])) -> [B] in (0, 1]; τ in 1/m²."""
-    return torch.exp(-temperature * knn_chamfer(observed_partial, samples, k))
+    """exp(−τ · CD_k(observed_partial [M, 3], samples [B, N, 3])) -> [B] in (0, 1]; τ in 1/m²; each observed
+    point's term capped at max_distance_m² when given (see knn_chamfer)."""
+    return torch.exp(-temperature * knn_chamfer(observed_partial, samples, k, max_distance_m=max_distance_m))
 
 
 class GraspDomain:
@@ -245,12 +247,14 @@ class PartialCloudDomain:
         observed_partial: torch.Tensor,
         temperature: float = DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
         k: int = 5,
+        max_distance_m: float | None = None,
     ):
         if observed_partial.dim() != 2 or observed_partial.shape[1] != 3 or observed_partial.shape[0] == 0:
             raise ValueError(f"expected a non-empty observed partial cloud [M, 3], got {tuple(observed_partial.shape)}")
         self.observed_partial = observed_partial
         self.temperature = temperature
         self.k = k
+        self.max_distance_m = max_distance_m
 
     def score(self, clouds: torch.Tensor) -> torch.Tensor:
-        return partial_cloud_score(self.observed_partial, clouds, self.temperature, self.k)
+        return partial_cloud_score(self.observed_partial, clouds, self.temperature, self.k, self.max_distance_m)
