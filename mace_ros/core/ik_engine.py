@@ -571,10 +571,9 @@ class IKEngine:
         start, started = 0, time.monotonic()
         block, seconds_per_row = NARROW_CHECK_FIRST_BLOCK[kind], self._seconds_per_checked_row
         while start < q.shape[0] and time.monotonic() < deadline_at:
-            if seconds_per_row is not None:
-                now = time.monotonic()
-                block = int(min(max((deadline_at - now) / seconds_per_row, NARROW_CHECK_MIN_BLOCK[kind]), NARROW_CHECK_MAX_BLOCK[kind],
-                                block if start == 0 else NARROW_CHECK_MAX_BLOCK[kind]))
+            if seconds_per_row is not None:  # what fits the time left, at most the first or the largest block
+                largest = NARROW_CHECK_FIRST_BLOCK[kind] if start == 0 else NARROW_CHECK_MAX_BLOCK[kind]
+                block = int(min(max((deadline_at - time.monotonic()) / seconds_per_row, NARROW_CHECK_MIN_BLOCK[kind]), largest))
             free[start:start + block] = ~self.checker.check(q[start:start + block].to(self.dtype), tensor_scene).in_collision
             start += block
             seconds_per_row = max(time.monotonic() - started, 1e-6) / start
