@@ -41,3 +41,34 @@ def test_the_early_stop_counts_only_rows_that_pass_the_acceptance(monkeypatch, p
     assert torch.equal(accepted.accept_checked & ~accepted.converged, torch.zeros_like(accepted.converged))
     assert torch.equal(accepted.accept_passed, accepted.accept_checked & (accepted.q[:, 0] < 0.0))
     assert sum(asked) == int(accepted.accept_checked.sum())  # each converged row asked about once
+
+
+@pytest.mark.parametrize("path", ["compacted", "masked"])
+def test_an_acceptance_that_keeps_refusing_lets_the_lm_run_on(monkeypatch, path):
+    """Once `accept` has refused its checks' rows, the count no longer stops the LM: it runs to its cap, as
+    without an early stop. Where free solutions are a sliver (inside a lidded box, under a board) the starts
+    that reach them converge late, at the joint limits, and stopping a few iterations after the first
+    (colliding) ones had converged left those goals unsolved (bench/ik_hard_goals.py)."""
+    if path == "masked":
+        monkeypatch.setattr(refinement, "LM_GRAPH_DEVICE_TYPES", ("cpu", "cuda"))
+    kinematics = refinement.float64_kinematics(torch.device("cpu"))
+    generator = torch.Generator().manual_seed(7)
+    target = torch.tensor([[0.6, 0.3, 0.0, -1.8, 0.0, 2.0, 0.8]], dtype=torch.float64)
+    position, rotation = kinematics.forward(target, "panda_hand")
+    goal = IKGoal(position[0], rotation[0], "panda_hand")
+    near = target + 0.01 * torch.randn(8, 7, generator=generator, dtype=torch.float64)
+    starts = torch.cat([near, kinematics.random_configurations(120, generator)])
+    asked: list[int] = []
+
+    def refuse_all(q: torch.Tensor) -> torch.Tensor:
+        asked.append(q.shape[0])
+        return torch.zeros(q.shape[0], dtype=torch.bool)
+
+    lock = refinement._LM_GRAPHS_LOCK if path == "compacted" else contextlib.nullcontext()
+    with lock:
+        uncapped = refinement.refine_candidates(starts, goal, None, None, max_iterations=40)
+        refused = refinement.refine_candidates(starts, goal, None, None, max_iterations=40, enough_solved=4,
+                                               accept=refuse_all, min_accepted=1)
+    assert int(uncapped.converged.sum()) > int(uncapped.converged[:8].sum())  # some random starts converge late
+    assert torch.equal(refused.converged, uncapped.converged)
+    assert len(asked) == refinement._SolvedCount.MAX_CHECKS  # the checks stay bounded
