@@ -8,6 +8,8 @@ reports how far each answer came before (negative) or after (positive) its timeo
 
 `--region behind-low` draws the goals behind the robot and near the floor instead, where the arm folds onto
 itself and the self-collision narrow phase does most of the checking; `--timeouts` sets the timeouts drawn.
+`--cloud SPACING_M` gives the engine the scene's surfaces as a point cloud of that spacing instead of its
+primitives (bench/ik_random_scenes.py's surface_cloud; needs trimesh), where each exact check costs more.
 """
 from __future__ import annotations
 
@@ -38,11 +40,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--region", choices=sorted(GOAL_REGIONS), default="front", help="where goals are drawn")
     parser.add_argument("--timeouts", type=float, nargs="+", default=[0.05, 0.1, 0.3])
+    parser.add_argument("--cloud", type=float, default=None, metavar="SPACING_M", help="the scene as a surface cloud")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/ik_clutter_deadlines.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
     scene = Scene.load_yaml(scene_path("box")).with_clutter(args.clutter, seed=args.seed)
+    if args.cloud is not None:
+        from bench.ik_random_scenes import surface_cloud  # trimesh, only for this
+        scene = Scene(points=surface_cloud(scene, args.cloud, rng))
     engine = IKEngine()
     engine.solve(IKRequest(np.array([0.5, 0.0, 0.4]), np.array([0.0, 1.0, 0.0, 0.0]), "panda_hand", 1, 256, -1, 2.0), scene)  # warm
     rows = []
@@ -60,10 +66,11 @@ def main() -> None:
                "late": int((over > 0).sum()), "success": sum(row["success"] for row in rows)}
     result = {
         "command": "PYTHONPATH=. python bench/ik_clutter_deadlines.py " + " ".join(
-            f"--{key} {value}" for key, value in vars(args).items() if key != "out"),
+            f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+            for key, value in vars(args).items() if key != "out" and value is not None),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "summary": summary, "requests": rows,
+        "points": 0 if scene.points is None else len(scene.points), "summary": summary, "requests": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -3,6 +3,7 @@ answers with distinct solution modes that the exact meshes accept."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -81,6 +82,37 @@ def test_tiny_timeouts_hold_among_hundreds_of_markers(engine):
         timeout_s = (0.05, 0.1, 0.3)[index % 3]
         result = engine.solve(request(goal, DOWN, timeout_s=timeout_s, num_samples=256), scene)
         assert result.elapsed_s <= timeout_s + LATENESS_S, (timeout_s, result.elapsed_s, result.stage_times_s)
+
+
+def test_timeouts_hold_where_each_exact_check_is_slow(engine):
+    """A floor seen as a 1 cm cloud 4.4 m across (190k points), where each check costs more: failing requests
+    check their best efforts last, and exact checks in blocks of 4 (then ~30 ms a configuration on a CPU)
+    started just before the deadline answered 0.1 s late. A block now holds what the measured rate fits."""
+    side = np.arange(-2.2, 2.2, 0.01)
+    x, y = np.meshgrid(side, side)
+    scene = Scene(points=np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], axis=1))
+    engine.solve(request((0.5, 0.0, 0.4), DOWN, timeout_s=0.3), scene)  # the scene's field and exact body, once
+    for index in range(8):
+        timeout_s = (0.3, 0.5)[index % 2]
+        # The hand pointing down 3 cm above the floor: the fingers would go through it.
+        result = engine.solve(request((0.4 + 0.03 * index, 0.0, 0.03), DOWN, timeout_s=timeout_s), scene)
+        assert not result.success
+        assert result.elapsed_s <= timeout_s + LATENESS_S, (timeout_s, result.elapsed_s, result.stage_times_s)
+
+
+def test_exact_check_blocks_hold_what_the_measured_rate_fits(engine):
+    """Each block of the exact check is cut to what its rate measured in this scene fits before the
+    deadline: one row where no rate was measured in the scene, none once not even one row fits."""
+    scene, other = Scene(), Scene()
+    order = torch.arange(10)
+    engine._exact_rate = (scene, 0.04)
+    sizes = [block.numel() for block in engine._exact_blocks(order, scene, 4, time.monotonic() + 0.11)]
+    assert sizes == [2, 2, 2, 2, 2]
+    assert [block.numel() for block in engine._exact_blocks(order, scene, 4, time.monotonic() + 1.0)] == [4, 4, 2]
+    assert [block.numel() for block in engine._exact_blocks(order, scene, 4, time.monotonic() + 0.03)] == []
+    assert next(iter(engine._exact_blocks(order, other, 4, time.monotonic() + 1.0))).numel() == 1
+    engine._exactly_free(torch.zeros(3, 7), other)  # measures the rate in `other`
+    assert engine._exact_rate[0] is other and engine._exact_rate[1] > 0.0
 
 
 def test_the_answer_covers_distinct_solution_modes(engine):

@@ -41,7 +41,10 @@ FAILURE_KINDS = ("", "collision", "unreachable", "joint_limits", "timeout")
 # Diagnosis of a failing goal: an obstacle-free LM from a few goal-conditioned prior samples, for a
 # few iterations (unobstructed, it converges in about five), so that even an unreachable goal costs
 # at most DIAGNOSIS_RESERVE_S on a CPU; rounds leave that much (at most a fifth of the timeout) for it.
-# Solved configurations go to the exact check in blocks of this many, until a round has enough.
+# Solved configurations go to the exact check in blocks of this many, until a round has enough. A block
+# is cut to what the exact check's measured rate in the scene fits before the deadline (one row before a
+# rate is known): among a 200k-point cloud one configuration takes ~30 ms, and blocks of 4 started just
+# before the deadline answered 0.1 s late.
 EXACT_CHECK_BLOCK = 4
 # Goal-reaching configurations of the obstacle-ignoring LM are collision-checked in blocks with the clock
 # read between blocks: the narrow phase takes up to ~2 ms each deep in primitives on a CPU, ~4 ms among a
@@ -213,6 +216,8 @@ class IKEngine:
         # The fast check's latest measured cost per configuration (s), which sizes the first block of the next
         # (see _free_in_time); None until one has run.
         self._seconds_per_checked_row: float | None = None
+        # The exact check's latest measured cost per configuration (s) and the scene it was measured in.
+        self._exact_rate: tuple[Scene, float] | None = None
         # The model a request tunes, allocated once (a deep copy per request cost ~7-14 ms).
         self._tuning_model_copy = copy.deepcopy(self.prior)
         self._tuning_model_turn = threading.Lock()
@@ -243,7 +248,27 @@ class IKEngine:
         if self.exact_checker is None or q.shape[0] == 0:
             return torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
         with self._exact_lock:
-            return ~self.exact_checker.check(q, scene).in_collision.to(q.device)
+            started = time.monotonic()
+            free = ~self.exact_checker.check(q, scene).in_collision.to(q.device)
+            self._exact_rate = (scene, (time.monotonic() - started) / q.shape[0])
+            return free
+
+    def _exact_blocks(self, order: torch.Tensor, scene: Scene, block_size: int, deadline_at: float) -> Iterator[torch.Tensor]:
+        """Consecutive blocks of `order` for the exact check, of at most `block_size`, each cut to what the
+        check's rate measured in `scene` fits before `deadline_at` (one row before a rate is known there);
+        ends where not even one row fits: a check started anyway would only make the answer late."""
+        position = 0
+        while position < order.numel():
+            size = min(block_size, order.numel() - position)
+            if self.exact_checker is not None:
+                time_left, measured = deadline_at - time.monotonic(), self._exact_rate
+                if time_left <= 0.0:
+                    return
+                size = min(size, 1 if measured is None or measured[0] is not scene else int(time_left / max(measured[1], 1e-9)))
+                if size == 0:
+                    return
+            yield order[position:position + size]
+            position += size
 
     def _tensor_scene(self, scene: Scene) -> TensorScene:
         """The scene as tensors, rebuilt only for a new Scene object (a cloud's distance field is costly)."""
@@ -524,7 +549,7 @@ class IKEngine:
         unsolved = torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
         unsolved[reached[reached < candidates.shape[0]]] = False
         still_needed = None if enough_solved is None else enough_solved - len(solved)
-        if bool(unsolved.any()) and (still_needed is None or still_needed > 0):
+        if bool(unsolved.any()) and (still_needed is None or still_needed > 0) and time.monotonic() < deadline_at:
             refined: RefineResult = refine_candidates(
                 candidates[unsolved], goal, self.checker, tensor_scene, max_iterations=max_iterations,
                 enough_solved=still_needed, deadline_at=deadline_at, **tolerances,
@@ -573,7 +598,10 @@ class IKEngine:
         while start < q.shape[0] and time.monotonic() < deadline_at:
             if seconds_per_row is not None:  # what fits the time left, at most the first or the largest block
                 largest = NARROW_CHECK_FIRST_BLOCK[kind] if start == 0 else NARROW_CHECK_MAX_BLOCK[kind]
-                block = int(min(max((deadline_at - time.monotonic()) / seconds_per_row, NARROW_CHECK_MIN_BLOCK[kind]), largest))
+                fits = (deadline_at - time.monotonic()) / seconds_per_row
+                if fits < 1.0:
+                    break  # not even one row: a block started anyway would only make the answer late
+                block = int(min(max(fits, NARROW_CHECK_MIN_BLOCK[kind]), largest))
             free[start:start + block] = ~self.checker.check(q[start:start + block].to(self.dtype), tensor_scene).in_collision
             start += block
             seconds_per_row = max(time.monotonic() - started, 1e-6) / start
@@ -600,8 +628,8 @@ class IKEngine:
         solutions farthest apart first, so that what it passes covers distinct modes."""
         accepted, rejected = [], 0
         spread = torch.tensor(farthest_point_selection(solved.q, [], list(range(len(solved))), 0.0, len(solved)), dtype=torch.long)
-        for block in spread.split(EXACT_CHECK_BLOCK):  # host indices: one read of the verdicts per block
-            if len(accepted) >= needed or time.monotonic() >= deadline_at:
+        for block in self._exact_blocks(spread, scene, EXACT_CHECK_BLOCK, deadline_at):  # host indices: one read of the verdicts per block
+            if len(accepted) >= needed:
                 break
             exactly_free = self._exactly_free(solved.q[block.to(self.device)], scene).cpu()
             accepted += block[exactly_free].tolist()
@@ -697,16 +725,17 @@ class IKEngine:
             first[1:] = goal_of[1:] != goal_of[:-1]
             trial, trial_goals = candidates[first], goal_of[first]
             passed = torch.zeros_like(trial, dtype=torch.bool)
-            for block in range(0, trial.numel(), BATCH_EXACT_CHECK_BLOCK):  # what the deadline leaves unchecked fails
-                if time.monotonic() >= deadline:
-                    break
-                passed[block:block + BATCH_EXACT_CHECK_BLOCK] = self._exactly_free(
-                    refined.q[trial[block:block + BATCH_EXACT_CHECK_BLOCK]], scene)
+            checked = 0
+            for block in self._exact_blocks(torch.arange(trial.numel(), device=trial.device), scene, BATCH_EXACT_CHECK_BLOCK, deadline):
+                passed[block] = self._exactly_free(refined.q[trial[block]], scene)  # what the deadline leaves unchecked fails
+                checked += block.numel()
             accepted, accepted_goals = trial[passed], trial_goals[passed]
             solutions.q[accepted_goals] = refined.q[accepted]
             solutions.position_error_m[accepted_goals] = refined.position_error_m[accepted]
             solutions.orientation_error_rad[accepted_goals] = refined.orientation_error_rad[accepted]
             solved[accepted_goals] = True
+            if checked < trial.numel():
+                return  # out of time
             remaining = ~first & ~solved[goal_of]
             candidates = candidates[remaining]
 
@@ -812,8 +841,8 @@ class IKEngine:
             # min_separation_rad apart (near-copies of the nearest would tell a planner nothing more).
             free: list[int] = []
             separation = self.config["min_separation_rad"]
-            for block in torch.argsort(best_efforts.cost()).split(EXACT_CHECK_BLOCK):
-                if len(free) >= count or time.monotonic() >= started + request.timeout_s:
+            for block in self._exact_blocks(torch.argsort(best_efforts.cost()), scene, EXACT_CHECK_BLOCK, started + request.timeout_s):
+                if len(free) >= count:
                     break
                 for index in block[self._exactly_free(best_efforts.q[block], scene)].tolist():
                     if len(free) < count and (not free or float(
