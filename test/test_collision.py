@@ -1,6 +1,7 @@
 """Torch collision checking (sphere broad phase, polytope narrow phase) against PyBullet's exact meshes and brute-force references."""
 import math
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,13 @@ from scipy.spatial import ConvexHull, cKDTree
 from mace_ros.core import collision
 from mace_ros.core.collision import (
     DISABLED_COLLISION_PAIRS,
+    POINT_GRID_CELL_M,
     WRIST_LINK,
     WRIST_TABLE_LINKS,
     WRIST_TABLE_PAIRS,
     LinkPolytopes,
     PointDistanceField,
+    PointGrid,
     RobotSphereModel,
     TorchCollisionChecker,
     box_signed_distance,
@@ -717,3 +720,20 @@ def test_pybullet_robot_without_visual_meshes_collides_as_with_them(monkeypatch)
     assert 0 < int(full.in_collision.sum()) < len(q)
     assert torch.equal(lean.self_collision, full.self_collision)
     assert torch.equal(lean.scene_collision, full.scene_collision)
+
+
+@pytest.mark.parametrize("count, spread_m", [(1, 0.0), (500, 0.3), (20000, 3.0), (2000, 1e7)])
+def test_the_cloud_grid_finds_exactly_the_points_within_reach(count, spread_m):
+    """The narrow phase's cloud cells give the same (centre, point) pairs as a distance from every centre to
+    every point: points on cell borders, far outside the cloud, reaches of several cells."""
+    generator = torch.Generator().manual_seed(count)
+    points = (torch.rand(count, 3, generator=generator, dtype=torch.float64) - 0.5) * spread_m
+    points[: count // 4] = (points[: count // 4] / POINT_GRID_CELL_M).round() * POINT_GRID_CELL_M  # on borders
+    grid = PointGrid(points)
+    centers = torch.cat([(torch.rand(300, 3, generator=generator, dtype=torch.float64) - 0.5) * spread_m * 1.5,
+                         points[:5], torch.tensor([[50.0, -50.0, 3.0]], dtype=torch.float64)])
+    reach = torch.rand(centers.shape[0], generator=generator, dtype=torch.float64) * 0.5
+    center, point = grid.near(centers, reach)
+    found = Counter(zip(center.tolist(), map(tuple, grid.points[point].tolist())))  # points may repeat
+    expected_center, expected_point = torch.nonzero(torch.cdist(centers, points) < reach[:, None], as_tuple=True)
+    assert found == Counter(zip(expected_center.tolist(), map(tuple, points[expected_point].tolist())))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ LINK_POLYTOPES_PATH = Path(__file__).resolve().parent / "data" / "panda_link_pol
 # phase pads by that margin plus a slack for float32 rounding of ~1 m coordinates.
 BULLET_HULL_MARGIN_M = 0.001
 NARROW_PHASE_SLACK_M = 0.0002
+# The narrow phase's cloud cells (m). Among a 1 cm cloud (200k points) 0.07 checked fastest of 0.035-0.2 on a
+# CPU: larger cells hold more points outside a link's ball (radius <= ~0.19 m), smaller ones cost more lookups.
+POINT_GRID_CELL_M = 0.07
+# Candidate points per query of the cloud's cells, roughly, in units of the checker's element budget: bounds
+# what is held at once (256 (link, configuration) pairs a query on a CPU).
+POINT_GRID_POINTS_PER_PAIR = 32768
 # Cylinders enter the narrow phase as circumscribed prisms, which reach at most r (1/cos(pi/sides) - 1)
 # beyond the true surface (2 % of the radius).
 CYLINDER_SIDES = 16
@@ -751,6 +758,48 @@ class PointDistanceField:
         return torch.where(inside, bound, torch.full_like(bound, self.truncation_m))
 
 
+class PointGrid:
+    """A cloud's points sorted into cubic cells, for the narrow phase: the points within a radius of many
+    centres at once come from the cells around each centre, not from a distance per (centre, point). Among a
+    floor seen 4.4 m across (200k points) the distances to every point took ~5 ms a configuration on a CPU."""
+
+    def __init__(self, points: torch.Tensor, cell_m: float = POINT_GRID_CELL_M):
+        self.origin = points.amin(0) if points.shape[0] else points.new_zeros(3)
+        # At most 2^20 cells per axis, so that a cell's key (one int64) cannot overflow however far points lie.
+        extent = float((points.amax(0) - self.origin).max()) if points.shape[0] else 0.0
+        self.cell_m = cell_m = max(cell_m, extent / 2**20)
+        cells = ((points - self.origin) / cell_m).floor().long()  # [N, 3], each >= 0
+        self.cells_per_axis = cells.amax(0) + 1 if points.shape[0] else cells.new_ones(3)
+        keys = self._keys(cells)
+        order = torch.argsort(keys)
+        self.points = points[order]  # [N, 3] cell by cell
+        self.cell_keys, self.cell_counts = torch.unique_consecutive(keys[order], return_counts=True)  # [C] ascending
+        self.cell_starts = torch.cumsum(self.cell_counts, 0) - self.cell_counts
+
+    def _keys(self, cells: torch.Tensor) -> torch.Tensor:
+        return (cells[..., 0] * self.cells_per_axis[1] + cells[..., 1]) * self.cells_per_axis[2] + cells[..., 2]
+
+    def near(self, centers: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centre, point): indices into centers [P, 3] and self.points of every pair within reach[p] of its centre."""
+        empty = torch.zeros(0, dtype=torch.long, device=centers.device)
+        if self.cell_keys.numel() == 0 or centers.shape[0] == 0:
+            return empty, empty
+        span = int(math.ceil(2.0 * float(reach.max()) / self.cell_m)) + 1  # cells per axis that a ball can touch
+        steps = torch.arange(span, device=centers.device)
+        offsets = torch.stack(torch.meshgrid(steps, steps, steps, indexing="ij"), -1).reshape(-1, 3)  # [S^3, 3]
+        cells = ((centers - reach[:, None] - self.origin) / self.cell_m).floor().long()[:, None] + offsets  # [P, S^3, 3]
+        valid = ((cells >= 0) & (cells < self.cells_per_axis)).all(-1)
+        keys = self._keys(cells)
+        found = torch.searchsorted(self.cell_keys, keys).clamp_max(self.cell_keys.numel() - 1)
+        valid &= self.cell_keys[found] == keys
+        counts = torch.where(valid, self.cell_counts[found], 0).flatten()  # points per (centre, cell)
+        center = torch.arange(centers.shape[0], device=centers.device).repeat_interleave(offsets.shape[0]).repeat_interleave(counts)
+        first = (self.cell_starts[found].flatten() - (torch.cumsum(counts, 0) - counts)).repeat_interleave(counts)
+        point = first + torch.arange(center.numel(), device=centers.device)
+        close = (self.points[point] - centers[center]).norm(dim=-1) < reach[center]
+        return center[close], point[close]
+
+
 @dataclass(frozen=True)
 class TensorScene:
     """A Scene as tensors on one device/dtype, ready for batched distance queries."""
@@ -765,7 +814,7 @@ class TensorScene:
     cylinder_radius: torch.Tensor  # [Kc]
     cylinder_half_height: torch.Tensor  # [Kc]
     point_field: PointDistanceField | None
-    points: torch.Tensor  # [P, 3] the cloud, for the narrow phase ([0, 3] without one)
+    point_grid: PointGrid  # the cloud, for the narrow phase (no points without one)
     box_polytopes: Polytopes  # [Kb] for the narrow phase
     cylinder_polytopes: Polytopes  # [Kc] circumscribed prisms
 
@@ -786,7 +835,8 @@ class TensorScene:
             cylinder_radius=tensor([c.radius for c in scene.cylinders], ()),
             cylinder_half_height=tensor([c.half_height for c in scene.cylinders], ()),
             point_field=None if scene.points is None else PointDistanceField.cached(scene.points, point_resolution_m, point_truncation_m, device, dtype),
-            points=torch.zeros((0, 3), dtype=dtype, device=device) if scene.points is None else torch.tensor(scene.points, dtype=dtype, device=device),
+            point_grid=PointGrid(torch.zeros((0, 3), dtype=dtype, device=device) if scene.points is None
+                                 else torch.tensor(scene.points, dtype=dtype, device=device)),
             box_polytopes=Polytopes.stack(
                 [_posed_polytope("box", np.asarray(b.half_extents), b.rotation, np.asarray(b.center)) for b in scene.boxes], device, dtype
             ),
@@ -1164,12 +1214,11 @@ class TorchCollisionChecker:
         plane_distance = (planes[..., :3] @ local[..., None])[..., 0] - planes[..., 3]
         return plane_distance.amax(-1) < radius + pad_m
 
-    def points_meet_links(self, q: torch.Tensor, points: torch.Tensor, pad_m: float) -> torch.Tensor:
-        """[B] whether any point [P, 3] (base frame) comes within pad_m of the hull of a link that collides with
-        the scene, at configurations q [B, 7]: a cloud against the links' exact collision hulls (see
-        `_links_meet_points`)."""
+    def points_meet_links(self, q: torch.Tensor, points: PointGrid, pad_m: float) -> torch.Tensor:
+        """[B] whether any point of the grid (base frame, on this checker's device and dtype) comes within pad_m
+        of the hull of a link that collides with the scene, at configurations q [B, 7]: a cloud against the
+        links' exact collision hulls (see `_links_meet_points`)."""
         q = q.to(device=self.device, dtype=self.dtype)
-        points = points.to(device=self.device, dtype=self.dtype)
         rows = self._scene_link_rows
         config = torch.arange(q.shape[0], device=self.device).repeat_interleave(rows.numel())
         hits = torch.zeros(q.shape[0], dtype=torch.bool, device=self.device)
@@ -1179,9 +1228,9 @@ class TorchCollisionChecker:
         return hits
 
     def _links_meet_points(
-        self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, points: torch.Tensor, pad_m: float
+        self, frames: torch.Tensor, config: torch.Tensor, rows: torch.Tensor, grid: PointGrid, pad_m: float
     ) -> torch.Tensor:
-        """[P] whether any cloud point [N, 3] comes within pad_m of the hull of link rows[p] at configuration config[p].
+        """[P] whether any cloud point comes within pad_m of the hull of link rows[p] at configuration config[p].
 
         A point within pad_m of a convex hull is within pad_m of every facet plane, so the test never
         misses a contact; beyond the hull's edges and vertices it reports up to pad_m x (sqrt(3) - 1)
@@ -1189,6 +1238,7 @@ class TorchCollisionChecker:
         inside one of its collision spheres (which contain the hull), meet the planes.
         """
         hits = torch.zeros(config.shape[0], dtype=torch.bool, device=self.device)
+        points = grid.points
         if config.numel() == 0 or points.shape[0] == 0:
             return hits
         planes = self.polytopes.hull.planes
@@ -1196,10 +1246,9 @@ class TorchCollisionChecker:
         rotation, translation = frame[:, :3, :3], frame[:, :3, 3]
         centers = (rotation @ self._hull_centers[rows][..., None])[..., 0] + translation  # [P, 3]
         reach = self._hull_radii[rows] + pad_m
-        step = max(1, self._max_elements // points.shape[0])
-        for start in range(0, config.shape[0], step):
-            pair, point = torch.nonzero(
-                torch.cdist(centers[start:start + step], points) < reach[start:start + step, None], as_tuple=True)
+        per_query = max(1, self._max_elements // POINT_GRID_POINTS_PER_PAIR)
+        for start in range(0, config.shape[0], per_query):
+            pair, point = grid.near(centers[start:start + per_query], reach[start:start + per_query])
             pair = pair + start
             for part in self._narrow_chunks(pair.numel(), self._row_sphere_radii.shape[1]):
                 near = pair[part]
@@ -1266,7 +1315,7 @@ class TorchCollisionChecker:
             scene_collision = torch.zeros_like(cloud_gap, dtype=torch.bool)
             link, config = torch.nonzero(cloud_undecided, as_tuple=True)
             if config.numel():
-                hits = self._links_meet_points(frames, config, self._scene_link_rows[link], tensor_scene.points, pad_m + self.cloud_point_radius_m)
+                hits = self._links_meet_points(frames, config, self._scene_link_rows[link], tensor_scene.point_grid, pad_m + self.cloud_point_radius_m)
                 scene_collision[config[hits]] = True
             link, obstacle, config = torch.nonzero(undecided, as_tuple=True)
             if config.numel():

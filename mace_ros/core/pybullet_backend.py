@@ -32,7 +32,8 @@ import pybullet_data
 import torch
 
 from mace_ros.core.collision import (
-    BULLET_HULL_MARGIN_M, SCENE_EXCLUDED_LINKS, CollisionResult, TorchCollisionChecker, checked_link_pairs)
+    BULLET_HULL_MARGIN_M, SCENE_EXCLUDED_LINKS, CollisionResult, PointDistanceField, PointGrid, TorchCollisionChecker,
+    checked_link_pairs)
 from mace_ros.core.kinematics import FINGER_OPENING_M, JOINT_NAMES
 from mace_ros.core.scene import Box, Cylinder, Scene, Sphere
 
@@ -89,6 +90,18 @@ class PyBulletCollisionChecker:
         self._compound_shapes: dict[tuple[int, ...], tuple[int, tuple]] = {}  # the scene body's: ids of the primitives -> shape
         # Clouds against the same hulls (see the module docstring), in float64 on the CPU.
         self._hull_checker = TorchCollisionChecker("cpu", torch.float64, collision_margin_m)
+        self._cloud: tuple[np.ndarray, tuple, PointGrid] | None = None  # the last cloud, its digest and its cells
+
+    def _point_grid(self, points: np.ndarray) -> PointGrid:
+        """The cloud's cells, kept while it stays the same (scenes are snapshots that may copy an unchanged cloud)."""
+        if self._cloud is not None and self._cloud[0] is points:
+            return self._cloud[2]
+        digest = PointDistanceField.points_digest(points)
+        if self._cloud is None or self._cloud[1] != digest:
+            self._cloud = (points, digest, PointGrid(torch.tensor(points, dtype=torch.float64)))
+        else:
+            self._cloud = (points, digest, self._cloud[2])
+        return self._cloud[2]
 
     def _load_robot(self) -> None:
         """The Panda in the (empty) client, its fingers at the kinematics' opening, and its link indices."""
@@ -210,7 +223,7 @@ class PyBulletCollisionChecker:
         scene_collision = np.zeros(len(configurations), dtype=bool)
         if scene.points is not None and len(configurations):
             scene_collision = self._hull_checker.points_meet_links(
-                torch.from_numpy(configurations), torch.tensor(scene.points),
+                torch.from_numpy(configurations), self._point_grid(scene.points),
                 self.collision_margin_m + BULLET_HULL_MARGIN_M + POINT_SPHERE_RADIUS_M + self.cloud_point_radius_m).numpy()
         for index, configuration in enumerate(configurations):
             self._set_configuration(configuration)
