@@ -59,9 +59,10 @@ LINK_POLYTOPES_PATH = Path(__file__).resolve().parent / "data" / "panda_link_pol
 # phase pads by that margin plus a slack for float32 rounding of ~1 m coordinates.
 BULLET_HULL_MARGIN_M = 0.001
 NARROW_PHASE_SLACK_M = 0.0002
-# The narrow phase's cloud cells (m). Among a 1 cm cloud (200k points) 0.07 checked fastest of 0.035-0.2 on a
-# CPU: larger cells hold more points outside a link's ball (radius <= ~0.19 m), smaller ones cost more lookups.
-POINT_GRID_CELL_M = 0.07
+# The narrow phase's cloud cells (m). Among a 1 cm cloud (200k points) cells of 0.07-0.14 m checked about equally
+# fast on a CPU, 0.035-0.05 and 0.2 slower: larger cells hold more points outside a link's ball (radius <= ~0.19 m),
+# smaller ones cost more lookups.
+POINT_GRID_CELL_M = 0.1
 # Candidate points per query of the cloud's cells, roughly, in units of the checker's element budget: bounds
 # what is held at once (256 (link, configuration) pairs a query on a CPU).
 POINT_GRID_POINTS_PER_PAIR = 32768
