@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mace_ros.core import refinement
+from mace_ros.core.collision import TorchCollisionChecker
 from mace_ros.core.ik_domain import IKGoal
+from mace_ros.core.scene import Scene
 
 
 @pytest.mark.parametrize("path", ["compacted", "masked"])
@@ -72,3 +74,24 @@ def test_an_acceptance_that_keeps_refusing_lets_the_lm_run_on(monkeypatch, path)
     assert int(uncapped.converged.sum()) > int(uncapped.converged[:8].sum())  # some random starts converge late
     assert torch.equal(refused.converged, uncapped.converged)
     assert len(asked) == refinement._SolvedCount.MAX_CHECKS  # the checks stay bounded
+
+
+def test_slide_clear_keeps_only_what_the_given_check_passes():
+    """`free` decides which slid configurations count (the engine passes a check that leaves rows unchecked,
+    False, at the deadline): refusing every row keeps none, though the sliding reached the goal."""
+    kinematics = refinement.float64_kinematics(torch.device("cpu"))
+    q = torch.tensor([[0.0, 0.3, 0.0, -1.8, 0.0, 2.1, 0.8]], dtype=torch.float64)
+    position, rotation = kinematics.forward(q, "panda_hand")
+    goal = IKGoal(position[0], rotation[0], "panda_hand")
+    checker = TorchCollisionChecker(dtype=torch.float64)
+    asked: list[int] = []
+
+    def refuse_all(rows: torch.Tensor) -> torch.Tensor:
+        asked.append(rows.shape[0])
+        return torch.zeros(rows.shape[0], dtype=torch.bool)
+
+    starts = q.repeat(4, 1)
+    kept = refinement.slide_clear(starts, goal, checker, Scene(), iterations=5)[0]
+    refused = refinement.slide_clear(starts, goal, checker, Scene(), iterations=5, free=refuse_all)[0]
+    assert kept.shape[0] == 4  # nothing to slide away from: all count as the checker calls them free
+    assert refused.shape[0] == 0 and sum(asked) == 4

@@ -544,7 +544,7 @@ class IKEngine:
         if colliding.numel() and len(solved) < (enough_solved or 1):
             solved = solved.cat(_Solutions(*slide_clear(
                 unobstructed.q[colliding], goal, self.checker, tensor_scene, iterations=config["slide_iterations"],
-                step_rad=config["slide_step_rad"], deadline_at=deadline_at, **tolerances)))
+                step_rad=config["slide_step_rad"], deadline_at=deadline_at, free=self._fast_free(tensor_scene, deadline_at), **tolerances)))
         efforts = _Solutions.empty(self.device)
         unsolved = torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
         unsolved[reached[reached < candidates.shape[0]]] = False

@@ -336,6 +336,7 @@ def slide_clear(
     position_tolerance_m: float = 1e-6,
     orientation_tolerance_rad: float = 1e-4,
     deadline_at: float | None = None,
+    free: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solved, collision-free configurations [S, 7] and their position and orientation errors [S], found by sliding q_initial [K, 7] (on or near the goal,
     but in collision) along the goal's self-motion manifold, away from obstacles.
@@ -344,7 +345,8 @@ def slide_clear(
     goal's Jacobian, a step of at most step_rad down the gradient of the sphere model's penetration
     (`TorchCollisionChecker.penetration`), which moves the links out of obstacles without leaving the
     goal. Every `check_every` iterations the configurations are polished by the obstacle-ignoring LM
-    and those the full checker calls free are kept. Where random restarts rarely land in the few
+    and those the full checker calls free are kept (`free(q)` [N] bool decides instead when given: e.g. a
+    check that leaves rows unchecked, False, at the deadline). Where random restarts rarely land in the few
     valid configurations (a hand deep in a cavity), this walks there from the many invalid ones.
     """
     kinematics = float64_kinematics(q_initial.device)
@@ -369,7 +371,8 @@ def slide_clear(
         polished = refine_candidates(q, goal, None, None, max_iterations=10, position_tolerance_m=position_tolerance_m,
                                      orientation_tolerance_rad=orientation_tolerance_rad, deadline_at=deadline_at)
         done = polished.converged.clone()
-        done[done.clone()] = ~checker.check(polished.q[done].to(checker.dtype), scene).in_collision
+        candidates = polished.q[done]
+        done[done.clone()] = ~checker.check(candidates.to(checker.dtype), scene).in_collision if free is None else free(candidates)
         found.append((polished.q[done], polished.position_error_m[done], polished.orientation_error_rad[done]))
         q = q[~done]
     return tuple(torch.cat(part) for part in zip(*found))
