@@ -1316,8 +1316,15 @@ class TorchCollisionChecker:
             scene_collision = torch.zeros_like(cloud_gap, dtype=torch.bool)
             link, config = torch.nonzero(cloud_undecided, as_tuple=True)
             if config.numel():
-                hits = self._links_meet_points(frames, config, self._scene_link_rows[link], tensor_scene.point_grid, pad_m + self.cloud_point_radius_m)
-                scene_collision[config[hits]] = True
+                # Each configuration's deepest link first: where it meets the cloud the configuration collides, and
+                # its other links need no test (the rows the spheres reject mostly collide; each link's test
+                # against a dense cloud costs ~1-5 ms on a CPU).
+                deepest_first = link == cloud_gaps.argmin(0)[config]
+                for stage in (deepest_first, ~deepest_first):
+                    stage = stage & ~scene_collision[config]
+                    hits = self._links_meet_points(frames, config[stage], self._scene_link_rows[link[stage]], tensor_scene.point_grid,
+                                                   pad_m + self.cloud_point_radius_m)
+                    scene_collision[config[stage][hits]] = True
             link, obstacle, config = torch.nonzero(undecided, as_tuple=True)
             if config.numel():
                 rows = self._scene_link_rows[link]
