@@ -50,13 +50,13 @@ def main() -> None:
         from bench.ik_random_scenes import surface_cloud  # trimesh, only for this
         scene = Scene(points=surface_cloud(scene, args.cloud, rng))
     engine = IKEngine()
-    engine.solve(IKRequest(np.array([0.5, 0.0, 0.4]), np.array([0.0, 1.0, 0.0, 0.0]), "panda_hand", 1, 256, -1, 2.0), scene)  # warm
+    engine.solve(IKRequest(np.array([0.5, 0.0, 0.4]), np.array([0.0, 1.0, 0.0, 0.0]), "panda_hand", 1, 256, engine.config["tuning_iterations"], 2.0), scene)  # warm
     rows = []
     for index in range(args.requests):
         timeout_s = float(rng.choice(args.timeouts))
         quaternion = rng.normal(size=4)
         request = IKRequest(rng.uniform(*GOAL_REGIONS[args.region]), quaternion / np.linalg.norm(quaternion), "panda_hand",
-                            int(rng.choice([1, 4, 8])), 256, -1, timeout_s, random_seed=index)
+                            int(rng.choice([1, 4, 8])), 256, engine.config["tuning_iterations"], timeout_s, random_seed=index)
         started = time.monotonic()
         result = engine.solve(request, scene)
         rows.append({"timeout_s": timeout_s, "elapsed_s": time.monotonic() - started, "success": bool(result.success),

@@ -85,7 +85,8 @@ def main() -> None:
         rows = {"engine": [], "random_restart_lm": []}
         for seed in range(1, args.seeds + 1):
             started = time.monotonic()
-            result = engine.solve(IKRequest(position, quaternion, "panda_hand", 1, 1024, -1, args.timeout, random_seed=seed), scene)
+            result = engine.solve(IKRequest(position, quaternion, "panda_hand", 1, engine.config["num_samples"], engine.config["tuning_iterations"],
+                                             args.timeout, random_seed=seed), scene)
             elapsed = time.monotonic() - started
             valid = bool(result.success) and not bool(exact.check(torch.as_tensor(result.solutions), scene).in_collision.any())
             rows["engine"].append({"seed": seed, "solved": valid, "elapsed_s": elapsed})

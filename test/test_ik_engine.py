@@ -52,6 +52,12 @@ def test_an_unsolvable_goal_fails_only_at_the_deadline_saying_what_blocked_it(en
         assert (distances + torch.eye(len(result.solutions)) * 1e9).min() >= engine.config["min_separation_rad"]
 
 
+def test_a_negative_tuning_count_is_refused():
+    """GetIK's -1 ("the default") is resolved by the node; passed to the engine it silently meant no tuning."""
+    with pytest.raises(ValueError, match="tuning_iterations"):
+        IKRequest(np.zeros(3), None, "panda_hand", 1, 1024, -1, 1.0)
+
+
 def test_a_solvable_goal_returns_early_with_exact_collision_free_solutions(engine):
     timeout_s = 5.0
     result = engine.solve(request((0.5, 0.0, 0.25), DOWN, timeout_s=timeout_s), BOX_SCENE)

@@ -90,6 +90,11 @@ class IKRequest:
     seed_state: np.ndarray | None = None  # [7]
     random_seed: int = 0
 
+    def __post_init__(self) -> None:
+        # GetIK's -1 ("the default") is the node's to resolve: here it silently meant no tuning at all.
+        if self.tuning_iterations < 0:
+            raise ValueError(f"tuning_iterations must be >= 0 (0: straight prior samples), got {self.tuning_iterations}")
+
 
 @dataclass
 class IKResult:
