@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -52,10 +53,9 @@ def test_an_unsolvable_goal_fails_only_at_the_deadline_saying_what_blocked_it(en
         assert (distances + torch.eye(len(result.solutions)) * 1e9).min() >= engine.config["min_separation_rad"]
 
 
-def test_a_negative_tuning_count_is_refused():
-    """GetIK's -1 ("the default") is resolved by the node; passed to the engine it silently meant no tuning."""
+def test_a_tuning_count_below_minus_one_is_refused():
     with pytest.raises(ValueError, match="tuning_iterations"):
-        IKRequest(np.zeros(3), None, "panda_hand", 1, 1024, -1, 1.0)
+        IKRequest(np.zeros(3), None, "panda_hand", 1, 1024, -2, 1.0)
 
 
 def test_a_solvable_goal_returns_early_with_exact_collision_free_solutions(engine):
@@ -202,6 +202,10 @@ def test_the_fast_stage_off_still_solves_by_tuning_rounds():
     assert result.success, result.message
     assert result.rounds >= 1 and "fast" not in result.stage_times_s
     assert 0.0 <= result.collision_free_rate <= 1.0
+    # -1 is the configured count, as GetIK's: its rounds tune, as none do with 0 (-1 had silently meant 0 here).
+    configured, untuned = (engine.solve(replace(request((0.5, 0.0, 0.25), DOWN, timeout_s=5.0), tuning_iterations=count), BOX_SCENE)
+                           for count in (-1, 0))
+    assert configured.tuning_time_s > 0.0 and untuned.tuning_time_s == 0.0
 
 
 def test_the_scene_warm_start_tunes_a_copy_per_scene_in_the_background():

@@ -85,15 +85,14 @@ class IKRequest:
     tip_link: str
     num_solutions: int
     num_samples: int
-    tuning_iterations: int  # 0 = straight prior samples
+    tuning_iterations: int  # 0 = straight prior samples, -1 = the config's tuning_iterations (as GetIK's -1)
     timeout_s: float
     seed_state: np.ndarray | None = None  # [7]
     random_seed: int = 0
 
     def __post_init__(self) -> None:
-        # GetIK's -1 ("the default") is the node's to resolve: here it silently meant no tuning at all.
-        if self.tuning_iterations < 0:
-            raise ValueError(f"tuning_iterations must be >= 0 (0: straight prior samples), got {self.tuning_iterations}")
+        if self.tuning_iterations < -1:
+            raise ValueError(f"tuning_iterations must be -1 (the configured count), 0 (no tuning) or positive, got {self.tuning_iterations}")
 
 
 @dataclass
@@ -358,6 +357,8 @@ class IKEngine:
         answer_deadline = started + request.timeout_s
         work_deadline = answer_deadline - min(config["deadline_reserve_s"], 0.5 * request.timeout_s)
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
+        # -1 is the configured count, as in GetIK and InferShape (it had silently meant no tuning here).
+        tuning_iterations = config["tuning_iterations"] if request.tuning_iterations == -1 else request.tuning_iterations
         # The goal in float64: in float32 it moves by up to ~5e-8 m, and answers must be within 1e-6 m of the requested one.
         position = torch.as_tensor(request.goal_position, dtype=torch.float64, device=self.device)
         quaternion = None
@@ -378,7 +379,7 @@ class IKEngine:
             elite_quantile=config["elite_quantile"],
             learning_rate=config["learning_rate"],
             # Without refinement (the paper's MACE alone, for benchmarks) one round tunes the whole budget.
-            iterations=config["tuning_block_iterations"] if refining else request.tuning_iterations,
+            iterations=config["tuning_block_iterations"] if refining else tuning_iterations,
         )
         orientation_slack = 0.0 if goal.rotation is None else config["early_stop_orientation_rad"]
         stop_rule = StopRule(
@@ -391,7 +392,7 @@ class IKEngine:
             seed = self.kinematics.clamp_to_limits(torch.as_tensor(request.seed_state, dtype=self.dtype, device=self.device)[None])
         solved = _Solutions.empty(self.device)
         best_efforts = _Solutions.empty(self.device)
-        tuning_left, iterations_done, tuning_time_s, rounds, exact_rejections = request.tuning_iterations, 0, 0.0, 0, 0
+        tuning_left, iterations_done, tuning_time_s, rounds, exact_rejections = tuning_iterations, 0, 0.0, 0, 0
         failure_kind = "timeout"  # until a failed round is diagnosed
         diagnosed = False
         first_solved_s: float | None = None
