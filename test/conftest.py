@@ -86,6 +86,18 @@ def mace(ros_isolation, mace_node_arguments, tmp_path_factory) -> Iterator:
         yield client
 
 
+def answer(executor, send, timeout_s: float = 10.0, attempts: int = 3):
+    """The result of the future that `send()` returns, spun on `executor`, sent again if no answer came in
+    `timeout_s`: a node's first reply can be lost while DDS still matches the caller's reply reader to the
+    service's writer (a GetParameters call right after start-up went unanswered once in a full run)."""
+    for _ in range(attempts):
+        future = send()
+        executor.spin_until_future_complete(future, timeout_sec=timeout_s)
+        if future.done():
+            return future.result()
+    raise AssertionError(f"no answer in {attempts} attempts of {timeout_s} s")
+
+
 def ik_request(frame_id: str = "panda_link0", **fields):
     """A valid GetIK request (hand pointing down, 0.5 m in front of the robot, 0.3 m up) with `fields` changed."""
     from geometry_msgs.msg import Point

@@ -23,7 +23,7 @@ from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 
-from conftest import ik_request as panda_ik_request, running_node
+from conftest import answer, ik_request as panda_ik_request, running_node
 from mace_ros.ros.client import NodeProcess, installed_executable
 from mace_ros.core.kinematics import PandaKinematics
 from mace_ros.srv import GetIK, InferShape
@@ -64,20 +64,15 @@ def test_integer_for_a_double_parameter(fr3):
     assert parameters.wait_for_services(10.0)
 
     def timeout_parameter():
-        future = parameters.get_parameters(["ik.timeout_s"])
-        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-        return future.result().values[0]
+        return answer(client.executor, lambda: parameters.get_parameters(["ik.timeout_s"])).values[0]
 
     value = timeout_parameter()
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 5.0)
-    future = parameters.get_parameters(["shape.finger_directions"])
-    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-    value = future.result().values[0]
+    value = answer(client.executor, lambda: parameters.get_parameters(["shape.finger_directions"])).values[0]
     assert (value.type, list(value.double_array_value)) == (ParameterType.PARAMETER_DOUBLE_ARRAY, FINGER_DIRECTIONS)
     # At run time too (`ros2 param set /mace_fr3 ik.timeout_s 3`).
-    future = parameters.set_parameters([Parameter("ik.timeout_s", Parameter.Type.INTEGER, 3)])
-    client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-    assert future.result().results[0].successful, future.result().results[0].reason
+    result = answer(client.executor, lambda: parameters.set_parameters([Parameter("ik.timeout_s", Parameter.Type.INTEGER, 3)])).results[0]
+    assert result.successful, result.reason
     value = timeout_parameter()
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 3.0)
 
@@ -89,9 +84,7 @@ def test_a_default_tip_link_of_another_robot_is_refused_when_set(fr3):
     assert parameters.wait_for_services(10.0)
 
     def set_tip_link(value: str):
-        future = parameters.set_parameters([Parameter("ik.tip_link", Parameter.Type.STRING, value)])
-        client.executor.spin_until_future_complete(future, timeout_sec=10.0)
-        return future.result().results[0]
+        return answer(client.executor, lambda: parameters.set_parameters([Parameter("ik.tip_link", Parameter.Type.STRING, value)])).results[0]
 
     refused = set_tip_link("panda_hand")
     assert not refused.successful and "unknown tip_link 'panda_hand'" in refused.reason and "fr3_hand_tcp" in refused.reason
