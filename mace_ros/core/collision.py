@@ -815,7 +815,7 @@ class TensorScene:
     cylinder_radius: torch.Tensor  # [Kc]
     cylinder_half_height: torch.Tensor  # [Kc]
     point_field: PointDistanceField | None
-    point_grid: PointGrid  # the cloud, for the narrow phase (no points without one)
+    points: torch.Tensor  # [P, 3] the cloud ([0, 3] without one)
     box_polytopes: Polytopes  # [Kb] for the narrow phase
     cylinder_polytopes: Polytopes  # [Kc] circumscribed prisms
 
@@ -836,8 +836,7 @@ class TensorScene:
             cylinder_radius=tensor([c.radius for c in scene.cylinders], ()),
             cylinder_half_height=tensor([c.half_height for c in scene.cylinders], ()),
             point_field=None if scene.points is None else PointDistanceField.cached(scene.points, point_resolution_m, point_truncation_m, device, dtype),
-            point_grid=PointGrid(torch.zeros((0, 3), dtype=dtype, device=device) if scene.points is None
-                                 else torch.tensor(scene.points, dtype=dtype, device=device)),
+            points=torch.zeros((0, 3), dtype=dtype, device=device) if scene.points is None else torch.tensor(scene.points, dtype=dtype, device=device),
             box_polytopes=Polytopes.stack(
                 [_posed_polytope("box", np.asarray(b.half_extents), b.rotation, np.asarray(b.center)) for b in scene.boxes], device, dtype
             ),
@@ -846,6 +845,12 @@ class TensorScene:
                 device, dtype,
             ),
         )
+
+    @functools.cached_property
+    def point_grid(self) -> PointGrid:
+        """The cloud in cells, for the narrow phase: built when a check first needs it (4 / 8 / 40 ms for 20k / 50k /
+        200k points on a CPU), so that a scene whose cloud no link comes near never pays for it."""
+        return PointGrid(self.points)
 
     @property
     def num_primitives(self) -> int:
