@@ -1,6 +1,7 @@
 """mace_ros.ros.executors over real rclpy and DDS (in this process, a context of its own): the
-multi-threaded executor's spinning thread rests while a callback waits for a worker, and a polled
-subscription delivers every message, in order and in batches."""
+multi-threaded executor's spinning thread rests while a callback waits for a worker, work a service
+callback leaves for after its answer runs once the response is sent, and a polled subscription delivers
+every message, in order and in batches."""
 from __future__ import annotations
 
 import threading
@@ -11,11 +12,12 @@ import pytest
 import rclpy
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile
 from std_msgs.msg import Int64
 
-from mace_ros.ros.executors import MultiThreadedExecutor, PolledSubscription
+from mace_ros.ros.executors import MultiThreadedExecutor, PolledSubscription, after_callback
 
 RELIABLE = QoSProfile(depth=10)
 
@@ -85,6 +87,56 @@ def test_the_spinning_thread_rests_while_a_callback_waits_for_a_worker(context):
         spinner.join(5.0)
         node.destroy_node()
     assert spin_cpu_s and spin_cpu_s[0] < 0.25, f"the spinning thread took {spin_cpu_s} s of CPU"
+
+
+def test_work_left_for_after_a_service_callback_runs_once_its_response_is_sent(context):
+    from mace_ros.srv import GetIK
+
+    server = Node("after_callback_server", context=context, start_parameter_services=False)
+    caller = Node("after_callback_client", context=context, start_parameter_services=False)
+    caller_executor = SingleThreadedExecutor(context=context)
+    caller_executor.add_node(caller)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(server)
+    sent = threading.Event()
+    seen_at_work: list[bool] = []
+    work_done = threading.Event()
+
+    def work() -> None:
+        seen_at_work.append(sent.is_set())
+        work_done.set()
+
+    def callback(request: GetIK.Request, response: GetIK.Response) -> GetIK.Response:
+        after_callback(work)
+        response.success = True
+        return response
+
+    service = server.create_service(GetIK, "/after_callback_test", callback)
+    send_response = service.send_response
+
+    def send_and_note(response, header) -> None:  # the executor sends through the service object
+        send_response(response, header)
+        sent.set()
+
+    service.send_response = send_and_note
+    client = caller.create_client(GetIK, "/after_callback_test")
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        assert client.wait_for_service(timeout_sec=10.0)
+        future = client.call_async(GetIK.Request())
+        caller_executor.spin_until_future_complete(future, timeout_sec=10.0)
+        assert future.done() and future.result().success
+        assert work_done.wait(5.0), "the work left for after the answer never ran"
+        assert seen_at_work == [True], "the work ran before the response was sent"
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        spinner.join(5.0)
+        caller.destroy_node()
+        server.destroy_node()
+    ran_at_once: list[int] = []
+    after_callback(lambda: ran_at_once.append(1))  # outside an executor's callback
+    assert ran_at_once == [1]
 
 
 def test_a_polled_subscription_delivers_every_message_in_order_in_batches(context):
