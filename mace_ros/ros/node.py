@@ -281,7 +281,8 @@ class MaceNode(Node):
         self._requests_in_flight = 0
         # Visualization and log lines of answers, off the requests' critical path (one thread keeps them
         # in order): rclpy's logger inspects the caller's frame and publishes to /rosout, 1-2 ms of a GetIK
-        # round trip when logged before the answer is sent.
+        # round trip when logged before the answer is sent. Successes are logged at DEBUG: a planner may call
+        # GetIK 30 times a second, and an INFO line each took 12 % of a core beside a camera stream.
         self._after_answer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="after-answer")
 
         # Obstacle topics (~/obstacle_cloud, ~/obstacles) are received and processed by the intake
@@ -557,7 +558,7 @@ class MaceNode(Node):
             self.get_logger().error(f"GetIK: engine error\n{traceback.format_exc()}")
             return self._failed("GetIK", response, f"IK engine error: {type(error).__name__}: {error}", "FAILURE", started)
         response.elapsed_s = time.monotonic() - started
-        self._log_after_answer("info",
+        self._log_after_answer("debug" if response.success else "info",
             f"GetIK: {'success' if response.success else 'failure'}, {len(response.solutions)} solution(s) "
             f"in {response.elapsed_s:.3f} s: {response.message}")
         return response
@@ -620,7 +621,7 @@ class MaceNode(Node):
         response.message = f"{response.solved_count} of {solved.size} goals solved" + (
             "" if response.success else " by the deadline; the others have no collision-free solution found")
         response.elapsed_s = time.monotonic() - started
-        self._log_after_answer("info", f"GetIKBatch: {response.message} in {response.elapsed_s:.3f} s")
+        self._log_after_answer("debug" if response.success else "info", f"GetIKBatch: {response.message} in {response.elapsed_s:.3f} s")
         return response
 
     def on_infer_shape(self, request: InferShape.Request, response: InferShape.Response) -> InferShape.Response:
@@ -667,7 +668,7 @@ class MaceNode(Node):
             return self._failed(
                 "InferShape", response, f"shape engine error: {type(error).__name__}: {error}", "FAILURE", started)
         response.elapsed_s = time.monotonic() - started
-        self._log_after_answer("info",
+        self._log_after_answer("debug" if response.success else "info",
             f"InferShape: {'success' if response.success else 'failure'}, {len(response.samples)} sample(s) "
             f"in {response.elapsed_s:.3f} s: {response.message}")
         return response
