@@ -8,6 +8,7 @@ from geometry_msgs.msg import Point, Pose, Quaternion
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
+from conftest import answer, running_node
 from mace_ros.srv import GetIK, InferShape
 from test_node_services import Latest, ik_request, shape_request, when_ready
 
@@ -74,3 +75,19 @@ def test_get_ik_right_after_a_marker_flood_keeps_its_deadline(mace):
         mace.node.destroy_publisher(publisher)
     response = mace.get_ik(ik_request(timeout_s=5.0))  # the flood is gone: the goal is solvable again
     assert response.error_code == GetIK.Response.SUCCESS, response.message
+
+
+def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout(ros_isolation, tmp_path):
+    """The services appear seconds before the engines have loaded (on a CPU): a request sent at once is served
+    once they have, if its timeout_s allows, and refused with ENGINE_LOADING only when its timeout_s runs out
+    (not at once, which left a client that calls as soon as the service appears with nothing)."""
+    node_name = "mace_starting"
+    with running_node(["-r", f"__node:={node_name}"], ros_isolation, tmp_path / "mace_node.log", node_name) as (client, _):
+        short = answer(client.executor, lambda: client.get_ik_client.call_async(ik_request(num_solutions=1, timeout_s=0.3)))
+        served = answer(client.executor, lambda: client.get_ik_client.call_async(ik_request(num_solutions=1, timeout_s=30.0)),
+                        timeout_s=40.0, attempts=2)
+        log = (tmp_path / "mace_node.log").read_text()
+    assert served.success, served.message
+    assert "IK engine ready after" in log
+    if short.error_code == GetIK.Response.ENGINE_LOADING:  # else the engines had loaded within 0.3 s
+        assert 0.3 <= short.elapsed_s <= 0.3 + SLACK_S, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"

@@ -115,6 +115,7 @@ class EngineSlot:
         self._started = time.monotonic()
         self._logger = logger
         self._turn = threading.Lock()
+        self._loading_ended = threading.Event()  # loaded or failed
         # Requests' work runs in one long-lived thread: torch's per-thread state, warm in it, costs a
         # fresh thread 3-4 ms of a 25 ms solve on the CPU.
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -127,22 +128,29 @@ class EngineSlot:
         except Exception as error:  # any failure must surface as a clear answer, not a dead thread
             self._error = f"{type(error).__name__}: {error}"
             self._logger.error(f"{self.name} engine failed to load: {self._error}")
+            self._loading_ended.set()
             return
         self._engine = engine
         freeze_loaded_objects()  # the engine and everything loaded before it (see mace_ros/ros/memory.py)
+        self._loading_ended.set()
         self._logger.info(f"{self.name} engine ready after {time.monotonic() - self._started:.1f} s")
 
     def _serve_work(self) -> None:
         while True:
             self._work.get()()
 
-    def get(self) -> Any:
+    def loaded_by(self, deadline: float, checkpoint: Callable[[], None] | None = None) -> Any:
+        """The engine, waiting while it loads until `deadline` (time.monotonic()): a request sent at start-up,
+        as soon as the service appears, is served once the engine has loaded if its timeout allows, rather
+        than refused at once. ENGINE_LOADING if it still loads then; checkpoint() as in `run`."""
+        self._wait_for(self._loading_ended, deadline, checkpoint)
         if self._engine is not None:
             return self._engine
         if self._error is not None:
             raise EngineUnavailable(f"{self.name} engine unavailable: {self._error}", "ENGINE_UNAVAILABLE")
         raise EngineUnavailable(
-            f"{self.name} engine still loading ({time.monotonic() - self._started:.0f} s since start)", "ENGINE_LOADING")
+            f"{self.name} engine still loading when the request's timeout_s ran out "
+            f"({time.monotonic() - self._started:.0f} s since start): retry", "ENGINE_LOADING")
 
     def run_if_idle(self, work: Callable[[Any], None]) -> bool:
         """work(engine) now, in this thread, if the engine is loaded and serves no request; False otherwise."""
@@ -159,14 +167,15 @@ class EngineSlot:
         """work(engine, seconds left before `deadline` (time.monotonic())) for one request, answered by
         deadline + ENGINE_OVERRUN_GRACE_S whatever the engine does.
 
-        Requests take turns; one whose deadline passes while it waits raises TIMED_OUT instead. The
+        A request waits for the engine to load (loaded_by), then for its turn: requests take turns, and
+        one whose deadline passes while it waits raises TIMED_OUT instead. The
         work runs in the slot's request thread (inside `track`), holding the turn until it ends: if it
         overruns the deadline, the request is answered TIMED_OUT at once and its result is dropped.
         `checkpoint()`, when given, runs every CHECKPOINT_PERIOD_S while the request waits for its turn
         or for the work: an exception it raises (a cancel) ends the wait at once and propagates; the work
         is to stop at its own next checkpoint, which frees the turn.
         """
-        engine = self.get()
+        engine = self.loaded_by(deadline, checkpoint)
         waiting_since = time.monotonic()
         if not self._wait_for_turn(deadline, checkpoint):
             raise RequestRefused(
@@ -647,7 +656,7 @@ class MaceNode(Node):
             from mace_ros.core.shape_engine import ShapeRequest
 
             try:  # what needs the engine's configuration (its finger set), checked before waiting for it
-                self.shape_engine.get().validate(ShapeRequest(**arguments))
+                self.shape_engine.loaded_by(started + arguments["timeout_s"], checkpoint).validate(ShapeRequest(**arguments))
             except ValueError as error:
                 raise InvalidRequest(str(error)) from None
             def infer(engine: Any, remaining_s: float) -> Any:
