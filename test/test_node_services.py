@@ -12,7 +12,7 @@ from visualization_msgs.msg import MarkerArray
 
 from mace_ros.ros.conversions import pointcloud2_to_array, pointcloud2_to_xyz, xyz_to_pointcloud2
 from mace_ros.ros.node import LATCHED
-from conftest import ik_request
+from conftest import ik_request, running_node
 from mace_ros.srv import InferShape
 
 ENGINE_WAIT_S = 180.0
@@ -334,3 +334,16 @@ def test_every_parameter_reads_back_in_one_get_parameters_call(mace):
     assert all(value.type != ParameterType.PARAMETER_NOT_SET for value in values)
     finger_directions = values[names.index("shape.finger_directions")]  # [] (declared dynamically typed)
     assert not finger_directions.double_array_value and not finger_directions.byte_array_value
+
+
+def test_answers_are_drawn_for_a_subscriber_that_comes_after_them(ros_isolation, tmp_path):
+    """~/ik_solutions is latched, but drawn only once someone subscribes (WatchedLatchedTopic): a subscriber
+    that comes after two answers still gets the latest one's skeletons."""
+    node_name = "mace_drawn_later"
+    with running_node(["-r", f"__node:={node_name}"], ros_isolation, tmp_path / "mace_node.log", node_name) as (client, _):
+        first = client.when_loaded(client.get_ik, ik_request(num_solutions=1, timeout_s=5.0))
+        latest = client.get_ik(ik_request(num_solutions=3, timeout_s=5.0))
+        assert first.success and latest.success and len(latest.solutions) != len(first.solutions), (first.message, latest.message)
+        topic = Latest(client, MarkerArray, f"/{node_name}/ik_solutions")
+        shown = topic.wait_for(lambda markers: any(marker.ns == "ik_goal" for marker in markers.markers), timeout_s=10.0)
+    assert len([marker for marker in shown.markers if marker.ns == "ik_solutions"]) == len(latest.solutions)
