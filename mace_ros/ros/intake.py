@@ -479,27 +479,27 @@ class IntakeNode(Node):
                 f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
 
 
-def run_intake(connection: Connection) -> None:
+def run_intake(connection: Connection, node_pid: int) -> None:
     """The intake process: receives its IntakeSettings, then its node spins until the node's end of
-    `connection` closes (the node exited) or the node is gone."""
+    `connection` closes (the node exited) or the node (process `node_pid`, which started this one) is gone."""
     import rclpy
     from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 
     # Ctrl-C reaches the whole process group: the node decides when this process ends, so a SIGINT
     # here must not print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    node_pid = os.getppid()
 
     def leave() -> None:
-        """Stops the executor: its thread then deletes the node and ends the process (below), or this
-        thread does after EXIT_GRACE_S."""
-        try:
-            rclpy.try_shutdown()
-            time.sleep(EXIT_GRACE_S)
-        finally:
-            os._exit(0)
+        """Stops the executor: its thread then deletes the node and ends the process (below), or a timer
+        does after EXIT_GRACE_S, whatever rclpy does meanwhile."""
+        exit_timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(0,))
+        exit_timer.daemon = True
+        exit_timer.start()
+        rclpy.try_shutdown()
 
     def watch_node() -> None:
+        # The node's pid comes from the node: an intake whose node died before this line (a node stopped as
+        # it restarted its intake) read its parent as init's, and outlived it taking a core (seen once).
         while os.getppid() == node_pid:  # re-parented: the node died without closing its end
             time.sleep(PARENT_CHECK_PERIOD_S)
         leave()
@@ -572,7 +572,7 @@ class ObstacleIntake:
     """The node's side of its intake process: starts it (again, should it die), keeps it informed of
     settings, and hands every update it sends to `on_update`, in a thread of its own.
 
-    The process is `python -m mace_ros.ros.intake <fd>` with one end of a socket pair: it imports only
+    The process is `python -m mace_ros.ros.intake <fd> <node pid>` with one end of a socket pair: it imports only
     what it needs (multiprocessing's spawn would first re-import the node's own script).
     """
 
@@ -606,7 +606,7 @@ class ObstacleIntake:
         environment = {**with_huge_page_malloc(without_reply_buffer_settings(dict(os.environ), config_dir())),
                        "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         environment.setdefault("OPENBLAS_NUM_THREADS", INTAKE_BLAS_THREADS)
-        process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(intake_end.fileno())],
+        process = subprocess.Popen([sys.executable, "-P", "-m", __name__, str(intake_end.fileno()), str(os.getpid())],
                                    pass_fds=[intake_end.fileno()], env=environment)
         intake_end.close()
         connection = Connection(node_end.detach())
@@ -652,4 +652,4 @@ if __name__ == "__main__":
     # Through the importable module, not this __main__ copy: messages pickle by their classes' module.
     from mace_ros.ros import intake
 
-    intake.run_intake(Connection(int(sys.argv[1])))
+    intake.run_intake(Connection(int(sys.argv[1])), int(sys.argv[2]))
