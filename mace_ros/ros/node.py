@@ -688,7 +688,7 @@ class MaceNode(Node):
             arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
             from mace_ros.core.shape_engine import ShapeRequest
 
-            try:  # what needs the engine's configuration (its finger set), checked before waiting for it
+            try:  # what needs the engine's configuration (its finger set), checked before waiting for its turn
                 self.shape_engine.loaded_by(started + arguments["timeout_s"], checkpoint).validate(ShapeRequest(**arguments))
             except ValueError as error:
                 raise InvalidRequest(str(error)) from None
