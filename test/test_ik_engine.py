@@ -273,3 +273,32 @@ def test_the_exact_check_decides_where_the_fast_checker_pads_contact(engine):
         batch = engine.solve_batch(position.numpy(), quaternion.numpy(), Scene(), timeout_s=4.0, random_seed=1)
         assert batch.success.all()
         assert not exact.check(torch.as_tensor(batch.solutions), Scene()).in_collision.any()
+
+
+def test_a_prepared_scene_leaves_its_requests_no_cloud_cells_to_build(engine, monkeypatch):
+    """The node prepares each new obstacle model while the engine is idle (prepare_scene): a request in it then
+    builds none of the cloud's cells (the fast checker's nor the exact checker's), which a request in an
+    unprepared one does."""
+    from mace_ros.core.collision import PointGrid
+
+    side = np.arange(-0.3, 1.0, 0.01)
+    x, y = np.meshgrid(side, side)
+    table = np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], axis=1)
+    built: list[int] = []
+    original = PointGrid.__init__
+
+    def counted(self, *args, **kwargs) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PointGrid, "__init__", counted)
+    # The hand pointing down 5 cm above the table: the fingers near it, so checks read the cells.
+    goal = request((0.5, 0.0, 0.15), DOWN, timeout_s=2.0)
+    prepared = Scene(points=table)
+    engine.prepare_scene(prepared)
+    assert built, "prepare_scene built no cells"
+    built.clear()
+    assert engine.solve(goal, prepared).success
+    assert not built, f"{len(built)} cell structure(s) built by a request in a prepared scene"
+    assert engine.solve(goal, Scene(points=table + 1e-3)).success
+    assert built  # without preparation the request builds them

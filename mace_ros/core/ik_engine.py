@@ -283,6 +283,17 @@ class IKEngine:
         self._prepared_scene = (scene, prepared)
         return prepared
 
+    def prepare_scene(self, scene: Scene) -> None:
+        """Builds what requests in `scene` reuse: its tensors (the cloud's distance field looked up), the cloud's
+        cells, the exact checker's bodies and cells. The node calls it while the engine is idle after each change
+        of its obstacle model, so that the next request does not (a camera cloud of 17k points: ~6 ms of it)."""
+        tensor_scene = self._tensor_scene(scene)
+        if tensor_scene.points.shape[0]:
+            tensor_scene.point_grid  # noqa: B018 - a cached property: built now, kept with the scene
+        if self.exact_checker is not None:
+            with self._exact_lock:
+                self.exact_checker.check(np.zeros((0, 7)), scene)  # builds and keeps the scene's bodies (and cells); checks nothing
+
     def _domain(self, goal: IKGoal, tensor_scene: TensorScene) -> IKDomain:
         config = self.config
         return IKDomain(

@@ -426,20 +426,15 @@ class MaceNode(Node):
         self._prepare_ik_engine()
 
     def _prepare_ik_engine(self) -> None:
-        """While the IK engine is idle, builds the exact checker's body of the current model's primitives, so
-        that the next request finds it ready: pybullet builds it holding the GIL (256 markers: tens of
-        ms), which inside a request delays even its timed-out answer."""
+        """While the IK engine is idle, builds what requests in the current model reuse (IKEngine.prepare_scene),
+        so that the next request finds it ready: e.g. the exact checker's body of the primitives, which pybullet
+        builds holding the GIL (256 markers: tens of ms; inside a request it delayed even a timed-out answer), and
+        a new cloud's cells (~5 ms for a camera's)."""
         scene = self.obstacles.snapshot()
         if scene is self._warmed_scene:
             return
-
-        def prepare(engine: Any) -> None:
-            exact = getattr(engine, "exact_checker", None)
-            if exact is not None:
-                exact.check(np.zeros((0, 7)), scene)  # builds and keeps the scene's body; checks nothing
-
         try:
-            if self.ik_engine.run_if_idle(prepare):
+            if self.ik_engine.run_if_idle(lambda engine: engine.prepare_scene(scene)):
                 self._warmed_scene = scene
         except Exception as error:  # a failure here only costs the next request the build
             self._warmed_scene = scene
@@ -470,6 +465,7 @@ class MaceNode(Node):
         header = Header(frame_id=self.base_frame, stamp=update.stamp)
         self._publish(self.obstacle_points_publisher, conversions.xyz_to_pointcloud2(
             np.zeros((0, 3)) if merged is None else merged, header))
+        self._prepare_ik_engine()  # now rather than at the next model timer: requests may come before it
         self.get_logger().debug(
             f"~/obstacle_cloud from '{update.sensor}': {0 if points is None else points.shape[0]} points applied "
             f"{(time.monotonic_ns() - update.received_ns) * 1e-9:.3f} s after it arrived")
