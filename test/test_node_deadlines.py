@@ -79,8 +79,9 @@ def test_get_ik_right_after_a_marker_flood_keeps_its_deadline(mace):
 
 def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout(ros_isolation, tmp_path):
     """The services appear seconds before the engines have loaded (on a CPU): a request sent at once is served
-    once they have, if its timeout_s allows, and refused with ENGINE_LOADING only when its timeout_s runs out
-    (not at once, which left a client that calls as soon as the service appears with nothing)."""
+    once they have, if its timeout_s allows, and refused with ENGINE_LOADING only when its timeout_s runs out or
+    the load left it less than half of it (not at once, which left a client that calls as soon as the service
+    appears with nothing)."""
     node_name = "mace_starting"
     with running_node(["-r", f"__node:={node_name}"], ros_isolation, tmp_path / "mace_node.log", node_name) as (client, _):
         short = answer(client.executor, lambda: client.get_ik_client.call_async(ik_request(num_solutions=1, timeout_s=0.3)))
@@ -89,5 +90,5 @@ def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout
         log = (tmp_path / "mace_node.log").read_text()
     assert served.success, served.message
     assert "IK engine ready after" in log
-    if short.error_code == GetIK.Response.ENGINE_LOADING:  # else the engines had loaded within 0.3 s
-        assert 0.3 <= short.elapsed_s <= 0.3 + SLACK_S, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"
+    if short.error_code == GetIK.Response.ENGINE_LOADING:  # else the engines had loaded within 0.15 s
+        assert 0.14 <= short.elapsed_s <= 0.3 + SLACK_S, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"
