@@ -25,14 +25,18 @@ def main(args: list[str] | None = None) -> int:
     bound_malloc()
     free_reply_buffers(config_dir())
     node: MaceNode | None = None
+    # rclpy.init and try_shutdown rather than `with rclpy.init(...)`: the context manager is Kilted's, and on
+    # Jazzy's rclpy init returns None (the node could not start there).
+    rclpy.init(args=args)
     try:
-        with rclpy.init(args=args):
-            node = MaceNode()
-            executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
-            executor.add_node(node)
-            executor.spin()
+        node = MaceNode()
+        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        executor.add_node(node)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass  # Ctrl-C / SIGINT / SIGTERM: a normal way to stop a node
+    finally:
+        rclpy.try_shutdown()
     if node is not None:
         node.wait_for_requests(SHUTDOWN_GRACE_S)
         # Fast DDS removes the participant's shared-memory files (/dev/shm/fastdds_*) only once the
