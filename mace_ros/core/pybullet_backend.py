@@ -221,12 +221,12 @@ class PyBulletCollisionChecker:
         body = self._scene_body(scene)
         self_collision = np.zeros(len(configurations), dtype=bool)
         scene_collision = np.zeros(len(configurations), dtype=bool)
-        if scene.points is not None:  # the cells are kept for the cloud even when nothing is checked (a scene's preparation)
-            cells = self._point_grid(scene.points)
-        if scene.points is not None and len(configurations):
-            scene_collision = self._hull_checker.points_meet_links(
-                torch.from_numpy(configurations), cells,
-                self.collision_margin_m + BULLET_HULL_MARGIN_M + POINT_SPHERE_RADIUS_M + self.cloud_point_radius_m).numpy()
+        if scene.points is not None:
+            cells = self._point_grid(scene.points)  # kept for the cloud even when nothing is checked (a scene's preparation)
+            if len(configurations):
+                scene_collision = self._hull_checker.points_meet_links(
+                    torch.from_numpy(configurations), cells,
+                    self.collision_margin_m + BULLET_HULL_MARGIN_M + POINT_SPHERE_RADIUS_M + self.cloud_point_radius_m).numpy()
         for index, configuration in enumerate(configurations):
             self._set_configuration(configuration)
             self_collision[index] = self._self_collision()
