@@ -81,7 +81,8 @@ def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout
     """The services appear seconds before the engines have loaded (on a CPU): a request sent at once is served
     once they have, if its timeout_s allows, and refused with ENGINE_LOADING only when its timeout_s runs out or
     the load left it less than half of it (not at once, which left a client that calls as soon as the service
-    appears with nothing)."""
+    appears with nothing), and as soon as the load could no longer leave it half of that: waiting to the deadline
+    while loading holds the interpreter answered late."""
     node_name = "mace_starting"
     with running_node(["-r", f"__node:={node_name}"], ros_isolation, tmp_path / "mace_node.log", node_name) as (client, _):
         short = answer(client.executor, lambda: client.get_ik_client.call_async(ik_request(num_solutions=1, timeout_s=0.3)))
@@ -91,4 +92,4 @@ def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout
     assert served.success, served.message
     assert "IK engine ready after" in log
     if short.error_code == GetIK.Response.ENGINE_LOADING:  # else the engines had loaded within 0.15 s
-        assert 0.14 <= short.elapsed_s <= 0.3 + SLACK_S, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"
+        assert 0.14 <= short.elapsed_s <= 0.3, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"

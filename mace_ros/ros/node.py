@@ -145,22 +145,23 @@ class EngineSlot:
             self._work.get()()
 
     def loaded_by(self, deadline: float, checkpoint: Callable[[], None] | None = None) -> Any:
-        """The engine, waiting while it loads until `deadline` (time.monotonic()): a request sent at start-up,
-        as soon as the service appears, is served once the engine has loaded if its timeout allows, rather
-        than refused at once. ENGINE_LOADING, to retry, if it still loads then, or if it loaded leaving the request
-        less than LOADED_LATE_SHARE of the time it had when it began to wait (served with a sliver of time it
-        would only fail, and a client that retries on ENGINE_LOADING would take that for an answer);
-        checkpoint() as in `run`."""
+        """The engine, waiting while it loads: a request sent at start-up, as soon as the service appears, is
+        served once the engine has loaded if that leaves it at least LOADED_LATE_SHARE of the time it had when
+        it began to wait, rather than refused at once. Otherwise ENGINE_LOADING, to retry, as soon as that
+        share is no longer possible: served with a sliver of time it would only fail (and a client that
+        retries on ENGINE_LOADING would take that for an answer), and waiting on to the deadline would only
+        risk answering late (loading holds the interpreter for long stretches). checkpoint() as in `run`."""
         waited_from = time.monotonic()
         was_loading = not self._loading_ended.is_set()
-        loaded_in_time = self._wait_for(self._loading_ended, deadline, checkpoint)
+        latest_useful = deadline - LOADED_LATE_SHARE * (deadline - waited_from)
+        loaded_in_time = self._wait_for(self._loading_ended, latest_useful, checkpoint)
         if loaded_in_time and self._error is not None:
             raise EngineUnavailable(f"{self.name} engine unavailable: {self._error}", "ENGINE_UNAVAILABLE")
         if loaded_in_time and self._engine is not None and (
                 not was_loading or deadline - time.monotonic() >= LOADED_LATE_SHARE * (deadline - waited_from)):
             return self._engine
         raise EngineUnavailable(
-            f"{self.name} engine still loading when the request's timeout_s ran out, or too close to it "
+            f"{self.name} engine still loading, too close to the request's timeout_s to serve it "
             f"({time.monotonic() - self._started:.0f} s since start): retry", "ENGINE_LOADING")
 
     def run_if_idle(self, work: Callable[[Any], None]) -> bool:
