@@ -204,6 +204,16 @@ def test_infer_shape_accepts_a_side_grasp_and_combined_grasps_with_directions(ma
     assert not mismatched.success and "contact_directions has 1 entries for 2 contacts" in mismatched.message
 
 
+def test_infer_shape_accepts_a_top_down_grasp_above_the_origin_without_directions(mace):
+    """A Panda grasp from above near the top of a tall object, its fingertips 5 cm above the object's
+    centre and 1 cm off it along x, reported without directions: each belongs to the finger on its side
+    along y (refused before, 51° away from the fingers' level) and is scored on its own finger's line."""
+    above = [Point(x=0.51, y=0.04, z=0.15), Point(x=0.51, y=-0.04, z=0.15)]
+    response = when_ready(mace.infer_shape, shape_request(contacts=above, num_samples=4, tuning_iterations=3, timeout_s=20.0))
+    assert response.success and response.error_code == InferShape.Response.SUCCESS, response.message
+    assert len(response.samples) == 4 and 0.0 < response.mean_score <= 1.0
+
+
 def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(mace):
     publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
     deadline = time.monotonic() + 5.0

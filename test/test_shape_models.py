@@ -336,8 +336,9 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
         ({"contacts": None}, "no observation"),
         ({"contacts": np.zeros((4, 2))}, r"\[k, 3\]"),
         ({"contacts": np.ones((3, 3))}, "only 2 fingers"),
-        ({"contacts": np.zeros((1, 3))}, "at the object origin"),
-        ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "away from the side"),
+        ({"contacts": np.zeros((1, 3))}, "level with the object origin"),
+        ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "level with the object origin"),  # above it: on neither finger's side
+        ({"contacts": np.array([[0.0, 0.05, 0.0], [0.01, 0.04, 0.02]])}, "away from the side"),  # both on one side
         ({"contacts": None, "partial_cloud": np.zeros((3, 3))}, "fewer than"),
         ({"contacts": None, "partial_cloud": np.full((50, 3), np.inf)}, "NaN or infinite"),
         ({"object_origin": np.array([0.0, np.nan, 0.0])}, "object_origin"),
@@ -380,7 +381,10 @@ def test_default_fingers_are_the_panda_hand_and_other_hands_are_configurable(eng
     centre = np.array([0.5, 0.0, 0.1])
     grasp = ShapeRequest(centre + [[0.0, -0.03, 0.0], [0.0, 0.03, 0.0]], None, centre)
     assert engine.validate(grasp).fingers.tolist() == [1, 0]
-    with pytest.raises(ValueError, match="away from the side"):
+    # The fingers travel along y only: their tips may be at any height and off the origin along x.
+    above = engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.02, 0.03, 0.06], [0.02, -0.03, 0.06]]))
+    assert above.fingers.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="level with the object origin"):
         engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.03, 0.0, 0.0], [-0.03, 0.0, 0.0]]))
     paper_hand = ShapeEngine({"num_fingers": 5, "finger_azimuth_offset_rad": 0.0})
     assert np.allclose(paper_hand.finger_directions, finger_directions(5, dtype=torch.float64).numpy())
@@ -436,7 +440,28 @@ def test_engine_takes_side_and_combined_grasps_with_their_own_directions(engine)
     # A zero direction marks a contact without one: matched to the configured fingers like before.
     mixed = np.vstack([directions[:2], np.zeros((1, 3))])
     observation = engine.validate(ShapeRequest(np.vstack([contacts[:2], centre + [0.0, 0.04, 0.0]]), None, centre, contact_directions=mixed))
-    assert observation.fingers.tolist() == [-1, -1, 0] and observation.anchored.tolist() == [True, True, False]
+    assert observation.fingers.tolist() == [-1, -1, 0]
+
+
+def test_contacts_without_directions_above_the_origin_are_scored_on_their_own_finger_lines(engine):
+    """A top-down Panda grasp of a tall object, its fingertips well above the object's centre and off it
+    along x, reported without directions: matched to the 2 fingers by side (refused before, 50°+ from
+    the fingers' level), and each finger moves on the line through its contact, so the grasped object
+    itself explains its contacts (on lines through object_origin it could not: they miss the contacts)."""
+    centre = np.array([0.5, 0.0, 0.1])
+    cloud = torch.from_numpy(object_cloud("cylinder", 3, centre))
+    height = float(cloud[:, 2].max() - cloud[:, 2].min())
+    grasp_point = centre + [0.005, 0.0, 0.3 * height]
+    fingers = torch.from_numpy(engine.finger_directions).float()
+    contacts, valid = grasp_contacts(cloud[None], fingers, None, engine.finger_radius_m,
+                                     torch.tensor(np.stack([grasp_point, grasp_point]), dtype=torch.float32))
+    assert valid.all()
+    request = ShapeRequest(contacts[0].double().numpy(), None, centre, num_samples=8, tuning_iterations=5, random_seed=2)
+    observation = engine.validate(request)
+    assert observation.fingers.tolist() == [0, 1]
+    assert float(engine.build_domain(observation).score(cloud[None].float())[0]) > 0.9
+    result = engine.infer(request)
+    assert result.success, result.message
 
 
 def test_tuning_never_returns_worse_than_the_prior():

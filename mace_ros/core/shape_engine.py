@@ -18,13 +18,18 @@ Frames and conventions (the request's frame is the robot base frame, z up):
   direction on the line through the contact itself; it needs no finger set and no angle to the
   origin (an off-centre or side grasp is fine). `object_origin` is then the estimated bounding-box
   centre of the object (e.g. the middle of a grasp's fingertips); the samples are placed there;
-- contacts without a direction are matched to fingers (`finger_matching`):
+- contacts without a direction are matched to fingers (`finger_matching`), then simulated like those
+  with one: the matched finger moves along its configured direction on the line through the contact
+  (for contacts made by such a finger closing toward `object_origin` that is the same line; for a
+  grasp above or beside the origin, the line its finger really took):
   "direction" (default): each contact belongs to the finger that starts on its side of the object,
-  i.e. the finger whose start direction (−travel) is closest in angle to (contact − origin);
-  contacts are assigned one-to-one (Hungarian assignment), so the request may list them in any
-  order; a contact more than `max_contact_angle_deg` away from its finger is refused. Fingers with
-  no contact in the request are left out of the score (an unreported finger may simply not have been
-  sensed; it is not taken as having passed the object).
+  i.e. the finger whose start direction (−travel) is closest in angle to (contact − origin), both taken
+  in the directions the finger set spans (for the Panda hand's 2 fingers, only the offset along y: a
+  top-down grasp's fingertips may be at any height and off the origin along x); contacts are assigned
+  one-to-one (Hungarian assignment), so the request may list them in any order; a contact with no
+  offset in those directions, or more than `max_contact_angle_deg` away from its finger, is refused.
+  Fingers with no contact in the request are left out of the score (an unreported finger may simply
+  not have been sensed; it is not taken as having passed the object).
   "ordered": contact i belongs to finger i (the request may give fewer contacts than fingers).
 
 Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
@@ -243,8 +248,7 @@ class Observation:
     fingers: np.ndarray | None  # [k] index of each contact's finger in the configured set, -1 = its own direction
     partial_cloud: np.ndarray | None  # [P, 3]
     origin: np.ndarray  # [3]
-    directions: np.ndarray | None = None  # [k, 3] unit travel direction of each contact's finger
-    anchored: np.ndarray | None = None  # [k] bool: the finger's line passes through its contact (given direction)
+    directions: np.ndarray | None = None  # [k, 3] unit travel direction of each contact's finger (its line passes through it)
 
 
 class ProductDomain:
@@ -260,16 +264,29 @@ class ProductDomain:
         return scores
 
 
+def finger_span(travel_directions: np.ndarray) -> np.ndarray:
+    """An orthonormal basis [r, 3] of the directions the fingers [F, 3] travel in (r = 1 for two opposed
+    fingers, 2 for fingers in a plane, 3 otherwise)."""
+    _, singular_values, right = np.linalg.svd(travel_directions, full_matrices=False)
+    return right[: int(np.count_nonzero(singular_values > 1e-9 * singular_values[0]))]
+
+
 def match_contacts_to_fingers(
     contacts: np.ndarray, origin: np.ndarray, travel_directions: np.ndarray, max_angle_deg: float
 ) -> np.ndarray:
     """Finger index [k] of each contact [k, 3]: one-to-one, by the angle between (contact − origin)
-    and each finger's start direction (−travel). ValueError if a contact sits at the origin or is
-    further than `max_angle_deg` from its finger."""
-    offsets = contacts - origin
+    and each finger's start direction (−travel), in the directions the fingers span: a finger's contact
+    may lie anywhere along the directions it does not move in (two opposed fingers' tips at any height).
+    ValueError if a contact has no offset from the origin in those directions, or is further than
+    `max_angle_deg` from its finger."""
+    span = finger_span(travel_directions)
+    offsets = (contacts - origin) @ span.T @ span
     distances = np.linalg.norm(offsets, axis=1)
     if np.any(distances < 1e-6):
-        raise ValueError("a contact lies at the object origin, so its finger cannot be told from its direction")
+        worst = int(np.argmin(distances))
+        raise ValueError(
+            f"contact {worst} lies level with the object origin in every direction the configured fingers travel, so "
+            "its finger cannot be told from its side (give its direction in contact_directions)")
     start_directions = -travel_directions / np.linalg.norm(travel_directions, axis=1, keepdims=True)
     cosines = (offsets / distances[:, None]) @ start_directions.T  # [k, fingers]
     contact_index, finger_index = linear_sum_assignment(-cosines)
@@ -441,19 +458,17 @@ class ShapeEngine:
                 fingers[free] = np.arange(free.size)
             directions = np.where(given[:, None], np.zeros_like(contacts) if travel is None else travel,
                                   self.finger_directions[np.maximum(fingers, 0)])
-        return Observation(contacts, fingers, partial, origin, directions, None if contacts is None else given)
+        return Observation(contacts, fingers, partial, origin, directions)
 
     def build_domain(self, observation: Observation) -> Any:
         as_tensor = lambda array: torch.as_tensor(array, dtype=self.dtype, device=self.device)  # noqa: E731
         domains: list[Any] = []
         if observation.contacts is not None:
-            anchors = None
-            if observation.anchored.any():  # given directions: the finger's line passes through its contact
-                anchors = as_tensor(np.where(observation.anchored[:, None], observation.contacts, observation.origin))
+            contacts = as_tensor(observation.contacts)  # each finger's line passes through its contact
             domains.append(
                 GraspDomain(
-                    as_tensor(observation.contacts), as_tensor(observation.directions),
-                    as_tensor(observation.origin), self.finger_radius_m, float(self.config["length_scale_m"]), anchors,
+                    contacts, as_tensor(observation.directions),
+                    as_tensor(observation.origin), self.finger_radius_m, float(self.config["length_scale_m"]), contacts,
                 )
             )
         if observation.partial_cloud is not None:

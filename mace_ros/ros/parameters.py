@@ -155,7 +155,8 @@ PARAMETERS: dict[str, ParameterSpec] = {
         array_type=Parameter.Type.DOUBLE_ARRAY),
     "shape.finger_matching": ParameterSpec(
         "direction: each contact goes to the finger on its side of the object; ordered: contact i to finger i."),
-    "shape.max_contact_angle_deg": ParameterSpec("Largest angle (deg) between a contact and its finger's side.", 0.0, 180.0),
+    "shape.max_contact_angle_deg": ParameterSpec("Largest angle (deg) between a contact without a direction and its finger's side, "
+                                                  "in the directions the fingers travel.", 0.0, 180.0),
     "shape.max_contacts": ParameterSpec(
         "Most contacts in one InferShape (request or ~/contacts, which keeps the latest this many).", 1, 1024),
     "shape.min_std_ratio": ParameterSpec(
