@@ -21,6 +21,11 @@ object_origin (where the samples are placed): by default the true bounding-box c
 origin, where `datasets` centres objects); `--origin fingertips` uses the mean of the observed
 fingertips instead, an estimate a robot could make.
 
+`--grasp-kind topdown`: one grasp per object by the engine's default hand (the Panda hand pointing down,
+closing along the base y axis), at a height drawn uniformly within ±`--max-height-fraction` of the object's
+height around its centre and up to `--max-offset-m` off it along x, its contacts sent **without
+directions** (matched to the configured fingers, as a client that does not report directions sends them).
+
     PYTHONPATH=. .venv/bin/python bench/shape_grasps.py --threads 1   # ~5 min on this 2-core CPU
 """
 from __future__ import annotations
@@ -76,6 +81,22 @@ def two_finger_grasps(cloud: torch.Tensor, count: int, rng: np.random.Generator,
     return np.asarray(contacts), np.asarray(directions), redraws
 
 
+def topdown_grasp(cloud: torch.Tensor, rng: np.random.Generator, radius_m: float, max_offset_m: float,
+                  max_height_fraction: float, fingers: np.ndarray) -> tuple[np.ndarray, int]:
+    """One grasp of `cloud` [N, 3] by `fingers` [2, 3] (travel directions on one line), its line through the
+    centre shifted along x and in height: contacts [2, 3], redraws."""
+    low, high = cloud.amin(0).double().numpy(), cloud.amax(0).double().numpy()
+    centre = (low + high) / 2
+    for redraws in range(MAX_GRASP_TRIES):
+        point = centre + [rng.uniform(-max_offset_m, max_offset_m), 0.0,
+                          rng.uniform(-max_height_fraction, max_height_fraction) * (high[2] - low[2])]
+        found, valid = grasp_contacts(cloud.double().unsqueeze(0), torch.from_numpy(fingers), None, radius_m,
+                                      torch.from_numpy(np.stack([point, point])))
+        if bool(valid.all()):
+            return found[0].numpy(), redraws
+    raise RuntimeError("no top-down grasp touches this object")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-in-distribution", type=int, default=6, help="objects of the training families")
@@ -85,10 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=16, help="samples per answer (the engine's default)")
     parser.add_argument("--max-offset-m", type=float, default=0.01, help="grasp line offset from the centre, at most")
     parser.add_argument("--origin", choices=("true", "fingertips"), default="true")
+    parser.add_argument("--grasp-kind", choices=("random", "topdown"), default="random",
+                        help="random closing axes with directions, or one top-down grasp without (the module docstring)")
+    parser.add_argument("--max-height-fraction", type=float, default=0.4, help="topdown: grasp height off the centre, at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_grasps.json")
     args = parser.parse_args(argv)
+    if args.grasp_kind == "topdown" and args.grasps != [1]:
+        parser.error("--grasp-kind topdown takes --grasps 1: contacts without directions are one grasp's")
 
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
@@ -106,9 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for index, (setting, cloud_np, family) in enumerate(objects):
         cloud = torch.from_numpy(cloud_np)
-        contacts, directions, redraws = two_finger_grasps(cloud, max(args.grasps), rng, radius_m, args.max_offset_m)
+        if args.grasp_kind == "topdown":
+            contacts, redraws = topdown_grasp(cloud, rng, radius_m, args.max_offset_m, args.max_height_fraction, engine.finger_directions)
+            directions = None
+        else:
+            contacts, directions, redraws = two_finger_grasps(cloud, max(args.grasps), rng, radius_m, args.max_offset_m)
         for grasps in args.grasps:
-            used, travel = contacts[: 2 * grasps], directions[: 2 * grasps]
+            used, travel = contacts[: 2 * grasps], None if directions is None else directions[: 2 * grasps]
             origin = np.zeros(3) if args.origin == "true" else used.mean(axis=0)
             row = {"object": index, "setting": setting, "family": family, "grasps": grasps, "redraws": redraws}
             for method, iterations in (("prior", 0), ("mace", args.iterations)):
@@ -116,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                                        tuning_iterations=iterations, timeout_s=120.0, random_seed=args.seed * 1000 + index,
                                        contact_directions=travel)
                 result = engine.infer(request)
-                if not result.samples.size:
-                    raise RuntimeError(f"{method} on object {index}: {result.message}")
+                if not result.samples.size:  # refused (an invalid request): counted, left out of the means
+                    row[method] = {"refused": result.message}
+                    continue
                 samples = torch.from_numpy(result.samples).float()
                 truth = cloud.float().unsqueeze(0).expand(samples.shape[0], -1, -1)
                 with torch.no_grad():
@@ -127,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
                                "elapsed_s": result.elapsed_s, "iterations_done": result.tuning_iterations_done,
                                "message": result.message}
             rows.append(row)
+            if any("refused" in row[method] for method in ("prior", "mace")):
+                print(f"{setting} {family} #{index} g={grasps}: refused: {row['mace'].get('refused', row['prior'].get('refused'))}")
+                continue
             print(f"{setting} {family} #{index} g={grasps}: prior {row['prior']['score']:.3f} / {row['prior']['chamfer_m2'] * 1e4:.2f} cm², "
                   f"MACE {row['mace']['score']:.3f} / {row['mace']['chamfer_m2'] * 1e4:.2f} cm² "
                   f"({row['mace']['elapsed_s']:.1f} s; {(time.monotonic() - started) / 60:.1f} min)", flush=True)
@@ -134,10 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     for setting in ("in_distribution", "held_out", "all"):
         summary[setting] = {}
         for grasps in args.grasps:
-            chosen = [r for r in rows if r["grasps"] == grasps and setting in ("all", r["setting"])]
+            asked = [r for r in rows if r["grasps"] == grasps and setting in ("all", r["setting"])]
+            chosen = [r for r in asked if not any("refused" in r[method] for method in ("prior", "mace"))]
             if not chosen:
                 continue
-            entry = {"num_objects": len(chosen)}
+            entry = {"num_objects": len(chosen), "refused": len(asked) - len(chosen)}
             for method in ("prior", "mace"):
                 for key in ("score", "chamfer_m2", "best_chamfer_m2", "diversity_m2", "elapsed_s"):
                     entry[f"{method}_{key}"] = float(np.mean([r[method][key] for r in chosen]))
@@ -159,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     for setting, by_grasps in summary.items():
         for grasps, entry in by_grasps.items():
-            print(f"{setting} g={grasps} (n={entry['num_objects']}): prior {entry['prior_score']:.3f} / {entry['prior_chamfer_m2']:.2e} m², "
+            print(f"{setting} g={grasps} (n={entry['num_objects']}, {entry['refused']} refused): prior {entry['prior_score']:.3f} / {entry['prior_chamfer_m2']:.2e} m², "
                   f"MACE {entry['mace_score']:.3f} / {entry['mace_chamfer_m2']:.2e} m²")
     print(f"wrote {args.out} ({results['wall_time_s']:.0f} s on {device})")
 

@@ -338,7 +338,8 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
         ({"contacts": np.ones((3, 3))}, "only 2 fingers"),
         ({"contacts": np.zeros((1, 3))}, "level with the object origin"),
         ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "level with the object origin"),  # above it: on neither finger's side
-        ({"contacts": np.array([[0.0, 0.05, 0.0], [0.01, 0.04, 0.02]])}, "away from the side"),  # both on one side
+        # Two fingertips of a parallel-jaw grasp level with each other along its closing axis.
+        ({"contacts": np.array([[0.0, 0.05, 0.0], [0.01, 0.05, 0.02]])}, "level with the object origin"),
         ({"contacts": None, "partial_cloud": np.zeros((3, 3))}, "fewer than"),
         ({"contacts": None, "partial_cloud": np.full((50, 3), np.inf)}, "NaN or infinite"),
         ({"object_origin": np.array([0.0, np.nan, 0.0])}, "object_origin"),
@@ -384,10 +385,17 @@ def test_default_fingers_are_the_panda_hand_and_other_hands_are_configurable(eng
     # The fingers travel along y only: their tips may be at any height and off the origin along x.
     above = engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.02, 0.03, 0.06], [0.02, -0.03, 0.06]]))
     assert above.fingers.tolist() == [0, 1]
+    # ... and each tip is on its side of the other, even where both lie on one side of the origin (the arm of an L).
+    aside = engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.0, 0.07, 0.02], [0.0, 0.01, 0.02]]))
+    assert aside.fingers.tolist() == [0, 1]
     with pytest.raises(ValueError, match="level with the object origin"):
         engine.validate(dataclasses.replace(grasp, contacts=centre + [[0.03, 0.0, 0.0], [-0.03, 0.0, 0.0]]))
     paper_hand = ShapeEngine({"num_fingers": 5, "finger_azimuth_offset_rad": 0.0})
     assert np.allclose(paper_hand.finger_directions, finger_directions(5, dtype=torch.float64).numpy())
+    # Its fingers start 72° apart around the origin: two contacts 10° apart cannot both fit one.
+    beside = centre + 0.04 * np.array([[1.0, 0.0, 0.5], [np.cos(0.17), np.sin(0.17), -0.5]])
+    with pytest.raises(ValueError, match="away from the side"):
+        paper_hand.validate(dataclasses.replace(grasp, contacts=beside))
 
 
 def test_finger_lines_through_their_contacts():

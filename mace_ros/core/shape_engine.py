@@ -25,7 +25,8 @@ Frames and conventions (the request's frame is the robot base frame, z up):
   "direction" (default): each contact belongs to the finger that starts on its side of the object,
   i.e. the finger whose start direction (−travel) is closest in angle to (contact − origin), both taken
   in the directions the finger set spans (for the Panda hand's 2 fingers, only the offset along y: a
-  top-down grasp's fingertips may be at any height and off the origin along x); contacts are assigned
+  top-down grasp's fingertips may be at any height and off the origin along x; and fingers on one line
+  take their contacts' middle for the origin: each tip lies on its side of the other); contacts are assigned
   one-to-one (Hungarian assignment), so the request may list them in any order; a contact with no
   offset in those directions, or more than `max_contact_angle_deg` away from its finger, is refused.
   Fingers with no contact in the request are left out of the score (an unreported finger may simply
@@ -277,16 +278,21 @@ def match_contacts_to_fingers(
     """Finger index [k] of each contact [k, 3]: one-to-one, by the angle between (contact − origin)
     and each finger's start direction (−travel), in the directions the fingers span: a finger's contact
     may lie anywhere along the directions it does not move in (two opposed fingers' tips at any height).
-    ValueError if a contact has no offset from the origin in those directions, or is further than
+    Fingers that travel along one line (a parallel-jaw gripper) have their contacts' middle, not the
+    origin, as reference: each fingertip lies on its side of the other, while the part of an object the
+    grasp met may lie off its centre (an L-shaped part's arm).
+    ValueError if a contact has no offset from the reference in those directions, or is further than
     `max_angle_deg` from its finger."""
     span = finger_span(travel_directions)
-    offsets = (contacts - origin) @ span.T @ span
+    reference = contacts.mean(axis=0) if span.shape[0] == 1 and contacts.shape[0] > 1 else origin
+    offsets = (contacts - reference) @ span.T @ span
     distances = np.linalg.norm(offsets, axis=1)
     if np.any(distances < 1e-6):
         worst = int(np.argmin(distances))
         raise ValueError(
-            f"contact {worst} lies level with the object origin in every direction the configured fingers travel, so "
-            "its finger cannot be told from its side (give its direction in contact_directions)")
+            f"contact {worst} lies level with the object origin (or, for opposed fingers, with the other contacts) in every "
+            "direction the configured fingers travel, so its finger cannot be told from its side (give its direction in "
+            "contact_directions)")
     start_directions = -travel_directions / np.linalg.norm(travel_directions, axis=1, keepdims=True)
     cosines = (offsets / distances[:, None]) @ start_directions.T  # [k, fingers]
     contact_index, finger_index = linear_sum_assignment(-cosines)
