@@ -214,6 +214,16 @@ def test_infer_shape_accepts_a_top_down_grasp_above_the_origin_without_direction
     assert len(response.samples) == 4 and 0.0 < response.mean_score <= 1.0
 
 
+def test_a_grasp_no_object_fits_answers_no_solution(mace):
+    """Fingertips 80 cm apart, wider than any object of the prior (at most 25 cm): answered, with samples,
+    but NO_SOLUTION, which a client tells from an engine bug (FAILURE) without parsing the message."""
+    wide = [Point(x=0.5, y=0.4, z=0.1), Point(x=0.5, y=-0.4, z=0.1)]
+    response = when_ready(mace.infer_shape, shape_request(
+        contacts=wide, contact_directions=[Vector3(y=-1.0), Vector3(y=1.0)], num_samples=2, tuning_iterations=0))
+    assert not response.success and response.error_code == InferShape.Response.NO_SOLUTION, response.message
+    assert "no sample is consistent with the observation" in response.message and len(response.samples) == 2
+
+
 def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(mace):
     publisher = mace.node.create_publisher(PoseArray, "/mace/contacts", 10)
     deadline = time.monotonic() + 5.0

@@ -24,7 +24,7 @@ def test_goal_and_result_carry_the_service_fields():
     a field added to one must be added to the other."""
     assert InferShapeAction.Goal.get_fields_and_field_types() == InferShape.Request.get_fields_and_field_types()
     assert InferShapeAction.Result.get_fields_and_field_types() == InferShape.Response.get_fields_and_field_types()
-    for name in ("SUCCESS", "FAILURE", "TIMED_OUT", "FRAME_TRANSFORM_FAILURE", "INVALID_REQUEST",
+    for name in ("SUCCESS", "FAILURE", "NO_SOLUTION", "TIMED_OUT", "FRAME_TRANSFORM_FAILURE", "INVALID_REQUEST",
                  "ENGINE_LOADING", "ENGINE_UNAVAILABLE"):
         assert getattr(InferShapeAction.Result, name) == getattr(InferShape.Response, name), name
 

@@ -750,7 +750,7 @@ class MaceNode(Node):
         response.success = bool(result.success)
         timed_out = getattr(result, "failure_kind", "") == "timeout"
         response.error_code = getattr(
-            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "FAILURE")
+            InferShape.Response, "SUCCESS" if result.success else "TIMED_OUT" if timed_out else "NO_SOLUTION")
         response.message = result.message
         samples = samples[:len(clouds)]
         response.samples = clouds
