@@ -278,13 +278,15 @@ def match_contacts_to_fingers(
     """Finger index [k] of each contact [k, 3]: one-to-one, by the angle between (contact − origin)
     and each finger's start direction (−travel), in the directions the fingers span: a finger's contact
     may lie anywhere along the directions it does not move in (two opposed fingers' tips at any height).
-    Fingers that travel along one line (a parallel-jaw gripper) have their contacts' middle, not the
-    origin, as reference: each fingertip lies on its side of the other, while the part of an object the
-    grasp met may lie off its centre (an L-shaped part's arm).
+    Fingers that close toward each other on one line (a parallel-jaw gripper) have their contacts' middle,
+    not the origin, as reference: each fingertip lies on its side of the other, while the part of an
+    object the grasp met may lie off its centre (an L-shaped part's arm).
     ValueError if a contact has no offset from the reference in those directions, or is further than
     `max_angle_deg` from its finger."""
     span = finger_span(travel_directions)
-    reference = contacts.mean(axis=0) if span.shape[0] == 1 and contacts.shape[0] > 1 else origin
+    along = travel_directions @ span[0]
+    opposed = span.shape[0] == 1 and along.min() < 0.0 < along.max()  # fingers closing toward each other on one line
+    reference = contacts.mean(axis=0) if opposed and contacts.shape[0] > 1 else origin
     offsets = (contacts - reference) @ span.T @ span
     distances = np.linalg.norm(offsets, axis=1)
     if np.any(distances < 1e-6):
