@@ -222,6 +222,7 @@ def test_a_grasp_no_object_fits_answers_no_solution(mace):
         contacts=wide, contact_directions=[Vector3(y=-1.0), Vector3(y=1.0)], num_samples=2, tuning_iterations=0))
     assert not response.success and response.error_code == InferShape.Response.NO_SOLUTION, response.message
     assert "no sample is consistent with the observation" in response.message and len(response.samples) == 2
+    assert "is object_origin the object's centre?" in response.message  # 0.4 m from it: no shape reaches that far
 
 
 def test_contacts_topic_accumulates_grasps_with_their_directions_until_cleared(mace):

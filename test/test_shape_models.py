@@ -472,6 +472,19 @@ def test_contacts_without_directions_above_the_origin_are_scored_on_their_own_fi
     assert result.success, result.message
 
 
+def test_contacts_out_of_every_shapes_reach_say_so(engine):
+    """object_origin left at the frame's origin, half a metre from a grasp: nothing fits, and the message says
+    that no shape placed there reaches the contacts (a grasp the shapes reach gets no such hint)."""
+    grasp = np.array([[0.5, 0.04, 0.1], [0.5, -0.04, 0.1]])
+    travel = np.array([[0.0, -1.0, 0.0], [0.0, 1.0, 0.0]])
+    assert 0.05 < engine.prior_reach_m < 0.5
+    misplaced = engine.infer(ShapeRequest(grasp, None, np.zeros(3), num_samples=2, tuning_iterations=0, contact_directions=travel))
+    assert not misplaced.success and "contact 0 is 0.51 m from object_origin" in misplaced.message, misplaced.message
+    too_wide = engine.infer(ShapeRequest(grasp * [1.0, 2.0, 1.0], None, np.array([0.5, 0.0, 0.1]), num_samples=2, tuning_iterations=0,
+                                         contact_directions=travel))
+    assert too_wide.success or "object_origin" not in too_wide.message, too_wide.message
+
+
 def test_tuning_never_returns_worse_than_the_prior():
     """A learning rate that makes σ_z collapse within a few iterations: the samples still score at
     least as well as the same seed's prior samples (the best θ seen, θ_0 included, or the prior's)."""

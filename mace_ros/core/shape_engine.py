@@ -143,6 +143,7 @@ DIVERSITY_TIME_SHARE = 0.1
 # samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
 # leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
 SELECTION_TIME_SHARE = 0.1
+PRIOR_REACH_SAMPLES = 256
 
 # The default finger set, for contacts without a direction: the Panda hand pointing down, its two
 # fingers starting at +y and -y and closing toward each other.
@@ -380,6 +381,11 @@ class ShapeEngine:
             )
         self.finger_directions = (directions / directions.norm(dim=1, keepdim=True)).numpy()
         self.finger_radius_m = float(self.config["finger_radius_m"]) or density_matched_finger_radius(self.vae.num_points)
+        # How far the prior's shapes reach from their centre (the farthest point of PRIOR_REACH_SAMPLES draws), to
+        # tell a request whose contacts no shape placed at object_origin can touch why nothing fits.
+        with torch.no_grad():
+            draws = MaceVAEPrior(self.vae).sample(PRIOR_REACH_SAMPLES, torch.Generator(device=self.device).manual_seed(0))
+        self.prior_reach_m = float(draws.norm(dim=-1).max())
         # The first torch.optim.Adam of a process imports torch._dynamo (seconds on a small CPU): pay it
         # here rather than inside the first request's timeout.
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
@@ -609,7 +615,7 @@ class ShapeEngine:
         if diversity_used < min(diversity_count, samples.shape[0]):
             message += f"; diversity over the best {diversity_used} samples (timeout)"
         if not success:
-            message += "; no sample is consistent with the observation"
+            message += "; no sample is consistent with the observation" + self._unreachable_contacts_hint(observation)
         return ShapeResult(
             success=success,
             message=message,
@@ -622,6 +628,18 @@ class ShapeEngine:
             elapsed_s=time.monotonic() - started,
             diversity_by_count=diversity_by_count,
         )
+
+    def _unreachable_contacts_hint(self, observation: Observation) -> str:
+        """Why nothing fit, when it is the placement: a contact farther from object_origin than the prior's
+        shapes reach (e.g. object_origin left at the frame's origin)."""
+        if observation.contacts is None:
+            return ""
+        distances_m = np.linalg.norm(observation.contacts - observation.origin, axis=1)
+        farthest = int(np.argmax(distances_m))
+        if distances_m[farthest] <= self.prior_reach_m:
+            return ""
+        return (f" (contact {farthest} is {distances_m[farthest]:.2f} m from object_origin, farther than the prior's shapes "
+                f"reach from their centre, {self.prior_reach_m:.2f} m: is object_origin the object's centre?)")
 
     def diversity_by_count(self, samples: torch.Tensor, deadline_at: float | None = None,
                            checkpoint: Callable[[], None] | None = None) -> np.ndarray:
