@@ -62,6 +62,19 @@ def test_shipped_vae_matches_its_metadata(vae):
     assert torch.allclose(vae.prior_log_std.exp(), torch.full((128,), metadata["prior_std"]), rtol=1e-3)  # fp16 storage
 
 
+def test_encoder_in_eval_mode_folds_its_batch_norms_without_changing_the_posterior(vae):
+    """Serving encodes with each BatchNorm folded into its convolution: the same posterior as the layers
+    themselves give (training keeps the layers, whose statistics it updates)."""
+    clouds = torch.from_numpy(np.stack([object_cloud(family, 3)[:vae.num_points] for family in ("box", "mug", "torus")])) / vae.scale_m
+    encoder = vae.encoder.eval()
+    with torch.no_grad():
+        mean, log_variance = encoder(clouds)
+        pooled = encoder.point_features(clouds.transpose(1, 2)).amax(dim=2)
+        hidden = encoder.global_features(pooled)
+        assert torch.allclose(mean, encoder.mean_head(hidden), atol=1e-4)
+        assert torch.allclose(log_variance, encoder.log_variance_head(hidden), atol=1e-4)
+
+
 def test_vae_samples_are_object_sized_clouds(vae):
     prior = MaceVAEPrior(vae, torch.tensor([0.4, -0.1, 0.3]))
     samples = prior.sample(16, torch.Generator().manual_seed(0))
