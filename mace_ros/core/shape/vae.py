@@ -63,8 +63,8 @@ class PointNetEncoder(nn.Module):
 
     def _folded_point_features(self, clouds: torch.Tensor) -> torch.Tensor:
         """`point_features` in eval mode as one matrix product per layer over the points [B, P, C], each
-        BatchNorm folded into its 1x1 convolution (its running statistics are constants there): 13 % less
-        time per MACE iteration on one CPU thread, where encoding the elites takes most of it."""
+        BatchNorm folded into its 1x1 convolution (its running statistics are constants there): a MACE
+        iteration, most of which is encoding its elites, took 18 % less time on one CPU thread (BENCHMARKS.md)."""
         features = clouds
         modules = list(self.point_features)
         for convolution, norm in zip(modules[0::3], modules[1::3]):
