@@ -92,4 +92,6 @@ def test_requests_sent_while_the_engines_load_wait_for_them_within_their_timeout
     assert served.success, served.message
     assert "IK engine ready after" in log
     if short.error_code == GetIK.Response.ENGINE_LOADING:  # else the engines had loaded within 0.15 s
-        assert 0.14 <= short.elapsed_s <= 0.3, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"
+        # Refused once the load could no longer leave it half its time (0.15 s), answered by the rule's timeout_s +
+        # SLACK_S even when the loading engine holds the interpreter lock for ~0.2 s (a full garbage collection).
+        assert 0.14 <= short.elapsed_s <= 0.3 + SLACK_S, f"ENGINE_LOADING after {short.elapsed_s:.3f} s: {short.message}"
