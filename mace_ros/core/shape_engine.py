@@ -143,6 +143,7 @@ DIVERSITY_TIME_SHARE = 0.1
 # samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
 # leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
 SELECTION_TIME_SHARE = 0.1
+# Prior draws whose farthest point measures the prior's reach (`ShapeEngine.prior_reach_m`; ~16 ms at start-up).
 PRIOR_REACH_SAMPLES = 256
 
 # The default finger set, for contacts without a direction: the Panda hand pointing down, its two

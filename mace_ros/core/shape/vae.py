@@ -60,7 +60,6 @@ class PointNetEncoder(nn.Module):
         hidden = self.global_features(pooled)
         return self.mean_head(hidden), self.log_variance_head(hidden)
 
-
     def _folded_point_features(self, clouds: torch.Tensor) -> torch.Tensor:
         """`point_features` in eval mode as one matrix product per layer over the points [B, P, C], each
         BatchNorm folded into its 1x1 convolution (its running statistics are constants there): a MACE
