@@ -54,8 +54,8 @@ def test_leaves_other_middlewares_and_user_settings_alone(clean_environment, nam
 
 
 def test_the_intake_process_gets_the_users_environment(clean_environment):
-    """The intake runs Fast DDS's LARGE_DATA transports unless the user configures Fast DDS: the node's
-    own reply profile must not read as such a configuration there."""
+    """The intake runs Fast DDS as the user configured it: without the node's own reply profile, with the
+    user's own profile file."""
     clean_environment.setenv("ROS_DOMAIN_ID", "7")
     user = dict(os.environ)
     assert free_reply_buffers(config_dir())

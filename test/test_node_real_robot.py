@@ -196,6 +196,29 @@ def test_a_stopped_node_leaves_no_shared_memory_behind(tmp_path):
     assert not [name for name in files if Path(name).exists()]
 
 
+def test_topics_reach_a_node_started_with_ros_localhost_only(tmp_path, monkeypatch):
+    """The intake forced Fast DDS's LARGE_DATA transports on itself, and under ROS_LOCALHOST_ONLY=1 (or the
+    default discovery range) it then never discovered publishers on the default transports: /joint_states,
+    clouds, markers and contacts went unheard, silently. A goal in panda_hand needs a joint state."""
+    monkeypatch.delenv("ROS_AUTOMATIC_DISCOVERY_RANGE", raising=False)
+    monkeypatch.setenv("ROS_LOCALHOST_ONLY", "1")
+    monkeypatch.setenv("ROS_DOMAIN_ID", str(random.SystemRandom().randint(150, 200)))
+    with running_node(["-r", "__node:=mace_localhost"], {}, tmp_path / "mace_node.log", "mace_localhost") as (client, _):
+        joints = client.node.create_publisher(JointState, "/joint_states", 10)
+        state = JointState(name=[f"panda_joint{i}" for i in range(1, 8)], position=[0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8])
+        request = panda_ik_request("panda_hand", timeout_s=5.0)
+        request.goal.pose.position = Point(x=0.0, y=0.0, z=0.05)  # 5 cm ahead of the hand, pointing as it does
+        request.goal.pose.orientation.x, request.goal.pose.orientation.w = 0.0, 1.0
+        deadline = time.monotonic() + 30.0
+        while True:
+            joints.publish(state)
+            response = client.when_loaded(client.get_ik, request, ENGINE_WAIT_S)
+            if response.error_code != GetIK.Response.FRAME_TRANSFORM_FAILURE or time.monotonic() > deadline:
+                break
+            client.executor.spin_once(timeout_sec=0.5)
+        assert response.success, response.message
+
+
 def test_sigint_with_a_request_in_flight_exits_within_one_second(fr3):
     client, node = fr3
     in_flight = client.infer_shape_client.call_async(long_shape_request(8.0))

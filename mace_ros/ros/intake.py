@@ -59,8 +59,6 @@ PARENT_CHECK_PERIOD_S = 0.5
 MARKER_OPERATIONS_PER_UPDATE = 128
 # The intake's scheduling priority below the node's (see run_intake).
 INTAKE_NICENESS = 10
-# Environment variables through which a user configures Fast DDS's transports (see run_intake).
-DDS_SETTINGS_VARIABLES = ("FASTDDS_BUILTIN_TRANSPORTS", "FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 INTAKE_EXECUTOR_THREADS = 2  # markers and contacts, each in its own callback group (clouds, joint states: see IntakeNode)
 # /joint_states are taken in batches this often (PolledSubscription), up to this many at a time: a 1 kHz
 # controller's for 0.1 s, should the intake be busy.
@@ -513,12 +511,9 @@ def run_intake(connection: Connection, node_pid: int) -> None:
         with send_lock:
             connection.send(message)
 
-    # Camera clouds (10-30 MB) cross Fast DDS's default transports as UDP fragments: on the 2-core
-    # development machine an idle subscriber received 26 of 300 640 x 480 clouds sent at 30 Hz. With
-    # Fast DDS's LARGE_DATA builtin transports (shared memory and TCP for data) on this side alone,
-    # 127 of 300; on both sides, 166. A user's own Fast DDS transport settings are kept.
-    if not any(name in os.environ for name in DDS_SETTINGS_VARIABLES):
-        os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    # Fast DDS's transports stay what the user's environment says. Forcing LARGE_DATA here (it once took more
+    # camera clouds) left this process unable to discover participants on the default transports under
+    # ROS_LOCALHOST_ONLY=1 or the default discovery range: every input topic went silently dead.
     rclpy.init(args=[], signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
     node = IntakeNode(settings, send)
     send(IntakeReady())

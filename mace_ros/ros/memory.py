@@ -108,8 +108,8 @@ def free_reply_buffers(config_dir: Path) -> bool:
 
 
 def without_reply_buffer_settings(environment: dict[str, str], config_dir: Path) -> dict[str, str]:
-    """`environment` less what free_reply_buffers set: the intake process has no services, and a profile
-    file in its environment would read as the user's own Fast DDS configuration."""
+    """`environment` less what free_reply_buffers set: the intake process has no services, and otherwise
+    runs Fast DDS as the user configured it."""
     if environment.get("FASTDDS_DEFAULT_PROFILES_FILE") != str(config_dir / REPLY_WRITER_PROFILES):
         return dict(environment)
     return {name: value for name, value in environment.items()
