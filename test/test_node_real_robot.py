@@ -219,6 +219,30 @@ def test_topics_reach_a_node_started_with_ros_localhost_only(tmp_path, monkeypat
         assert response.success, response.message
 
 
+def test_each_answer_is_logged_at_its_level(ros_isolation, tmp_path):
+    """Successes at DEBUG, failures at INFO, refusals as warnings, each answer one line. rclpy ties a severity
+    to each call site and raises at another, and every answer's line went through one call: only lines at
+    the level of the node's first logged answer appeared, the others' errors vanished in a thread pool."""
+    log_path = tmp_path / "mace_node.log"
+    arguments = ["-r", "__node:=mace_log", "--log-level", "mace_log:=debug"]
+    with running_node(arguments, ros_isolation, log_path, "mace_log") as (client, _):
+        solved = client.when_loaded(client.get_ik, panda_ik_request(timeout_s=5.0), ENGINE_WAIT_S)
+        assert solved.success, solved.message
+        refused = client.get_ik(panda_ik_request(timeout_s=-1.0))
+        assert refused.error_code == GetIK.Response.INVALID_REQUEST, refused.message
+        beyond_reach = panda_ik_request(timeout_s=0.3)
+        beyond_reach.goal.pose.position = Point(x=1.05, y=0.0, z=0.333)  # inside the validation's radius
+        failed = client.get_ik(beyond_reach)
+        assert not failed.success and failed.error_code != GetIK.Response.INVALID_GOAL, failed.message
+        expected = ["GetIK: success", "GetIK refused:", "GetIK: failure"]
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and not all(line in log_path.read_text() for line in expected):
+            time.sleep(0.1)
+        log = log_path.read_text()
+        assert all(line in log for line in expected), log
+        assert "after an answer" not in log, log
+
+
 def test_sigint_with_a_request_in_flight_exits_within_one_second(fr3):
     client, node = fr3
     in_flight = client.infer_shape_client.call_async(long_shape_request(8.0))

@@ -304,6 +304,18 @@ def resolve_dtype(name: str):
     return dtypes[name]
 
 
+def log_at(logger: Any, level: str, message: str) -> None:
+    """`message` at `level` ("debug", "info" or "warning"). rclpy ties one severity to each call site
+    and raises if a site logs at another, so each level has its own call here (one shared
+    getattr(logger, level) call lost every answer's line whose level differed from the first's)."""
+    if level == "warning":
+        logger.warning(message)
+    elif level == "info":
+        logger.info(message)
+    else:
+        logger.debug(message)
+
+
 class MaceNode(Node):
     def __init__(self, defaults_file: Path | None = None) -> None:
         super().__init__(NODE_NAME)
@@ -774,10 +786,16 @@ class MaceNode(Node):
 
     def _after_answer(self, work: Callable[[], Any]) -> None:
         """work() in the after-answer thread, handed over once this request's response is sent."""
-        after_callback(lambda: self._after_answer_pool.submit(work))
+        def logged_work() -> None:
+            try:
+                work()
+            except Exception as error:  # in a pool's future it would vanish unseen
+                self.get_logger().error(f"after an answer: {type(error).__name__}: {error}")
+
+        after_callback(lambda: self._after_answer_pool.submit(logged_work))
 
     def _log_after_answer(self, level: str, message: str) -> None:
-        self._after_answer(lambda: getattr(self.get_logger(), level)(message))
+        self._after_answer(lambda: log_at(self.get_logger(), level, message))
 
     def _publish(self, publisher: Publisher, message: Any) -> None:
         # On Ctrl-C the context shuts down while a request may still be finishing its work.
