@@ -280,6 +280,19 @@ def test_cuda_matches_cpu(random_clouds) -> None:
     assert torch.equal(cuda_valid.cpu(), cpu_valid)
 
 
+def test_diverse_selection_keeps_a_ruled_out_draw_only_when_nothing_consistent_is_left() -> None:
+    """A draw scoring 0 lies far from the consistent ones, so by diversity it was picked (an answer held a
+    25 cm-wide shape for a 6 cm grasp): now only once every draw scoring above 0 is chosen."""
+    generator = torch.Generator().manual_seed(4)
+    unit = torch.nn.functional.normalize(torch.randn(128, 3, generator=generator, dtype=torch.float64), dim=1)
+    consistent = [(0.03 + 0.001 * index) * unit for index in range(6)]
+    samples = torch.stack(consistent + [0.25 * unit, 0.3 * unit])
+    scores = torch.tensor([0.9, 0.89, 0.88, 0.87, 0.86, 0.85, 0.0, 0.0], dtype=torch.float64)
+    assert max(diverse_selection(samples, scores, 6, 5.0).tolist()) < 6
+    assert sorted(diverse_selection(samples, scores, 7, 5.0).tolist())[:6] == list(range(6))
+    assert set(diverse_selection(samples, torch.zeros(8, dtype=torch.float64), 3, 5.0).tolist()) <= set(range(8))
+
+
 def test_diverse_selection_spreads_over_distinct_shapes_that_score_almost_as_well(monkeypatch) -> None:
     """Ten near-copies of one sphere score highest, ten spheres of other radii a little lower: by score
     alone the copies are kept; with a diversity weight the other shapes come in, the best one first, and

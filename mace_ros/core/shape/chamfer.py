@@ -156,7 +156,8 @@ def diverse_selection(
     """Indices of `count` of `samples` [M, N, 3], chosen greedily by score plus diversity (maximal
     marginal relevance): first the best-scoring one, then each time the candidate maximising
     score + diversity_weight * (its Chamfer distance to the nearest one chosen) / (the mean distance
-    of the candidates to the first). Weight 0 is the `count` best-scoring ones.
+    of the candidates to the first), among those scoring above 0 while any is left. Weight 0 is the
+    `count` best-scoring ones.
 
     Near-copies of a chosen shape gain nothing, so among shapes consistent with an observation the
     set spreads over the different ones instead of the most frequent. Distances use
@@ -199,10 +200,17 @@ def diverse_selection(
     if nearest is None:
         return filled_by_score()
     scale = nearest.mean().clamp_min(torch.finfo(nearest.dtype).tiny)
+    # A draw the observation rules out (score 0) is far from every consistent one, so diversity alone
+    # would pick it: it is kept only once no consistent draw is left.
+    ruled_out = scores <= 0
+    consistent_left = int((~ruled_out).sum()) - int(not bool(ruled_out[order[0]]))
     while len(order) < count:
         value = scores.to(nearest.dtype) + diversity_weight * nearest / scale
         value[chosen] = -torch.inf
+        if consistent_left > 0:
+            value[ruled_out] = -torch.inf
         index = int(torch.argmax(value))
+        consistent_left -= int(not bool(ruled_out[index]))
         order.append(index)
         chosen[index] = True
         if len(order) == count:
