@@ -265,6 +265,13 @@ def test_partial_cloud_score() -> None:
     assert 0.5 < float(scores[1]) < 1.0 and float(scores[2]) < 0.01
     domain_scores = PartialCloudDomain(observed, temperature=5000.0, k=5).score(candidates)
     assert bool(((domain_scores > 0) & (domain_scores <= 1)).all()) and float(domain_scores[1]) > float(domain_scores[2])
+    # Capped terms: a sample that no observed point comes within the cap of scores 0 (it was exp(-τ cap²) > 0,
+    # so "no sample fits" could never be answered for a partial cloud); one within reach keeps its score.
+    far = whole + torch.tensor([0.3, 0.0, 0.0])
+    near = whole + torch.tensor([0.03, 0.0, 0.0])
+    capped = partial_cloud_score(observed, torch.stack([whole, far, near]), 5000.0, 5, 0.05)
+    assert float(capped[1]) == 0.0 and float(capped[0]) > 0.9 and float(capped[2]) > 0.0
+    assert float(partial_cloud_score(observed, (whole + 0.07)[None], 5000.0, 5)[0]) > 0.0  # no cap: not 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

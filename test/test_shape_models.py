@@ -498,6 +498,20 @@ def test_contacts_out_of_every_shapes_reach_say_so(engine):
     assert too_wide.success or "object_origin" not in too_wide.message, too_wide.message
 
 
+def test_a_partial_cloud_out_of_every_shapes_reach_fits_nothing(engine):
+    """A partial cloud half a metre from object_origin: every sample scored exp(-τ cap²) > 0, so the answer
+    was a success that fit nothing; now nothing fits, and the message says where the cloud lies. The same
+    cloud around its object_origin fits."""
+    generator = np.random.default_rng(3)
+    side = np.column_stack([np.full(200, -0.03), generator.uniform(-0.03, 0.03, (200, 2))])  # a box's face
+    centre = np.array([0.5, 0.0, 0.1])
+    misplaced = engine.infer(ShapeRequest(None, side + centre + [0.5, 0.0, 0.0], centre, num_samples=4, tuning_iterations=3))
+    assert not misplaced.success and float(misplaced.scores.max()) == 0.0, misplaced.message
+    assert "the partial cloud's nearest point is 0.47 m from object_origin" in misplaced.message, misplaced.message
+    placed = engine.infer(ShapeRequest(None, side + centre, centre, num_samples=4, tuning_iterations=3))
+    assert placed.success and "object_origin" not in placed.message, placed.message
+
+
 def test_tuning_never_returns_worse_than_the_prior():
     """A learning rate that makes σ_z collapse within a few iterations: the samples still score at
     least as well as the same seed's prior samples (the best θ seen, θ_0 included, or the prior's)."""

@@ -616,7 +616,7 @@ class ShapeEngine:
         if diversity_used < min(diversity_count, samples.shape[0]):
             message += f"; diversity over the best {diversity_used} samples (timeout)"
         if not success:
-            message += "; no sample is consistent with the observation" + self._unreachable_contacts_hint(observation)
+            message += "; no sample is consistent with the observation" + self._unreachable_observation_hint(observation)
         return ShapeResult(
             success=success,
             message=message,
@@ -630,17 +630,24 @@ class ShapeEngine:
             diversity_by_count=diversity_by_count,
         )
 
-    def _unreachable_contacts_hint(self, observation: Observation) -> str:
-        """Why nothing fit, when it is the placement: a contact farther from object_origin than the prior's
-        shapes reach (e.g. object_origin left at the frame's origin)."""
-        if observation.contacts is None:
-            return ""
-        distances_m = np.linalg.norm(observation.contacts - observation.origin, axis=1)
-        farthest = int(np.argmax(distances_m))
-        if distances_m[farthest] <= self.prior_reach_m:
-            return ""
-        return (f" (contact {farthest} is {distances_m[farthest]:.2f} m from object_origin, farther than the prior's shapes "
-                f"reach from their centre, {self.prior_reach_m:.2f} m: is object_origin the object's centre?)")
+    def _unreachable_observation_hint(self, observation: Observation) -> str:
+        """Why nothing fit, when it is the placement: a contact, or a partial cloud's every point, farther from
+        object_origin than the prior's shapes reach (e.g. object_origin left at the frame's origin)."""
+        reach_m = self.prior_reach_m
+        if observation.contacts is not None:
+            distances_m = np.linalg.norm(observation.contacts - observation.origin, axis=1)
+            farthest = int(np.argmax(distances_m))
+            if distances_m[farthest] > reach_m:
+                return (f" (contact {farthest} is {distances_m[farthest]:.2f} m from object_origin, farther than the prior's "
+                        f"shapes reach from their centre, {reach_m:.2f} m: is object_origin the object's centre?)")
+        if observation.partial_cloud is not None:
+            nearest_m = float(np.linalg.norm(observation.partial_cloud - observation.origin, axis=1).min())
+            reach_m += float(self.config["partial_outlier_distance_m"])  # a point counts up to this far from a shape
+            if nearest_m > reach_m:
+                return (f" (the partial cloud's nearest point is {nearest_m:.2f} m from object_origin, farther than the "
+                        f"prior's shapes reach from their centre plus partial_outlier_distance_m, {reach_m:.2f} m: is "
+                        f"object_origin the object's centre?)")
+        return ""
 
     def diversity_by_count(self, samples: torch.Tensor, deadline_at: float | None = None,
                            checkpoint: Callable[[], None] | None = None) -> np.ndarray:

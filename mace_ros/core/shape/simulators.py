@@ -177,6 +177,11 @@ def random_hyperplane_cut(
     return HyperplaneCut(clouds, heights >= offsets_m.unsqueeze(1), normals, offsets_m)
 
 
+# A mean CD_k this close to the cap: every observed point's term is capped (float rounding of their mean
+# aside; one uncapped point in the 1,024 scored lowers it by 1e-3 at least).
+CAPPED_SHARE = 1.0 - 1e-5
+
+
 def partial_cloud_score(
     observed_partial: torch.Tensor,
     samples: torch.Tensor,
@@ -184,9 +189,15 @@ def partial_cloud_score(
     k: int = 5,
     max_distance_m: float | None = None,
 ) -> torch.Tensor:
-    """exp(−τ · CD_k(observed_partial [M, 3], samples [B, N, 3])) -> [B] in (0, 1]; τ in 1/m²; each observed
-    point's term capped at max_distance_m² when given (see knn_chamfer)."""
-    return torch.exp(-temperature * knn_chamfer(observed_partial, samples, k, max_distance_m=max_distance_m))
+    """exp(−τ · CD_k(observed_partial [M, 3], samples [B, N, 3])) -> [B] in [0, 1]; τ in 1/m²; each observed
+    point's term capped at max_distance_m² when given (see knn_chamfer), and then 0 for a sample that no
+    observed point comes within max_distance_m of: it explains none of the observation, as a grasp that
+    misses (the capped terms alone leave exp(−τ · max²) > 0, and "nothing fits" could never be said)."""
+    distances = knn_chamfer(observed_partial, samples, k, max_distance_m=max_distance_m)
+    scores = torch.exp(-temperature * distances)
+    if max_distance_m is None:
+        return scores
+    return torch.where(distances < CAPPED_SHARE * max_distance_m ** 2, scores, torch.zeros_like(scores))
 
 
 class GraspDomain:
