@@ -164,6 +164,8 @@ def test_joint_states_use_panda_joint_names_in_order():
     assert conversions.joint_state_to_positions(JointState()) is None
     with pytest.raises(ValueError, match="lacks joint"):
         conversions.joint_state_to_positions(JointState(name=["panda_joint1"], position=[0.0]))
+    with pytest.raises(ValueError, match="panda_joint1 more than once"):  # accepted before: which value was meant?
+        conversions.joint_state_to_positions(JointState(name=[*state.name, "panda_joint1"], position=[*range(7), 0.5]))
 
 
 def test_joint_states_of_another_prefix_say_so_and_a_grippers_are_ignored():

@@ -118,6 +118,8 @@ def test_unknown_tip_link(mace):
 @pytest.mark.parametrize("seed_state, message", [
     (JointState(position=[0.0] * 6), "seed_state: a JointState without names needs 7 positions"),
     (JointState(name=["panda_joint1"], position=[0.0]), "seed_state: JointState lacks joint(s) panda_joint2"),
+    (JointState(name=[f"panda_joint{i}" for i in (1, 2, 3, 4, 5, 6, 7, 1)], position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 0.0, 0.3]),
+     "seed_state: JointState names joint(s) panda_joint1 more than once"),
     (JointState(position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, math.nan]), "NaN"),
     (JointState(position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 1e300]), "panda_joint7 = 1e+300 rad is outside its limits"),
     (JointState(position=[0.0, 0.0, 0.0, 1.5, 0.0, 1.5, 0.0]), "panda_joint4 = 1.5 rad is outside its limits"),

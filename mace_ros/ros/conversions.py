@@ -329,6 +329,9 @@ def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()
         if len(state.name) != positions.size:
             raise ValueError(f"JointState has {len(state.name)} names but {positions.size} positions")
         by_name = dict(zip(state.name, positions))
+        if len(by_name) != len(state.name):  # which of a name's values would be meant?
+            repeated = sorted({name for name in state.name if list(state.name).count(name) > 1})
+            raise ValueError(f"JointState names joint(s) {', '.join(repeated)} more than once")
         missing = [name for name in joint_names if name not in by_name]
         if missing:
             raise ValueError(f"JointState lacks joint(s) {', '.join(missing)}")
