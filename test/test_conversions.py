@@ -106,6 +106,14 @@ def test_missing_z_is_a_clear_error():
         conversions.pointcloud2_to_xyz(cloud)
 
 
+def test_integer_coordinates_are_a_clear_error():
+    """An INT16 cloud in millimetres was read as metres: phantom obstacles a metre away."""
+    cloud = make_cloud([("x", 0, PointField.INT16), ("y", 2, PointField.INT16), ("z", 4, PointField.INT16)], 6,
+                       [struct.pack("<hhh", 1, 0, 0)], width=1)
+    with pytest.raises(ValueError, match="x, y, z are integers"):
+        conversions.pointcloud2_to_xyz(cloud)
+
+
 def test_truncated_data_and_fields_past_point_step_are_errors():
     short = make_cloud(XYZ_F32, 12, [struct.pack("<fff", *POINTS[0])], width=2)
     with pytest.raises(ValueError, match="data has 12 bytes"):

@@ -119,6 +119,9 @@ def _all_xyz(cloud: PointCloud2) -> np.ndarray:
         present = ", ".join(field.name for field in cloud.fields) or "none"
         raise ValueError(f"PointCloud2 lacks field(s) {', '.join(missing)} (fields: {present})")
     dtype = cloud_dtype(cloud, XYZ)
+    integral = [name for name in XYZ if dtype.fields[name][0].kind != "f"]
+    if integral:  # integers in some unit (a driver's millimetres) read as metres would place phantom obstacles
+        raise ValueError(f"PointCloud2 field(s) {', '.join(integral)} are integers: x, y, z must be FLOAT32 or FLOAT64 metres")
     formats = [dtype.fields[name][0] for name in XYZ]
     offsets = [dtype.fields[name][1] for name in XYZ]
     scalar = formats[0]
