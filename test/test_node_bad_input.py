@@ -219,6 +219,32 @@ def test_garbage_on_topics_leaves_the_node_serving(mace):
     assert response.message  # answered: solved, or why not (e.g. engine unavailable)
 
 
+def test_an_invalid_marker_replaces_the_obstacle_of_its_key(mace):
+    """rviz replaces a key's marker with whatever is sent under it: an ARROW sent as ns/id of a cube left the
+    cube in the obstacle model while rviz showed an arrow. The ARROW is refused, and the cube is gone."""
+    from test_node_services import Latest
+
+    publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", 10)
+    scene_topic = Latest(mace, MarkerArray, "/mace/scene")
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cube = Marker(header=Header(frame_id="panda_link0"), ns="replaced", id=1, type=Marker.CUBE, action=Marker.ADD,
+                  pose=Pose(position=Point(x=-0.5, y=0.5, z=0.05), orientation=Quaternion(w=1.0)))
+    cube.scale.x = cube.scale.y = cube.scale.z = 0.0321
+    is_cube = lambda m: m.type == Marker.CUBE and abs(m.scale.x - 0.0321) < 1e-6  # noqa: E731
+    try:
+        publisher.publish(MarkerArray(markers=[cube]))
+        scene_topic.wait_for(lambda markers: any(is_cube(m) for m in markers.markers), timeout_s=20.0)
+        scene_topic.messages.clear()
+        arrow = Marker(header=cube.header, ns="replaced", id=1, type=Marker.ARROW, action=Marker.ADD, pose=cube.pose, scale=cube.scale)
+        publisher.publish(MarkerArray(markers=[arrow]))
+        scene_topic.wait_for(lambda markers: not any(is_cube(m) for m in markers.markers), timeout_s=20.0)
+    finally:
+        publisher.publish(MarkerArray(markers=[Marker(ns="replaced", action=Marker.DELETEALL)]))
+        mace.node.destroy_publisher(publisher)
+
+
 def test_a_marker_of_absurd_size_is_refused_and_get_ik_keeps_working(mace):
     """A cube of 1e300 m would swallow the robot (and overflow float32 distances into NaN gradients):
     it is refused like any invalid marker, while a normal marker of the same message is applied."""

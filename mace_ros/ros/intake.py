@@ -463,6 +463,8 @@ class IntakeNode(Node):
             except (ValueError, ImportError) as error:
                 invalid += 1
                 first_error = first_error or f"{conversions.marker_key(marker)}: {error}"
+                if marker.action == Marker.ADD:  # as rviz replaces a key's marker: its old obstacle is not meant any more
+                    operations.append(("remove", conversions.marker_key(marker), None, 0))
         # In pieces: unpickling one message holds the node's GIL, and 5000 primitives took ~0.1-0.2 s.
         for start in range(0, len(operations), MARKER_OPERATIONS_PER_UPDATE):
             self._send(MarkerUpdate(operations[start:start + MARKER_OPERATIONS_PER_UPDATE]))
