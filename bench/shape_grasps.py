@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, FAMILIES, generate_tabletop_dataset
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="random closing axes with directions, or one top-down grasp without (the module docstring)")
     parser.add_argument("--max-height-fraction", type=float, default=0.4, help="topdown: grasp height off the centre, at most")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ShapeEngine setting instead of its default (repeatable), e.g. prior_anchor_weight=0")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_grasps.json")
     args = parser.parse_args(argv)
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
     command = "PYTHONPATH=. .venv/bin/python bench/shape_grasps.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine()
+    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
     radius_m = engine.finger_radius_m
     # Objects never seen in training (training uses seeds 0 and 1); seeds differ from shape_inference.py's.
     in_distribution, in_families = generate_tabletop_dataset(args.num_in_distribution, GROUND_TRUTH_POINTS, seed=3000 + args.seed)

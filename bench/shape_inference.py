@@ -122,6 +122,7 @@ def run_observation(
     started = time.monotonic()
     iteration_times: list[float] = []
     prior.bound_std(args.min_std_ratio)
+    prior.anchor_to_prior(args.prior_anchor_weight)
     best_theta = BestTheta(prior.tunable_parameters())
     curve: list[dict] = []  # the returned posterior after each of args.record_at iterations
     recording = {"s": 0.0}
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target-score", type=float, default=0.9)
     parser.add_argument("--min-std-ratio", type=float, default=0.0,
                         help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
+    parser.add_argument("--prior-anchor-weight", type=float, default=0.0,
+                        help="MACE's loss adds this x KL(p(u; theta) || the prior) (the engine's shape.prior_anchor_weight; 0 = none)")
     parser.add_argument("--oversampling", type=int, default=1,
                         help="MACE returns the best num-samples of this many times as many draws (the engine's shape.result_oversampling)")
     parser.add_argument("--diversity-weight", type=float, default=0.0,
@@ -290,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "cvae_metadata": json.loads(args.cvae_weights.with_suffix(".json").read_text()),
         "preset": dataclasses.asdict(tuning_preset(args)),
         "min_std_ratio": args.min_std_ratio,
+        "prior_anchor_weight": args.prior_anchor_weight,
         "best_theta": args.best_theta,
         "oversampling": args.oversampling,
         "diversity_weight": args.diversity_weight,

@@ -64,6 +64,8 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   max_contact_angle_deg   largest angle between a contact and its finger's side
   max_contacts            most contacts a request may carry (with or without directions)
   min_std_ratio           tuning keeps σ_z >= this times the prior's σ_z (0 = unbounded)
+  prior_anchor_weight     λ of λ · KL(p(u; θ) || p(u; θ_0)) in the tuning loss (0 = none; see
+                          `MaceVAEPrior.anchor_to_prior`)
   finger_radius_m         finger pad radius; 0 = matched to the model's point density (see
                           `density_matched_finger_radius`)
   length_scale_m          grasp score length scale s: max(1 − mean error / s, 0)
@@ -178,6 +180,9 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     "max_contact_angle_deg": 45.0,
     "max_contacts": 64,
     "min_std_ratio": 1.0,
+    # The elites pull μ_z against 0.2 prior pseudo-observations: without it μ_z drifted where the score is
+    # flat, to shapes beyond the training set (BENCHMARKS.md, "Tuning anchored to the prior").
+    "prior_anchor_weight": 0.2,
     "finger_radius_m": 0.0,
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
@@ -561,6 +566,7 @@ class ShapeEngine:
         if iterations > 0 and tuning_s > 0.0:
             preset = self.tuning_preset(preset_name, iterations)
             prior.bound_std(float(config["min_std_ratio"]))
+            prior.anchor_to_prior(float(config["prior_anchor_weight"]))
             tuning = mace_tune(prior, domain, preset, deadline_s=tuning_s, generator=generator, keep_best=num_samples,
                                chunk_size=chunk, on_iteration=remember_best_theta, after_step=prior.project)
             best_theta.restore()

@@ -161,6 +161,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "Most contacts in one InferShape (request or ~/contacts, which keeps the latest this many).", 1, 1024),
     "shape.min_std_ratio": ParameterSpec(
         "Tuning keeps the latent sigma_z >= this times the prior's (0 = unbounded; keeps the posterior diverse).", 0.0, 1.0),
+    "shape.prior_anchor_weight": ParameterSpec(
+        "Tuning's loss adds this x KL(tuned latent prior || the trained one): the latent means move only as far "
+        "as the elites keep pulling (0 = none).", 0.0, 100.0),
     "shape.finger_radius_m": ParameterSpec("Finger pad radius (m); 0 = matched to the model's point density.", 0.0, 0.1),
     "shape.length_scale_m": ParameterSpec("Grasp score length scale s (m): max(1 - mean contact error / s, 0).", 1e-6, 10.0),
     "shape.temperature_per_m2": ParameterSpec("Partial-cloud score temperature: exp(-temperature * Chamfer).", 0.0, 1e9),

@@ -288,12 +288,15 @@ class MaceVAEPrior:
         # Lower bound on log σ_z (None = unbounded), enforced by `project` after each tuning step.
         self.min_log_std: torch.Tensor | None = None
         self._min_log_std_host: np.ndarray | None = None  # the same on the host (project_host runs M times per iteration)
+        self.anchor_weight = 0.0  # λ of the loss's λ · KL(p(u; θ) || p(u; θ_0)), see `anchor_to_prior`
+        self._anchor_host: tuple[np.ndarray, np.ndarray] | None = None
 
     def __deepcopy__(self, memo: dict) -> "MaceVAEPrior":
         # The importance-sampling baseline deep-copies the prior as θ_0: share the frozen network and
         # its posterior cache (q(z|x) does not depend on θ), copy θ.
         twin = MaceVAEPrior(self.vae, self.origin, self.posterior_cache)
         twin.min_log_std, twin._min_log_std_host = self.min_log_std, self._min_log_std_host
+        twin.anchor_weight, twin._anchor_host = self.anchor_weight, self._anchor_host
         with torch.no_grad():
             twin.mean.copy_(self.mean)
             twin.log_std.copy_(self.log_std)
@@ -314,6 +317,18 @@ class MaceVAEPrior:
         self.min_log_std = None if min_std_ratio <= 0 else self.vae.prior_log_std.detach() + math.log(min_std_ratio)
         self._min_log_std_host = None if self.min_log_std is None else self.min_log_std.double().cpu().numpy()
         self.project()
+
+    def anchor_to_prior(self, weight: float) -> None:
+        """Add weight · KL(p(u; θ) || p(u; θ_0)) to the tuning loss (0 = none): the elites pull μ_z as far as
+        they keep pulling, against weight prior pseudo-observations per iteration, and no further. Without
+        it μ_z drifts wherever the score is flat (what the observation does not constrain, e.g. the height
+        of an object grasped from its sides) by the elites' small biases, and with σ_z kept at the prior's
+        the samples leave the prior's typical set: a 12 cm cylinder grasped from two sides came back as
+        shapes 30-50 cm tall, far beyond the training set's 25 cm."""
+        self.anchor_weight = float(weight)
+        # θ_0's μ_z and 1 / σ_z² on the host, for elite_loss_gradient (M times per iteration).
+        self._anchor_host = (self.vae.prior_mean.detach().double().cpu().numpy(),
+                             np.exp(-2.0 * self.vae.prior_log_std.detach().double().cpu().numpy()))
 
     def project_host(self, theta: np.ndarray) -> np.ndarray:
         """`project` on a flat host θ = (μ_z, log σ_z) (mace.ClosedFormElitePrior)."""
@@ -349,6 +364,10 @@ class MaceVAEPrior:
         log_std_part *= inverse_variance
         np.subtract(1.0, log_std_part, out=log_std_part)
         offset *= inverse_variance
+        if self.anchor_weight > 0.0:  # + λ ∇ KL(N(μ, σ²) || N(μ_0, σ_0²)): λ (μ − μ_0) / σ_0², λ (σ² / σ_0² − 1)
+            prior_mean, prior_inverse_variance = self._anchor_host
+            gradient[:latent] += self.anchor_weight * (mean - prior_mean) * prior_inverse_variance
+            gradient[latent:] += self.anchor_weight * (np.exp(2.0 * log_std) * prior_inverse_variance - 1.0)
         return gradient
 
     def project(self) -> None:
@@ -385,6 +404,10 @@ class MaceVAEPrior:
         return self.posterior_cache.get(clouds_m, encode)
 
     def tuning_log_likelihood(self, clouds_m: torch.Tensor) -> torch.Tensor:
-        """−KL(q(z|x) || p(z; θ)) [n]; differentiable in θ only."""
+        """−KL(q(z|x) || p(z; θ)) [n], less `anchor_weight` · KL(p(z; θ) || p(z; θ_0)); differentiable in θ only."""
         mean_q, log_variance_q = self.posterior(clouds_m)
-        return -gaussian_kl(mean_q, log_variance_q, self.mean, self.log_std)
+        log_likelihood = -gaussian_kl(mean_q, log_variance_q, self.mean, self.log_std)
+        if self.anchor_weight > 0.0:
+            log_likelihood = log_likelihood - self.anchor_weight * gaussian_kl(
+                self.mean, 2.0 * self.log_std, self.vae.prior_mean, self.vae.prior_log_std)
+        return log_likelihood
