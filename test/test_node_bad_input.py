@@ -219,9 +219,8 @@ def test_garbage_on_topics_leaves_the_node_serving(mace):
     assert response.message  # answered: solved, or why not (e.g. engine unavailable)
 
 
-def test_an_invalid_marker_replaces_the_obstacle_of_its_key(mace):
-    """rviz replaces a key's marker with whatever is sent under it: an ARROW sent as ns/id of a cube left the
-    cube in the obstacle model while rviz showed an arrow. The ARROW is refused, and the cube is gone."""
+def obstacles_and_scene(mace):
+    """A publisher on the node's ~/obstacles, once the intake subscribes, and a reader of its ~/scene."""
     from test_node_services import Latest
 
     publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", 10)
@@ -229,6 +228,13 @@ def test_an_invalid_marker_replaces_the_obstacle_of_its_key(mace):
     deadline = time.monotonic() + 10.0
     while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
+    return publisher, scene_topic
+
+
+def test_an_invalid_marker_replaces_the_obstacle_of_its_key(mace):
+    """rviz replaces a key's marker with whatever is sent under it: an ARROW sent as ns/id of a cube left the
+    cube in the obstacle model while rviz showed an arrow. The ARROW is refused, and the cube is gone."""
+    publisher, scene_topic = obstacles_and_scene(mace)
     cube = Marker(header=Header(frame_id="panda_link0"), ns="replaced", id=1, type=Marker.CUBE, action=Marker.ADD,
                   pose=Pose(position=Point(x=-0.5, y=0.5, z=0.05), orientation=Quaternion(w=1.0)))
     cube.scale.x = cube.scale.y = cube.scale.z = 0.0321
@@ -248,13 +254,9 @@ def test_an_invalid_marker_replaces_the_obstacle_of_its_key(mace):
 def test_a_marker_of_absurd_size_is_refused_and_get_ik_keeps_working(mace):
     """A cube of 1e300 m would swallow the robot (and overflow float32 distances into NaN gradients):
     it is refused like any invalid marker, while a normal marker of the same message is applied."""
-    from test_node_services import Latest, when_ready
+    from test_node_services import when_ready
 
-    publisher = mace.node.create_publisher(MarkerArray, "/mace/obstacles", 10)
-    scene_topic = Latest(mace, MarkerArray, "/mace/scene")
-    deadline = time.monotonic() + 10.0
-    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    publisher, scene_topic = obstacles_and_scene(mace)
     absurd = Marker(header=Header(frame_id="panda_link0"), ns="absurd", id=1, type=Marker.CUBE, action=Marker.ADD,
                     pose=Pose(position=Point(x=0.5, z=0.3), orientation=Quaternion(w=1.0)))
     absurd.scale.x = absurd.scale.y = absurd.scale.z = 1e300
