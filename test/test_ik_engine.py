@@ -53,6 +53,17 @@ def test_an_unsolvable_goal_fails_only_at_the_deadline_saying_what_blocked_it(en
         assert (distances + torch.eye(len(result.solutions)) * 1e9).min() >= engine.config["min_separation_rad"]
 
 
+def test_a_seed_at_a_joint_limit_that_reaches_the_goal_makes_it_a_collision(engine):
+    """A hand pose below the box's floor reached with joint 2 exactly at its upper limit: the diagnosis's LM
+    from prior samples does not reach it within the limits, so it read as "beyond the joint limits" even
+    with that configuration as the seed; the seed joins the diagnosis's starts."""
+    q = torch.tensor([[0.0, JOINT_UPPER[1], 0.0, -1.0, 0.0, 2.5, 0.785]], dtype=torch.float64)
+    position, rotation = PandaKinematics(dtype=torch.float64).forward(q, "panda_hand")
+    quaternion = matrix_to_quaternion(rotation)[0].numpy()
+    result = engine.solve(request(position[0].numpy(), quaternion, timeout_s=1.0, num_solutions=1, seed_state=q[0].numpy()), BOX_SCENE)
+    assert not result.success and result.failure_kind == "collision", result.message
+
+
 def test_a_tuning_count_below_minus_one_is_refused():
     with pytest.raises(ValueError, match="tuning_iterations"):
         IKRequest(np.zeros(3), None, "panda_hand", 1, 1024, -2, 1.0)

@@ -497,7 +497,7 @@ class IKEngine:
                 work_deadline = min(work_deadline, started + first_solved_s * (1.0 + config["more_solutions_time_factor"]))
             if len(solved) == 0 and not diagnosed:
                 with _timed(stage_times_s, "diagnosis"):
-                    failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline), True
+                    failure_kind, diagnosed = self._diagnose(prior, goal, generator, work_deadline, seed), True
             # A round always draws its first chunk of samples: one that cannot get half a minimum round
             # would only overrun the deadline.
             if work_deadline - time.monotonic() < 0.5 * config["min_round_s"]:
@@ -797,11 +797,16 @@ class IKEngine:
                 fresh.append(index)
         return kept.cat(new.subset(torch.tensor(fresh, dtype=torch.long, device=new.q.device)))
 
-    def _diagnose(self, prior: GoalConditionedPrior, goal: IKGoal, generator: torch.Generator, deadline_at: float) -> str:
-        """What blocks the goal: an LM from plain prior samples ignoring collisions, then also ignoring
-        the joint limits. Each stops at its first success, so a reachable goal costs a few iterations."""
+    def _diagnose(self, prior: GoalConditionedPrior, goal: IKGoal, generator: torch.Generator, deadline_at: float,
+                  seed: torch.Tensor | None = None) -> str:
+        """What blocks the goal: an LM from plain prior samples (and the seed, when the caller gave one)
+        ignoring collisions, then also ignoring the joint limits. Each stops at its first success, so a
+        reachable goal costs a few iterations. Without the seed, a goal reachable only with a joint at its
+        limit read as beyond the limits even when the seed reached it there."""
         with torch.no_grad():
             starts = prior.sample(DIAGNOSIS_STARTS, generator)
+        if seed is not None:
+            starts = torch.cat([seed.to(starts), starts])
         for kind, respect_limits in (("collision", True), ("joint_limits", False)):
             refined = refine_candidates(
                 starts, goal, None, None,
