@@ -203,14 +203,15 @@ def diverse_selection(
     # A draw the observation rules out (score 0) is far from every consistent one, so diversity alone
     # would pick it: it is kept only once no consistent draw is left.
     ruled_out = scores <= 0
-    consistent_left = int((~ruled_out).sum()) - int(not bool(ruled_out[order[0]]))
+    ruled_out_host = ruled_out.cpu().numpy()  # read per chosen index: one copy, not a sync each
+    consistent_left = int((~ruled_out_host).sum()) - int(not ruled_out_host[order[0]])
     while len(order) < count:
         value = scores.to(nearest.dtype) + diversity_weight * nearest / scale
         value[chosen] = -torch.inf
         if consistent_left > 0:
             value[ruled_out] = -torch.inf
         index = int(torch.argmax(value))
-        consistent_left -= int(not bool(ruled_out[index]))
+        consistent_left -= int(not ruled_out_host[index])
         order.append(index)
         chosen[index] = True
         if len(order) == count:

@@ -177,8 +177,8 @@ def random_hyperplane_cut(
     return HyperplaneCut(clouds, heights >= offsets_m.unsqueeze(1), normals, offsets_m)
 
 
-# A mean CD_k this close to the cap: every observed point's term is capped (float rounding of their mean
-# aside; one uncapped point in the 1,024 scored lowers it by 1e-3 at least).
+# A mean CD_k this close to the cap: every observed point's term is capped (the tolerance is for float
+# rounding of their mean; one observed point of the at most 1,024 scored that lies on a sample lowers it by 1e-3).
 CAPPED_SHARE = 1.0 - 1e-5
 
 
