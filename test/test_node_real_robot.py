@@ -33,7 +33,7 @@ NODE_NAME = "mace_fr3"
 # The shape engine's oversampling, configured (3 instead of the shipped 8), reaches requests too; so do
 # explicit finger directions (the Panda hand's, as the default set: the empty default is declared dynamically typed).
 FINGER_DIRECTIONS = [0.0, -1.0, 0.0, 0.0, 1.0, 0.0]
-ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5",
+ARGUMENTS = ["-r", f"__node:={NODE_NAME}", "-p", "robot_prefix:=fr3_", "-p", "ik.timeout_s:=5", "-p", "workspace.min_m:=[-2,-2,-1]",
              "-p", "shape.result_oversampling:=3", "-p", f"shape.finger_directions:={FINGER_DIRECTIONS}"]
 ENGINE_WAIT_S = 180.0
 FR3_JOINTS = [f"fr3_joint{i}" for i in range(1, 8)]
@@ -68,6 +68,8 @@ def test_integer_for_a_double_parameter(fr3):
 
     value = timeout_parameter()
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 5.0)
+    value = answer(client.executor, lambda: parameters.get_parameters(["workspace.min_m"])).values[0]
+    assert (value.type, list(value.double_array_value)) == (ParameterType.PARAMETER_DOUBLE_ARRAY, [-2.0, -2.0, -1.0])
     value = answer(client.executor, lambda: parameters.get_parameters(["shape.finger_directions"])).values[0]
     assert (value.type, list(value.double_array_value)) == (ParameterType.PARAMETER_DOUBLE_ARRAY, FINGER_DIRECTIONS)
     # At run time too (`ros2 param set /mace_fr3 ik.timeout_s 3`).
@@ -75,6 +77,25 @@ def test_integer_for_a_double_parameter(fr3):
     assert result.successful, result.reason
     value = timeout_parameter()
     assert (value.type, value.double_value) == (ParameterType.PARAMETER_DOUBLE, 3.0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ik.timeout_s:=fast", "parameter 'ik.timeout_s' must be a number, got 'fast'"),
+    ("ik.timeout_s:=1000.0", "ik.timeout_s"),  # beyond its range
+    ("shape.finger_directions:=down", "parameter 'shape.finger_directions' must be an array of numbers"),
+])
+def test_a_wrong_parameter_stops_the_start_with_a_message(ros_isolation, tmp_path, override, message):
+    """A wrong value at start-up: one line that names the parameter, exit status 1, no traceback (a string
+    for shape.finger_directions was even taken, and failed later in the engine without its name)."""
+    log_path = tmp_path / "mace_node.log"
+    with log_path.open("w") as log:
+        node = NodeProcess(installed_executable(), ["-r", "__node:=mace_wrong", "-p", override], env=ros_isolation, log=log)
+        try:
+            assert node.process.wait(60.0) == 1, log_path.read_text()
+        finally:
+            node.stop()
+    output = log_path.read_text()
+    assert message in output and "Traceback" not in output, output
 
 
 def test_a_default_tip_link_of_another_robot_is_refused_when_set(fr3):

@@ -5,12 +5,14 @@ import os
 import sys
 
 import rclpy
+from rclpy.exceptions import ParameterException
 from rclpy.executors import ExternalShutdownException
 
 from mace_ros.core.resources import config_dir
 from mace_ros.ros.executors import MultiThreadedExecutor
 from mace_ros.ros.memory import bound_malloc, free_reply_buffers
 from mace_ros.ros.node import MaceNode
+from mace_ros.ros.parameters import InvalidParameterError
 
 # Each request holds a thread while it waits for its engine's turn (its deadline running) and while
 # it is served; with this many, a dozen waiting requests still leave threads for the topics.
@@ -29,7 +31,12 @@ def main(args: list[str] | None = None) -> int:
     # Jazzy's rclpy init returns None (the node could not start there).
     rclpy.init(args=args)
     try:
-        node = MaceNode()
+        try:
+            node = MaceNode()
+        except (ParameterException, InvalidParameterError) as error:
+            # A wrong parameter (type, range, value) is the user's to fix: say which, without a traceback.
+            print(f"mace_node: cannot start: {error}", file=sys.stderr)
+            return 1
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
         executor.spin()

@@ -42,7 +42,7 @@ from mace_ros.ros.intake import (
 from mace_ros.ros.obstacles import ObstacleModel, Workspace
 from mace_ros.ros.memory import freeze_loaded_objects
 from mace_ros.ros.conversions import RobotNames
-from mace_ros.ros.parameters import NODE_NAME, declare_parameters, default_parameters_file, section
+from mace_ros.ros.parameters import NODE_NAME, InvalidParameterError, declare_parameters, default_parameters_file, section
 from mace_ros.ros.shape_action import ShapeActionServer
 from mace_ros.ros.requests import (
     ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_batch_arguments, ik_request_arguments,
@@ -326,7 +326,7 @@ class MaceNode(Node):
         # A default tip link of another robot would fail every request that names none: refused when set.
         tip_link_error = self._tip_link_parameter_error([self.get_parameter("ik.tip_link")])
         if tip_link_error is not None:
-            raise ValueError(f"parameter ik.tip_link: {tip_link_error}")
+            raise InvalidParameterError(f"parameter ik.tip_link: {tip_link_error}")
         self.add_on_set_parameters_callback(lambda parameters: SetParametersResult(
             successful=(error := self._tip_link_parameter_error(parameters)) is None, reason=error or ""))
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")

@@ -7,6 +7,7 @@ at run time, the rest are read once when the engines are built.
 """
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,11 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.tuning_time_fraction": ParameterSpec("Share of the timeout given to tuning; the rest to the final sampling.", 0.0, 1.0),
 }
 
+
+class InvalidParameterError(ValueError):
+    """A parameter's value (from -p or a params file) the node cannot start with; the message names it."""
+
+
 UNDOCUMENTED = ParameterSpec("(undocumented: add it to mace_ros/ros/parameters.py)")
 
 
@@ -207,16 +213,25 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _start_value_of_double(node: Node, name: str, default: float) -> float:
-    """The start-up value of a double parameter, where an integer override (-p ik.timeout_s:=5) counts too.
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _start_value_of_double(node: Node, name: str, default: float | list[float]) -> float | list[float]:
+    """The start-up value of a double (or double array) parameter, where integers in an override
+    (-p ik.timeout_s:=5, workspace.min_m: [-1, -1, 0]) count too.
 
     ROS refuses an integer for a declared double (InvalidParameterTypeException at start-up), so the
     override is read through a dynamically typed probe, checked and converted here.
     """
     value = node.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True)).value
     node.undeclare_parameter(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"parameter '{name}' must be a number, got {value!r}")
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple, array.array)) or not all(_is_number(item) for item in value):
+            raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
+        return [float(item) for item in value]
+    if not _is_number(value):
+        raise InvalidParameterError(f"parameter '{name}' must be a number, got {value!r}")
     return float(value)
 
 
@@ -229,6 +244,16 @@ def _integers_as_doubles(node: Node, parameters: list[Parameter]) -> list[Parame
         else parameter
         for parameter in parameters
     ]
+
+
+def _check_array_type(name: str, value: Any, array_type: Parameter.Type) -> None:
+    """A dynamically typed array parameter (declared [] so that any array type may replace it) must hold
+    its documented element type: a string there failed only later, in the engine, without its name."""
+    numeric = array_type in (Parameter.Type.DOUBLE_ARRAY, Parameter.Type.INTEGER_ARRAY)
+    if not numeric or value in ([], None) or (
+            isinstance(value, (list, tuple, array.array)) and all(_is_number(item) for item in value)):
+        return
+    raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
 
 
 def descriptor(name: str, default: Any, spec: ParameterSpec) -> ParameterDescriptor:
@@ -260,7 +285,7 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
     declarations, doubles = [], []
     for name, value in defaults.items():
         spec = PARAMETERS.get(name, UNDOCUMENTED)
-        if isinstance(value, float):
+        if isinstance(value, float) or (isinstance(value, list) and value and all(isinstance(item, float) for item in value)):
             doubles.append((name, _start_value_of_double(node, name, value), descriptor(name, value, spec)))
             continue
         declared = descriptor(name, value, spec)
@@ -268,6 +293,9 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
             declared.dynamic_typing = True
         declarations.append((name, value, declared))
     node.declare_parameters("", declarations)
+    for name, _, declared in declarations:
+        if declared.dynamic_typing:
+            _check_array_type(name, node.get_parameter(name).value, PARAMETERS[name].array_type)
     node.declare_parameters("", doubles, ignore_override=True)  # overrides already read, as doubles
     node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(node, parameters))
     return undocumented
