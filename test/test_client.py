@@ -22,10 +22,18 @@ def test_service_names(ros_isolation):
         assert client.get_ik_client.srv_name == "/robot1/mace/get_ik"
         assert client.infer_shape_client.srv_name == "/robot1/mace/infer_shape"
         assert client.topic("obstacles") == "/robot1/mace/obstacles"
+        assert client.infer_shape_action_name == "/robot1/mace/infer_shape"
     finally:
         client.close()
     client = MaceClient("name_test_client", get_ik_service="/ik", infer_shape_service="/shapes")
     try:
         assert (client.get_ik_client.srv_name, client.infer_shape_client.srv_name) == ("/ik", "/shapes")
+        # `-r ~/infer_shape:=/shapes` moves the action with the service (it looked for /mace/infer_shape).
+        assert client.infer_shape_action_name == "/shapes"
+    finally:
+        client.close()
+    client = MaceClient("name_test_client", infer_shape_action_name="/shape_action")
+    try:
+        assert client.infer_shape_action_name == "/shape_action"
     finally:
         client.close()

@@ -71,13 +71,16 @@ class MaceClient:
 
     The services are `<namespace>/<server_name>/get_ik`, `.../get_ik_batch` and `.../infer_shape`
     (`/mace/...` by default, as `ros2 launch mace_ros mace.launch.py namespace:=NS` serves them under
-    `/NS/mace/...`); explicit service names (e.g. after a remapping) take precedence.
+    `/NS/mace/...`); explicit service names (e.g. after a remapping) take precedence. The InferShape
+    action is named as the service unless `infer_shape_action_name` says otherwise (`-r ~/infer_shape:=X`
+    moves both).
     """
 
     def __init__(self, node_name: str = "mace_client", server_name: str = NODE_NAME, namespace: str = "",
                  get_ik_service: str | None = None, infer_shape_service: str | None = None,
-                 get_ik_batch_service: str | None = None) -> None:
+                 get_ik_batch_service: str | None = None, infer_shape_action_name: str | None = None) -> None:
         self.server = server_prefix(server_name, namespace)
+        self.infer_shape_action_name = infer_shape_action_name or infer_shape_service or self.topic("infer_shape")
         self.context = Context()
         rclpy.init(context=self.context)
         self.node = Node(node_name, context=self.context)
@@ -136,13 +139,13 @@ class MaceClient:
         """A client of the `~/infer_shape` action (created on first use)."""
         if getattr(self, "_infer_shape_action", None) is None:
             self._infer_shape_action = ActionClient(
-                self.node, InferShapeAction, self.topic("infer_shape"), goal_service_qos_profile=SERVICE_QOS,
+                self.node, InferShapeAction, self.infer_shape_action_name, goal_service_qos_profile=SERVICE_QOS,
                 result_service_qos_profile=SERVICE_QOS, cancel_service_qos_profile=SERVICE_QOS)
         return self._infer_shape_action
 
     def wait_for_action_server(self, timeout_s: float) -> None:
         if not self.infer_shape_action.wait_for_server(timeout_sec=timeout_s):
-            raise TimeoutError(f"action {self.topic('infer_shape')} not available after {timeout_s:.0f} s")
+            raise TimeoutError(f"action {self.infer_shape_action_name} not available after {timeout_s:.0f} s")
 
     def _spin_until(self, future: Any, timeout_s: float, what: str) -> Any:
         self.executor.spin_until_future_complete(future, timeout_sec=timeout_s)

@@ -341,7 +341,7 @@ class IntakeNode(Node):
             try:
                 self.process_cloud(cloud, received_ns)
             except Exception as error:  # a bad cloud must not end the thread
-                self.get_logger().error(f"~/obstacle_cloud from '{sensor}' not processed: {type(error).__name__}: {error}")
+                self.get_logger().error(f"{self._cloud_topic} from '{sensor}' not processed: {type(error).__name__}: {error}")
 
     def _match_cloud_publishers(self) -> None:
         """Subscribe reliably when every cloud publisher is reliable, best effort otherwise.
@@ -375,18 +375,18 @@ class IntakeNode(Node):
             cropped = self._voxelizer.voxelize(conversions.pointcloud2_xyz(cloud, settings.point_subsample),
                                                self.frames.to_base(sensor, stamp_ns))
         except ValueError as error:  # UnknownFrameError included
-            self._warn_rejected(f"~/obstacle_cloud from '{sensor}'", error)
+            self._warn_rejected(f"{self._cloud_topic} from '{sensor}'", error)
             return
         if cropped.outside:
             self.get_logger().info(
-                f"~/obstacle_cloud from '{sensor}': dropped {cropped.outside} of {cropped.outside + cropped.inside} points "
+                f"{self._cloud_topic} from '{sensor}': dropped {cropped.outside} of {cropped.outside + cropped.inside} points "
                 f"outside the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
                 throttle_duration_sec=WARNING_PERIOD_S)
         points = cropped.points
         positions = self.robot.joint_states.at(stamp_ns)
         if positions is None:
             self.get_logger().warning(
-                "~/obstacle_cloud: no /joint_states yet, so the robot's own points are not filtered out",
+                f"{self._cloud_topic}: no {self._settings.joint_states_topic} yet, so the robot's own points are not filtered out",
                 throttle_duration_sec=WARNING_PERIOD_S)
         elif points.shape[0]:
             points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), settings.self_filter_padding_m)]
@@ -430,7 +430,7 @@ class IntakeNode(Node):
             contacts = to_base.apply(conversions.points_to_array([pose.position for pose in message.poses], "contacts"))
             directions = conversions.contact_travel_directions(message.poses) @ to_base.rotation.T
         except ValueError as error:
-            self._warn_rejected("~/contacts", error)
+            self._warn_rejected(self._settings.contacts_topic, error)
             return
         self._send(ContactsUpdate(contacts, directions))
 
@@ -471,11 +471,11 @@ class IntakeNode(Node):
         count = len(message.markers)
         if invalid:
             self.get_logger().warning(
-                f"~/obstacles: ignored {invalid} of {count} marker(s) as invalid, e.g. {first_error}",
+                f"{self._settings.markers_topic}: ignored {invalid} of {count} marker(s) as invalid, e.g. {first_error}",
                 throttle_duration_sec=WARNING_PERIOD_S)
         if outside:
             self.get_logger().info(
-                f"~/obstacles: ignored {outside} of {count} marker(s) entirely outside the workspace "
+                f"{self._settings.markers_topic}: ignored {outside} of {count} marker(s) entirely outside the workspace "
                 f"{self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m", throttle_duration_sec=WARNING_PERIOD_S)
 
 

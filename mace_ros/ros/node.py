@@ -392,15 +392,19 @@ class MaceNode(Node):
             self.get_logger().warning(f"the obstacle intake has not subscribed after {INTAKE_START_WAIT_S} s; serving anyway")
         # Reentrant: every request is taken (and its deadline starts) at once, then waits for its engine's turn.
         services_group = ReentrantCallbackGroup()
-        self.create_service(GetIK, "~/get_ik", self.on_get_ik, qos_profile=SERVICE_QOS, callback_group=services_group)
-        self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, qos_profile=SERVICE_QOS,
-                            callback_group=services_group)
-        self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, qos_profile=SERVICE_QOS,
-                            callback_group=services_group)
+        services = [
+            self.create_service(GetIK, "~/get_ik", self.on_get_ik, qos_profile=SERVICE_QOS, callback_group=services_group),
+            self.create_service(GetIKBatch, "~/get_ik_batch", self.on_get_ik_batch, qos_profile=SERVICE_QOS,
+                                callback_group=services_group),
+            self.create_service(InferShape, "~/infer_shape", self.on_infer_shape, qos_profile=SERVICE_QOS,
+                                callback_group=services_group),
+        ]
         self.shape_action = ShapeActionServer(self, services_group)  # ~/infer_shape as an action, with feedback and cancel
 
+        # The names as resolved (remappings included), so that the log says where the services are.
         self.get_logger().info(
-            f"serving {self.get_fully_qualified_name()}/get_ik, /get_ik_batch and /infer_shape (service and action); engines loading")
+            f"serving {', '.join(self.resolve_service_name(service.srv_name) for service in services)} "
+            "(InferShape also as an action); engines loading")
 
     # --- Engines --------------------------------------------------------------------------------
 
