@@ -26,6 +26,7 @@ from std_msgs.msg import Header
 from conftest import answer, ik_request as panda_ik_request, running_node
 from mace_ros.ros.client import NodeProcess, installed_executable
 from mace_ros.core.kinematics import PandaKinematics
+from mace_ros.ros.parameters import default_parameters_file
 from mace_ros.srv import GetIK, InferShape
 
 NODE_NAME = "mace_fr3"
@@ -96,6 +97,34 @@ def test_a_wrong_parameter_stops_the_start_with_a_message(ros_isolation, tmp_pat
             node.stop()
     output = log_path.read_text()
     assert message in output and "Traceback" not in output, output
+
+
+def test_the_shipped_defaults_as_a_params_file_start_both_engines(ros_isolation, tmp_path):
+    """A user's params file begun as a copy of config/mace.yaml: its `finger_directions: []` arrives unset (rcl's
+    YAML parser cannot type an empty list) and reached the shape engine as None, which then failed to load."""
+    copied = tmp_path / "my_mace.yaml"  # for any node name (the shipped file's section is `mace:`)
+    copied.write_text(re.sub(r"^mace:", "/**:", default_parameters_file().read_text(), flags=re.MULTILINE))
+    arguments = ["-r", "__node:=mace_copied", "--params-file", str(copied)]
+    with running_node(arguments, ros_isolation, tmp_path / "mace_node.log", "mace_copied") as (client, _):
+        request = InferShape.Request(header=Header(frame_id="panda_link0"), contacts=CONTACTS, object_origin=Point(x=0.5, z=0.1),
+                                     num_samples=4, tuning_iterations=2)
+        response = client.when_loaded(client.infer_shape, request, ENGINE_WAIT_S)
+        assert response.success, response.message
+
+
+def test_a_misspelled_parameter_is_named_in_a_warning(ros_isolation, tmp_path):
+    """rclpy ignores an override of a parameter the node does not declare: `ik.timeout: 5.0` for ik.timeout_s
+    left the default without a word."""
+    log_path = tmp_path / "mace_node.log"
+    with log_path.open("w") as log:
+        node = NodeProcess(installed_executable(), ["-r", "__node:=mace_typo", "-p", "ik.timeout:=5.0"], env=ros_isolation, log=log)
+        try:
+            deadline = time.monotonic() + 60.0
+            while "ik.timeout (misspelled?)" not in log_path.read_text() and node.running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert "ignoring parameter(s) this node does not have: ik.timeout (misspelled?)" in log_path.read_text()
+        finally:
+            assert node.stop() == 0
 
 
 def test_a_default_tip_link_of_another_robot_is_refused_when_set(fr3):

@@ -322,6 +322,12 @@ class MaceNode(Node):
         self._destroyed = False  # see destroy_node, which also runs on a node whose construction failed
         for name in declare_parameters(self, defaults_file or default_parameters_file()):
             self.get_logger().warning(f"parameter '{name}' has no description in mace_ros/ros/parameters.py")
+        # rclpy ignores overrides of undeclared parameters: a misspelled one (ik.timeout for ik.timeout_s) would
+        # silently leave the default. QoS overrides are rclpy's own, read where publishers are made.
+        unknown = sorted(name for name in getattr(self, "_parameter_overrides", {})
+                         if not self.has_parameter(name) and not name.startswith("qos_overrides."))
+        if unknown:
+            self.get_logger().warning(f"ignoring parameter(s) this node does not have: {', '.join(unknown)} (misspelled?)")
         self.names = RobotNames(self.get_parameter("robot_prefix").value)
         # A default tip link of another robot would fail every request that names none: refused when set.
         tip_link_error = self._tip_link_parameter_error([self.get_parameter("ik.tip_link")])

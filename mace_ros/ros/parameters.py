@@ -246,14 +246,22 @@ def _integers_as_doubles(node: Node, parameters: list[Parameter]) -> list[Parame
     ]
 
 
-def _check_array_type(name: str, value: Any, array_type: Parameter.Type) -> None:
-    """A dynamically typed array parameter (declared [] so that any array type may replace it) must hold
-    its documented element type: a string there failed only later, in the engine, without its name."""
+def _start_value_of_empty_array(node: Node, name: str, array_type: Parameter.Type) -> list:
+    """The start-up value of an array parameter whose default is [] (declared with dynamic typing, so
+    that an override of any array type replaces it), checked against its documented element type.
+
+    An empty list in a params file (config/mace.yaml's own `finger_directions: []`, copied by a user)
+    arrives unset, since rcl's YAML parser cannot type it: that is the default [] (it reached the
+    shape engine as None). A string there failed only later, in the engine, without its name.
+    """
+    value = node.declare_parameter(name, [], ParameterDescriptor(dynamic_typing=True)).value
+    node.undeclare_parameter(name)
+    if value is None:
+        return []
     numeric = array_type in (Parameter.Type.DOUBLE_ARRAY, Parameter.Type.INTEGER_ARRAY)
-    if not numeric or value in ([], None) or (
-            isinstance(value, (list, tuple, array.array)) and all(_is_number(item) for item in value)):
-        return
-    raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
+    if numeric and not (isinstance(value, (list, tuple, array.array)) and all(_is_number(item) for item in value)):
+        raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
+    return list(value)
 
 
 def descriptor(name: str, default: Any, spec: ParameterSpec) -> ParameterDescriptor:
@@ -282,21 +290,19 @@ def declare_parameters(node: Node, defaults_file: Path) -> list[str]:
     if missing:
         raise ValueError(f"{defaults_file} lacks default(s) for {', '.join(missing)}")
     undocumented = sorted(set(defaults) - set(PARAMETERS))
-    declarations, doubles = [], []
+    declarations, probed = [], []  # probed: start-up values read, checked and converted here
     for name, value in defaults.items():
         spec = PARAMETERS.get(name, UNDOCUMENTED)
         if isinstance(value, float) or (isinstance(value, list) and value and all(isinstance(item, float) for item in value)):
-            doubles.append((name, _start_value_of_double(node, name, value), descriptor(name, value, spec)))
-            continue
-        declared = descriptor(name, value, spec)
-        if spec.array_type is not None and value == []:
+            probed.append((name, _start_value_of_double(node, name, value), descriptor(name, value, spec)))
+        elif spec.array_type is not None and value == []:
+            declared = descriptor(name, value, spec)
             declared.dynamic_typing = True
-        declarations.append((name, value, declared))
+            probed.append((name, _start_value_of_empty_array(node, name, spec.array_type), declared))
+        else:
+            declarations.append((name, value, descriptor(name, value, spec)))
     node.declare_parameters("", declarations)
-    for name, _, declared in declarations:
-        if declared.dynamic_typing:
-            _check_array_type(name, node.get_parameter(name).value, PARAMETERS[name].array_type)
-    node.declare_parameters("", doubles, ignore_override=True)  # overrides already read, as doubles
+    node.declare_parameters("", probed, ignore_override=True)  # overrides already read
     node.add_pre_set_parameters_callback(lambda parameters: _integers_as_doubles(node, parameters))
     return undocumented
 
