@@ -50,8 +50,12 @@ from mace_ros.ros.memory import (
 WARNING_PERIOD_S = 5.0
 # How often the cloud subscription re-matches its publishers' reliability (see _match_cloud_publishers).
 CLOUD_QOS_CHECK_PERIOD_S = 1.0
-# Once the node is gone, the intake's executor gets this long to stop before the process ends regardless.
+# Once the node is gone, the intake's executors get this long to stop (and its joint-state thread half of it).
 EXIT_GRACE_S = 1.0
+# ... and the process ends this long after it began leaving, whatever rclpy does: longer than those bounded
+# waits, so that it normally deletes its DDS participant first (a timer of EXIT_GRACE_S could end it before,
+# leaving its ~1 MB of /dev/shm behind: seen once in a clean-clone CI run under load).
+EXIT_DEADLINE_S = 3.0
 # A dead intake process (killed, out of memory) is started again after this long.
 RESTART_DELAY_S = 1.0
 PARENT_CHECK_PERIOD_S = 0.5
@@ -491,8 +495,8 @@ def run_intake(connection: Connection, node_pid: int) -> None:
 
     def leave() -> None:
         """Stops the executor: its thread then deletes the node and ends the process (below), or a timer
-        does after EXIT_GRACE_S, whatever rclpy does meanwhile."""
-        exit_timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(0,))
+        does after EXIT_DEADLINE_S, whatever rclpy does meanwhile."""
+        exit_timer = threading.Timer(EXIT_DEADLINE_S, os._exit, args=(0,))
         exit_timer.daemon = True
         exit_timer.start()
         rclpy.try_shutdown()

@@ -217,6 +217,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_number_array(value: Any) -> bool:
+    return isinstance(value, (list, tuple, array.array)) and all(_is_number(item) for item in value)
+
+
+def _start_override(node: Node, name: str, default: Any) -> Any:
+    """The start-up value of `name` (`default` unless -p or a params file override it), whatever its type:
+    read through a dynamically typed probe, so that the caller checks and converts it."""
+    value = node.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True)).value
+    node.undeclare_parameter(name)
+    return value
+
+
 def _start_value_of_double(node: Node, name: str, default: float | list[float]) -> float | list[float]:
     """The start-up value of a double (or double array) parameter, where integers in an override
     (-p ik.timeout_s:=5, workspace.min_m: [-1, -1, 0]) count too.
@@ -224,10 +236,9 @@ def _start_value_of_double(node: Node, name: str, default: float | list[float]) 
     ROS refuses an integer for a declared double (InvalidParameterTypeException at start-up), so the
     override is read through a dynamically typed probe, checked and converted here.
     """
-    value = node.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True)).value
-    node.undeclare_parameter(name)
+    value = _start_override(node, name, default)
     if isinstance(default, list):
-        if not isinstance(value, (list, tuple, array.array)) or not all(_is_number(item) for item in value):
+        if not _is_number_array(value):
             raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
         return [float(item) for item in value]
     if not _is_number(value):
@@ -254,12 +265,11 @@ def _start_value_of_empty_array(node: Node, name: str, array_type: Parameter.Typ
     arrives unset, since rcl's YAML parser cannot type it: that is the default [] (it reached the
     shape engine as None). A string there failed only later, in the engine, without its name.
     """
-    value = node.declare_parameter(name, [], ParameterDescriptor(dynamic_typing=True)).value
-    node.undeclare_parameter(name)
+    value = _start_override(node, name, [])
     if value is None:
         return []
     numeric = array_type in (Parameter.Type.DOUBLE_ARRAY, Parameter.Type.INTEGER_ARRAY)
-    if numeric and not (isinstance(value, (list, tuple, array.array)) and all(_is_number(item) for item in value)):
+    if numeric and not _is_number_array(value):
         raise InvalidParameterError(f"parameter '{name}' must be an array of numbers, got {value!r}")
     return list(value)
 
