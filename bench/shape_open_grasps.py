@@ -1,0 +1,98 @@
+"""Grasps that leave an object's shape open: does tuning stay among the prior's shapes?
+
+Four objects a user might grasp, none from the training families' generator, each with its grasp's
+contacts and travel directions and object_origin at its true centre (the observations an exploratory
+client sent when the posterior drifted to shapes 30-50 cm tall, seventeenth session):
+- a box 5 x 5 x 15 cm, one side grasp at its centre;
+- a cylinder 7 cm across, 12 cm tall, two side grasps 2 cm above and 2 cm below its centre;
+- a sphere of radius 4 cm, one oblique grasp;
+- a flat box 20 x 6 x 4 cm, a grasp across its width 3 cm off its centre.
+`ShapeEngine` (default config unless --engine), 100 MACE iterations, 16 samples, seeds 1 and 2, and the
+prior (tuning 0) on the same requests. Reported per request: the engine's mean score, the mean symmetric
+Chamfer distance of the samples to the object's surface (2048 points), and the samples' mean height.
+
+    PYTHONPATH=. .venv/bin/python bench/shape_open_grasps.py --threads 1 [--engine prior_anchor_weight=0] --out out/open.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+import yaml
+
+from mace_ros.core.shape.chamfer import chamfer_distance
+from mace_ros.core.shape.training import device_name, git_commit
+from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+SURFACE_POINTS = 2048
+
+
+def observations() -> list[tuple[str, trimesh.Trimesh, np.ndarray, np.ndarray, np.ndarray]]:
+    """(name, mesh placed at its centre, contacts [k, 3], travel directions [k, 3], centre [3])."""
+    tall_box, cylinder = np.array([0.5, 0.1, 0.075]), np.array([0.45, -0.1, 0.06])
+    sphere, flat_box = np.array([0.55, 0.0, 0.04]), np.array([0.5, 0.0, 0.02])
+    diagonal = np.array([0.0, 1.0, 1.0]) / np.sqrt(2.0)
+    return [
+        ("box 5 x 5 x 15 cm, side grasp", trimesh.creation.box((0.05, 0.05, 0.15)), tall_box + [[0, 0.025, 0], [0, -0.025, 0]],
+         np.array([[0, -1, 0], [0, 1, 0]]), tall_box),
+        ("cylinder 7 x 12 cm, two side grasps", trimesh.creation.cylinder(radius=0.035, height=0.12),
+         cylinder + [[0, 0.035, 0.02], [0, -0.035, 0.02], [0.035, 0, -0.02], [-0.035, 0, -0.02]],
+         np.array([[0, -1, 0], [0, 1, 0], [-1, 0, 0], [1, 0, 0]]), cylinder),
+        ("sphere r 4 cm, oblique grasp", trimesh.creation.icosphere(subdivisions=4, radius=0.04),
+         sphere + 0.04 * np.stack([diagonal, -diagonal]), np.stack([-diagonal, diagonal]), sphere),
+        ("flat box 20 x 6 x 4 cm, grasp 3 cm off-centre", trimesh.creation.box((0.20, 0.06, 0.04)),
+         flat_box + [[0.03, 0.03, 0.01], [0.03, -0.03, 0.01]], np.array([[0, -1, 0], [0, 1, 0]]), flat_box),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ShapeEngine setting instead of its default (repeatable), e.g. prior_anchor_weight=0")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_open_grasps.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "PYTHONPATH=. .venv/bin/python bench/shape_open_grasps.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    started, rows = time.monotonic(), []
+    for name, mesh, contacts, directions, centre in observations():
+        surface, _ = trimesh.sample.sample_surface(mesh, SURFACE_POINTS, seed=0)
+        truth = torch.as_tensor(surface + centre, dtype=torch.float32)
+        for seed in args.seeds:
+            row = {"object": name, "seed": seed}
+            for label, iterations in (("prior", 0), ("mace", args.iterations)):
+                result = engine.infer(ShapeRequest(contacts.astype(float), None, centre, num_samples=16, tuning_iterations=iterations,
+                                                   timeout_s=120.0, random_seed=seed, contact_directions=directions.astype(float)))
+                samples = torch.as_tensor(result.samples)
+                heights = result.samples[:, :, 2].max(axis=1) - result.samples[:, :, 2].min(axis=1)
+                row[label] = {"success": result.success, "score": result.mean_score, "iterations_done": result.tuning_iterations_done,
+                              "chamfer_m2": float(chamfer_distance(samples, truth.expand(samples.shape[0], -1, -1)).mean()),
+                              "mean_height_m": float(heights.mean()), "max_height_m": float(heights.max())}
+            rows.append(row)
+            print(f"{name}, seed {seed}: prior {row['prior']['score']:.3f} / {row['prior']['chamfer_m2'] * 1e4:.1f} cm², "
+                  f"MACE {row['mace']['score']:.3f} / {row['mace']['chamfer_m2'] * 1e4:.1f} cm², "
+                  f"height {row['mace']['mean_height_m'] * 100:.0f} cm (max {row['mace']['max_height_m'] * 100:.0f})", flush=True)
+    summary = {label: {key: float(np.mean([row[label][key] for row in rows])) for key in ("score", "chamfer_m2", "mean_height_m")}
+               for label in ("prior", "mace")}
+    print(f"mean: prior {summary['prior']['score']:.3f} / {summary['prior']['chamfer_m2'] * 1e4:.1f} cm², "
+          f"MACE {summary['mace']['score']:.3f} / {summary['mace']['chamfer_m2'] * 1e4:.1f} cm²")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": command, "commit": git_commit(), "device": device_name(torch.device("cpu")), "script": "bench/shape_open_grasps.py",
+        "engine_config": dict(engine.config), "wall_time_s": time.monotonic() - started, "summary": summary, "observations": rows,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_absolute() and ROOT in args.out.parents else args.out}")
+
+
+if __name__ == "__main__":
+    main()
