@@ -53,8 +53,8 @@ CLOUD_QOS_CHECK_PERIOD_S = 1.0
 # Once the node is gone, the intake's executors get this long to stop (and its joint-state thread half of it).
 EXIT_GRACE_S = 1.0
 # ... and the process ends this long after it began leaving, whatever rclpy does: longer than those bounded
-# waits, so that it normally deletes its DDS participant first (a timer of EXIT_GRACE_S could end it before,
-# leaving its ~1 MB of /dev/shm behind: seen once in a clean-clone CI run under load).
+# waits, so that it normally deletes its DDS participant first (a timer of EXIT_GRACE_S could end it during
+# them, leaving its ~1 MB of /dev/shm behind).
 EXIT_DEADLINE_S = 3.0
 # A dead intake process (killed, out of memory) is started again after this long.
 RESTART_DELAY_S = 1.0
