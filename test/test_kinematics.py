@@ -8,10 +8,12 @@ import torch
 from mace_ros.core.kinematics import (
     FINGER_OPENING_M,
     LINK_INDEX,
+    LINK_NAMES,
     TCP_OFFSET_M,
     PandaKinematics,
     matrix_to_quaternion,
     quaternion_to_matrix,
+    reach_bound,
     rotation_angle_between,
 )
 
@@ -113,3 +115,30 @@ def test_quaternion_round_trip_and_angles():
         rz = quaternion_to_matrix(torch.stack([half.cos(), half * 0, half * 0, half.sin()])[None])
         measured = rotation_angle_between(torch.eye(3, dtype=torch.float64)[None], rz)
         assert abs(float(measured) - angle) < 1e-6
+
+
+@pytest.mark.parametrize("tip_link", LINK_NAMES)
+def test_no_configuration_puts_a_tip_beyond_its_reach_bound(tip_link):
+    """Sound: the pose of any configuration, joint limits ignored, lies within its tip's bound (the
+    position and, with the orientation, every point of the last axis); tight: as far as the
+    configurations that reach farthest, within 5 mm."""
+    kinematics = PandaKinematics(dtype=torch.float64)
+    q = (torch.rand(100_000, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2.0 - 1.0) * torch.pi
+    position, rotation = kinematics.forward(q, tip_link)
+    bound = reach_bound(tip_link)
+    assert float(bound.excess_m(position, None).max()) <= 1e-9
+    assert float(bound.excess_m(position, rotation).max()) <= 1e-9
+    farthest = float((position - bound.center).norm(dim=-1).max())
+    assert float(bound.excess_m(bound.center[None] + torch.tensor([[farthest + 0.005, 0.0, 0.0]], dtype=torch.float64), None)) > 0.0
+
+
+def test_an_orientation_can_put_a_position_within_reach_out_of_it():
+    """The hand 0.8 m from the shoulder (within its 0.858 m reach) pointing back at the shoulder: the wrist
+    would be 0.9 m out; pointing outward, the same position is reachable."""
+    bound = reach_bound("panda_hand")
+    position = torch.tensor([[0.8, 0.0, 0.333]], dtype=torch.float64)
+    assert float(bound.excess_m(position, None)) < 0.0
+    pointing_back = quaternion_to_matrix(torch.tensor([[0.7071068, 0.0, -0.7071068, 0.0]], dtype=torch.float64))
+    pointing_out = quaternion_to_matrix(torch.tensor([[0.7071068, 0.0, 0.7071068, 0.0]], dtype=torch.float64))
+    assert float(bound.excess_m(position, pointing_back)) > 0.05
+    assert float(bound.excess_m(position, pointing_out)) < 0.0

@@ -12,7 +12,7 @@ from std_msgs.msg import Header
 from mace_ros.core.kinematics import LINK_INDEX, PandaKinematics, matrix_to_quaternion
 from mace_ros.core.pybullet_backend import PyBulletCollisionChecker
 from mace_ros.core.scene import Scene
-from mace_ros.srv import GetIKBatch
+from mace_ros.srv import GetIK, GetIKBatch
 from test_node_services import when_ready
 
 _kinematics = PandaKinematics(dtype=torch.float64)
@@ -63,6 +63,24 @@ def test_a_goal_without_solution_is_reported_per_goal(mace):
     assert response.solved == [True, True, False, True, True]
     assert len(response.solutions[2].position) == 0 and math.isinf(response.position_errors_m[2])
     assert response.elapsed_s <= 2.0 + 0.1
+
+
+def test_a_goal_out_of_reach_is_answered_at_once_alone_and_in_a_batch(mace):
+    """0.96 m from the shoulder, beyond the hand's 0.858 m: GetIK says so without waiting for its deadline,
+    and a batch with it answers once the others are solved."""
+    request = GetIK.Request(num_solutions=2, timeout_s=5.0, position_only=True)
+    request.goal.header.frame_id = "panda_link0"
+    request.goal.pose.position = Point(x=0.95, y=0.0, z=0.2)
+    response = when_ready(mace.get_ik, request)
+    assert response.error_code == GetIK.Response.NO_IK_SOLUTION and "out of reach" in response.message, response.message
+    assert response.elapsed_s < 2.5
+    positions, quaternions = reachable_poses(3, seed=11)
+    positions = np.concatenate([positions, [[0.95, 0.0, 0.2]]])
+    quaternions = np.concatenate([quaternions, [[1.0, 0.0, 0.0, 0.0]]])
+    response = mace.get_ik_batch(batch_request(positions, quaternions, timeout_s=5.0))
+    assert response.solved == [True, True, True, False], response.message
+    assert response.error_code == GetIKBatch.Response.NO_IK_SOLUTION and "1 out of reach" in response.message, response.message
+    assert response.elapsed_s < 2.5
 
 
 def test_invalid_batches_are_refused_with_the_goal_named(mace):

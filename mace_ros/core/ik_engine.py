@@ -28,7 +28,7 @@ import torch
 from mace_ros.core.collision import CollisionBackend, TensorScene, TorchCollisionChecker
 from mace_ros.core.ik_domain import IKDomain, IKGoal
 from mace_ros.core.ik_prior import DEFAULT_WEIGHTS, PRIOR_TIP_LINK, AutoregressiveIKPrior, GoalConditionedPrior, goal_features
-from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics
+from mace_ros.core.kinematics import JOINT_LOWER, JOINT_UPPER, LINK_INDEX, PandaKinematics, reach_bound
 from mace_ros.core.mace import MacePreset, StopRule, mace_tune, sample_and_score, tuning_optimizer
 from mace_ros.core.resources import default_parameters
 from mace_ros.core.refinement import RefineResult, goal_cost, refine_candidates, slide_clear
@@ -126,6 +126,7 @@ class BatchIKResult:
     orientation_errors_rad: np.ndarray  # [G]
     elapsed_s: float
     attempts: int  # rounds of starts drawn for the goals still unsolved
+    out_of_reach: np.ndarray  # [G] bool: beyond the tip's reach (no configuration reaches it), given no attempt
 
 
 @contextmanager
@@ -410,7 +411,13 @@ class IKEngine:
         fast_free_rate = float("nan")  # the fast stage's, reported when no tuning round samples
         diagnosis_reserve_s = min(DIAGNOSIS_RESERVE_S, 0.2 * request.timeout_s)
         stage_times_s["setup"] = time.monotonic() - started
-        if refining and config["fast_stage_starts"] > 0:
+        # No configuration reaches a goal beyond the tip's reach: it gets best efforts and its answer at once.
+        beyond_reach_m = float(self._beyond_reach_m(goal))
+        if beyond_reach_m > 0.0:
+            failure_kind = "unreachable"
+            with _timed(stage_times_s, "polish"):
+                best_efforts = self._efforts_toward(GoalConditionedPrior(source, features), goal, tensor_scene, generator, seed, work_deadline)
+        if refining and config["fast_stage_starts"] > 0 and beyond_reach_m <= 0.0:
             # Random-restart IK from a few plain prior samples (and the seed) first: most goals need no tuning.
             with _timed(stage_times_s, "fast"):
                 with torch.no_grad():
@@ -441,7 +448,7 @@ class IKEngine:
         # drawn whatever the time left, so with a tiny timeout that the fast stage has used up it would only
         # overrun the deadline, while a short one (0.1 s) still gets its round.
         time_left = work_deadline - time.monotonic()
-        finished = len(solved) >= request.num_solutions or (
+        finished = beyond_reach_m > 0.0 or len(solved) >= request.num_solutions or (
             len(solved) > 0 and time_left < 0.5 * config["min_round_s"]) or time_left < min(0.5 * config["min_round_s"], 0.5 * request.timeout_s)
         prior = None if finished else self._tunable(tuning_model, source, features)
         optimizer = None if prior is None else tuning_optimizer(prior, preset)
@@ -505,12 +512,37 @@ class IKEngine:
         with _timed(stage_times_s, "answer"):
             result = self._result(
                 request, scene, domain, solved, best_efforts, seed, failure_kind, exact_rejections,
-                iterations_done, tuning_time_s, rounds, started, fast_free_rate,
+                iterations_done, tuning_time_s, rounds, started, fast_free_rate, beyond_reach_m,
             )
         result.stage_times_s = stage_times_s
         result.warm_start_iterations = warm_start_iterations
-        self.warm_start.record(scene, tensor_scene, goal, features)
+        if beyond_reach_m <= 0.0:  # the scene's warm start tunes for goals that can be reached
+            self.warm_start.record(scene, tensor_scene, goal, features)
         return result
+
+    def _beyond_reach_m(self, goals: IKGoal) -> torch.Tensor:
+        """[B] (a single goal: [1]) how far (m) each goal lies beyond where any configuration puts the tip within
+        tolerance, even ignoring joint limits and obstacles: > 0 only where no configuration reaches it."""
+        position = goals.position.reshape(-1, 3)
+        rotation = None if goals.rotation is None else goals.rotation.reshape(-1, 3, 3)
+        excess = reach_bound(goals.tip_link).excess_m(position, rotation, self.config["orientation_tolerance_rad"])
+        return excess - self.config["position_tolerance_m"]
+
+    def _efforts_toward(self, prior: GoalConditionedPrior, goal: IKGoal, tensor_scene: TensorScene, generator: torch.Generator,
+                        seed: torch.Tensor | None, deadline_at: float) -> _Solutions:
+        """Best efforts for a goal nothing reaches: a minimum round of the collision-aware LM from the fast
+        stage's count of collision-free prior samples (and the seed) toward it, as near as obstacles allow."""
+        with torch.no_grad():
+            starts = prior.sample(self.config["fast_stage_starts"], generator)
+        if seed is not None:
+            starts = torch.cat([seed, starts])
+        starts = starts[self._fast_free(tensor_scene, deadline_at)(starts)]
+        refined = refine_candidates(
+            starts, goal, self.checker, tensor_scene, max_iterations=self.config["refine_max_iterations"],
+            deadline_at=min(deadline_at, time.monotonic() + self.config["min_round_s"]),
+            position_tolerance_m=self.config["position_tolerance_m"], orientation_tolerance_rad=self.config["orientation_tolerance_rad"])
+        return _Solutions(refined.q, refined.position_error_m, refined.orientation_error_rad).subset(
+            torch.nonzero(refined.collision_free).squeeze(-1))
 
     def _fresh_collision_free(self, prior: GoalConditionedPrior, domain: IKDomain, generator: torch.Generator) -> torch.Tensor:
         """A few plain samples of the prior tuned so far, collision-free ones only: starts for the LM that
@@ -676,6 +708,8 @@ class IKEngine:
             torch.full((count,), float("inf"), dtype=torch.float64, device=self.device),
             torch.full((count,), float("inf"), dtype=torch.float64, device=self.device))
         solved = torch.zeros(count, dtype=torch.bool, device=self.device)
+        # Goals beyond the tip's reach get no attempts: the batch's others need not share its time with them.
+        settled = self._beyond_reach_m(goals) > 0.0
         tensor_scene = self._tensor_scene(scene)
         # Work stops a little before the deadline, as in solve: the answer must be back by it, and partial results
         # count only if it is. Goals go in passes with the clock read between them, each pass sized by the rate
@@ -685,9 +719,9 @@ class IKEngine:
         first_pass = min(per_pass, BATCH_FIRST_PASS_GOALS_CPU) if self.device.type == "cpu" else per_pass
         seconds_per_goal: float | None = None
         attempts, out_of_time = 0, False
-        while not out_of_time and not bool(solved.all()) and time.monotonic() < work_deadline:
+        while not out_of_time and not bool((solved | settled).all()) and time.monotonic() < work_deadline:
             attempts += 1
-            queue = torch.nonzero(~solved).squeeze(-1)
+            queue = torch.nonzero(~(solved | settled)).squeeze(-1)
             while queue.numel():
                 if seconds_per_goal is None:
                     size = first_pass
@@ -703,7 +737,7 @@ class IKEngine:
                 seconds_per_goal = (time.monotonic() - pass_started) / batch.numel()
         return BatchIKResult(
             solved.cpu().numpy(), solutions.q.cpu().numpy(), solutions.position_error_m.cpu().numpy(),
-            solutions.orientation_error_rad.cpu().numpy(), time.monotonic() - started, attempts)
+            solutions.orientation_error_rad.cpu().numpy(), time.monotonic() - started, attempts, settled.cpu().numpy())
 
     def _batch_pass(
         self, unsolved: torch.Tensor, goals: IKGoal, features: torch.Tensor, scene: Scene, tensor_scene: TensorScene,
@@ -840,7 +874,7 @@ class IKEngine:
     def _result(
         self, request: IKRequest, scene: Scene, domain: IKDomain, solved: _Solutions, best_efforts: _Solutions,
         seed: torch.Tensor | None, failure_kind: str, exact_rejections: int, iterations_done: int, tuning_time_s: float,
-        rounds: int, started: float, fast_free_rate: float,
+        rounds: int, started: float, fast_free_rate: float, beyond_reach_m: float = 0.0,
     ) -> IKResult:
         count = request.num_solutions
         success = len(solved) > 0
@@ -873,9 +907,12 @@ class IKEngine:
             answer = best_efforts.subset(torch.tensor(free, dtype=torch.long, device=self.device))
             best = f"best position error {float(answer.position_error_m.min()):.4g} m" if len(answer) else "no collision-free configuration near the goal"
             rejected = f"; {exact_rejections} solution(s) rejected by the exact mesh check" if exact_rejections else ""
+            cause = _FAILURE_CAUSES[failure_kind]
+            if beyond_reach_m > 0.0:
+                cause = f"the goal is out of reach ({beyond_reach_m:.3g} m beyond where {request.tip_link} can be, even ignoring obstacles and joint limits)"
             message = (
                 f"no collision-free solution within tolerance after {rounds} round(s), {iterations_done} tuning iterations "
-                f"and {request.timeout_s:g} s: {_FAILURE_CAUSES[failure_kind]}; {best}{rejected}"
+                f"and {time.monotonic() - started:.3g} s: {cause}; {best}{rejected}"
             )
         scores = domain.score_from_errors(answer.position_error_m, answer.orientation_error_rad)
         return IKResult(

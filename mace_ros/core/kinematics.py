@@ -164,6 +164,88 @@ class PandaKinematics:
         return self.joint_lower + u * (self.joint_upper - self.joint_lower)
 
 
+# Reach bounds follow each joint axis this far either side of the joint's origin, at this spacing.
+REACH_AXIS_HALF_LENGTH_M = 1.0
+REACH_AXIS_STEP_M = 0.002
+# A pose goal's check places every this-many-th of those points on the tip's last axis (each is a valid test).
+REACH_POSE_POINT_STRIDE = 5
+REACH_GOALS_PER_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class ReachBound:
+    """Where no configuration puts a tip link, even ignoring joint limits and obstacles.
+
+    A joint turns everything after it about its axis, so the distance between a point on axis k and one on
+    axis k + 1 (both fixed in the link between them) never changes, nor does that between a point on the
+    tip's last axis and the tip. By the triangle inequality the tip is never farther from `center` (on the
+    first axis) than the shortest path center -> axis 1 -> ... -> last axis -> tip through such points,
+    found by dynamic programming over points along each axis. A goal orientation fixes every point on the
+    last axis too: each must lie within its own path's length of `center`. Points and lengths in float64."""
+
+    center: torch.Tensor  # [3], base frame
+    path_m: torch.Tensor  # [M] shortest path from center to each point on the tip's last axis
+    points_in_tip: torch.Tensor  # [M, 3] those points in the tip link's frame
+
+    def excess_m(self, position: torch.Tensor, rotation: torch.Tensor | None, orientation_tolerance_rad: float = 0.0) -> torch.Tensor:
+        """How far (m) each goal, position [B, 3] and rotation [B, 3, 3] or None, lies beyond the bound: > 0 is
+        out of reach. An orientation within `orientation_tolerance_rad` of the goal's moves each point by at
+        most that times its distance from the tip, which the pose test allows for."""
+        center, path_m, points = (value.to(position.device) for value in (self.center, self.path_m, self.points_in_tip))
+        position = position.to(torch.float64)
+        lever_m = points.norm(dim=-1)
+        if rotation is None:
+            return (position - center).norm(dim=-1) - (path_m + lever_m).min()
+        allowed_m = (path_m + orientation_tolerance_rad * lever_m)[::REACH_POSE_POINT_STRIDE]
+        points = points[::REACH_POSE_POINT_STRIDE]
+        rotation = rotation.to(torch.float64)
+        excess = []
+        for start in range(0, position.shape[0], REACH_GOALS_PER_CHUNK):
+            chunk = slice(start, start + REACH_GOALS_PER_CHUNK)
+            placed = position[chunk, None, :] + points @ rotation[chunk].transpose(-1, -2)  # [b, M', 3]
+            excess.append(((placed - center).norm(dim=-1) - allowed_m).max(-1).values)
+        return torch.cat(excess)
+
+
+def _closest_point_on_first_line(origin_a: torch.Tensor, direction_a: torch.Tensor, origin_b: torch.Tensor, direction_b: torch.Tensor) -> torch.Tensor:
+    """The point of line a nearest line b (a's origin when they are parallel); unit directions."""
+    cross = torch.linalg.cross(direction_a, direction_b)
+    if float(cross.norm()) < 1e-9:
+        return origin_a
+    offset = origin_b - origin_a
+    t = torch.dot(torch.linalg.cross(offset, direction_b), cross) / torch.dot(cross, cross)
+    return origin_a + t * direction_a
+
+
+@functools.lru_cache(maxsize=None)
+def _reach_paths(last_joint: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(center [3], points along joint `last_joint`'s axis [M, 3], shortest path from center to each [M]) at q = 0."""
+    frames = PandaKinematics(dtype=torch.float64).link_transforms(torch.zeros(1, 7, dtype=torch.float64))[0]
+    joint_links = [next(i for i, link in enumerate(PANDA_LINKS) if link.joint_index == joint) for joint in range(last_joint + 1)]
+    axes = [(frames[index, :3, 3], frames[index, :3, 2]) for index in joint_links]
+    steps = torch.arange(-REACH_AXIS_HALF_LENGTH_M, REACH_AXIS_HALF_LENGTH_M + REACH_AXIS_STEP_M / 2, REACH_AXIS_STEP_M, dtype=torch.float64)
+    axis_points = [origin + steps[:, None] * direction for origin, direction in axes]
+    center = _closest_point_on_first_line(*axes[0], *axes[1]) if len(axes) > 1 else axes[0][0]
+    path_m = (axis_points[0] - center).norm(dim=-1)
+    for before, after in zip(axis_points, axis_points[1:]):
+        path_m = (path_m[:, None] + torch.cdist(before, after)).min(0).values
+    return center, axis_points[-1], path_m
+
+
+@functools.lru_cache(maxsize=None)
+def reach_bound(tip_link: str) -> ReachBound:
+    """The ReachBound of `tip_link` (a name of LINK_NAMES), made once per link."""
+    tip_frame = PandaKinematics(dtype=torch.float64).link_transforms(torch.zeros(1, 7, dtype=torch.float64))[0, LINK_INDEX[tip_link]]
+    ancestor = LINK_INDEX[tip_link]  # the tip's last joint is that of its nearest ancestor (or itself) with one
+    while PANDA_LINKS[ancestor].joint_index is None and PANDA_LINKS[ancestor].parent is not None:
+        ancestor = LINK_INDEX[PANDA_LINKS[ancestor].parent]
+    last_joint = PANDA_LINKS[ancestor].joint_index
+    if last_joint is None:  # the base: it never moves
+        return ReachBound(tip_frame[:3, 3], torch.zeros(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64))
+    center, last_axis_points, path_m = _reach_paths(last_joint)
+    return ReachBound(center, path_m, (last_axis_points - tip_frame[:3, 3]) @ tip_frame[:3, :3])
+
+
 def rotation_angle_between(rot_a: torch.Tensor, rot_b: torch.Tensor) -> torch.Tensor:
     """Angle (rad) of the relative rotation between [B, 3, 3] matrices, numerically safe near 0 and pi."""
     relative = rot_a.transpose(-1, -2) @ rot_b

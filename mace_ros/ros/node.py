@@ -689,8 +689,12 @@ class MaceNode(Node):
         response.solved_count = int(solved.sum())
         response.success = bool(solved.all())
         response.error_code = GetIKBatch.Response.SUCCESS if response.success else GetIKBatch.Response.NO_IK_SOLUTION
+        out_of_reach = int(np.count_nonzero(result.out_of_reach))
+        unsolved_in_reach = solved.size - response.solved_count - out_of_reach
         response.message = f"{response.solved_count} of {solved.size} goals solved" + (
-            "" if response.success else " by the deadline; the others have no collision-free solution found")
+            f"; {out_of_reach} out of reach (no configuration reaches them, even ignoring obstacles and joint limits)"
+            if out_of_reach else "") + (
+            f"; {unsolved_in_reach} without a collision-free solution found by the deadline" if unsolved_in_reach else "")
         response.elapsed_s = time.monotonic() - started
         self._log_after_answer("debug" if response.success else "info", f"GetIKBatch: {response.message} in {response.elapsed_s:.3f} s")
         return response
