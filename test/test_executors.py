@@ -143,7 +143,7 @@ def test_a_polled_subscription_delivers_every_message_in_order_in_batches(contex
     node = Node("polled_under_test", context=context, start_parameter_services=False)
     publisher_node = Node("polled_publisher", context=context, start_parameter_services=False)
     batches: list[list[int]] = []
-    polled = PolledSubscription(node, Int64, "/polled_test", depth=1000, period_s=0.01,
+    polled = PolledSubscription(node, Int64, "/polled_test", qos=QoSProfile(depth=1000), period_s=0.01,
                                 on_messages=lambda messages: batches.append([m.data for m in messages]),
                                 name="polled-test")
     publisher = publisher_node.create_publisher(Int64, "/polled_test", QoSProfile(depth=1000))

@@ -55,6 +55,14 @@ def far_point_cloud(far: float) -> PointCloud2:
     return cloud
 
 
+def repeated_point_cloud(count: int) -> PointCloud2:
+    """One point of an object at (0.5, 0, 0.1), `count` times (float32 fields)."""
+    cloud = PointCloud2(header=Header(frame_id="panda_link0"), height=1, width=count, point_step=12, row_step=12 * count)
+    cloud.fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate("xyz")]
+    cloud.data = struct.pack("<fff", 0.5, 0.0, 0.1) * count
+    return cloud
+
+
 def refused(response, *fragments: str, code: str = "") -> None:
     """success false, no result, the message contains `fragments` and the error code is the constant `code`."""
     assert not response.success, response.message
@@ -157,6 +165,8 @@ def test_bad_timeouts(mace, timeout_s, message):
     ({"contacts": [Point(x=0.54, z=0.1), Point(x=5.0, z=0.1)]}, "contacts: 1 lie farther than 1.0 m from object_origin"),
     ({"partial_cloud": far_point_cloud(1e300)}, "partial_cloud points: 1 lie farther than 1.0 m from object_origin"),
     ({"partial_cloud": far_point_cloud(3.0), "contacts": []}, "partial_cloud points: 1 lie farther"),
+    # Accepted before, and fit by more shapes than a real view of the object, it scored higher than one.
+    ({"partial_cloud": repeated_point_cloud(500), "contacts": []}, "500 points but only 1 at least 1 mm apart"),
     ({"num_samples": 1_000_000}, "num_samples = 1000000 is too large"),
     ({"tuning_iterations": -5}, "tuning_iterations = -5 is invalid"),
 ])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,8 +21,10 @@ from geometry_msgs.msg import Point
 from rcl_interfaces.msg import ParameterType
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
+from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
+from visualization_msgs.msg import Marker, MarkerArray
 
 from conftest import answer, ik_request as panda_ik_request, running_node
 from mace_ros.ros.client import NodeProcess, installed_executable
@@ -84,6 +87,12 @@ def test_integer_for_a_double_parameter(fr3):
     ("ik.timeout_s:=fast", "parameter 'ik.timeout_s' must be a number, got 'fast'"),
     ("ik.timeout_s:=1000.0", "ik.timeout_s"),  # beyond its range
     ("shape.finger_directions:=down", "parameter 'shape.finger_directions' must be an array of numbers"),
+    # These left the node running, answering ENGINE_UNAVAILABLE to every request, or ended it with a traceback.
+    ("scene:=no_such_scene", "parameter 'scene': unknown scene 'no_such_scene'"),
+    ("dtype:=float16", "parameter 'dtype' must be one of float32, float64"),
+    ("device:=tpu", "parameter 'device' must be auto, cpu, cuda or cuda:N"),
+    ("device:=cuda:64", "parameter 'device' is 'cuda:64'"),
+    ("workspace.min_m:=[2.0,2.0,2.0]", "workspace bounds must be [x, y, z] with min < max"),
 ])
 def test_a_wrong_parameter_stops_the_start_with_a_message(ros_isolation, tmp_path, override, message):
     """A wrong value at start-up: one line that names the parameter, exit status 1, no traceback (a string
@@ -110,6 +119,44 @@ def test_the_shipped_defaults_as_a_params_file_start_both_engines(ros_isolation,
                                      num_samples=4, tuning_iterations=2)
         response = client.when_loaded(client.infer_shape, request, ENGINE_WAIT_S)
         assert response.success, response.message
+
+
+def test_requests_sent_at_start_up_see_what_was_published_at_start_up(ros_isolation, tmp_path):
+    """As soon as the services appear: a cube on the goal is published, and /joint_states from a best-effort
+    (SensorDataQoS) publisher begin. GetIK for the goal in the cube used to succeed (its obstacles were read
+    before the engine had loaded, with nothing in them), a goal in panda_hand was refused for want of
+    /joint_states, and best-effort joint states were never heard at all."""
+    with running_node(["-r", "__node:=mace_startup"], ros_isolation, tmp_path / "mace_node.log", "mace_startup") as (client, _):
+        obstacles = client.node.create_publisher(MarkerArray, client.topic("obstacles"), 10)
+        joint_states = client.node.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+        deadline = time.monotonic() + 10.0
+        while obstacles.get_subscription_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cube = Marker(ns="start_up", id=0, type=Marker.CUBE, action=Marker.ADD, header=Header(frame_id="panda_link0"))
+        cube.pose.position, cube.pose.orientation.w = Point(x=0.5, y=0.3, z=0.3), 1.0
+        cube.scale.x = cube.scale.y = cube.scale.z = 0.2
+        obstacles.publish(MarkerArray(markers=[cube]))
+        stop = threading.Event()
+
+        def publish_joint_states() -> None:
+            while not stop.wait(0.02):
+                joint_states.publish(JointState(name=[f"panda_joint{i}" for i in range(1, 8)],
+                                                position=[0.0, -0.3, 0.0, -2.2, 0.0, 2.0, 0.8]))
+
+        publisher = threading.Thread(target=publish_joint_states, daemon=True)
+        publisher.start()
+        try:
+            in_cube = panda_ik_request("panda_link0", num_solutions=1, position_only=True, timeout_s=30.0)
+            in_cube.goal.pose.position = cube.pose.position
+            in_cube = client.get_ik(in_cube, 90.0)
+            assert not in_cube.success and in_cube.error_code == GetIK.Response.GOAL_IN_COLLISION, in_cube.message
+            in_hand = panda_ik_request("panda_hand", num_solutions=1, position_only=True, timeout_s=30.0)
+            in_hand.goal.pose.position = Point(x=0.0, y=0.0, z=0.1)  # (0.48, 0, 0.42) in the base frame, clear of the cube
+            response = client.get_ik(in_hand, 90.0)
+            assert response.success, response.message
+        finally:
+            stop.set()
+            publisher.join()
 
 
 def test_a_misspelled_parameter_is_named_in_a_warning(ros_isolation, tmp_path):

@@ -77,7 +77,7 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   max_scored_partial_points
                           a partial cloud is scored on at most this many of its points (a fixed random
                           subset): a dense cloud's cost would otherwise leave no time for tuning
-  min_partial_points      fewest points a partial cloud may have
+  min_partial_points      fewest points a partial cloud may have (in distinct 1 mm cells)
   max_num_samples         largest num_samples a request may ask for
   diversity_max_samples   the diversity is measured over the first (best) this many samples (its
                           cost grows with the square of the count; the paper's Fig. 1 uses 49)
@@ -145,6 +145,10 @@ DIVERSITY_TIME_SHARE = 0.1
 # samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
 # leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
 SELECTION_TIME_SHARE = 0.1
+# A partial cloud needs min_partial_points points at least this far apart (cells of this size): one point
+# repeated was accepted, and fit by more shapes than a real view, it scored higher. Counted in chunks.
+DISTINCT_POINT_SPACING_M = 0.001
+DISTINCT_POINT_CHUNK = 4096
 # Prior draws whose farthest point measures the prior's reach (`ShapeEngine.prior_reach_m`; ~16 ms at start-up).
 PRIOR_REACH_SAMPLES = 256
 
@@ -270,6 +274,18 @@ class ProductDomain:
         for domain in self.domains[1:]:
             scores = scores * domain.score(samples)
         return scores
+
+
+def distinct_point_count(points: np.ndarray, spacing_m: float, enough: int) -> int:
+    """How many of points [P, 3] lie in distinct cells of a `spacing_m` grid, counted in chunks until
+    `enough` are found (a camera's cloud gets there in its first chunk; a repeated point never does)."""
+    seen: set[tuple[int, int, int]] = set()
+    for start in range(0, points.shape[0], DISTINCT_POINT_CHUNK):
+        cells = np.floor(points[start:start + DISTINCT_POINT_CHUNK] / spacing_m).astype(np.int64)
+        seen.update(map(tuple, np.unique(cells, axis=0).tolist()))
+        if len(seen) >= enough:
+            break
+    return len(seen)
 
 
 def finger_span(travel_directions: np.ndarray) -> np.ndarray:
@@ -456,8 +472,14 @@ class ShapeEngine:
                 raise ValueError(f"partial_cloud must be [P, 3], got shape {partial.shape}")
             if not np.all(np.isfinite(partial)):
                 raise ValueError("partial_cloud contains NaN or infinite coordinates")
-            if partial.shape[0] < int(self.config["min_partial_points"]):
-                raise ValueError(f"partial_cloud has {partial.shape[0]} points, fewer than {self.config['min_partial_points']}")
+            fewest = int(self.config["min_partial_points"])
+            if partial.shape[0] < fewest:
+                raise ValueError(f"partial_cloud has {partial.shape[0]} points, fewer than {fewest}")
+            distinct = distinct_point_count(partial, DISTINCT_POINT_SPACING_M, fewest)
+            if distinct < fewest:
+                raise ValueError(
+                    f"partial_cloud has {partial.shape[0]} points but only {distinct} at least {DISTINCT_POINT_SPACING_M * 1000:g} mm "
+                    f"apart, fewer than {fewest}: repeated points observe nothing more")
         if contacts is None and partial is None:
             raise ValueError("no observation: give contacts and/or a partial cloud")
         if not (request.timeout_s >= 0 and math.isfinite(request.timeout_s)):
@@ -610,6 +632,8 @@ class ShapeEngine:
         )
         if iterations > 0 and tuning is None:
             what += ": no time left for tuning within the timeout"
+        elif tuning is not None and config["result_samples"] == "posterior" and tuning.iterations_done == 0:
+            what += ", θ of the prior (no iteration ended before the timeout)"
         elif tuning is not None and config["result_samples"] == "posterior":
             best_iteration = int(best_theta.iteration)
             what += (f", θ of iteration {best_iteration} (the best mean score seen while tuning, "

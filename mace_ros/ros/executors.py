@@ -94,17 +94,17 @@ class PolledSubscription:
     Why: an executor's cost is per message (it builds a wait set in Python for each), and controllers
     publish joint states at their own rate, up to 1 kHz (ros2_control's joint_state_broadcaster): taken
     by rclpy's SingleThreadedExecutor, 0.36 of a core; in 10 ms batches, 0.075. The delay added is at
-    most `period_s` (plus the processing); of a burst beyond `depth` messages the latest `depth` are kept.
+    most `period_s` (plus the processing); of a burst beyond the QoS depth the latest that many are kept.
     The subscription's node must not be spun by an executor: the executor would take its messages too.
     """
 
-    def __init__(self, node: Node, message_type: type, topic: str, depth: int, period_s: float,
+    def __init__(self, node: Node, message_type: type, topic: str, qos: QoSProfile, period_s: float,
                  on_messages: Callable[[list[Any]], None], name: str) -> None:
         self._node = node
-        self._depth = depth
+        self._depth = qos.depth
         self._period_s = period_s
         self._on_messages = on_messages
-        self.subscription = node.create_subscription(message_type, topic, lambda _: None, QoSProfile(depth=depth))
+        self.subscription = node.create_subscription(message_type, topic, lambda _: None, qos)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()

@@ -23,7 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -59,7 +60,7 @@ EXIT_DEADLINE_S = 3.0
 # A dead intake process (killed, out of memory) is started again after this long.
 RESTART_DELAY_S = 1.0
 PARENT_CHECK_PERIOD_S = 0.5
-# Marker operations per MarkerUpdate (see on_obstacles).
+# Marker operations per MarkerUpdate (see _send_markers).
 MARKER_OPERATIONS_PER_UPDATE = 128
 # The intake's scheduling priority below the node's (see run_intake).
 INTAKE_NICENESS = 10
@@ -68,8 +69,14 @@ INTAKE_EXECUTOR_THREADS = 2  # markers and contacts, each in its own callback gr
 # controller's for 0.1 s, should the intake be busy.
 JOINT_STATES_PERIOD_S = 0.01
 JOINT_STATES_DEPTH = 100
+# Best effort, as sensor data is subscribed: it matches reliable publishers (robot_state_publisher's, a
+# controller's) and best-effort ones (SensorDataQoS drivers and simulators), which a reliable subscription
+# never heard, silently; only the latest states matter.
+JOINT_STATES_QOS = QoSProfile(depth=JOINT_STATES_DEPTH, reliability=ReliabilityPolicy.BEST_EFFORT)
 # /joint_states kept while the intake is still setting up (replayed into its history once it is ready).
 EARLY_JOINT_STATES = 100
+# The set-up's announcement waits at most this long for marker and contacts callbacks held during it.
+EARLY_CALLBACKS_WAIT_S = 2.0
 # Clouds the subscription holds before the intake takes them (each taken at once, see on_obstacle_cloud).
 CLOUD_HISTORY_DEPTH = 4
 # Threads that build a cloud's distance field where it takes scipy's feature transform (truncations of
@@ -231,6 +238,9 @@ class IntakeNode(Node):
         self._ready = threading.Event()
         self._early_joint_states: deque[JointState] = deque(maxlen=EARLY_JOINT_STATES)
         self._early_lock = threading.Lock()
+        # Marker and contacts callbacks that waited for the set-up; it is announced once they have sent their results.
+        self._early_callbacks = 0
+        self._early_callbacks_done = threading.Condition()
         self._pending: dict[str, tuple[PointCloud2, int]] = {}  # each sensor's latest unprocessed cloud
         self._restored: dict[str, np.ndarray] = {}  # the node's clouds (SensorClouds), for the processing thread
         self._rejections = KeyedThrottle(WARNING_PERIOD_S)  # warnings of rejected clouds and contacts
@@ -252,7 +262,7 @@ class IntakeNode(Node):
         # Joint states in batches, by a thread of their own, on a node no executor spins (see PolledSubscription).
         self.joint_node = Node(f"{settings.node_name}_joints", namespace=settings.namespace, start_parameter_services=False)
         self.joint_state_polling = PolledSubscription(
-            self.joint_node, JointState, settings.joint_states_topic, JOINT_STATES_DEPTH, JOINT_STATES_PERIOD_S,
+            self.joint_node, JointState, settings.joint_states_topic, JOINT_STATES_QOS, JOINT_STATES_PERIOD_S,
             self.on_joint_states, "intake-joint-states")
 
     def _set_up(self) -> None:
@@ -270,11 +280,31 @@ class IntakeNode(Node):
         self.workspace = Workspace.from_bounds(list(settings.workspace_min_m), list(settings.workspace_max_m))
         self.self_filter = SelfFilter()
         self._voxelizer = None  # CloudVoxelizer for the current voxel size, used by the processing thread only
-        with self._early_lock:  # in order: a state older than the history's latest would reset it
-            self._record_joint_states(list(self._early_joint_states))
-            self._early_joint_states.clear()
-            self._ready.set()
+        with self._early_callbacks_done:
+            with self._early_lock:  # in order: a state older than the history's latest would reset it
+                self._record_joint_states(list(self._early_joint_states))
+                self._early_joint_states.clear()
+                self._ready.set()
+            # The node's engines report ready on IntakeSetUp: markers and contacts published before it must be in
+            # the node's model first (a GetIK at start-up was solved through a cube published at start-up).
+            self._early_callbacks_done.wait_for(lambda: self._early_callbacks == 0, EARLY_CALLBACKS_WAIT_S)
         self._send(IntakeSetUp())
+
+    @contextmanager
+    def _after_set_up(self) -> Iterator[None]:
+        """Holds a marker or contacts callback until the intake has set up, and the set-up's announcement until
+        such a held callback has sent its result."""
+        with self._early_callbacks_done:
+            early = not self._ready.is_set()
+            self._early_callbacks += early
+        self._ready.wait()  # holds only this callback's group while the intake sets up
+        try:
+            yield
+        finally:
+            if early:
+                with self._early_callbacks_done:
+                    self._early_callbacks -= 1
+                    self._early_callbacks_done.notify_all()
 
     def on_joint_states(self, messages: list[JointState]) -> None:
         if not self._ready.is_set():
@@ -422,10 +452,13 @@ class IntakeNode(Node):
                 "digest": PointDistanceField.points_digest(points)}
 
     def on_contacts(self, message: PoseArray) -> None:
+        with self._after_set_up():
+            self._send_contacts(message)
+
+    def _send_contacts(self, message: PoseArray) -> None:
         """Fingertip contacts in the base frame, with their fingers' travel directions, for the node:
         positions are the contacts, each pose's +z axis its finger's travel direction (identity
         orientation = no direction; conversions.contact_travel_directions)."""
-        self._ready.wait()  # holds only this callback's group while the intake sets up
         from mace_ros.ros import conversions
 
         try:
@@ -439,8 +472,11 @@ class IntakeNode(Node):
         self._send(ContactsUpdate(contacts, directions))
 
     def on_obstacles(self, message: MarkerArray) -> None:
+        with self._after_set_up():
+            self._send_markers(message)
+
+    def _send_markers(self, message: MarkerArray) -> None:
         """Markers become the model's primitives; what is ignored is logged once per message, throttled."""
-        self._ready.wait()  # holds only this callback's group while the intake sets up
         from mace_ros.ros import conversions
 
         operations: list = []

@@ -11,6 +11,7 @@ without being worked on. Engines are built once, in background threads, so the n
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 import traceback
@@ -45,7 +46,7 @@ from mace_ros.ros.conversions import RobotNames
 from mace_ros.ros.parameters import NODE_NAME, InvalidParameterError, declare_parameters, default_parameters_file, section
 from mace_ros.ros.shape_action import ShapeActionServer
 from mace_ros.ros.requests import (
-    ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_batch_arguments, ik_request_arguments,
+    MAX_TIMEOUT_S, ErrorCode, InvalidRequest, RequestDefaults, RequestRefused, ik_batch_arguments, ik_request_arguments,
     shape_request_arguments, unknown_tip_link)
 from mace_ros.srv import GetIK, GetIKBatch, InferShape
 
@@ -143,6 +144,10 @@ class EngineSlot:
     def _serve_work(self) -> None:
         while True:
             self._work.get()()
+
+    def has_loaded(self) -> bool:
+        """Loading has ended (loaded or failed)."""
+        return self._loading_ended.is_set()
 
     def loaded_by(self, deadline: float, checkpoint: Callable[[], None] | None = None) -> Any:
         """The engine, waiting while it loads: a request sent at start-up, as soon as the service appears, is
@@ -295,13 +300,39 @@ def set_torch_threads(count: int) -> None:
         torch.set_num_threads(count)
 
 
+DTYPE_NAMES = ("float32", "float64")
+
+
 def resolve_dtype(name: str):
     import torch
 
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got '{name}'")
-    return dtypes[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got '{name}'")
+    return getattr(torch, name)
+
+
+def engine_parameter_error(device: str, dtype: str, scene_name: str) -> str | None:
+    """What makes the engines unable to load with these values, or None. torch is imported only for a
+    CUDA device (its import would delay the services by ~2 s on a CPU)."""
+    from mace_ros.core.resources import scene_path
+
+    if dtype not in DTYPE_NAMES:
+        return f"parameter 'dtype' must be one of {', '.join(DTYPE_NAMES)}, got '{dtype}'"
+    if device not in ("auto", "cpu") and re.fullmatch(r"cuda(:\d+)?", device) is None:
+        return f"parameter 'device' must be auto, cpu, cuda or cuda:N, got '{device}'"
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return (f"parameter 'device' is '{device}', but this torch sees {torch.cuda.device_count()} CUDA device(s)"
+                    f"{'' if torch.version.cuda else ' (a CPU-only build)'}: use auto or cpu")
+    if scene_name:
+        try:
+            scene_path(scene_name)
+        except FileNotFoundError as error:
+            return f"parameter 'scene': {error}"
+    return None
 
 
 def log_at(logger: Any, level: str, message: str) -> None:
@@ -335,6 +366,11 @@ class MaceNode(Node):
             raise InvalidParameterError(f"parameter ik.tip_link: {tip_link_error}")
         self.add_on_set_parameters_callback(lambda parameters: SetParametersResult(
             successful=(error := self._tip_link_parameter_error(parameters)) is None, reason=error or ""))
+        # Values the engines cannot load with end the node now, rather than leave it answering ENGINE_UNAVAILABLE.
+        engine_error = engine_parameter_error(
+            self.get_parameter("device").value, self.get_parameter("dtype").value, self.get_parameter("scene").value)
+        if engine_error is not None:
+            raise InvalidParameterError(engine_error)
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
         self.robot = RobotFrames()
         self.frames = FrameTable.for_robot(
@@ -359,7 +395,10 @@ class MaceNode(Node):
         # Obstacle topics (~/obstacle_cloud, ~/obstacles) are received and processed by the intake
         # process (mace_ros/ros/intake.py), so that clouds and marker floods never hold this one's GIL.
         self._field_device: Any = None  # the IK engine's device, once it is loaded (see on_intake_update)
-        workspace = Workspace.from_bounds(self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
+        try:
+            workspace = Workspace.from_bounds(self.get_parameter("workspace.min_m").value, self.get_parameter("workspace.max_m").value)
+        except ValueError as error:
+            raise InvalidParameterError(f"parameters workspace.min_m, workspace.max_m: {error}") from None
         self.intake = ObstacleIntake(IntakeSettings(
             node_name=f"{self.get_name()}_intake", namespace=self.get_namespace(),
             cloud_topic=self.resolve_topic_name("~/obstacle_cloud"), markers_topic=self.resolve_topic_name("~/obstacles"),
@@ -601,6 +640,26 @@ class MaceNode(Node):
         with self._in_flight():
             return self._serve_get_ik(request, response, started)
 
+    @staticmethod
+    def _validated(slot: EngineSlot, started: float, requested_timeout_s: float, default_timeout_s: float,
+                   validate: Callable[[], Any], checkpoint: Callable[[], None] | None = None) -> Any:
+        """validate(), which reads what the topics deliver (/joint_states for robot frames, ~/contacts); refused
+        while the engine loads (which ends once the intake applies messages), it is tried again once loaded:
+        a request sent as soon as the services appear was refused for want of joint states or contacts that
+        were on their way. The first refusal stands if loading ends too late (an invalid timeout waits the
+        default one). The obstacles are read when the engine takes the request."""
+        try:
+            return validate()
+        except RequestRefused as refusal:
+            if slot.has_loaded():
+                raise
+            timeout_s = requested_timeout_s if 0.0 < requested_timeout_s <= MAX_TIMEOUT_S else default_timeout_s
+            try:
+                slot.loaded_by(started + timeout_s, checkpoint)
+            except RequestRefused:
+                raise refusal from None
+            return validate()
+
     def _ik_defaults(self) -> RequestDefaults:
         return RequestDefaults(
             num_samples=self.get_parameter("ik.num_samples").value,
@@ -613,14 +672,17 @@ class MaceNode(Node):
 
     def _serve_get_ik(self, request: GetIK.Request, response: GetIK.Response, started: float) -> GetIK.Response:
         try:
-            arguments = ik_request_arguments(request, self._ik_defaults(), self.frames, self.names)
+            defaults = self._ik_defaults()
+            arguments = self._validated(self.ik_engine, started, request.timeout_s, defaults.timeout_s,
+                                        lambda: ik_request_arguments(request, defaults, self.frames, self.names))
             from mace_ros.core.ik_engine import IKRequest
 
-            # The model as it is now: a cloud still being processed (its distance field built) is not in it yet.
-            scene = self.obstacles.snapshot()
+            # The model as it is when the engine takes the request (a cloud still being processed, its distance
+            # field built, is not in it yet).
             result = self.ik_engine.run(
                 started + arguments["timeout_s"],
-                lambda engine, remaining_s: engine.solve(IKRequest(**{**arguments, "timeout_s": remaining_s}), scene),
+                lambda engine, remaining_s: engine.solve(
+                    IKRequest(**{**arguments, "timeout_s": remaining_s}), self.obstacles.snapshot()),
                 self._in_flight)
             self._fill_ik_response(response, result, arguments)
         except RequestRefused as error:
@@ -661,17 +723,19 @@ class MaceNode(Node):
         self, request: GetIKBatch.Request, response: GetIKBatch.Response, started: float,
     ) -> GetIKBatch.Response:
         try:
-            arguments = ik_batch_arguments(request, self._ik_defaults(), self.frames, self.names)
+            defaults = self._ik_defaults()
+            arguments = self._validated(self.ik_engine, started, request.timeout_s, defaults.timeout_s,
+                                        lambda: ik_batch_arguments(request, defaults, self.frames, self.names))
             # What the goals cost outside the engine is kept from its time (see BATCH_TRANSPORT_PER_GOAL_S).
             engine_deadline = started + arguments["timeout_s"] - len(request.goals) * BATCH_TRANSPORT_PER_GOAL_S
             if engine_deadline <= time.monotonic():
                 raise RequestRefused(
                     f"timed out: {len(request.goals)} goals take ~{len(request.goals) * BATCH_TRANSPORT_PER_GOAL_S:.2f} s "
                     f"to receive and answer, more than timeout_s {arguments['timeout_s']} s allows", "TIMED_OUT")
-            scene = self.obstacles.snapshot()
             result = self.ik_engine.run(
                 engine_deadline,
-                lambda engine, remaining_s: engine.solve_batch(**{**arguments, "timeout_s": remaining_s}, scene=scene),
+                lambda engine, remaining_s: engine.solve_batch(
+                    **{**arguments, "timeout_s": remaining_s}, scene=self.obstacles.snapshot()),
                 self._in_flight)
         except RequestRefused as error:
             return self._failed("GetIKBatch", response, str(error), error.code, started)
@@ -715,10 +779,14 @@ class MaceNode(Node):
             timeout_s=self.get_parameter("shape.timeout_s").value,
             random_seed=self.get_parameter("random_seed").value,
         )
-        with self._contacts_lock:
-            latest_contacts, latest_directions = self._latest_contacts, self._latest_directions
+
+        def validate() -> tuple[dict[str, Any], RigidTransform]:
+            with self._contacts_lock:
+                latest_contacts, latest_directions = self._latest_contacts, self._latest_directions
+            return shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
+
         try:
-            arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
+            arguments, to_base = self._validated(self.shape_engine, started, request.timeout_s, defaults.timeout_s, validate, checkpoint)
             from mace_ros.core.shape_engine import ShapeRequest
 
             try:  # what needs the engine's configuration (its finger set), checked before waiting for its turn

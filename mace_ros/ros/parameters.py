@@ -173,7 +173,7 @@ PARAMETERS: dict[str, ParameterSpec] = {
         "Each observed partial-cloud point's term of that distance counts at most this far (m); 0 = uncapped.", 0.0, 10.0),
     "shape.max_scored_partial_points": ParameterSpec(
         "A partial cloud is scored on at most this many of its points (a fixed random subset).", 1, 10000000),
-    "shape.min_partial_points": ParameterSpec("Fewest points a partial cloud may have.", 1, 1000000),
+    "shape.min_partial_points": ParameterSpec("Fewest points a partial cloud may have, at least 1 mm apart.", 1, 1000000),
     "shape.max_num_samples": ParameterSpec("Largest num_samples an InferShape request may ask for.", 1, 1000),
     "shape.diversity_max_samples": ParameterSpec("The diversity is measured over this many best samples.", 1, 1000),
     "shape.tuning_time_fraction": ParameterSpec("Share of the timeout given to tuning; the rest to the final sampling.", 0.0, 1.0),
