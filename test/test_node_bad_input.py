@@ -167,6 +167,8 @@ def test_bad_timeouts(mace, timeout_s, message):
     ({"partial_cloud": far_point_cloud(3.0), "contacts": []}, "partial_cloud points: 1 lie farther"),
     # Accepted before, and fit by more shapes than a real view of the object, it scored higher than one.
     ({"partial_cloud": repeated_point_cloud(500), "contacts": []}, "500 points but only 1 at least 1 mm apart"),
+    # A grasp along x, 1 mm across the Panda hand's closing axis y: it was read as a 1 mm wide grasp along y.
+    ({"contacts": [Point(x=0.54, y=0.0005, z=0.1), Point(x=0.46, y=-0.0005, z=0.1)]}, "to the configured fingers' closing axis"),
     ({"num_samples": 1_000_000}, "num_samples = 1000000 is too large"),
     ({"tuning_iterations": -5}, "tuning_iterations = -5 is invalid"),
 ])

@@ -357,6 +357,8 @@ def test_engine_combines_contacts_and_a_partial_cloud(engine):
         ({"contacts": np.array([[0.0, 0.0, 0.1]])}, "level with the object origin"),  # above it: on neither finger's side
         # Two fingertips of a parallel-jaw grasp level with each other along its closing axis.
         ({"contacts": np.array([[0.0, 0.05, 0.0], [0.01, 0.05, 0.02]])}, "level with the object origin"),
+        # 8 cm apart along x, 1 mm along the closing axis y: a grasp along x, taken before for a 1 mm wide one.
+        ({"contacts": np.array([[0.04, 0.0005, 0.0], [-0.04, -0.0005, 0.0]])}, "at 89° to the configured fingers' closing axis"),
         ({"contacts": None, "partial_cloud": np.zeros((3, 3))}, "fewer than"),
         ({"contacts": None, "partial_cloud": np.full((50, 3), np.inf)}, "NaN or infinite"),
         ({"object_origin": np.array([0.0, np.nan, 0.0])}, "object_origin"),

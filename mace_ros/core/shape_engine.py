@@ -305,7 +305,8 @@ def match_contacts_to_fingers(
     not the origin, as reference: each fingertip lies on its side of the other, while the part of an
     object the grasp met may lie off its centre (an L-shaped part's arm).
     ValueError if a contact has no offset from the reference in those directions, or is further than
-    `max_angle_deg` from its finger."""
+    `max_angle_deg` from its finger; for a parallel-jaw pair, if the line between its contacts is further
+    than that from the closing axis."""
     span = finger_span(travel_directions)
     along = travel_directions @ span[0]
     opposed = span.shape[0] == 1 and along.min() < 0.0 < along.max()  # fingers closing toward each other on one line
@@ -318,6 +319,16 @@ def match_contacts_to_fingers(
             f"contact {worst} lies level with the object origin (or, for opposed fingers, with the other contacts) in every "
             "direction the configured fingers travel, so its finger cannot be told from its side (give its direction in "
             "contact_directions)")
+    if opposed and contacts.shape[0] == 2:
+        # The fingertips of a parallel-jaw grasp face each other along its closing axis: a pair far apart across
+        # it is a grasp along another axis (or another hand), which matched by side alone read as a narrow one.
+        separation = contacts[0] - contacts[1]
+        angle_deg = float(np.degrees(np.arccos(min(abs(float(separation @ span[0])) / float(np.linalg.norm(separation)), 1.0))))
+        if angle_deg > max_angle_deg:
+            raise ValueError(
+                f"contacts 0 and 1 are {np.linalg.norm(separation) * 100:.1f} cm apart at {angle_deg:.0f}° to the configured "
+                f"fingers' closing axis (at most {max_angle_deg:.0f}°): a parallel-jaw grasp's fingertips face each other "
+                "along it (for a grasp along another axis, give contact_directions)")
     start_directions = -travel_directions / np.linalg.norm(travel_directions, axis=1, keepdims=True)
     cosines = (offsets / distances[:, None]) @ start_directions.T  # [k, fingers]
     contact_index, finger_index = linear_sum_assignment(-cosines)
