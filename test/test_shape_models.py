@@ -546,6 +546,23 @@ def test_tuning_stays_among_the_priors_shapes_where_the_contacts_leave_them_open
     assert to_truth(tuned) < 1.5 * to_truth(prior), (to_truth(tuned), to_truth(prior))
 
 
+def test_no_answer_is_larger_than_the_training_objects_allow():
+    """A 4 cm cube grasped from its sides: its contacts leave two extents open, and even with the prior anchor
+    tuning returned shapes up to 34 cm across (the training objects span at most 25 cm); with max_shape_extent_m
+    0 it still does."""
+    origin = np.array([0.5, 0.2, 0.02])
+    request = ShapeRequest(origin + np.array([[0.0, 0.02, 0.0], [0.0, -0.02, 0.0]]), None, origin, num_samples=16,
+                           tuning_iterations=100, timeout_s=60.0, random_seed=13,
+                           contact_directions=np.array([[0.0, -1.0, 0.0], [0.0, 1.0, 0.0]]))
+
+    def largest_extents(result) -> np.ndarray:
+        assert result.success and result.tuning_iterations_done == 100, result.message
+        return (result.samples.max(axis=1) - result.samples.min(axis=1)).max(axis=1)
+
+    assert largest_extents(ShapeEngine().infer(request)).max() <= 0.275
+    assert largest_extents(ShapeEngine({"max_shape_extent_m": 0.0}).infer(request)).max() > 0.275
+
+
 def test_tuning_never_returns_worse_than_the_prior():
     """A learning rate that makes σ_z collapse within a few iterations: the samples still score at
     least as well as the same seed's prior samples (the best θ seen, θ_0 included, or the prior's)."""
@@ -664,7 +681,7 @@ def test_a_dense_partial_cloud_is_scored_on_a_fixed_subset(engine):
     cloud = object_cloud("box", 2)
     dense = np.concatenate([cloud, cloud + 1e-3])
     observation = engine.validate(ShapeRequest(None, dense, np.zeros(3)))
-    first, second = engine.build_domain(observation), engine.build_domain(observation)
+    first, second = engine.build_domain(observation).domain, engine.build_domain(observation).domain  # within the size limit
     most = engine.config["max_scored_partial_points"]
     assert first.observed_partial.shape[0] == most < len(dense)
     assert torch.equal(first.observed_partial, second.observed_partial)

@@ -40,8 +40,9 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   num_samples             samples returned when a request says 0
   tuning_iterations       MACE iterations when a request says -1 (0 = no tuning)
   timeout_s               wall-clock budget when a request says 0
-  grasp_preset            mace.PAPER_PRESETS name for contact observations (paper: grasp_shape_vae)
-  partial_cloud_preset    preset for partial-cloud-only observations (paper: partial_cloud_vae)
+  grasp_preset            mace.PAPER_PRESETS name for contacts alone (paper: grasp_shape_vae)
+  partial_cloud_preset    preset for observations with a partial cloud, alone or with contacts (paper:
+                          partial_cloud_vae; the dense cloud says most, see partial_cloud_diversity_weight)
   tuning_learning_rate, tuning_samples_per_iteration, tuning_grad_steps, tuning_elite_quantile
                           override the preset's Adam lr, N, M and q (0 = the preset's value); the
                           default lr is CPU_BUDGET_LEARNING_RATE, for budgets of tens of iterations
@@ -51,11 +52,13 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
                           draws of the tuned prior (mace.sample_best_of; 1 = plain draws)
   result_diversity_weight with oversampling, the kept draws are chosen by score plus this weight times
                           their Chamfer distance to those already kept (chamfer.diverse_selection;
-                          0 = by score alone), for observations with contacts
+                          0 = by score alone), for contacts alone
   partial_cloud_diversity_weight
-                          the same for partial-cloud-only observations: a dense partial cloud leaves
-                          little shape to choose, and spreading the answer only moves it away from the
-                          hidden shape (BENCHMARKS.md), so by default 0
+                          the same for observations with a partial cloud, alone or with contacts: a dense
+                          partial cloud leaves little shape to choose, and spreading the answer only moves it
+                          away from the hidden shape (BENCHMARKS.md), so by default 0 (with contacts too:
+                          the combined score is small, and the contacts' weight widened the answer past the
+                          prior's own spread)
   num_fingers, finger_elevation_rad, finger_azimuth_offset_rad, finger_from_above
                           the default finger set (simulators.finger_directions)
   finger_directions       explicit travel directions [[x, y, z], ...] or flat [x1, y1, z1, x2, ...]
@@ -64,6 +67,8 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   max_contact_angle_deg   largest angle between a contact and its finger's side
   max_contacts            most contacts a request may carry (with or without directions)
   min_std_ratio           tuning keeps σ_z >= this times the prior's σ_z (0 = unbounded)
+  max_shape_extent_m      a shape whose extent along x, y or z exceeds this scores 0 (0 = no limit): the prior
+                          knows nothing larger than its training objects (`datasets.MAX_SIZE_M`)
   prior_anchor_weight     λ of λ · KL(p(u; θ) || p(u; θ_0)) in the tuning loss (0 = none; see
                           `MaceVAEPrior.anchor_to_prior`)
   finger_radius_m         finger pad radius; 0 = matched to the model's point density (see
@@ -187,6 +192,10 @@ DEFAULT_SHAPE_CONFIG: dict[str, Any] = {
     # The elites pull μ_z against 0.2 prior pseudo-observations: without it μ_z drifted where the score is
     # flat, to shapes beyond the training set (BENCHMARKS.md, "Tuning anchored to the prior").
     "prior_anchor_weight": 0.2,
+    # 1.1 x the training objects' largest extent (datasets.MAX_SIZE_M, 0.25 m): 0.6 % of the reduced model's
+    # plain prior draws exceed it, 0.2 % of the full one's (the decoder's spread); tuning drew 30-39 cm shapes
+    # for a 4 cm cube grasped from its sides.
+    "max_shape_extent_m": 0.275,
     "finger_radius_m": 0.0,
     "length_scale_m": DEFAULT_LENGTH_SCALE_M,
     "temperature_per_m2": DEFAULT_PARTIAL_TEMPERATURE_PER_M2,
@@ -286,6 +295,20 @@ def distinct_point_count(points: np.ndarray, spacing_m: float, enough: int) -> i
         if len(seen) >= enough:
             break
     return len(seen)
+
+
+class WithinExtent:
+    """A domain's score, 0 for shapes whose extent along x, y or z exceeds `limit_m`: where an observation
+    leaves a size open (the height of an object grasped from its sides), tuning drifted to shapes larger than
+    any the prior was trained on, which the score alone cannot rule out."""
+
+    def __init__(self, domain: Any, limit_m: float):
+        self.domain = domain
+        self.limit_m = limit_m
+
+    def score(self, samples: torch.Tensor) -> torch.Tensor:
+        extents = samples.amax(dim=1) - samples.amin(dim=1)  # [B, 3]
+        return self.domain.score(samples) * (extents.amax(dim=-1) <= self.limit_m).to(samples.dtype)
 
 
 def finger_span(travel_directions: np.ndarray) -> np.ndarray:
@@ -532,7 +555,9 @@ class ShapeEngine:
             domains.append(PartialCloudDomain(
                 as_tensor(partial), float(self.config["temperature_per_m2"]), int(self.config["knn_k"]),
                 float(self.config["partial_outlier_distance_m"]) or None))
-        return domains[0] if len(domains) == 1 else ProductDomain(domains)
+        domain = domains[0] if len(domains) == 1 else ProductDomain(domains)
+        limit_m = float(self.config["max_shape_extent_m"])
+        return WithinExtent(domain, limit_m) if limit_m > 0.0 else domain
 
     def tuning_preset(self, name: str, iterations: int) -> MacePreset:
         """The named paper preset with the configured overrides and the request's iteration count."""
@@ -565,7 +590,9 @@ class ShapeEngine:
         generator = torch.Generator(device=self.device).manual_seed(int(request.random_seed))
         # A fresh θ per request over the shared frozen network: requests never see each other's tuning.
         prior = MaceVAEPrior(self.vae, torch.as_tensor(observation.origin, dtype=self.dtype, device=self.device))
-        preset_name = config["grasp_preset"] if observation.contacts is not None else config["partial_cloud_preset"]
+        # A partial cloud, with contacts or not, is what says most about the shape (see the config keys).
+        with_cloud = observation.partial_cloud is not None
+        preset_name = config["partial_cloud_preset"] if with_cloud else config["grasp_preset"]
         posterior = iterations <= 0 or config["result_samples"] == "posterior"
         # The final sampling's cost (decoding + scoring grows with num_samples and the partial cloud's
         # size) is measured on a first chunk of prior samples; they are the answer when nothing else fits.
@@ -578,7 +605,7 @@ class ShapeEngine:
         diversity_count = min(num_samples, int(config["diversity_max_samples"]))
         diversity_reserve_s = min(DIVERSITY_TIME_SHARE * timeout_s, self._seconds_per_pair * diversity_count * (diversity_count - 1) / 2)
         oversampling = int(config["result_oversampling"]) if iterations > 0 else 1
-        diversity_weight = float(config["result_diversity_weight" if observation.contacts is not None else "partial_cloud_diversity_weight"])
+        diversity_weight = float(config["partial_cloud_diversity_weight" if with_cloud else "result_diversity_weight"])
         final_reserve_s = FINAL_SAMPLING_SAFETY * seconds_per_sample * num_samples * oversampling if posterior else 0.0
         selection_reserve_s = 0.0
         if posterior and oversampling > 1 and diversity_weight > 0.0:  # a full selection's passes, or its share

@@ -133,17 +133,17 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.timeout_s": ParameterSpec("Default wall-clock budget (s) of an InferShape request.", 0.001, 600.0, read_only=False),
     "shape.weights_path": ParameterSpec("Shape VAE weights (.safetensors); '' = the weights shipped in the package: "
                                         "the 2048-point model when the node runs on a GPU, the reduced 512-point one on a CPU."),
-    "shape.grasp_preset": ParameterSpec("MACE preset (mace_ros.core.mace.PAPER_PRESETS) for contact observations."),
-    "shape.partial_cloud_preset": ParameterSpec("MACE preset for partial-cloud-only observations."),
+    "shape.grasp_preset": ParameterSpec("MACE preset (mace_ros.core.mace.PAPER_PRESETS) for contacts alone."),
+    "shape.partial_cloud_preset": ParameterSpec("MACE preset for observations with a partial cloud (alone or with contacts)."),
     "shape.result_samples": ParameterSpec(
         "posterior: fresh samples of the tuned prior, ranked; best: the best samples seen while tuning."),
     "shape.result_oversampling": ParameterSpec(
         "posterior: the best num_samples of this many times num_samples draws of the tuned prior (1 = plain draws).", 1, 64),
     "shape.result_diversity_weight": ParameterSpec(
         "With result_oversampling > 1: keep draws by score plus this weight times their Chamfer distance to those kept "
-        "(0 = by score alone); for observations with contacts.", 0.0, 10.0),
+        "(0 = by score alone); for contacts alone.", 0.0, 10.0),
     "shape.partial_cloud_diversity_weight": ParameterSpec(
-        "result_diversity_weight for partial-cloud-only observations (0 = the best-scoring draws: closest to the hidden shape).",
+        "result_diversity_weight for observations with a partial cloud, with contacts or not (0 = the best-scoring draws: closest to the hidden shape).",
         0.0, 10.0),
     "shape.num_fingers": ParameterSpec(
         "Fingers of the finger set for contacts without directions, closing toward the object origin (2: the Panda hand).", 1, 32),
@@ -165,6 +165,9 @@ PARAMETERS: dict[str, ParameterSpec] = {
     "shape.prior_anchor_weight": ParameterSpec(
         "Tuning's loss adds this x KL(tuned latent prior || the trained one): the latent means move only as far "
         "as the elites keep pulling (0 = none).", 0.0, 100.0),
+    "shape.max_shape_extent_m": ParameterSpec(
+        "A shape whose extent along x, y or z exceeds this (m) scores 0: beyond the training objects' 25 cm (0 = no limit).",
+        0.0, 10.0),
     "shape.finger_radius_m": ParameterSpec("Finger pad radius (m); 0 = matched to the model's point density.", 0.0, 0.1),
     "shape.length_scale_m": ParameterSpec("Grasp score length scale s (m): max(1 - mean contact error / s, 0).", 1e-6, 10.0),
     "shape.temperature_per_m2": ParameterSpec("Partial-cloud score temperature: exp(-temperature * Chamfer).", 0.0, 1e9),
