@@ -195,7 +195,9 @@ class ObstacleModel:
     A message that changes nothing (a publisher re-sending the same markers) keeps the snapshot: the
     engines keep their prepared scene, and the exact checker its Bullet body.
     A marker with a lifetime is removed once `clock_ns` has passed its arrival plus the lifetime, as rviz
-    expires it (re-sending it starts the lifetime again).
+    expires it (re-sending it starts the lifetime again); when the clock goes back (a simulation or bag
+    restarted, with use_sim_time), every marker with a lifetime is removed, as rviz resets its displays:
+    otherwise they stayed for as long as the simulation had run.
     """
 
     def __init__(self, max_primitives: int | None = None, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
@@ -206,6 +208,7 @@ class ObstacleModel:
         self._clock_ns = clock_ns
         self._expiry_ns: dict[str, int] = {}  # keys of primitives with a lifetime: when they expire
         self._next_expiry_ns: int | None = None  # the earliest of those
+        self._latest_clock_ns: int | None = None  # the latest clock reading seen, to notice it going back
         # Incremented when the primitives (static scene or markers) change, so that ~/scene is
         # republished only then (clouds have their own topic).
         self.primitives_version = 0
@@ -267,10 +270,12 @@ class ObstacleModel:
                 self._primitives_changed()
 
     def _expire(self, now_ns: int) -> bool:
-        """Under the lock: drops expired markers; whether any was."""
-        if self._next_expiry_ns is None or now_ns < self._next_expiry_ns:
+        """Under the lock: drops expired markers (all with a lifetime if the clock went back); whether any was."""
+        went_back = self._latest_clock_ns is not None and now_ns < self._latest_clock_ns
+        self._latest_clock_ns = now_ns
+        if self._next_expiry_ns is None or (now_ns < self._next_expiry_ns and not went_back):
             return False
-        expired = [key for key, expiry_ns in self._expiry_ns.items() if expiry_ns <= now_ns]
+        expired = [key for key, expiry_ns in self._expiry_ns.items() if expiry_ns <= now_ns or went_back]
         for key in expired:
             del self._expiry_ns[key]
             self._primitives.pop(key, None)
