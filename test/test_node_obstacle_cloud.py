@@ -354,6 +354,15 @@ def test_after_an_intake_restart_the_fast_checker_still_sees_every_sensor(ros_is
         assert not response.success, f"after the restart the fast checker no longer saw the blob: {response.message}"
 
 
+def publish_for(node, publisher, message, seconds: float = 0.5) -> None:
+    """`message` every 50 ms for `seconds`: /joint_states is subscribed best effort (as robot_state_publisher does),
+    so a message sent before the subscription has matched this publisher back is lost, as a stream's first ones are."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        publisher.publish(message)
+        node.executor.spin_once(timeout_sec=0.05)
+
+
 def test_contacts_in_the_hand_frame_are_placed_where_the_hand_was_at_their_stamp(node):
     """A grasp reported on ~/contacts in panda_hand, stamped when the arm stood at `grasped`, and received
     after the arm moved on: its contacts are placed by the joint state at their stamp, so they score the
@@ -371,10 +380,9 @@ def test_contacts_in_the_hand_frame_are_placed_where_the_hand_was_at_their_stamp
         node.executor.spin_once(timeout_sec=0.1)
     names = [f"panda_joint{i}" for i in range(1, 8)]
     grasp_stamp = node.node.get_clock().now().to_msg()
-    joints.publish(JointState(header=Header(stamp=grasp_stamp), name=names, position=grasped.tolist()))
-    time.sleep(0.2)
-    joints.publish(JointState(header=Header(stamp=node.node.get_clock().now().to_msg()), name=names, position=moved_on.tolist()))
-    time.sleep(0.2)
+    publish_for(node, joints, JointState(header=Header(stamp=grasp_stamp), name=names, position=grasped.tolist()))
+    publish_for(node, joints, JointState(header=Header(stamp=node.node.get_clock().now().to_msg()), name=names,
+                                         position=moved_on.tolist()))
     contacts.publish(PoseArray(header=Header(frame_id="panda_hand", stamp=grasp_stamp), poses=[
         Pose(position=Point(x=float(x), y=float(y), z=float(z)), orientation=orientation)
         for (x, y, z), orientation in zip(tips_in_hand, closing)]))
@@ -396,4 +404,26 @@ def test_contacts_in_the_hand_frame_are_placed_where_the_hand_was_at_their_stamp
     finally:
         contacts.publish(PoseArray(header=Header(frame_id="panda_link0")))  # clears them
         node.node.destroy_publisher(contacts)
+        node.node.destroy_publisher(joints)
+
+
+def test_samples_in_the_hand_frame_carry_the_stamp_of_the_joint_state_that_placed_them(node):
+    """InferShape in panda_hand is placed by the latest /joint_states: its samples are stamped with that state's
+    stamp, so that a client transforming them at their stamp finds the hand where the node did (stamped with
+    the answer's time, after the hand moved, they landed 39 cm off)."""
+    joints = node.node.create_publisher(JointState, "/joint_states", 10)
+    deadline = time.monotonic() + 20.0
+    while joints.get_subscription_count() == 0 and time.monotonic() < deadline:
+        node.executor.spin_once(timeout_sec=0.1)
+    state_stamp = node.node.get_clock().now().to_msg()
+    publish_for(node, joints, JointState(header=Header(stamp=state_stamp), name=[f"panda_joint{i}" for i in range(1, 8)],
+                                         position=READY.tolist()))
+    request = InferShape.Request(header=Header(frame_id="panda_hand"), object_origin=Point(z=0.1), num_samples=2,
+                                 tuning_iterations=0, contacts=[Point(y=0.035, z=0.1), Point(y=-0.035, z=0.1)],
+                                 contact_directions=[Vector3(y=-1.0), Vector3(y=1.0)])
+    try:
+        response = node.when_loaded(node.infer_shape, request)
+        assert response.success, response.message
+        assert all(cloud.header.frame_id == "panda_hand" and cloud.header.stamp == state_stamp for cloud in response.samples)
+    finally:
         node.node.destroy_publisher(joints)

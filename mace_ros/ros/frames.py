@@ -82,6 +82,11 @@ class JointStateHistory:
             while self._states[0][0] < stamp_ns - self._span_ns:
                 self._states.popleft()
 
+    def latest_stamp_ns(self) -> int | None:
+        """The stamp of the latest state (the one requests use); None before the first."""
+        with self._lock:
+            return self._states[-1][0] if self._states else None
+
     def at(self, stamp_ns: int = 0) -> np.ndarray | None:
         """The positions stamped closest to `stamp_ns` (0: the latest); None before the first state."""
         with self._lock:
@@ -185,6 +190,12 @@ class FrameTable:
     def accepted(self) -> list[str]:
         # A set: the base frame is also a robot link (an attached frame), and must be listed once.
         return sorted({*(frame for frame in self._to_base if frame), *self._attached})
+
+    def robot_state_stamp_ns(self, frame_id: str) -> int | None:
+        """For a frame on the robot, the stamp of the latest joint state (what to_base(frame_id) uses); else None."""
+        if frame_id in self._attached and frame_id not in self._to_base and self._robot is not None:
+            return self._robot.joint_states.latest_stamp_ns()
+        return None
 
     def to_base(self, frame_id: str, stamp_ns: int = 0) -> RigidTransform:
         """The transform of `frame_id` at `stamp_ns` (0: now); robot frames use the joint state closest to it."""

@@ -25,6 +25,7 @@ import numpy as np
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.time import Time
 from rclpy.event_handler import PublisherEventCallbacks
 from rclpy.node import Node
 from rclpy.publisher import Publisher
@@ -780,13 +781,15 @@ class MaceNode(Node):
             random_seed=self.get_parameter("random_seed").value,
         )
 
-        def validate() -> tuple[dict[str, Any], RigidTransform]:
+        def validate() -> tuple[dict[str, Any], RigidTransform, int | None]:
             with self._contacts_lock:
                 latest_contacts, latest_directions = self._latest_contacts, self._latest_directions
-            return shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
+            arguments, to_base = shape_request_arguments(request, defaults, self.frames, latest_contacts, latest_directions)
+            return arguments, to_base, self.frames.robot_state_stamp_ns(request.header.frame_id)
 
         try:
-            arguments, to_base = self._validated(self.shape_engine, started, request.timeout_s, defaults.timeout_s, validate, checkpoint)
+            arguments, to_base, state_stamp_ns = self._validated(
+                self.shape_engine, started, request.timeout_s, defaults.timeout_s, validate, checkpoint)
             from mace_ros.core.shape_engine import ShapeRequest
 
             try:  # what needs the engine's configuration (its finger set), checked before waiting for its turn
@@ -803,7 +806,7 @@ class MaceNode(Node):
 
             result = self.shape_engine.run(started + arguments["timeout_s"], infer, self._in_flight, checkpoint)
             self._fill_shape_response(
-                response, result, request.header.frame_id, to_base.inverse(), started + arguments["timeout_s"])
+                response, result, request.header.frame_id, to_base.inverse(), started + arguments["timeout_s"], state_stamp_ns)
         except RequestRefused as error:
             return self._failed("InferShape", response, str(error), error.code, started)
         except Exception as error:  # an engine bug must cost one request, not the node
@@ -818,15 +821,19 @@ class MaceNode(Node):
 
     def _fill_shape_response(
         self, response: InferShape.Response, result: Any, frame_id: str, to_request: RigidTransform, deadline: float,
+        state_stamp_ns: int | None = None,
     ) -> None:
-        """Samples go back in the request's frame; ~/shape_samples shows them in the base frame.
+        """Samples go back in the request's frame, stamped with the joint state that placed it when it is on
+        the robot (a hand that moved meanwhile must not move them: they were 39 cm off stamped with the
+        answer's time), else with the answer's time; ~/shape_samples shows them in the base frame.
 
         The best samples first, as many as can still reach the client by `deadline` (time.monotonic()),
         the first one always; the message says when some were left out, and the aggregates (mean_score,
         diversity) are those of the samples returned."""
         samples = np.asarray(result.samples, dtype=np.float64)
         samples = samples.reshape(samples.shape[0], -1, 3) if samples.size else np.zeros((0, 0, 3))
-        request_header = Header(stamp=self.get_clock().now().to_msg(), frame_id=frame_id or self.base_frame)
+        stamp = self.get_clock().now() if state_stamp_ns is None else Time(nanoseconds=state_stamp_ns)
+        request_header = Header(stamp=stamp.to_msg(), frame_id=frame_id or self.base_frame)
         clouds = []
         if samples.shape[0]:
             in_request_frame = to_request.apply(samples.reshape(-1, 3)).reshape(samples.shape)
