@@ -53,7 +53,7 @@ from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, generate_tabletop_data
 from mace_ros.core.shape.simulators import DEFAULT_LENGTH_SCALE_M, GraspDomain, finger_directions
 from mace_ros.core.shape.training import device_name
 from mace_ros.core.shape.vae import DEFAULT_VAE_WEIGHTS, MaceVAEPrior, load_shape_vae
-from mace_ros.core.shape_engine import BestTheta, density_matched_finger_radius
+from mace_ros.core.shape_engine import BestTheta, WithinExtent, density_matched_finger_radius
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("prior", "mace", "is", "cvae")
@@ -86,7 +86,7 @@ def time_to_target(history: list[float], iteration_times: list[float], target: f
     return None
 
 
-def returned_samples(prior: MaceVAEPrior, domain: GraspDomain, args: argparse.Namespace, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def returned_samples(prior: MaceVAEPrior, domain: GraspDomain | WithinExtent, args: argparse.Namespace, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The engine's answer from `prior`: `--num-samples` of `--oversampling` x as many draws, kept by score
     (or by score and diversity, `--diversity-weight`: the engine's result_diversity_weight)."""
     weight = args.diversity_weight
@@ -99,7 +99,7 @@ def returned_samples(prior: MaceVAEPrior, domain: GraspDomain, args: argparse.Na
     return samples, scores
 
 
-def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain, args: argparse.Namespace, seed: int) -> dict[str, float]:
+def score_and_diversity(prior: MaceVAEPrior, domain: GraspDomain | WithinExtent, args: argparse.Namespace, seed: int) -> dict[str, float]:
     """Mean score and diversity of the engine's answer from `prior` (returned_samples), drawn with `seed`."""
     samples, scores = returned_samples(prior, domain, args, torch.Generator().manual_seed(seed))
     return {"score": float(scores.mean()), "diversity_m2": pairwise_chamfer_diversity(samples)}
@@ -109,9 +109,11 @@ def run_observation(
     vae, cvae, ground_truth: torch.Tensor, directions: torch.Tensor, args: argparse.Namespace, seed: int
 ) -> dict:
     radius_m = density_matched_finger_radius(vae.num_points)
-    domain = GraspDomain.from_ground_truth(ground_truth, directions, None, radius_m, DEFAULT_LENGTH_SCALE_M)
+    grasp = GraspDomain.from_ground_truth(ground_truth, directions, None, radius_m, DEFAULT_LENGTH_SCALE_M)
+    # As the engine scores (shape.max_shape_extent_m), for every method.
+    domain = WithinExtent(grasp, args.max_shape_extent_m) if args.max_shape_extent_m > 0 else grasp
     preset = tuning_preset(args)
-    row: dict = {"missed_fingers": int((~domain.observed_contacts.isfinite().all(dim=1)).sum())}
+    row: dict = {"missed_fingers": int((~grasp.observed_contacts.isfinite().all(dim=1)).sum())}
     samples: dict[str, torch.Tensor] = {}
     generator = torch.Generator().manual_seed(seed)
     samples["prior"] = MaceVAEPrior(vae).sample(args.num_samples, generator)
@@ -156,14 +158,14 @@ def run_observation(
     result = importance_sampling_tune(prior, domain, preset, deadline_s=row["mace_tuning_s"], generator=generator)
     samples["is"] = prior.sample(args.num_samples, generator)
     row.update(is_tuning_s=result.elapsed_s, is_iterations=result.iterations_done, is_history=result.mean_score_history)
-    samples["cvae"] = cvae.sample(domain.observed_contacts, args.num_samples, None, torch.Generator().manual_seed(seed))
+    samples["cvae"] = cvae.sample(grasp.observed_contacts, args.num_samples, None, torch.Generator().manual_seed(seed))
     for method in METHODS:
         with torch.no_grad():
             row[f"{method}_score"] = float(domain.score(samples[method]).mean())
         row[f"{method}_diversity_m2"] = pairwise_chamfer_diversity(samples[method])
     row["examples"] = {method: samples[method][:3].numpy() for method in METHODS}
     row["ground_truth"] = ground_truth.numpy()
-    row["observed_contacts"] = domain.observed_contacts.numpy()
+    row["observed_contacts"] = grasp.observed_contacts.numpy()
     return row
 
 
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="MACE keeps sigma_z >= this times the prior's (the engine's shape.min_std_ratio; 0 = unbounded)")
     parser.add_argument("--prior-anchor-weight", type=float, default=0.0,
                         help="MACE's loss adds this x KL(p(u; theta) || the prior) (the engine's shape.prior_anchor_weight; 0 = none)")
+    parser.add_argument("--max-shape-extent-m", type=float, default=0.0,
+                        help="every method's shapes larger than this along x, y or z score 0 (the engine's shape.max_shape_extent_m; 0 = no limit)")
     parser.add_argument("--oversampling", type=int, default=1,
                         help="MACE returns the best num-samples of this many times as many draws (the engine's shape.result_oversampling)")
     parser.add_argument("--diversity-weight", type=float, default=0.0,
