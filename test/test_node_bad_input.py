@@ -126,6 +126,8 @@ def test_unknown_tip_link(mace):
 @pytest.mark.parametrize("seed_state, message", [
     (JointState(position=[0.0] * 6), "seed_state: a JointState without names needs 7 positions"),
     (JointState(name=["panda_joint1"], position=[0.0]), "seed_state: JointState lacks joint(s) panda_joint2"),
+    (JointState(name=[f"fr3_joint{i}" for i in range(1, 8)], position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 0.0]),
+     "(it names fr3_joint1..7: this node's robot_prefix is 'panda_')"),
     (JointState(name=[f"panda_joint{i}" for i in (1, 2, 3, 4, 5, 6, 7, 1)], position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 0.0, 0.3]),
      "seed_state: JointState names joint(s) panda_joint1 more than once"),
     (JointState(position=[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, math.nan]), "NaN"),

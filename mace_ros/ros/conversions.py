@@ -337,7 +337,10 @@ def joint_state_to_positions(state: JointState, names: RobotNames = RobotNames()
             raise ValueError(f"JointState names joint(s) {', '.join(repeated)} more than once")
         missing = [name for name in joint_names if name not in by_name]
         if missing:
-            raise ValueError(f"JointState lacks joint(s) {', '.join(missing)}")
+            other_prefix = _arm_prefix(state.name)
+            hint = "" if other_prefix is None else (
+                f" (it names {other_prefix}joint1..7: this node's robot_prefix is '{names.prefix}')")
+            raise ValueError(f"JointState lacks joint(s) {', '.join(missing)}{hint}")
         ordered = np.array([by_name[name] for name in joint_names])
     if not np.isfinite(ordered).all():
         raise ValueError("JointState positions contain NaN or infinite values")
