@@ -312,6 +312,13 @@ def test_contacts_from_the_topic_are_validated_as_the_requests_own(mace):
                                lambda r: "no observation" not in r.message)
         assert response.error_code == InferShape.Response.INVALID_REQUEST, response.message
         assert "contacts from ~/contacts: 1 lie farther than 1.0 m from object_origin" in response.message
+        # A grasp along x without orientations: the engine's refusal says where such contacts' directions come from.
+        along_x = [Point(x=0.535, y=0.001, z=0.1), Point(x=0.465, y=-0.001, z=0.1)]
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))  # clears the far ones (contacts accumulate)
+        publisher.publish(PoseArray(header=Header(frame_id="panda_link0"), poses=[Pose(position=p) for p in along_x]))
+        response = answer_when(mace, shape_request(contacts=[], tuning_iterations=3), lambda r: "closing axis" in r.message)
+        assert response.error_code == InferShape.Response.INVALID_REQUEST, response.message
+        assert "these contacts came from ~/contacts, where each pose's +z axis is its finger's travel direction" in response.message
     finally:
         publisher.publish(PoseArray(header=Header(frame_id="panda_link0")))
     assert "no observation" in answer_when(mace, shape_request(contacts=[]), lambda r: "no observation" in r.message).message

@@ -381,6 +381,16 @@ def test_engine_refuses_invalid_requests(engine, change, reason):
         engine.validate(ShapeRequest(**{**fields, **change}))
 
 
+def test_a_partial_cloud_needs_points_apart_wherever_it_lies():
+    """Ten points within ~1 mm of each other, one point's sensor noise: refused at any offset (counted in 1 mm
+    grid cells, the same cloud passed or not as it moved by half a millimetre)."""
+    engine = ShapeEngine()
+    noisy = np.array([0.5, 0.0, 0.1]) + np.random.default_rng(0).normal(0.0, 0.0003, size=(200, 3))
+    for shift_m in (0.0, 0.0005, 0.00025):
+        with pytest.raises(ValueError, match="at least 1 mm apart, fewer than 10"):
+            engine.validate(ShapeRequest(None, noisy + shift_m, np.array([0.5, 0.0, 0.1])))
+
+
 def test_engine_config_checks_keys_and_takes_explicit_fingers():
     with pytest.raises(ValueError, match="unknown shape engine config"):
         ShapeEngine({"finger_radius": 0.01})

@@ -82,7 +82,7 @@ Config keys (all optional; `DEFAULT_SHAPE_CONFIG` has the defaults):
   max_scored_partial_points
                           a partial cloud is scored on at most this many of its points (a fixed random
                           subset): a dense cloud's cost would otherwise leave no time for tuning
-  min_partial_points      fewest points a partial cloud may have (in distinct 1 mm cells)
+  min_partial_points      fewest points a partial cloud may have at least 1 mm apart
   max_num_samples         largest num_samples a request may ask for
   diversity_max_samples   the diversity is measured over the first (best) this many samples (its
                           cost grows with the square of the count; the paper's Fig. 1 uses 49)
@@ -150,10 +150,9 @@ DIVERSITY_TIME_SHARE = 0.1
 # samples: ~16,000 x 1000 distances, minutes on a CPU): it gets at most this share of the timeout and
 # leaves the rest of the answer in score order, so that a large num_samples is answered early and whole.
 SELECTION_TIME_SHARE = 0.1
-# A partial cloud needs min_partial_points points at least this far apart (cells of this size): one point
-# repeated was accepted, and fit by more shapes than a real view, it scored higher. Counted in chunks.
-DISTINCT_POINT_SPACING_M = 0.001
-DISTINCT_POINT_CHUNK = 4096
+# A partial cloud needs min_partial_points points at least this far apart: one point repeated was accepted,
+# and fit by more shapes than a real view, it scored higher.
+SEPARATED_POINT_SPACING_M = 0.001
 # Prior draws whose farthest point measures the prior's reach (`ShapeEngine.prior_reach_m`; ~16 ms at start-up).
 PRIOR_REACH_SAMPLES = 256
 
@@ -285,16 +284,15 @@ class ProductDomain:
         return scores
 
 
-def distinct_point_count(points: np.ndarray, spacing_m: float, enough: int) -> int:
-    """How many of points [P, 3] lie in distinct cells of a `spacing_m` grid, counted in chunks until
-    `enough` are found (a camera's cloud gets there in its first chunk; a repeated point never does)."""
-    seen: set[tuple[int, int, int]] = set()
-    for start in range(0, points.shape[0], DISTINCT_POINT_CHUNK):
-        cells = np.floor(points[start:start + DISTINCT_POINT_CHUNK] / spacing_m).astype(np.int64)
-        seen.update(map(tuple, np.unique(cells, axis=0).tolist()))
-        if len(seen) >= enough:
-            break
-    return len(seen)
+def separated_point_count(points: np.ndarray, spacing_m: float, enough: int) -> int:
+    """How many of points [P, 3] are at least `spacing_m` apart from one another, counted greedily (each next
+    point kept is the first of those that far from every one kept) until `enough`: at most `enough` passes over
+    the cloud, whatever its place (cells of a grid counted a point's noise differently half a cell away)."""
+    kept, candidates = 0, points
+    while kept < enough and candidates.shape[0]:
+        kept += 1
+        candidates = candidates[np.linalg.norm(candidates - candidates[0], axis=1) >= spacing_m]
+    return kept
 
 
 class WithinExtent:
@@ -509,10 +507,10 @@ class ShapeEngine:
             fewest = int(self.config["min_partial_points"])
             if partial.shape[0] < fewest:
                 raise ValueError(f"partial_cloud has {partial.shape[0]} points, fewer than {fewest}")
-            distinct = distinct_point_count(partial, DISTINCT_POINT_SPACING_M, fewest)
-            if distinct < fewest:
+            separated = separated_point_count(partial, SEPARATED_POINT_SPACING_M, fewest)
+            if separated < fewest:
                 raise ValueError(
-                    f"partial_cloud has {partial.shape[0]} points but only {distinct} at least {DISTINCT_POINT_SPACING_M * 1000:g} mm "
+                    f"partial_cloud has {partial.shape[0]} points but only {separated} at least {SEPARATED_POINT_SPACING_M * 1000:g} mm "
                     f"apart, fewer than {fewest}: repeated points observe nothing more")
         if contacts is None and partial is None:
             raise ValueError("no observation: give contacts and/or a partial cloud")

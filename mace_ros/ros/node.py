@@ -795,7 +795,10 @@ class MaceNode(Node):
             try:  # what needs the engine's configuration (its finger set), checked before waiting for its turn
                 self.shape_engine.loaded_by(started + arguments["timeout_s"], checkpoint).validate(ShapeRequest(**arguments))
             except ValueError as error:
-                raise InvalidRequest(str(error)) from None
+                from_topic = len(request.contacts) == 0 and arguments["contacts"] is not None and "contact" in str(error)
+                raise InvalidRequest(str(error) + (
+                    " [these contacts came from ~/contacts, where each pose's +z axis is its finger's travel direction; "
+                    "an identity orientation gives none]" if from_topic else "")) from None
             def infer(engine: Any, remaining_s: float) -> Any:
                 # Time kept for the response (samples to PointCloud2s, publishing, sending); the engine's
                 # timeout stays > 0, which it would read as "the default".
