@@ -37,6 +37,12 @@ def main(args: list[str] | None = None) -> int:
             # A wrong parameter (type, range, value) is the user's to fix: say which, without a traceback.
             print(f"mace_node: cannot start: {error}", file=sys.stderr)
             return 1
+        except Exception:
+            if rclpy.ok():
+                raise
+            # SIGINT or SIGTERM while the node was being built: rclpy's context went first, and the build
+            # failed on it (RCLError). A stop, not a crash (see the end).
+            raise ExternalShutdownException() from None
         executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
         executor.spin()
@@ -50,13 +56,13 @@ def main(args: list[str] | None = None) -> int:
         # node's entities are gone: each run left ~1 MB there without this. Entities a callback still
         # uses are destroyed when it returns, if the process is still there.
         node.destroy_node()
-        # Python would join the executor's threads at exit, and a topic callback may still be busy
-        # (a 200k-point cloud's distance field takes seconds; SIGINT exit took 1.2-1.5 s): leave them.
-        # rclpy is shut down by now, so nothing is lost.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    # Without a node, stopped while it was being built: threads it had started (engine loaders, the intake's)
+    # still run, and the interpreter's exit aborted on them (SIGABRT). With one, Python would join the
+    # executor's threads at exit, and a topic callback may still be busy (a 200k-point cloud's distance field
+    # takes seconds; SIGINT exit took 1.2-1.5 s): leave them. rclpy is shut down by now, so nothing is lost.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,10 @@ def resolve_dtype(name: str):
 def engine_parameter_error(device: str, dtype: str, scene_name: str) -> str | None:
     """What makes the engines unable to load with these values, or None. torch is imported only for a
     CUDA device (its import would delay the services by ~2 s on a CPU)."""
+    import yaml
+
     from mace_ros.core.resources import scene_path
+    from mace_ros.core.scene import Scene
 
     if dtype not in DTYPE_NAMES:
         return f"parameter 'dtype' must be one of {', '.join(DTYPE_NAMES)}, got '{dtype}'"
@@ -329,10 +332,10 @@ def engine_parameter_error(device: str, dtype: str, scene_name: str) -> str | No
             return (f"parameter 'device' is '{device}', but this torch sees {torch.cuda.device_count()} CUDA device(s)"
                     f"{'' if torch.version.cuda else ' (a CPU-only build)'}: use auto or cpu")
     if scene_name:
-        try:
-            scene_path(scene_name)
-        except FileNotFoundError as error:
-            return f"parameter 'scene': {error}"
+        try:  # parsed here too: a scene file with a typo left the IK engine unavailable to every request
+            Scene.load_yaml(scene_path(scene_name))
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            return f"parameter 'scene': {' '.join(str(error).split())}"
     return None
 
 
@@ -374,9 +377,12 @@ class MaceNode(Node):
             raise InvalidParameterError(engine_error)
         self.base_frame: str = self.get_parameter("base_frame").value or self.names.to_ros("panda_link0")
         self.robot = RobotFrames()
-        self.frames = FrameTable.for_robot(
-            self.base_frame, self.get_parameter("static_transforms").value, self.get_parameter("attached_frames").value,
-            self.names.to_ros, self.names.to_core, self.robot, Tf2Frames.create(self, self.base_frame))
+        try:
+            self.frames = FrameTable.for_robot(
+                self.base_frame, self.get_parameter("static_transforms").value, self.get_parameter("attached_frames").value,
+                self.names.to_ros, self.names.to_core, self.robot, Tf2Frames.create(self, self.base_frame))
+        except ValueError as error:
+            raise InvalidParameterError(f"parameters static_transforms, attached_frames: {error}") from None
         # Marker lifetimes count on the node's clock (ROS time: simulated with use_sim_time), as rviz's do.
         self.obstacles = ObstacleModel(self.get_parameter("obstacles.max_markers").value,
                                        lambda: self.get_clock().now().nanoseconds)
