@@ -14,8 +14,6 @@ to the object's surface (2048 points).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import trimesh
-import yaml
 
 from mace_ros.core.shape.chamfer import chamfer_distance
-from mace_ros.core.shape.training import device_name, git_commit
-from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest
+from mace_ros.core.shape_engine import ShapeRequest
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(Path(__file__).resolve().parent))
+from shape_open_grasps import engine_run, write_run  # noqa: E402
 SURFACE_POINTS = 2048
 CAMERA_OFFSET_M = np.array([0.0, -0.3, 0.6])  # from the object's centre: above it, in front
 NOISE_M = 0.002
@@ -66,17 +63,8 @@ def observation(mesh: trimesh.Trimesh, centre: np.ndarray, yaw: float, rng: np.r
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[11, 12])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
-                        help="a ShapeEngine setting instead of its default (repeatable), e.g. partial_cloud_diversity_weight=0.2")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_cloud_and_grasp.json")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    command = "PYTHONPATH=. .venv/bin/python bench/shape_cloud_and_grasp.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    script = "bench/shape_cloud_and_grasp.py"
+    args, command, engine = engine_run(script, __doc__.split("\n\n")[0], 30, [11, 12], "partial_cloud_diversity_weight=0.2", argv)
     started, rows = time.monotonic(), []
     for index, (name, mesh) in enumerate(objects()):
         centre = np.array([0.5, 0.1 * (index - 1.5), mesh.extents[2] / 2])
@@ -100,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                for label in ("cloud", "cloud_and_grasp")}
     print("mean: " + ", ".join(f"{label} {summary[label]['score']:.3f} / diversity {summary[label]['diversity_m2'] * 1e4:.1f} cm² / "
                                f"Chamfer {summary[label]['chamfer_m2'] * 1e4:.2f} cm²" for label in summary))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": command, "commit": git_commit(), "device": device_name(torch.device("cpu")), "script": "bench/shape_cloud_and_grasp.py",
-        "engine_config": dict(engine.config), "wall_time_s": time.monotonic() - started, "summary": summary, "observations": rows,
-    }, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_absolute() and ROOT in args.out.parents else args.out}")
+    write_run(args, command, script, engine, started, summary, rows)
 
 
 if __name__ == "__main__":

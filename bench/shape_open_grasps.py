@@ -52,18 +52,38 @@ def observations() -> list[tuple[str, trimesh.Trimesh, np.ndarray, np.ndarray, n
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--iterations", type=int, default=100)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+def engine_run(script: str, description: str, iterations: int, seeds: list[int], engine_example: str,
+               argv: list[str] | None) -> tuple[argparse.Namespace, str, ShapeEngine]:
+    """(arguments, the command as run, the engine) of a `ShapeEngine` benchmark run: --iterations, --seeds,
+    --threads, --engine KEY=VALUE (repeatable) and --out (by default bench/results/<script's name>.json)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--iterations", type=int, default=iterations)
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
-                        help="a ShapeEngine setting instead of its default (repeatable), e.g. prior_anchor_weight=0")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_open_grasps.json")
+                        help=f"a ShapeEngine setting instead of its default (repeatable), e.g. {engine_example}")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results" / f"{Path(script).stem}.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "PYTHONPATH=. .venv/bin/python bench/shape_open_grasps.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = f"PYTHONPATH=. .venv/bin/python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
     engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    return args, command, engine
+
+
+def write_run(args: argparse.Namespace, command: str, script: str, engine: ShapeEngine, started: float, summary: dict,
+              rows: list[dict]) -> None:
+    """The run's results and metadata to args.out (JSON)."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": command, "commit": git_commit(), "device": device_name(torch.device("cpu")), "script": script,
+        "engine_config": dict(engine.config), "wall_time_s": time.monotonic() - started, "summary": summary, "observations": rows,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_absolute() and ROOT in args.out.parents else args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    script = "bench/shape_open_grasps.py"
+    args, command, engine = engine_run(script, __doc__.split("\n\n")[0], 100, [1, 2], "prior_anchor_weight=0", argv)
     started, rows = time.monotonic(), []
     for name, mesh, contacts, directions, centre in observations():
         surface, _ = trimesh.sample.sample_surface(mesh, SURFACE_POINTS, seed=0)
@@ -86,12 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                for label in ("prior", "mace")}
     print(f"mean: prior {summary['prior']['score']:.3f} / {summary['prior']['chamfer_m2'] * 1e4:.1f} cm², "
           f"MACE {summary['mace']['score']:.3f} / {summary['mace']['chamfer_m2'] * 1e4:.1f} cm²")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "command": command, "commit": git_commit(), "device": device_name(torch.device("cpu")), "script": "bench/shape_open_grasps.py",
-        "engine_config": dict(engine.config), "wall_time_s": time.monotonic() - started, "summary": summary, "observations": rows,
-    }, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_absolute() and ROOT in args.out.parents else args.out}")
+    write_run(args, command, script, engine, started, summary, rows)
 
 
 if __name__ == "__main__":
