@@ -213,6 +213,20 @@ def test_with_a_seed_the_nearest_solution_comes_first(engine):
     assert distances[0] < 0.3, distances
 
 
+def test_a_seed_whose_nearest_solution_lies_at_a_joint_limit_is_followed(engine):
+    """A Cartesian path seeded with its previous answer reached joint 7's limit: the LM from the seed,
+    pushing joint 7 beyond it, crept along the limit and converged too late, and the answer jumped to
+    another branch (2.5-3.4 rad away) although a solution 0.12 rad from the seed lies at the limit."""
+    kinematics = PandaKinematics("cpu", torch.float64)
+    at_limit = np.array([0.9441, -0.1277, -0.2921, -2.5547, -0.1811, 3.0591, JOINT_LOWER[6]])
+    seed = np.array([0.8529, -0.1262, -0.2319, -2.5559, -0.1434, 3.0604, -2.8894])
+    position, rotation = kinematics.forward(torch.as_tensor(at_limit)[None])
+    result = engine.solve(request(position[0].numpy(), matrix_to_quaternion(rotation[0]).numpy(), timeout_s=5.0,
+                                  seed_state=seed), Scene())
+    assert result.success, result.message
+    assert np.linalg.norm(result.solutions[0] - seed) < 0.2, result.solutions[0]
+
+
 def test_an_open_goal_is_answered_by_the_fast_stage_before_any_tuning(engine):
     result = engine.solve(request((0.5, 0.2, 0.4), DOWN, timeout_s=5.0), Scene())
     assert result.success, result.message

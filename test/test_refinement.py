@@ -36,10 +36,10 @@ def test_the_early_stop_counts_only_rows_that_pass_the_acceptance(monkeypatch, p
     with lock:  # held: this call takes the compacted path
         plain = refinement.refine_candidates(starts, goal, None, None, max_iterations=30, enough_solved=4)
         accepted = refinement.refine_candidates(starts, goal, None, None, max_iterations=30, enough_solved=4,
-                                                accept=accept, min_accepted=3)
-    assert int((plain.converged & (plain.q[:, 0] < 0.0)).sum()) < 3 and plain.accept_checked is None
+                                                accept=accept, min_accepted=6)
+    assert int((plain.converged & (plain.q[:, 0] < 0.0)).sum()) < 6 and plain.accept_checked is None
     passing = accepted.converged & (accepted.q[:, 0] < 0.0)
-    assert int(passing.sum()) >= 3
+    assert int(passing.sum()) >= 6
     assert torch.equal(accepted.accept_checked & ~accepted.converged, torch.zeros_like(accepted.converged))
     assert torch.equal(accepted.accept_passed, accepted.accept_checked & (accepted.q[:, 0] < 0.0))
     assert sum(asked) == int(accepted.accept_checked.sum())  # each converged row asked about once

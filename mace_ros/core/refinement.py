@@ -83,14 +83,28 @@ def _lm_step(
     kinematics: PandaKinematics, q: torch.Tensor, residual: torch.Tensor, jacobian: torch.Tensor, damping: torch.Tensor,
     respect_limits: bool,
 ) -> torch.Tensor:
-    """One damped least-squares step from q [K, 7], given its residual and Jacobian rows, with per-row damping [K]."""
-    jjt = jacobian @ jacobian.transpose(1, 2)
+    """One damped least-squares step from q [K, 7], given its residual and Jacobian rows, with per-row damping [K].
+
+    With the limits respected, a joint at a limit that the step would push beyond it is held there and the
+    step solved again with the other joints (an active set): clamped after the fact, the step lost that
+    joint's share of the motion, and the LM crept along the limit (a seed at joint 7's limit took 60
+    iterations to a solution 0.13 rad away instead of a few)."""
     identity = torch.eye(residual.shape[1], dtype=q.dtype, device=q.device)
-    # solve_ex without its error check: the check reads the result on the host (a sync per step, and no
-    # CUDA graph), and a singular system only gives a non-finite step, which never improves and is refused.
-    solution, _ = torch.linalg.solve_ex(jjt + damping[:, None, None] * identity, residual[..., None], check_errors=False)
-    q_trial = q + (jacobian.transpose(1, 2) @ solution).squeeze(-1)
-    return kinematics.clamp_to_limits(q_trial) if respect_limits else q_trial
+
+    def step(jacobian_used: torch.Tensor) -> torch.Tensor:
+        jjt = jacobian_used @ jacobian_used.transpose(1, 2)
+        # solve_ex without its error check: the check reads the result on the host (a sync per step, and no
+        # CUDA graph), and a singular system only gives a non-finite step, which never improves and is refused.
+        solution, _ = torch.linalg.solve_ex(jjt + damping[:, None, None] * identity, residual[..., None], check_errors=False)
+        return (jacobian_used.transpose(1, 2) @ solution).squeeze(-1)
+
+    delta = step(jacobian)
+    if not respect_limits:
+        return q + delta
+    lower, upper = kinematics.joint_lower.to(q), kinematics.joint_upper.to(q)
+    held = ((q <= lower) & (delta < 0)) | ((q >= upper) & (delta > 0))
+    delta = torch.where(held.any(-1, keepdim=True), step(jacobian * (~held).to(q.dtype)[:, None, :]), delta)
+    return kinematics.clamp_to_limits(q + delta)
 
 
 def _next_damping(damping: torch.Tensor, improves: torch.Tensor) -> torch.Tensor:
