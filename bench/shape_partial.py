@@ -20,6 +20,7 @@ distance to each sample, which a misplaced shape can match as well).
 
     PYTHONPATH=. .venv/bin/python bench/shape_partial.py --threads 1
     PYTHONPATH=. .venv/bin/python bench/shape_partial.py --threads 1 --engine min_std_ratio=0.8 --out out/partial.json
+    PYTHONPATH=. .venv/bin/python bench/shape_partial.py --threads 1 --iterations 100 --timeout 0.3 --out out/partial_0.3.json
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partial-points", type=int, default=512, help="observed points kept at most (random subset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="MACE's timeout_s (s): short ones show what a request gets with little or no time to tune")
     parser.add_argument("--origin", choices=("true", "centroid"), default="true", help="object_origin sent (the module docstring)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/shape_partial.json")
     parser.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
@@ -86,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         origin = np.zeros(3) if args.origin == "true" else partial.double().mean(0).numpy()
         request = ShapeRequest(contacts=None, partial_cloud=partial.double().numpy(), object_origin=origin,
                                num_samples=args.num_samples, tuning_iterations=0, timeout_s=600.0, random_seed=seed)
-        for method, iterations in (("prior", 0), ("mace", args.iterations)):
-            result = engine.infer(ShapeRequest(**{**request.__dict__, "tuning_iterations": iterations}))
+        for method, iterations, timeout_s in (("prior", 0, 600.0), ("mace", args.iterations, args.timeout)):
+            result = engine.infer(ShapeRequest(**{**request.__dict__, "tuning_iterations": iterations, "timeout_s": timeout_s}))
             if not result.samples.size:
                 raise RuntimeError(f"{method} on object {index}: {result.message}")
             samples[method] = torch.from_numpy(result.samples).float()

@@ -1,5 +1,6 @@
 """MACE on a 2-D toy problem whose posterior is known (by rejection sampling of the prior)."""
 import math
+import time
 
 import pytest
 import torch
@@ -108,3 +109,32 @@ def test_sample_best_of_keeps_the_best_scoring_draws():
     # A deadline that has passed still answers with the first chunk, and says it is short.
     short, _, complete = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=8, deadline_at=0.0)
     assert short.shape[0] == 8 and not complete
+    # Draws made already count among the draws: the same generator continues where they stopped.
+    generator = torch.Generator().manual_seed(5)
+    first = sample_and_score(prior, domain, 10, generator)[:2]
+    continued, continued_scores, _ = sample_best_of(prior, domain, 16, 4, generator, chunk_size=10, drawn=first)
+    torch.testing.assert_close(continued_scores, scores)
+    # ... and past the deadline they are all there is.
+    late, late_scores, complete = sample_best_of(prior, domain, 4, 4, None, deadline_at=0.0, drawn=first)
+    assert complete and late.shape[0] == 4
+    torch.testing.assert_close(late_scores, first[1].sort(descending=True).values[:4])
+
+
+class SlowDiskDomain(DiskDomain):
+    """A domain whose every score call takes `seconds` (a chunk's cost on a loaded CPU)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def score(self, samples):
+        time.sleep(self.seconds)
+        return super().score(samples)
+
+
+def test_drawing_starts_no_chunk_that_would_end_past_the_deadline():
+    """Chunks of 0.05 s, a deadline 0.12 s away: two chunks end by 0.10 s; a third, begun before the
+    deadline, would end at 0.15 s. It is not started (a late chunk was what overran a loaded CPU's deadlines)."""
+    started = time.monotonic()
+    samples, _, complete = sample_and_score(GaussianPrior(), SlowDiskDomain(0.05), 10, torch.Generator().manual_seed(1),
+                                            chunk_size=1, deadline_at=started + 0.12)
+    assert time.monotonic() <= started + 0.12 and not complete and 1 <= samples.shape[0] <= 2

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -633,6 +634,40 @@ def test_partial_cloud_only_answers_use_their_own_diversity_weight():
     assert "by score and diversity (weight 0.3)" in contacts.message
     with pytest.raises(ValueError, match="partial_cloud_diversity_weight"):
         ShapeEngine({"partial_cloud_diversity_weight": float("nan")})
+
+
+def test_a_timeout_too_short_to_tune_returns_the_best_of_oversampled_prior_draws():
+    """A partial cloud costs milliseconds a sample on a CPU: a 1-s timeout leaves no time to tune besides
+    64 x oversampling's final draws. The answer is then the best of as many prior draws as the time allows
+    (the same seed's plain draws among them), not plain draws, and still within the timeout."""
+    engine = ShapeEngine({"num_samples": 8, "result_oversampling": 64})
+    cloud = object_cloud("box", 15)
+    request = ShapeRequest(contacts=None, partial_cloud=cloud[cloud[:, 0] > 0], object_origin=np.zeros(3), num_samples=8,
+                           tuning_iterations=100, timeout_s=1.0, random_seed=3)
+    plain = engine.infer(dataclasses.replace(request, tuning_iterations=0))
+    quick = engine.infer(request)
+    assert quick.elapsed_s <= request.timeout_s + 0.1, quick.message
+    assert "best of 64 x as many draws" in quick.message and quick.samples.shape == plain.samples.shape
+    assert quick.mean_score > plain.mean_score, (plain.message, quick.message)
+    if quick.tuning_iterations_done == 0:
+        assert np.all(quick.scores >= plain.scores - 1e-6)
+
+
+def test_the_diversity_keeps_its_deadline_at_its_own_pace(engine, monkeypatch):
+    """The diversity's Chamfer pairs paced from the start-up measurement overran the deadline on a loaded
+    CPU (pairs several times slower; the node then dropped the answer): it goes at the pace it measures."""
+    import mace_ros.core.shape_engine as shape_engine_module
+
+    def slow_chamfer(a, b):
+        time.sleep(0.002 * a.shape[0])  # 2 ms a pair, ~20 times the start-up pace here
+        return chamfer_distance(a, b)
+
+    monkeypatch.setattr(shape_engine_module, "chamfer_distance", slow_chamfer)
+    samples = torch.as_tensor(engine.infer(grasp_request(engine, "box", 11, (0.0, 0.0, 0.0), tuning_iterations=0,
+                                                         num_samples=12)).samples)
+    deadline_at = time.monotonic() + 0.06
+    by_count = engine.diversity_by_count(samples, deadline_at)
+    assert time.monotonic() <= deadline_at + 0.01 and 2 <= by_count.shape[0] < samples.shape[0]
 
 
 def test_best_theta_keeps_the_best_scoring_iterations_theta_without_reading_back():

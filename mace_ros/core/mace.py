@@ -141,22 +141,27 @@ def sample_and_score(
     """Draw and score `num_samples` in chunks of at most `chunk_size`, checking the clock between chunks.
 
     A huge N must not overrun a deadline (100000 samples take seconds on a CPU); the first chunk is
-    always drawn so that there is an answer. Drawing also stops once `enough(scores so far)` holds.
+    always drawn so that there is an answer, and no later one that would end past the deadline. Drawing also stops once `enough(scores so far)` holds.
     `checkpoint()` runs before every chunk; an exception it raises (e.g. a cancel) propagates.
     Returns samples, scores and whether all N were drawn.
     """
     chunk = num_samples if chunk_size is None else max(1, chunk_size)
     samples, scores = [], []
     drawn = 0
-    while drawn < num_samples and (drawn == 0 or deadline_at is None or time.monotonic() < deadline_at):
+    # A chunk that would end past the deadline, at the last one's pace, is not started: on a loaded CPU
+    # a chunk takes several times its idle cost, and one begun just before the deadline overran it by that.
+    chunk_s = 0.0
+    while drawn < num_samples and (drawn == 0 or deadline_at is None or time.monotonic() + chunk_s < deadline_at):
         if checkpoint is not None:
             checkpoint()
+        chunk_started = time.monotonic()
         count = min(chunk, num_samples - drawn)
         with torch.no_grad():
             batch = prior.sample(count, generator)
             samples.append(batch)
             scores.append(domain.score(batch))
         drawn += count
+        chunk_s = (time.monotonic() - chunk_started) * chunk / count
         if enough is not None and drawn < num_samples and enough(torch.cat(scores)):
             break
     return torch.cat(samples), torch.cat(scores), drawn == num_samples
@@ -172,6 +177,7 @@ def sample_best_of(
     deadline_at: float | None = None,
     select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
     checkpoint: Callable[[], None] | None = None,
+    drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """The `num_samples` best-scoring of `oversampling` x num_samples draws of `prior`, best first (fewer
     when the deadline stops the drawing), their scores, and whether num_samples were drawn.
@@ -180,10 +186,17 @@ def sample_best_of(
     left out, which raises the answer's score at some cost in diversity (oversampling 1: plain draws).
     `select(samples, scores, count)`, when given, picks the indices of the kept ones instead (e.g. by
     score and diversity); they are returned best first all the same. `deadline_at` stops the drawing
-    (`select` keeps its own time); `checkpoint` as in `sample_and_score`.
+    (`select` keeps its own time); `checkpoint` as in `sample_and_score`. `drawn` = (samples, scores) of
+    draws of this prior made already: they count among the draws (and stand for the first chunk).
     """
-    samples, scores, _ = sample_and_score(
-        prior, domain, num_samples * max(1, oversampling), generator, chunk_size, deadline_at, checkpoint=checkpoint)
+    total = num_samples * max(1, oversampling)
+    parts = [] if drawn is None else [drawn]
+    have = 0 if drawn is None else drawn[0].shape[0]
+    if have < total and (have == 0 or deadline_at is None or time.monotonic() < deadline_at):
+        more, more_scores, _ = sample_and_score(
+            prior, domain, total - have, generator, chunk_size, deadline_at, checkpoint=checkpoint)
+        parts.append((more, more_scores))
+    samples, scores = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     kept = torch.argsort(scores, descending=True)[:num_samples] if select is None else select(samples, scores, num_samples)
     order = kept[torch.argsort(scores[kept], descending=True)]
     return samples[order], scores[order], samples.shape[0] >= num_samples

@@ -629,9 +629,16 @@ class ShapeEngine:
                                chunk_size=chunk, on_iteration=remember_best_theta, after_step=prior.project)
             best_theta.restore()
         sampling_deadline_at = deadline_at - min(diversity_reserve_s, max(0.0, deadline_at - time.monotonic()) / 2)
+        # The kept samples' selection: by score and diversity, in its share of the timeout (then by score).
+        select = None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
+            drawn, drawn_scores, count, diversity_weight,
+            min(sampling_deadline_at, time.monotonic() + SELECTION_TIME_SHARE * timeout_s), checkpoint)
+        # No time to tune (a short timeout, a costly partial cloud): the best of as many prior draws as the
+        # time left allows, as after tuning, rather than plain draws (those are asked by tuning_iterations 0).
+        best_of_prior = tuning is None and iterations > 0 and posterior and oversampling > 1
         if tuning is not None and config["result_samples"] == "best":
             samples, scores, complete = tuning.best_samples, tuning.best_scores, True
-        elif tuning is None:  # prior samples: the first chunk is drawn already
+        elif tuning is None and not best_of_prior:  # plain prior samples: the first chunk is drawn already
             samples, scores, complete = first_samples, first_scores, first_samples.shape[0] == num_samples
             if not complete and time.monotonic() < sampling_deadline_at:
                 rest, rest_scores, complete = sample_and_score(
@@ -642,10 +649,7 @@ class ShapeEngine:
             # The drawing leaves the selection its time; the selection stops at its share and fills the rest by score.
             samples, scores, complete = sample_best_of(
                 prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at - selection_reserve_s,
-                select=None if diversity_weight == 0.0 else lambda drawn, drawn_scores, count: diverse_selection(
-                    drawn, drawn_scores, count, diversity_weight,
-                    min(sampling_deadline_at, time.monotonic() + SELECTION_TIME_SHARE * timeout_s), checkpoint),
-                checkpoint=checkpoint)
+                select=select, checkpoint=checkpoint, drawn=(first_samples, first_scores) if best_of_prior else None)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
         # observation (sampling noise, or a best θ that was θ_0) gives way to it.
         fell_back_to_prior = (tuning is not None and first_samples.shape[0] == num_samples
@@ -658,14 +662,20 @@ class ShapeEngine:
         diversity_used = max(1, diversity_by_count.shape[0])
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
-        what = "prior samples (no tuning)" if tuning is None else (
-            f"{config['result_samples']} samples"
-            + (f" (the best of {oversampling} x as many draws"
-               + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else "") + ")"
-               if config["result_samples"] == "posterior" and oversampling > 1 else "")
-            + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
-            + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
-        )
+        if best_of_prior:
+            what = (f"prior samples (no tuning): the best of {oversampling} x as many draws"
+                    + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else ""))
+        elif tuning is None:
+            what = "prior samples (no tuning)"
+        else:
+            what = (
+                f"{config['result_samples']} samples"
+                + (f" (the best of {oversampling} x as many draws"
+                   + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else "") + ")"
+                   if config["result_samples"] == "posterior" and oversampling > 1 else "")
+                + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
+                + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
+            )
         if iterations > 0 and tuning is None:
             what += ": no time left for tuning within the timeout"
         elif tuning is not None and config["result_samples"] == "posterior" and tuning.iterations_done == 0:
@@ -728,11 +738,15 @@ class ShapeEngine:
             return np.zeros(count)
         row_sums = np.zeros(count)  # row j: the distances of sample j to the samples before it
         pairs, done = 0, 1
+        # The pace of pairs: this call's own once measured (a loaded CPU is several times slower than
+        # the start-up measurement), never faster than that.
+        measuring_since = time.monotonic()
         with torch.no_grad():
             while done < count:
                 budget = DIVERSITY_PAIR_CHUNK if pairs else 1
                 if pairs and deadline_at is not None:
-                    budget = min(budget, int((deadline_at - time.monotonic()) / self._seconds_per_pair))
+                    seconds_per_pair = max(self._seconds_per_pair, (time.monotonic() - measuring_since) / pairs)
+                    budget = min(budget, int((deadline_at - time.monotonic()) / seconds_per_pair))
                     if budget < done:  # not even the next sample's pairs fit
                         break
                 if checkpoint is not None:

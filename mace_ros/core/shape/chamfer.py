@@ -180,6 +180,8 @@ def diverse_selection(
         rest = by_score[~chosen[by_score]][: count - len(order)]
         return torch.cat([torch.tensor(order, dtype=torch.long, device=samples.device), rest])
 
+    chunk_s = [0.0]  # the slowest chunk of distances so far
+
     def distances_to(index: int) -> torch.Tensor | None:
         """Chamfer distances of every candidate to candidate `index`, by brute force (small clouds), in
         chunks of candidates so that thousands of draws need no more than a few MB at a time; None once
@@ -188,12 +190,15 @@ def diverse_selection(
         parts = []
         with torch.no_grad():
             for chunk in clouds.split(SELECTION_CHUNK):
-                if deadline_at is not None and time.monotonic() >= deadline_at:
+                # Not started when it would end past the deadline at the last chunk's pace.
+                if deadline_at is not None and time.monotonic() + chunk_s[0] >= deadline_at:
                     return None
                 if checkpoint is not None:
                     checkpoint()
+                chunk_started = time.monotonic()
                 squared = _squared_distances(clouds[index].expand_as(chunk), chunk).clamp_min(0.0)
                 parts.append(squared.amin(dim=2).mean(dim=1) + squared.amin(dim=1).mean(dim=1))
+                chunk_s[0] = max(chunk_s[0], time.monotonic() - chunk_started)
         return torch.cat(parts)
 
     nearest = distances_to(order[0])
