@@ -64,6 +64,13 @@ SCENE_PUBLISH_PERIOD_S = 0.2
 # out: on the busy 2-core CPU the callback itself woke up to ~0.05 s late, and with a grace of 0.05 s
 # 2 of 20,000 fuzzed requests were answered 0.10-0.12 s late (bench/reliability.py).
 ENGINE_OVERRUN_GRACE_S = 0.02
+# An engine plans its work by costs it measures, and on a loaded CPU its last chunks come out slower than
+# planned: with the intake busy and other processes on both cores, 1 of 3 GetIKs of a blocked goal ended
+# 20-40 ms past its timeout and was answered TIMED_OUT instead of GOAL_IN_COLLISION. So each engine is given
+# the time left less how far it has lately run past the time it was given: a decaying maximum (one slow
+# request's excess fades over some 20 requests), at most OVERRUN_ALLOWANCE_MAX_SHARE of the time left.
+OVERRUN_ALLOWANCE_DECAY = 0.9
+OVERRUN_ALLOWANCE_MAX_SHARE = 0.25
 # InferShape keeps part of its timeout for its response: converting each 512-point sample to a
 # PointCloud2 (70-200 us on this busy 2-core CPU) and carrying it to the client (serialization,
 # transport, the client's deserialization: ~120 us, plus ~10 ms per response), at most
@@ -123,6 +130,7 @@ class EngineSlot:
         self._logger = logger
         self._turn = threading.Lock()
         self._loading_ended = threading.Event()  # loaded or failed
+        self._overrun_allowance_s = 0.0  # see OVERRUN_ALLOWANCE_DECAY; updated by the request holding the turn
         # Requests' work runs in one long-lived thread: torch's per-thread state, warm in it, costs a
         # fresh thread 3-4 ms of a 25 ms solve on the CPU.
         self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -182,8 +190,9 @@ class EngineSlot:
 
     def run(self, deadline: float, work: Callable[[Any, float], Any],
             track: Callable[[], AbstractContextManager] = nullcontext, checkpoint: Callable[[], None] | None = None) -> Any:
-        """work(engine, seconds left before `deadline` (time.monotonic())) for one request, answered by
-        deadline + ENGINE_OVERRUN_GRACE_S whatever the engine does.
+        """work(engine, seconds left before `deadline` (time.monotonic()), less the engine's recent overruns:
+        OVERRUN_ALLOWANCE_DECAY) for one request, answered by deadline + ENGINE_OVERRUN_GRACE_S whatever the
+        engine does.
 
         A request waits for the engine to load (loaded_by), then for its turn: requests take turns, and
         one whose deadline passes while it waits raises TIMED_OUT instead. The
@@ -203,16 +212,20 @@ class EngineSlot:
         if remaining_s <= 0.0:
             self._turn.release()
             raise RequestRefused(f"timed out before the {self.name} engine could start", "TIMED_OUT")
+        given_s = remaining_s - min(self._overrun_allowance_s, OVERRUN_ALLOWANCE_MAX_SHARE * remaining_s)
         outcome: dict[str, Any] = {}
         done = threading.Event()
 
         def serve() -> None:
+            work_started = time.monotonic()
             try:
                 with track():
-                    outcome["result"] = work(engine, remaining_s)
+                    outcome["result"] = work(engine, given_s)
             except BaseException as error:  # handed to the waiting callback
                 outcome["error"] = error
             finally:
+                overrun_s = time.monotonic() - (work_started + given_s)
+                self._overrun_allowance_s = max(overrun_s, OVERRUN_ALLOWANCE_DECAY * self._overrun_allowance_s, 0.0)
                 self._turn.release()
                 done.set()
 
