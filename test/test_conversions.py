@@ -184,6 +184,9 @@ def test_joint_states_of_another_prefix_say_so_and_a_grippers_are_ignored():
     gripper = JointState(name=["panda_finger_joint1", "panda_finger_joint2"], position=[0.04, 0.04])
     assert conversions.joint_state_entry(gripper, names, 1) is None
     assert conversions.joint_state_entry(fr3, conversions.RobotNames("fr3_"), 1)[0] == 1
+    assert conversions.RobotNames("fr3_").in_text("beyond where panda_hand_tcp can be; panda_joint7, panda_x") == (
+        "beyond where fr3_hand_tcp can be; fr3_joint7, panda_x")
+    assert names.in_text("panda_hand") == "panda_hand"
 
 
 def marker(marker_type: int, scale: tuple[float, float, float], frame: str = "panda_link0") -> Marker:

@@ -219,6 +219,12 @@ def test_names_carry_the_robot_prefix(fr3):
     seed = JointState(name=["panda_joint1"], position=[0.0])
     response = client.get_ik(ik_request(seed_state=seed))
     assert response.error_code == GetIK.Response.INVALID_ROBOT_STATE and "fr3_joint1" in response.message
+    # The engines' own messages too (they work in panda_* names).
+    far = ik_request(tip_link="fr3_hand_tcp", timeout_s=10.0)
+    far.goal.pose.position.x = 1.0
+    response = client.when_loaded(client.get_ik, far, ENGINE_WAIT_S)
+    assert response.error_code == GetIK.Response.NO_IK_SOLUTION and "where fr3_hand_tcp can be" in response.message, response.message
+    assert "panda_" not in response.message
 
 
 def test_get_ik_for_the_hand_tcp_in_the_robot_names(fr3):

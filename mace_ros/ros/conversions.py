@@ -7,6 +7,7 @@ is accepted without sensor_msgs_py, which the PyPI wheels do not include.
 from __future__ import annotations
 
 import array
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -299,6 +300,13 @@ class RobotNames:
             return None
         core_name = CORE_PREFIX + ros_name[len(self.prefix):]
         return core_name if core_name in JOINT_NAMES or core_name in LINK_NAMES else None
+
+    def in_text(self, text: str) -> str:
+        """`text` (an engine's message) with the core's joint and link names as the robot spells them."""
+        if self.prefix == CORE_PREFIX:
+            return text
+        return re.sub(rf"\b{CORE_PREFIX}\w+", lambda found: self.to_ros(found[0])
+                      if found[0] in JOINT_NAMES or found[0] in LINK_NAMES else found[0], text)
 
     @property
     def joint_names(self) -> list[str]:

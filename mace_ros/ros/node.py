@@ -722,7 +722,7 @@ class MaceNode(Node):
         response.success = bool(result.success)
         code = "SUCCESS" if result.success else IK_FAILURE_CODES.get(getattr(result, "failure_kind", ""), "FAILURE")
         response.error_code = getattr(GetIK.Response, code)
-        response.message = result.message
+        response.message = self.names.in_text(result.message)
         response.solutions = [conversions.joint_state_from_positions(q, header, self.names) for q in solutions]
         response.scores = [float(v) for v in result.scores]
         response.position_errors_m = [float(v) for v in result.position_errors_m]
