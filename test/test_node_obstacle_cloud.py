@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from geometry_msgs.msg import Point, Pose, PoseArray, Quaternion, Vector3
+from rclpy.duration import Duration
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
@@ -51,6 +52,7 @@ def node(ros_isolation, tmp_path_factory):
     log_path = tmp_path_factory.mktemp(NODE_NAME) / "mace_node.log"
     with running_node(ARGUMENTS, ros_isolation, log_path, NODE_NAME) as (client, process):
         client.node_process = process  # for the test that kills the node's intake process
+        client.log_path = log_path  # for the tests of what it logs
         yield client
 
 
@@ -229,6 +231,29 @@ def test_the_robots_own_points_are_filtered_out(node, topics):
     assert np.linalg.norm(points[:, None] - robot[None, ::10], axis=2).min() > 0.02  # none of the robot's points kept
     response, _ = get_ik(node)
     assert response.success, response.message
+
+
+def test_a_cloud_stamped_far_from_every_joint_state_is_warned_about(node, topics):
+    """A camera whose clock is 3 s behind the robot's: its cloud is self-filtered at a joint state of another
+    moment, which left the arm's points in the model, silently. The node says so (and still applies it)."""
+    _, publish_joints, _ = topics
+    publish_joints(READY)
+    publisher = node.node.create_publisher(PointCloud2, f"/{NODE_NAME}/obstacle_cloud", 1)
+    try:
+        cloud = camera_cloud(table(-0.01), "panda_link0", 64, 48)
+        deadline = time.monotonic() + 30.0
+
+        def warnings() -> list[str]:
+            return [line for line in node.log_path.read_text().splitlines() if "is stamped -" in line and "joint_states kept" in line]
+
+        while time.monotonic() < deadline and not warnings():
+            cloud.header.stamp = (node.node.get_clock().now() - Duration(seconds=3)).to_msg()
+            publisher.publish(cloud)
+            node.executor.spin_once(timeout_sec=0.5)
+        # -3 s from the states just published, or from a previous test's kept up to 2 s before them.
+        assert warnings() and "from 'panda_link0' is stamped -" in warnings()[0] and "clocks agree" in warnings()[0], warnings()
+    finally:
+        node.node.destroy_publisher(publisher)
 
 
 def test_two_sensors_on_one_topic_each_keep_their_latest_cloud(node, topics):

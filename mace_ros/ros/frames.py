@@ -89,16 +89,21 @@ class JointStateHistory:
 
     def at(self, stamp_ns: int = 0) -> np.ndarray | None:
         """The positions stamped closest to `stamp_ns` (0: the latest); None before the first state."""
+        closest = self.closest(stamp_ns)
+        return None if closest is None else closest[1]
+
+    def closest(self, stamp_ns: int = 0) -> tuple[int, np.ndarray] | None:
+        """(stamp, positions) of the state stamped closest to `stamp_ns` (0: the latest); None before the first."""
         with self._lock:
             if not self._states:
                 return None
             if stamp_ns == 0:
-                return self._states[-1][1]
+                return self._states[-1]
             # In stamp order (a stamp going back clears the history), so the closest is beside the insertion
             # point: a scan of a 1 kHz controller's 2 s took 0.2 ms, per cloud and per request.
             index = bisect.bisect_left(self._states, stamp_ns, key=lambda state: state[0])
             beside = [self._states[i] for i in (index - 1, index) if 0 <= i < len(self._states)]
-            return min(beside, key=lambda state: abs(state[0] - stamp_ns))[1]
+            return min(beside, key=lambda state: abs(state[0] - stamp_ns))
 
 
 class RobotFrames:

@@ -87,6 +87,10 @@ FIELD_BUILD_THREADS = min(4, os.cpu_count() or 1)
 # leaves those threads spinning between calls: one took 90 % of a core beside a 640 x 480 stream, for a
 # 1 ms product. The intake works in one thread by design, so its BLAS does too (unless the user sets it).
 INTAKE_BLAS_THREADS = "1"
+# A cloud stamped farther than this from every kept joint state is self-filtered (and placed, for a robot-
+# attached camera) at a state of another moment: a warning says so (a camera's clock out of step with the
+# robot's left the arm's points in the model, silently).
+JOINT_STATE_GAP_WARNING_S = 0.1
 
 
 class KeyedThrottle:
@@ -399,6 +403,7 @@ class IntakeNode(Node):
         """The cloud in the base frame (at its stamp), cropped to the workspace, thinned, without the robot's
         points, becomes its sensor's (frame_id's) contribution to the obstacle model."""
         from mace_ros.ros import conversions
+        from mace_ros.ros.frames import JOINT_STATE_HISTORY_S
         from mace_ros.ros.obstacles import CloudVoxelizer
 
         sensor, stamp_ns = cloud.header.frame_id, conversions.stamp_to_ns(cloud.header.stamp)
@@ -417,13 +422,22 @@ class IntakeNode(Node):
                 f"outside the workspace {self.workspace.low.tolist()} .. {self.workspace.high.tolist()} m",
                 throttle_duration_sec=WARNING_PERIOD_S)
         points = cropped.points
-        positions = self.robot.joint_states.at(stamp_ns)
-        if positions is None:
+        closest = self.robot.joint_states.closest(stamp_ns)
+        if closest is None:
             self.get_logger().warning(
                 f"{self._cloud_topic}: no {self._settings.joint_states_topic} yet, so the robot's own points are not filtered out",
                 throttle_duration_sec=WARNING_PERIOD_S)
-        elif points.shape[0]:
-            points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), settings.self_filter_padding_m)]
+        else:
+            state_stamp_ns, positions = closest
+            gap_s = (stamp_ns - state_stamp_ns) * 1e-9  # an unstamped cloud (0) takes the latest state by design
+            if stamp_ns and abs(gap_s) > JOINT_STATE_GAP_WARNING_S and self._rejections.due((sensor, "joint state gap")):
+                self.get_logger().warning(
+                    f"{self._cloud_topic} from '{sensor}' is stamped {gap_s:+.3f} s from the nearest "
+                    f"{self._settings.joint_states_topic} kept (the last {JOINT_STATE_HISTORY_S:g} s): the robot's points "
+                    f"are filtered out, and robot-attached frames placed, at that state; if the arm moved meanwhile, check "
+                    f"that the camera's and the robot's clocks agree")
+            if points.shape[0]:
+                points = points[self.self_filter.keep(points, self.robot.link_transforms(positions), settings.self_filter_padding_m)]
         if points.shape[0]:
             self._clouds[sensor] = points
         else:
