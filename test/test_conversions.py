@@ -348,6 +348,20 @@ def test_cloud_voxelizer_keeps_occupied_voxel_centres_inside_the_workspace():
     np.testing.assert_allclose(unthinned.points, points[:3], atol=1e-12)
 
 
+def test_cloud_voxelizer_takes_points_at_the_sensors_origin_for_no_return():
+    """Drivers that write 0 for "no return" (librealsense deprojects depth 0 to the origin) would put a phantom
+    obstacle at an eye-in-hand camera: such points are dropped as NaN is, and counted as neither."""
+    workspace = Workspace.from_bounds([-1, -1, 0], [1, 1, 1])
+    in_hand = RigidTransform(Rotation.from_rotvec([3.0, 0.1, 0.0]).as_matrix(), np.array([0.4, 0.1, 0.5]))
+    seen = np.array([[0.0, 0.0, 0.3], [0.05, -0.02, 0.25]])
+    points = np.concatenate([seen, np.zeros((50, 3)), [[0.0, 0.0, 9.0]]])
+    cropped = CloudVoxelizer(workspace, 0.01).voxelize(_strided_xyz(points), in_hand)
+    assert (cropped.inside, cropped.outside) == (2, 1)
+    assert np.linalg.norm(cropped.points - in_hand.translation, axis=1).min() > 0.2
+    unthinned = CloudVoxelizer(workspace, 0.0).voxelize(_strided_xyz(points, np.float64), in_hand)
+    np.testing.assert_allclose(unthinned.points, in_hand.apply(seen), atol=1e-12)
+
+
 def test_cloud_voxelizer_transforms_into_the_base_frame_like_a_reference():
     rng = np.random.default_rng(3)
     workspace = Workspace.from_bounds([-1.15, -1.15, -0.3], [1.15, 1.15, 1.45])

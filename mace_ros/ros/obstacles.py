@@ -110,9 +110,18 @@ class CloudVoxelizer:
             dropped = np.flatnonzero(~inside)
             outside = int(np.count_nonzero(np.isfinite(xyz[:, 0][dropped]) & np.isfinite(xyz[:, 1][dropped])
                                            & np.isfinite(xyz[:, 2][dropped])))
+        # A driver that writes 0 for "no return" (librealsense deprojects depth 0 to the origin) puts those points
+        # at the sensor's origin, where no camera sees anything (an eye-in-hand camera's would block the hand):
+        # dropped as NaN is. Only where that origin is kept, and on the main path found by its voxel's key
+        # rather than by comparing every point (a pass over a 9.8 MB cloud costs milliseconds).
+        origin = ((to_base.translation - low) * scale).astype(dtype)
+        origin_kept = bool(((origin >= 0) & ((origin < bound[:, 0]) if thinned else (origin <= bound[:, 0]))).all())
+        if origin_kept and (not thinned or self._cell_count > 2.0**53):
+            kept = kept[~(xyz[kept] == 0).all(1)]
         if not thinned:
             return CroppedCloud(scaled[:, kept].T + low, kept.size, outside)
         np.floor(scaled, out=scaled)
+        kept_count = kept.size
         if self._cell_count > 2.0**53:  # no exact floating-point key per voxel
             occupied_cells = np.unique(scaled[:, kept].T.astype(np.int64), axis=0)
         else:
@@ -126,6 +135,11 @@ class CloudVoxelizer:
                 key *= key_dtype(self._cells[2])
                 key += scaled[2]
             keys = key[kept].astype(np.int64)
+            if origin_kept:
+                cell = np.floor(origin).astype(np.int64)
+                at_origin = np.flatnonzero(keys == (cell[0] * self._cells[1] + cell[1]) * self._cells[2] + cell[2])
+                no_return = at_origin[(xyz[kept[at_origin]] == 0).all(1)] if at_origin.size else at_origin
+                keys, kept_count = np.delete(keys, no_return), kept_count - no_return.size
             if self._cell_count <= MAX_DENSE_VOXELS:
                 if self._occupied is None:
                     self._occupied = np.zeros(int(self._cell_count), dtype=bool)
@@ -141,7 +155,7 @@ class CloudVoxelizer:
             for axis in (2, 1, 0):
                 keys, occupied_cells[:, axis] = np.divmod(keys, self._cells[axis])
         points = (occupied_cells + 0.5) * self.voxel_size_m + low
-        return CroppedCloud(points, kept.size, outside)
+        return CroppedCloud(points, kept_count, outside)
 
 
 class SelfFilter:
