@@ -594,7 +594,9 @@ class ShapeEngine:
         posterior = iterations <= 0 or config["result_samples"] == "posterior"
         # The final sampling's cost (decoding + scoring grows with num_samples and the partial cloud's
         # size) is measured on a first chunk of prior samples; they are the answer when nothing else fits.
-        partial_points = 0 if observation.partial_cloud is None else observation.partial_cloud.shape[0]
+        # (Scored points: a denser cloud is scored on a subset of max_scored_partial_points.)
+        partial_points = 0 if observation.partial_cloud is None else min(
+            observation.partial_cloud.shape[0], int(config["max_scored_partial_points"]))
         scale = GPU_CHUNK_FACTOR if self.device.type == "cuda" else 1
         chunk = max(1, min(scale * SAMPLE_CHUNK, scale * CHUNK_PARTIAL_POINTS // max(partial_points, 1)))
         probe_started = time.monotonic()
