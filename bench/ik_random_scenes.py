@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 import trimesh
-import yaml
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+from bench.engine_settings import engine_settings  # noqa: E402
 from bench.ik_baselines import RandomRestartIK  # noqa: E402
 from bench.ik_latency import all_solved, solved  # noqa: E402
 from mace_ros.core.collision import TorchCollisionChecker  # noqa: E402
@@ -160,7 +160,7 @@ def main() -> None:
     exact = PyBulletCollisionChecker()
     kinematics = PandaKinematics(dtype=torch.float64)
     spheres = TorchCollisionChecker(dtype=torch.float64)
-    engine = IKEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)}, device=args.device)
+    engine = IKEngine(engine_settings(args.engine), device=args.device)
     baseline = RandomRestartIK(exact)
     rows: list[dict[str, Any]] = []
     for scene_index in range(args.scenes):

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from bench.engine_settings import engine_settings
 from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.datasets import HELD_OUT_FAMILY, FAMILIES, generate_tabletop_dataset
 from mace_ros.core.shape.simulators import grasp_contacts
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
     command = "PYTHONPATH=. .venv/bin/python bench/shape_grasps.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    engine = ShapeEngine(engine_settings(args.engine))
     radius_m = engine.finger_radius_m
     # Objects never seen in training (training uses seeds 0 and 1); seeds differ from shape_inference.py's.
     in_distribution, in_families = generate_tabletop_dataset(args.num_in_distribution, GROUND_TRUTH_POINTS, seed=3000 + args.seed)

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import trimesh
-import yaml
 
+from bench.engine_settings import engine_settings
 from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.training import device_name, git_commit
 from mace_ros.core.shape_engine import ShapeEngine, ShapeRequest
@@ -66,7 +66,7 @@ def engine_run(script: str, description: str, iterations: int, seeds: list[int],
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     command = f"PYTHONPATH=. .venv/bin/python {script} " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    engine = ShapeEngine(engine_settings(args.engine))
     return args, command, engine
 
 

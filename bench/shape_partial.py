@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
+from bench.engine_settings import engine_settings
 from mace_ros.core.mace import importance_sampling_tune
 from mace_ros.core.shape.chamfer import chamfer_distance
 from mace_ros.core.shape.datasets import FAMILIES, HELD_OUT_FAMILY, generate_tabletop_dataset
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = device_name(torch.device("cpu"))
     command = "PYTHONPATH=. .venv/bin/python bench/shape_partial.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    engine = ShapeEngine({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.engine)})
+    engine = ShapeEngine(engine_settings(args.engine))
     in_distribution, in_families = generate_tabletop_dataset(args.num_in_distribution, GROUND_TRUTH_POINTS, seed=5000 + args.seed)
     held_out, held_families = generate_tabletop_dataset(args.num_held_out, GROUND_TRUTH_POINTS, seed=6000 + args.seed,
                                                         families=[HELD_OUT_FAMILY]) if args.num_held_out else ([], [])
