@@ -425,7 +425,7 @@ class IKEngine:
                 if seed is not None:
                     starts = torch.cat([seed, starts])
                 fast_solved, exact_rejections, fast_free_rate = self._fast_stage(
-                    starts, goal, scene, tensor_scene, request.num_solutions, work_deadline, answer_deadline)
+                    starts, goal, scene, tensor_scene, request.num_solutions, work_deadline, answer_deadline, seeded=seed is not None)
                 solved = self._merged(solved, fast_solved)
             if len(solved) == 0 and config["unobstructed_starts"] > 0 and work_deadline - time.monotonic() > config["min_round_s"]:
                 # A wider random restart before any tuning, within at most a minimum round: where the free
@@ -792,23 +792,33 @@ class IKEngine:
 
     def _fast_stage(
         self, starts: torch.Tensor, goal: IKGoal, scene: Scene, tensor_scene: TensorScene, needed: int, deadline_at: float,
-        exact_deadline_at: float,
+        exact_deadline_at: float, seeded: bool = False,
     ) -> tuple[_Solutions, int, float]:
         """Random-restart IK before any tuning: the obstacle-ignoring LM from `starts`, stopping once
         FAST_STAGE_SURPLUS times `needed` converged and the fast checker calls `needed` of them free; then
-        the exact check of the free ones until `needed` pass. Returns the accepted solutions, how many the
+        the exact check of the free ones until `needed` pass. `seeded`: starts[0] is the request's seed, whose
+        refinement goes on alone if the early stop came first. Returns the accepted solutions, how many the
         exact check rejected, and the fraction of the converged configurations that the fast checker
         called free (NaN when none converged)."""
         config = self.config
+        tolerances = {"position_tolerance_m": config["position_tolerance_m"], "orientation_tolerance_rad": config["orientation_tolerance_rad"]}
         unobstructed = refine_candidates(
             starts, goal, None, None, max_iterations=config["unobstructed_max_iterations"], enough_solved=FAST_STAGE_SURPLUS * needed,
-            deadline_at=deadline_at, position_tolerance_m=config["position_tolerance_m"],
-            orientation_tolerance_rad=config["orientation_tolerance_rad"], accept=self._fast_free(tensor_scene, deadline_at), min_accepted=needed)
+            deadline_at=deadline_at, accept=self._fast_free(tensor_scene, deadline_at), min_accepted=needed, **tolerances)
         solved = _Solutions(unobstructed.q, unobstructed.position_error_m, unobstructed.orientation_error_rad)
         reached_free = self._reached_free(unobstructed, tensor_scene, deadline_at)
         converged = int(unobstructed.converged.sum())
+        candidates = solved.subset(reached_free)  # in start order: the seed's first when it is free
+        if seeded and not bool(unobstructed.converged[0]) and time.monotonic() < deadline_at:
+            # The early stop came before the seed's row converged (other starts converged first): a planner
+            # following a path wants that branch most, and got another 1.5-2 rad away. Its refinement goes on
+            # alone (a few ms), and what it reaches free is exactly checked first.
+            alone = refine_candidates(unobstructed.q[:1], goal, None, None, max_iterations=config["refine_max_iterations"],
+                                      deadline_at=deadline_at, **tolerances)
+            if bool(alone.converged[0]) and bool(self._free_in_time(alone.q, tensor_scene, deadline_at)[0]):
+                candidates = _Solutions(alone.q, alone.position_error_m, alone.orientation_error_rad).cat(candidates)
         free_rate = len(reached_free) / converged if converged else float("nan")
-        accepted, rejected = self._exactly_accepted(solved.subset(reached_free), scene, needed, exact_deadline_at)
+        accepted, rejected = self._exactly_accepted(candidates, scene, needed, exact_deadline_at)
         if len(accepted) == 0:
             fast_rejected = torch.nonzero(unobstructed.converged).squeeze(-1)
             accepted = self._near_contact_accepted(
