@@ -94,7 +94,7 @@ def returned_samples(prior: MaceVAEPrior, domain: GraspDomain | WithinExtent, ar
     def select(samples: torch.Tensor, scores: torch.Tensor, count: int) -> torch.Tensor:
         return diverse_selection(samples, scores, count, weight)
 
-    samples, scores, _ = sample_best_of(prior, domain, args.num_samples, args.oversampling, generator,
+    samples, scores, _, _ = sample_best_of(prior, domain, args.num_samples, args.oversampling, generator,
                                         select=select if weight > 0 else None)
     return samples, scores
 

@@ -99,24 +99,24 @@ def test_expired_deadline_still_answers(deadline):
 def test_sample_best_of_keeps_the_best_scoring_draws():
     prior, domain = GaussianPrior(), DiskDomain()
     draws, draw_scores, _ = sample_and_score(prior, domain, 64, torch.Generator().manual_seed(5), chunk_size=10)
-    best, scores, complete = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=10)
-    assert complete and best.shape == (16, 2)
+    best, scores, complete, count = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=10)
+    assert complete and best.shape == (16, 2) and count == 64
     torch.testing.assert_close(scores, draw_scores.sort(descending=True).values[:16])
     torch.testing.assert_close(domain.score(best), scores)
     assert float(scores.mean()) > float(draw_scores.mean())
-    plain, plain_scores, _ = sample_best_of(prior, domain, 64, 1, torch.Generator().manual_seed(5), chunk_size=10)
+    plain, plain_scores, _, _ = sample_best_of(prior, domain, 64, 1, torch.Generator().manual_seed(5), chunk_size=10)
     torch.testing.assert_close(plain_scores, draw_scores.sort(descending=True).values)  # the same draws, ranked
     # A deadline that has passed still answers with the first chunk, and says it is short.
-    short, _, complete = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=8, deadline_at=0.0)
-    assert short.shape[0] == 8 and not complete
+    short, _, complete, count = sample_best_of(prior, domain, 16, 4, torch.Generator().manual_seed(5), chunk_size=8, deadline_at=0.0)
+    assert short.shape[0] == 8 and not complete and count == 8
     # Draws made already count among the draws: the same generator continues where they stopped.
     generator = torch.Generator().manual_seed(5)
     first = sample_and_score(prior, domain, 10, generator)[:2]
-    continued, continued_scores, _ = sample_best_of(prior, domain, 16, 4, generator, chunk_size=10, drawn=first)
+    continued, continued_scores, _, _ = sample_best_of(prior, domain, 16, 4, generator, chunk_size=10, drawn=first)
     torch.testing.assert_close(continued_scores, scores)
     # ... and past the deadline they are all there is.
-    late, late_scores, complete = sample_best_of(prior, domain, 4, 4, None, deadline_at=0.0, drawn=first)
-    assert complete and late.shape[0] == 4
+    late, late_scores, complete, count = sample_best_of(prior, domain, 4, 4, None, deadline_at=0.0, drawn=first)
+    assert complete and late.shape[0] == 4 and count == 10
     torch.testing.assert_close(late_scores, first[1].sort(descending=True).values[:4])
 
 

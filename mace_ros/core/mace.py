@@ -178,9 +178,10 @@ def sample_best_of(
     select: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
     checkpoint: Callable[[], None] | None = None,
     drawn: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+) -> tuple[torch.Tensor, torch.Tensor, bool, int]:
     """The `num_samples` best-scoring of `oversampling` x num_samples draws of `prior`, best first (fewer
-    when the deadline stops the drawing), their scores, and whether num_samples were drawn.
+    when the deadline stops the drawing), their scores, whether num_samples were drawn, and how many were
+    (the deadline may stop the drawing before oversampling x num_samples: an answer says of how many it is the best).
 
     Like the elite set of one more MACE iteration: the samples least consistent with the observation are
     left out, which raises the answer's score at some cost in diversity (oversampling 1: plain draws).
@@ -199,7 +200,7 @@ def sample_best_of(
     samples, scores = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     kept = torch.argsort(scores, descending=True)[:num_samples] if select is None else select(samples, scores, num_samples)
     order = kept[torch.argsort(scores[kept], descending=True)]
-    return samples[order], scores[order], samples.shape[0] >= num_samples
+    return samples[order], scores[order], samples.shape[0] >= num_samples, samples.shape[0]
 
 
 def _tuning_loop(

@@ -638,6 +638,7 @@ class ShapeEngine:
         # No time to tune (a short timeout, a costly partial cloud): the best of as many prior draws as the
         # time left allows, as after tuning, rather than plain draws (those are asked by tuning_iterations 0).
         best_of_prior = tuning is None and iterations > 0 and posterior and oversampling > 1
+        draws = 0  # of the oversampled drawing, when there is one
         if tuning is not None and config["result_samples"] == "best":
             samples, scores, complete = tuning.best_samples, tuning.best_scores, True
         elif tuning is None and not best_of_prior:  # plain prior samples: the first chunk is drawn already
@@ -649,7 +650,7 @@ class ShapeEngine:
                 samples, scores = torch.cat([samples, rest]), torch.cat([scores, rest_scores])
         else:
             # The drawing leaves the selection its time; the selection stops at its share and fills the rest by score.
-            samples, scores, complete = sample_best_of(
+            samples, scores, complete, draws = sample_best_of(
                 prior, domain, num_samples, oversampling, generator, chunk, sampling_deadline_at - selection_reserve_s,
                 select=select, checkpoint=checkpoint, drawn=(first_samples, first_scores) if best_of_prior else None)
         # The same seed's prior answer is the first chunk: a posterior that scores below it on this
@@ -664,17 +665,22 @@ class ShapeEngine:
         diversity_used = max(1, diversity_by_count.shape[0])
         mean_score = float(scores.mean())
         success = bool(scores.max() > 0)
+        # Of how many draws the answer is the best: the timeout may stop the drawing short of oversampling x.
+        if draws >= num_samples * oversampling:
+            best_of = f"the best of {oversampling} x as many draws"
+        elif draws > num_samples:
+            best_of = f"the best of {draws} draws (the timeout came before {oversampling} x as many)"
+        else:
+            best_of = "plain draws (the timeout came before more)"
+        by_diversity = f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 and draws > num_samples else ""
         if best_of_prior:
-            what = (f"prior samples (no tuning): the best of {oversampling} x as many draws"
-                    + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else ""))
+            what = f"prior samples (no tuning): {best_of}{by_diversity}"
         elif tuning is None:
             what = "prior samples (no tuning)"
         else:
             what = (
                 f"{config['result_samples']} samples"
-                + (f" (the best of {oversampling} x as many draws"
-                   + (f", by score and diversity (weight {diversity_weight:g})" if diversity_weight > 0 else "") + ")"
-                   if config["result_samples"] == "posterior" and oversampling > 1 else "")
+                + (f" ({best_of}{by_diversity})" if config["result_samples"] == "posterior" and oversampling > 1 else "")
                 + f" after {tuning.iterations_done} MACE iteration(s) of {preset_name}"
                 + (" (stopped at the timeout)" if tuning.stopped_by_deadline else "")
             )
