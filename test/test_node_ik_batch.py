@@ -103,13 +103,15 @@ def test_invalid_batches_are_refused_with_the_goal_named(mace):
 def test_a_batch_too_large_for_its_timeout_answers_in_time_with_what_is_solved(mace):
     positions, quaternions = reachable_poses(100, seed=9)
     when_ready(mace.get_ik_batch, batch_request(positions[:2], quaternions[:2]))  # the engine is loaded
-    request = batch_request(np.tile(positions, (20, 1)), np.tile(quaternions, (20, 1)), timeout_s=0.5)  # 2000 goals
+    # 2000 goals in 1 s (~250 solved here). With 0.5 s, 1 of 4 runs after test_node_deadlines' modules solved none,
+    # answering at 0.35 s (the same before and after the nineteenth session's changes): the first pass began late.
+    request = batch_request(np.tile(positions, (20, 1)), np.tile(quaternions, (20, 1)), timeout_s=1.0)
     started = time.monotonic()
     response = mace.get_ik_batch(request)
     # The node answers within timeout_s + 0.1 s; the round trip carries 2000 results through this test
-    # process, which shares the 2-core CPU with the node (0.75 s seen once in a full test run).
-    assert response.elapsed_s <= 0.5 + 0.1
-    assert time.monotonic() - started <= 0.5 + 0.1 + 0.25
+    # process, which shares the 2-core CPU with the node (0.75 s for 0.5 s seen once in a full test run).
+    assert response.elapsed_s <= 1.0 + 0.1
+    assert time.monotonic() - started <= 1.0 + 0.1 + 0.25
     # What was solved by the deadline comes back: passes are sized to end before it (a pass that overran it
     # used to make the node drop every result and answer TIMED_OUT).
     assert response.error_code == GetIKBatch.Response.NO_IK_SOLUTION, response.message

@@ -68,9 +68,11 @@ ENGINE_OVERRUN_GRACE_S = 0.02
 # planned: with the intake busy and other processes on both cores, 1 of 3 GetIKs of a blocked goal ended
 # 20-40 ms past its timeout and was answered TIMED_OUT instead of GOAL_IN_COLLISION. So each engine is given
 # the time left less how far it has lately run past the time it was given: a decaying maximum (one slow
-# request's excess fades over some 20 requests), at most OVERRUN_ALLOWANCE_MAX_SHARE of the time left.
+# request's excess fades over some 20 requests; fading within 10, overruns came back every 4-5 requests), at
+# most OVERRUN_ALLOWANCE_MAX_SHARE of the time left (with a quarter, a 0.5-s GetIKBatch right after a 5000-marker
+# flood, which GetIK had overrun by 0.25 s, solved nothing in the time it kept).
 OVERRUN_ALLOWANCE_DECAY = 0.9
-OVERRUN_ALLOWANCE_MAX_SHARE = 0.25
+OVERRUN_ALLOWANCE_MAX_SHARE = 0.1
 # InferShape keeps part of its timeout for its response: converting each 512-point sample to a
 # PointCloud2 (70-200 us on this busy 2-core CPU) and carrying it to the client (serialization,
 # transport, the client's deserialization: ~120 us, plus ~10 ms per response), at most
