@@ -103,7 +103,10 @@ def _lm_step(
         return q + delta
     lower, upper = kinematics.joint_lower.to(q), kinematics.joint_upper.to(q)
     held = ((q <= lower) & (delta < 0)) | ((q >= upper) & (delta > 0))
-    delta = torch.where(held.any(-1, keepdim=True), step(jacobian * (~held).to(q.dtype)[:, None, :]), delta)
+    # On a CPU the second solve is skipped when no joint is held (most steps); a GPU solves it always, with no
+    # host read, so that the step stays capturable in a CUDA graph.
+    if q.device.type != "cpu" or bool(held.any()):
+        delta = torch.where(held.any(-1, keepdim=True), step(jacobian * (~held).to(q.dtype)[:, None, :]), delta)
     return kinematics.clamp_to_limits(q + delta)
 
 
